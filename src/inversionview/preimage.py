@@ -1,0 +1,240 @@
+"""Reading an activation (METHOD.md §4): the decoder proposes, the probed model verifies.
+
+:func:`read` samples candidate inputs from the decoder conditioned on the query activation z_q
+(temperatures, activation noise, or the paper's Auto mix), re-runs the probed model on every distinct
+candidate, takes the minimum distance to z_q over each candidate's positions (PAD and EOS excluded, BOS
+included) with its arg-min, and returns a :class:`Preimage`: the one result object that the terminal,
+JSON and HTML views all render.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import UserError
+from .probed import ProbedModel, distances
+
+# The paper's Auto mix: (temperature, noise) pairs, 64 candidates each, repeated 4 times -> 1024.
+AUTO_MIX = ((0.5, 0.0), (1.0, 0.0), (2.0, 0.0), (2.0, 0.1))
+MAX_SAMPLES = 8192
+
+
+@torch.no_grad()
+def verify(probed: ProbedModel, site, seqs: list[list[int]], zq: torch.Tensor, metric: str, batch: int = 1024):
+    """Distances of candidate inputs to ``zq`` (d,) or (N, d) at ``site``.
+
+    Returns ``(dmin (N,), argmin (N,), dist (N, T))`` with ``inf`` at PAD/EOS positions. The probed model
+    runs in batches and stops after the site's layer."""
+    dmins, args, dists = [], [], []
+    T = max(map(len, seqs))
+    for i in range(0, len(seqs), batch):
+        b = probed.batch(seqs[i:i + batch])
+        act = probed.run(b.ids, [site])[site].float()
+        zz = zq.float()[i:i + batch, None] if zq.dim() == 2 else zq.float()
+        d = distances(zz, act, metric).masked_fill(~b.valid.to(act.device), float("inf")).cpu()
+        d = torch.nn.functional.pad(d, (0, T - d.shape[1]), value=float("inf"))
+        m, a = d.min(-1)
+        dmins.append(m), args.append(a), dists.append(d)
+    return torch.cat(dmins), torch.cat(args), torch.cat(dists)
+
+
+# ---------------------------------------------------------------------------------------------- hit rate
+@dataclass
+class Queries:
+    """Held-out query activations: ``z`` (N, d) with the decoder's site index of each row."""
+
+    z: torch.Tensor
+    site_idx: torch.Tensor
+    sites: list
+
+
+def make_queries(probed: ProbedModel, task, sites, per_site: int, seed: int) -> Queries:
+    """``per_site`` held-out activations for each site, at positions drawn from the task's rule."""
+    rng = random.Random(seed)
+    zs, idx = [], []
+    for i, s in enumerate(sites):
+        texts = [task.sample(rng, "test") for _ in range(per_site)]
+        b = probed.batch([probed.encode(t) for t in texts])
+        pos = torch.tensor([rng.choice(task.positions(t)) for t in texts])
+        zs.append(probed.run(b.ids, [s])[s][torch.arange(per_site), pos].float())
+        idx += [i] * per_site
+    return Queries(torch.cat(zs), torch.tensor(idx), list(sites))
+
+
+@torch.no_grad()
+def hit_rates(decoder, probed: ProbedModel, q: Queries, epsilon: float, metric: str, seed: int = 0) -> list[float]:
+    """Per site: the fraction of queries whose one sample at temperature 1 lies within ``epsilon``."""
+    decoder.eval()
+    g = torch.Generator().manual_seed(seed)
+    tok = probed.tokenizer
+    hits = []
+    for i, s in enumerate(q.sites):
+        rows = (q.site_idx == i).nonzero()[:, 0]
+        seqs = decoder.generate(q.z[rows], q.site_idx[rows], tok.bos_id, tok.eos_id, 1.0, probed.max_len, g)
+        dmin, _, _ = verify(probed, s, seqs, q.z[rows], metric)
+        hits.append((dmin < epsilon).float().mean().item())
+    return hits
+
+
+# ---------------------------------------------------------------------------------------------- reading
+@dataclass
+class Sample:
+    tokens: list[str]
+    text: str
+    distance: float
+    position: int  # arg-min position
+    distances: list[float | None]  # per position; None at PAD/EOS
+    delta: list[float]  # per token: p(t|z_q) - p(t|z_BOS); 0 for BOS
+    count: int  # how many candidates were this input
+    annotation: str | None = None
+
+
+@dataclass
+class Preimage:
+    """One reading: the query, the samples sorted by distance, epsilon, and the true fraction inside."""
+
+    text: str
+    tokens: list[str]
+    position: int
+    site: str  # TransformerLens name
+    site_short: str
+    epsilon: float
+    metric: str
+    mode: str
+    samples: list[Sample]
+    n_candidates: int
+    fraction_inside: float  # over all candidates, duplicates counted
+    settings: dict = field(default_factory=dict)
+    attention: list[float] | None = None  # head sites: the pattern from the query position
+    annotation: str | None = None
+    decoder: str | None = None  # run directory
+
+    @property
+    def inside(self) -> list[Sample]:
+        return [s for s in self.samples if s.distance <= self.epsilon]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kw) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preimage":
+        return cls(**{**d, "samples": [Sample(**s) for s in d["samples"]]})
+
+    def with_epsilon(self, epsilon: float) -> "Preimage":
+        """The same samples read at another epsilon (distances do not depend on it)."""
+        n_in = sum(s.count for s in self.samples if s.distance <= epsilon)
+        return Preimage(**{**self.__dict__, "epsilon": epsilon, "fraction_inside": n_in / max(1, self.n_candidates)})
+
+    def show(self, limit: int = 20, file=None) -> None:
+        from .viewer.terminal import render
+
+        print(render(self, limit=limit), file=file)
+
+    def to_html(self, path=None) -> str:
+        from .viewer.html import render_html
+
+        html = render_html([self])
+        if path is not None:
+            from pathlib import Path
+
+            Path(path).write_text(html)
+        return html
+
+
+def resolve_position(tokens: list[str], n_text: int, position: int | str) -> int:
+    """A query position: an index (BOS = 0; negative counts back from the last text token, EOS excluded)
+    or a token string (its first occurrence)."""
+    if isinstance(position, str):
+        p = position.strip()
+        if p.lstrip("-").isdigit():
+            position = int(p)
+        elif p in tokens[:n_text]:
+            return tokens.index(p)
+        else:
+            raise UserError(f"position {position!r} is neither an index nor a token of the input "
+                            f"(tokens: {' '.join(tokens[:n_text])})")
+    if not -n_text <= position < n_text:
+        raise UserError(f"position {position} is out of range for an input of {n_text} tokens "
+                        f"(expected 0..{n_text - 1}, or -{n_text}..-1 from the end)")
+    return position % n_text
+
+
+@torch.no_grad()
+def read(iv, text: str, site, position: int | str, samples: int = 1024, temperature: float | None = None,
+         noise: float = 0.0, epsilon: float | None = None, metric: str | None = None, seed: int = 0,
+         deltas: int = 256) -> Preimage:
+    """Read the activation of ``text`` at ``site`` and ``position``.
+
+    ``temperature=None`` uses the Auto mix (``samples`` candidates spread over :data:`AUTO_MIX`); otherwise
+    all candidates use ``temperature`` and activation noise ``noise`` (z + N(0, I) std(z) noise). Delta
+    colours are computed for the ``deltas`` closest distinct samples."""
+    probed, dec, tok = iv.probed, iv.decoder, iv.probed.tokenizer
+    s, si = iv.site_index(site)
+    eps = iv.spec.epsilon if epsilon is None else float(epsilon)
+    metric = metric or iv.spec.metric
+    if metric not in ("euclidean", "cosine"):
+        raise UserError(f"unknown metric {metric!r}: expected 'euclidean' or 'cosine'")
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise UserError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
+    if not eps > 0:
+        raise UserError(f"epsilon must be positive, got {eps}")
+    ids = probed.encode(text)
+    n_text = len(ids) - (1 if tok.eos_id is not None and ids[-1] == tok.eos_id and tok.eos_id != tok.bos_id else 0)
+    tokens = tok.tokens_of(ids)
+    pos = resolve_position(tokens, n_text, position)
+    act = probed.run(torch.tensor([ids]), [s])[s][0].float()
+    zq, zbos = act[pos], act[0]
+
+    g = torch.Generator().manual_seed(seed)
+    mix = AUTO_MIX if temperature is None else ((float(temperature), float(noise)),)
+    if any(t <= 0 for t, _ in mix):
+        raise UserError(f"temperature must be positive, got {temperature}")
+    per = [samples // len(mix) + (k < samples % len(mix)) for k in range(len(mix))]
+    z = torch.cat([zq.expand(n, -1) + torch.randn(n, zq.shape[0], generator=g) * zq.std() * eta
+                   for n, (_, eta) in zip(per, mix)])
+    tau = torch.cat([torch.full((n,), t) for n, (t, _) in zip(per, mix)])
+    seqs = dec.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g)
+
+    counts = Counter(tuple(x) for x in seqs)
+    uniq = [list(u) for u in counts]
+    dmin, amin, dist = verify(probed, s, uniq, zq, metric)
+    order = dmin.argsort(stable=True).tolist()
+    n_in = sum(counts[tuple(uniq[i])] for i in order if dmin[i] <= eps)
+
+    top = order[:deltas]
+    delta = _deltas(dec, probed, [uniq[i] for i in top], zq, zbos, si) if top else []
+    out = []
+    for rank, i in enumerate(order):
+        seq = uniq[i]
+        text_i = tok.text(seq)
+        out.append(Sample(tokens=tok.tokens_of(seq), text=text_i, distance=float(dmin[i]), position=int(amin[i]),
+                          distances=[None if d == float("inf") else round(float(d), 5) for d in dist[i, :len(seq)]],
+                          delta=delta[rank] if rank < len(delta) else [],
+                          count=counts[tuple(seq)], annotation=iv.task.annotate(text_i) if iv.task else None))
+    attention = None
+    if s.kind == "result":
+        attention = [round(float(a), 5) for a in probed.attention(torch.tensor([ids]), s.layer, s.head)[0, pos, :pos + 1]]
+    return Preimage(text=text, tokens=tokens, position=pos, site=s.name, site_short=s.short, epsilon=eps,
+                    metric=metric, mode=probed.mode, samples=out, n_candidates=samples,
+                    fraction_inside=n_in / samples, attention=attention,
+                    settings={"mix": [list(m) for m in mix], "samples": samples, "seed": seed},
+                    annotation=iv.task.annotate(text) if iv.task else None,
+                    decoder=str(iv.run_dir) if iv.run_dir else None)
+
+
+def _deltas(dec, probed, seqs, zq, zbos, si) -> list[list[float]]:
+    b = probed.batch(seqs)
+    ids = b.ids
+    site = torch.full((len(seqs),), si)
+    pq = dec.token_probs(ids, zq.expand(len(seqs), -1), site)
+    pb = dec.token_probs(ids, zbos.expand(len(seqs), -1), site)
+    d = (pq - pb).tolist()
+    return [[0.0] + [round(x, 4) for x in row[: len(s) - 1]] for row, s in zip(d, seqs)]

@@ -1,0 +1,155 @@
+"""A run directory: a trained decoder plus what it was trained on, and the three-line Python API.
+
+::
+
+    RUN_DIR/
+      run.json            probed model (path, fingerprint, activation mode, vocabulary), sites, task, epsilon
+      config.json         DecoderConfig
+      model.safetensors   decoder weights
+      train.json          the full training config
+      metrics.jsonl       periodic hit rates, throughput, site weights
+      checkpoint.pt       resumable training state (not needed for reading)
+
+>>> iv = InversionView.load("runs/counting")
+>>> pre = iv.query("vvzccvczvvvzvcvc|v:8", site="a1.0", position=":")
+>>> pre.show()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .decoder import Decoder, _atomic_write_text
+from .errors import UserError
+from .probed import ProbedModel
+from .sites import Site
+
+SHIPPED = Path(__file__).parent / "shipped"
+
+
+def resolve_model(ref: str) -> str:
+    """``shipped:TASK`` names a probed model inside the package; anything else is a path or hub id."""
+    if ref.startswith("shipped:"):
+        path = SHIPPED / ref.split(":", 1)[1] / "probed"
+        if not path.is_dir():
+            raise UserError(f"there is no shipped model {ref!r}: expected one of "
+                            f"{', '.join('shipped:' + p.name for p in SHIPPED.iterdir() if (p / 'probed').is_dir())}")
+        return str(path)
+    return ref
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a decoder belongs to. A decoder is refused for a probed model with another fingerprint or mode."""
+
+    model: str
+    mode: str
+    fingerprint: str
+    sites: tuple[str, ...]
+    task: str | None = None
+    vocab: dict | None = None
+    epsilon: float = 0.1
+    metric: str = "euclidean"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_training(cls, cfg, probed: ProbedModel, sites: list[Site]) -> "RunSpec":
+        return cls(model=cfg.probed.model, mode=cfg.probed.mode, fingerprint=probed.fingerprint,
+                   sites=tuple(s.name for s in sites), task=cfg.data.task, vocab=cfg.probed.vocab,
+                   epsilon=cfg.eval.epsilon, metric=cfg.eval.metric)
+
+    def save(self, run_dir: Path) -> None:
+        d = asdict(self)
+        m = self.model
+        if not m.startswith("shipped:") and Path(m).exists():  # keep the run movable with its model
+            d["model"] = os.path.relpath(Path(m).resolve(), Path(run_dir).resolve())
+        _atomic_write_text(Path(run_dir) / "run.json", json.dumps(d, indent=1))
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunSpec":
+        run_dir = Path(run_dir)
+        path = run_dir / "run.json"
+        if not run_dir.is_dir():
+            raise UserError(f"run directory {run_dir} does not exist")
+        try:
+            d = json.loads(path.read_text())
+            d["sites"] = tuple(d["sites"])
+            spec = cls(**d)
+        except FileNotFoundError:
+            raise UserError(f"{run_dir} is not a decoder run: it has no run.json (train one with `inversionview train`)") from None
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{path} is corrupt ({e}): expected the JSON written by `inversionview train`") from None
+        m = spec.model
+        if not m.startswith("shipped:") and not Path(m).is_absolute() and (run_dir / m).exists():
+            spec = cls(**{**asdict(spec), "model": str((run_dir / m).resolve())})
+        return spec
+
+    def load_probed(self) -> ProbedModel:
+        return ProbedModel.load(resolve_model(self.model), vocab=self.vocab, mode=self.mode)
+
+    def check(self, probed: ProbedModel) -> None:
+        if probed.fingerprint != self.fingerprint:
+            raise UserError(f"this decoder belongs to another probed model (fingerprint {self.fingerprint}, "
+                            f"got {probed.fingerprint} from {probed.source})")
+        if probed.mode != self.mode:
+            raise UserError(f"this decoder was trained on {self.mode!r} activations, not {probed.mode!r}: "
+                            f"load the probed model with mode={self.mode!r}")
+
+    def check_same(self, other: "RunSpec") -> None:
+        for k in ("fingerprint", "mode", "sites", "task"):
+            if getattr(self, k) != getattr(other, k):
+                raise UserError(f"the run directory was trained with another {k} ({getattr(self, k)!r}, config gives "
+                                f"{getattr(other, k)!r}): use a new 'out' directory")
+
+
+class InversionView:
+    """A trained decoder with its probed model: read activations with :meth:`query`."""
+
+    def __init__(self, spec: RunSpec, decoder: Decoder, probed: ProbedModel, run_dir: Path | None = None):
+        spec.check(probed)
+        self.spec, self.decoder, self.probed, self.run_dir = spec, decoder.eval(), probed, run_dir
+        self.sites = [probed.site(s) for s in spec.sites]
+        if decoder.config.n_sites != len(self.sites) or decoder.config.d_act != probed.d_model:
+            raise UserError(f"decoder in {run_dir} does not match its run.json (sites or activation width differ)")
+        self.task = None
+        if spec.task:
+            from .tasks import get_task
+
+            self.task = get_task(spec.task)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike = "shipped:counting", probed: ProbedModel | None = None) -> "InversionView":
+        """Load a run directory (or ``shipped:TASK``); ``probed`` overrides the probed model it names."""
+        run_dir = SHIPPED / str(run_dir).split(":", 1)[1] / "decoder" if str(run_dir).startswith("shipped:") else Path(run_dir)
+        spec = RunSpec.load(run_dir)
+        return cls(spec, Decoder.load(run_dir), probed or spec.load_probed(), run_dir)
+
+    def site_index(self, site: str | Site) -> tuple[Site, int]:
+        s = self.probed.site(site)
+        if s not in self.sites:
+            raise UserError(f"site {s.short} ({s.name}) is not one this decoder was trained on: "
+                            f"expected one of {', '.join(x.short for x in self.sites)}")
+        return s, self.sites.index(s)
+
+    def query(self, text: str, site: str | Site, position: int | str, **kw):
+        """Read the activation at ``site`` and ``position`` of ``text``: see :func:`inversionview.preimage.read`."""
+        from .preimage import read
+
+        return read(self, text, site, position, **kw)
+
+    def evaluate(self, queries_per_site: int = 256, epsilon: float | None = None, metric: str | None = None,
+                 seed: int = 0) -> dict:
+        """Hit rate per site (one sample at temperature 1 per held-out query) and the mean."""
+        from .preimage import hit_rates, make_queries
+
+        if self.task is None:
+            raise UserError("this run has no task to draw held-out queries from")
+        eps, met = epsilon if epsilon is not None else self.spec.epsilon, metric or self.spec.metric
+        queries = make_queries(self.probed, self.task, self.sites, queries_per_site, seed=seed + 20_000)
+        hits = hit_rates(self.decoder, self.probed, queries, eps, met, seed=seed)
+        per = {s.short: h for s, h in zip(self.sites, hits)}
+        return {"hit": per, "mean_hit": sum(hits) / len(hits), "epsilon": eps, "metric": met,
+                "queries_per_site": queries_per_site}

@@ -1,0 +1,55 @@
+"""Built-in toy tasks: input generators in the paper's formats, position rules and feature annotations."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+from ..errors import UserError
+from ..tokenizer import CharVocab
+
+
+class Task:
+    """A task: a character vocabulary, a seeded input generator with a fixed train/test split, the
+    positions the paper queried, and the answer tokens the probed model is trained on."""
+
+    name: str
+    vocab: CharVocab
+    sites: tuple[str, ...]  # the paper's sites for this task
+    model: dict  # GPT2Config fields of the paper's probed model
+    test_fraction = 0.1
+
+    def generate(self, rng: random.Random) -> str:
+        raise NotImplementedError
+
+    def sample(self, rng: random.Random, split: str = "train") -> str:
+        """A random input from one side of the split. The split is a hash of the text, so it is fixed
+        whatever the seed."""
+        while True:
+            text = self.generate(rng)
+            if self.is_test(text) == (split == "test"):
+                return text
+
+    def is_test(self, text: str) -> bool:
+        return hashlib.sha1(text.encode()).digest()[0] < 256 * self.test_fraction
+
+    def positions(self, text: str) -> list[int]:
+        """Query positions (token indices, BOS = 0) the task's rule allows for this input."""
+        raise NotImplementedError
+
+    def answer_positions(self, text: str) -> list[int]:
+        """Token indices of the answer: the probed model's loss and accuracy are taken on these."""
+        raise NotImplementedError
+
+    def annotate(self, text: str) -> str | None:
+        """A short task-specific reading of any input (e.g. its true count); None if it is malformed."""
+        return None
+
+
+def get_task(name: str) -> Task:
+    from .counting import Counting
+
+    tasks = {"counting": Counting}
+    if name not in tasks:
+        raise UserError(f"unknown task {name!r}: expected one of {', '.join(tasks)}")
+    return tasks[name]()

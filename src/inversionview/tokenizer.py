@@ -1,0 +1,106 @@
+"""Tokenizers for probed models: a character-level vocabulary described in a config, or an HF tokenizer.
+
+Both expose the same small interface: ``encode`` (text -> ids, with BOS and, where the vocabulary has
+one, EOS), ``tokens`` (ids -> token strings), ``text`` (ids -> the user-facing text) and the ids of the
+special tokens. Positions are always counted in tokens, BOS being position 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class CharVocab:
+    """A character-level vocabulary: an ordered list of tokens (index = token id), with BOS, EOS and PAD named.
+
+    Example (the counting task): ``CharVocab(tokens=("P", "B", "E", "a", ...), bos="B", eos="E", pad="P")``.
+    """
+
+    tokens: tuple[str, ...]
+    bos: str
+    eos: str
+    pad: str
+
+    def __post_init__(self):
+        object.__setattr__(self, "tokens", tuple(self.tokens))
+        if len(set(self.tokens)) != len(self.tokens):
+            raise UserError("vocabulary has duplicate tokens: every token must appear once")
+        for role in ("bos", "eos", "pad"):
+            if getattr(self, role) not in self.tokens:
+                raise UserError(f"vocabulary {role} token {getattr(self, role)!r} is not in its token list")
+        bad = [t for t in self.tokens if len(t) != 1 and t not in (self.bos, self.eos, self.pad)]
+        if bad:
+            raise UserError(f"character vocabulary tokens must be single characters, got {bad[:3]}")
+        object.__setattr__(self, "_index", {t: i for i, t in enumerate(self.tokens)})
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CharVocab":
+        try:
+            return cls(tokens=tuple(d["tokens"]), bos=d["bos"], eos=d["eos"], pad=d["pad"])
+        except KeyError as e:
+            raise UserError(f"vocabulary is missing the field {e.args[0]!r}: expected tokens, bos, eos, pad") from None
+        except TypeError:
+            raise UserError("vocabulary must be a table with tokens (a list), bos, eos and pad") from None
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if k == "tokens" else v) for k, v in asdict(self).items() if not k.startswith("_")}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def bos_id(self) -> int:
+        return self._index[self.bos]
+
+    @property
+    def eos_id(self) -> int:
+        return self._index[self.eos]
+
+    @property
+    def pad_id(self) -> int:
+        return self._index[self.pad]
+
+    def encode(self, text: str) -> list[int]:
+        ids = [self.bos_id]
+        for i, ch in enumerate(text):
+            if ch not in self._index or ch in (self.bos, self.eos, self.pad):
+                allowed = "".join(t for t in self.tokens if t not in (self.bos, self.eos, self.pad))
+                raise UserError(f"character {ch!r} at index {i} of {text!r} is not in the vocabulary "
+                                f"(expected characters from {allowed!r})")
+            ids.append(self._index[ch])
+        return ids + [self.eos_id]
+
+    def tokens_of(self, ids) -> list[str]:
+        return [self.tokens[int(i)] for i in ids]
+
+    def text(self, ids) -> str:
+        special = (self.bos_id, self.eos_id, self.pad_id)
+        return "".join(self.tokens[int(i)] for i in ids if int(i) not in special)
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer: BOS is prepended where the tokenizer has one; no EOS is appended."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.bos_id = tok.bos_token_id
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def tokens_of(self, ids) -> list[str]:
+        return [self.tok.decode([int(i)]) for i in ids]
+
+    def text(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids if int(i) not in (self.bos_id, self.pad_id)])
+
+    def to_dict(self) -> None:
+        return None

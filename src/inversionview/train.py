@@ -1,0 +1,357 @@
+"""Online decoder training (METHOD.md §3): ``inversionview train CONFIG.toml``.
+
+Every step's data is fresh: real inputs are drawn, the frozen probed model is run up to the sites the
+batch needs, one site is chosen per chunk of ``chunk`` inputs and one query position per input, and the
+decoder learns to reproduce the whole input from that activation. Sites are sampled with weights that
+favour the sites whose hit rate is low (rebalancing), with a floor so that no site starves.
+
+The loop is plain PyTorch with a resumable :class:`State` written atomically to ``checkpoint.pt``. SIGINT
+and SIGTERM save and exit; the same command resumes, and the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .decoder import Decoder, DecoderConfig, _atomic_write_text
+from .errors import UserError
+from .preimage import hit_rates, make_queries
+from .probed import ProbedModel
+from .run import InversionView, RunSpec, resolve_model
+from .tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbedSpec:
+    model: str = "shipped:counting"
+    """Probed model: a local directory, a hub id, or ``shipped:TASK``."""
+    mode: str = "tl"
+    """Activation mode: ``tl`` (TransformerLens-compatible, the paper's) or ``raw``."""
+    vocab: dict | None = None
+    """Character vocabulary ``{tokens = [...], bos = .., eos = .., pad = ..}`` if the model has no tokenizer files."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    task: str = "counting"
+    """Built-in task whose generator and position rules supply the inputs."""
+    sites: tuple[str, ...] = ()
+    """Sites to train on (TransformerLens or short names); empty means the task's paper sites."""
+    bos_prob: float = 0.01
+    """Probability of querying the BOS position, so that the decoder learns what "no information" looks like."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    d_model: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    n_act_blocks: int = 6
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    steps: int = 2000
+    """Total optimizer steps (the schedule's length)."""
+    max_minutes: float = 0.0
+    """Wall-time budget across resumes; 0 means none. Training stops, saved, when it is spent."""
+    batch_size: int = 256
+    chunk: int = 64
+    """Inputs per site: each chunk of the batch reads one site."""
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of lr."""
+    weight_decay: float = 0.01
+    bf16: bool = True
+    """bf16 autocast for the decoder's forward pass."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    every: int = 200
+    """Steps between hit-rate evaluations (appended to metrics.jsonl)."""
+    queries: int = 64
+    """Held-out query activations per site for the periodic evaluation."""
+    epsilon: float = 0.1
+    metric: str = "euclidean"
+    rebalance: bool = True
+    """Sample sites with weights softmax((mean_hit - hit_site) * 6)."""
+    rebalance_floor: float = 0.5
+    """Each site keeps at least this fraction of its uniform share."""
+    checkpoint_every: int = 200
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out: str
+    probed: ProbedSpec = field(default_factory=ProbedSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    decoder: ModelSpec = field(default_factory=ModelSpec)
+    train: OptimSpec = field(default_factory=OptimSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike) -> "TrainConfig":
+        """Read a TOML config; relative paths in it are relative to the config file."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        cfg = _build(cls, raw, "")
+        base = path.resolve().parent
+        out = str(base / cfg.out)
+        model = cfg.probed.model
+        if not model.startswith("shipped:") and (model.startswith(".") or (base / model).exists()):
+            model = str(base / model)
+        return dataclasses.replace(cfg, out=out, probed=dataclasses.replace(cfg.probed, model=model))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise UserError(f"config section [{where}] must be a table")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in known:
+            raise UserError(f"unknown config key {k!r}{' in [' + where + ']' if where else ''}: expected one of {', '.join(known)}")
+    kw = {}
+    for k, v in raw.items():
+        f = known[k]
+        ftype = f.type if isinstance(f.type, type) else None
+        sub = {"probed": ProbedSpec, "data": DataSpec, "decoder": ModelSpec, "train": OptimSpec, "eval": EvalSpec}
+        if cls is TrainConfig and k in sub:
+            kw[k] = _build(sub[k], v, k)
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if isinstance(default, bool) and not isinstance(v, bool) or \
+           isinstance(default, (int, float)) and not isinstance(default, bool) and (not isinstance(v, (int, float)) or isinstance(v, bool)) or \
+           isinstance(default, str) and not isinstance(v, str):
+            raise UserError(f"config key {k!r} in [{where}] must be a {type(default).__name__}, got {v!r}")
+        kw[k] = tuple(v) if isinstance(default, tuple) else v
+        del ftype
+    if "out" in known and "out" not in kw:
+        raise UserError("config is missing the key 'out': the run directory to write")
+    return cls(**kw)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+def lr_factor(step: int, o: OptimSpec) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr`` at ``steps``."""
+    if step < o.warmup:
+        return (step + 1) / o.warmup
+    t = min(1.0, (step - o.warmup) / max(1, o.steps - o.warmup))
+    return o.min_lr + (1 - o.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def site_weights(hits: list[float], floor: float) -> list[float]:
+    """Sampling weights for sites from their hit rates: softmax((mean - hit) * 6), mixed with the uniform
+    distribution so that each site keeps at least ``floor`` of its uniform share."""
+    h = torch.tensor(hits, dtype=torch.float64)
+    p = torch.softmax((h.mean() - h) * 6.0, 0)
+    return (floor / len(hits) + (1 - floor) * p).tolist()
+
+
+@dataclass
+class State:
+    """Everything needed to resume exactly: weights, optimizer, data RNG, site weights, progress."""
+
+    step: int = 0
+    elapsed: float = 0.0
+    rng: object = None
+    site_probs: list[float] | None = None
+    site_counts: list[int] | None = None
+
+
+class _Interrupt:
+    def __init__(self):
+        self.hit = False
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.hit:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.hit = True
+        log.warning("received %s: saving a checkpoint, then stopping", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
+    """Train (or resume) a decoder as configured. Returns the loaded run."""
+    o, e = cfg.train, cfg.eval
+    if o.batch_size % o.chunk:
+        raise UserError(f"train.batch_size ({o.batch_size}) must be a multiple of train.chunk ({o.chunk})")
+    out = Path(cfg.out)
+    probed = ProbedModel.load(resolve_model(cfg.probed.model), vocab=cfg.probed.vocab, mode=cfg.probed.mode)
+    task = get_task(cfg.data.task)
+    sites = [probed.site(x) for x in (cfg.data.sites or task.sites)]
+    if len(set(sites)) != len(sites):
+        raise UserError("data.sites lists a site twice")
+    spec = RunSpec.for_training(cfg, probed, sites)
+    ckpt = out / "checkpoint.pt"
+    dev = probed.device
+    if ckpt.exists():
+        RunSpec.load(out).check_same(spec)
+        decoder = Decoder.load(out).train()
+        try:
+            saved = torch.load(ckpt, weights_only=False)
+        except Exception as ex:
+            raise UserError(f"checkpoint {ckpt} is corrupt ({str(ex).splitlines()[0][:80]}); delete it to start over") from None
+        state = State(**saved["state"])
+        log.info("resuming %s from step %d", out, state.step)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(o.seed)
+        decoder = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len,
+                                        d_act=probed.d_model, n_sites=len(sites), **dataclasses.asdict(cfg.decoder)))
+        rng = random.Random(o.seed)
+        _init_stats(decoder, probed, task, sites, rng)
+        state = State(rng=rng.getstate(), site_probs=[1 / len(sites)] * len(sites), site_counts=[0] * len(sites))
+        spec.save(out)
+        _atomic_write_text(out / "train.json", json.dumps(cfg.to_dict(), indent=1))
+        saved = None
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    decoder.train()
+    opt = torch.optim.AdamW(decoder.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.98))
+    if saved is not None:
+        opt.load_state_dict(saved["optimizer"])
+    rng = random.Random()
+    rng.setstate(state.rng)
+    _truncate_metrics(out / "metrics.jsonl", state.step)
+    queries = make_queries(probed, task, sites, e.queries, seed=o.seed + 10_000)
+
+    def checkpoint():
+        state.rng = rng.getstate()
+        decoder.save(out)
+        tmp = out / "checkpoint.pt.tmp"
+        torch.save({"state": dataclasses.asdict(state), "optimizer": opt.state_dict()}, tmp)
+        tmp.replace(ckpt)
+
+    budget = o.max_minutes * 60 if o.max_minutes > 0 else float("inf")
+    if state.step >= o.steps or state.elapsed >= budget:
+        log.info("%s is already trained (%d steps, %.0f s)", out, state.step, state.elapsed)
+        return InversionView.load(out)
+    bar = tqdm(total=o.steps, initial=state.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    t_start, elapsed0 = time.time(), state.elapsed
+    tokens = samples = 0
+    t_rate = time.time()
+    with _Interrupt() as stop:
+        while state.step < o.steps:
+            for g in opt.param_groups:
+                g["lr"] = o.lr * lr_factor(state.step, o)
+            loss, n_tok = _step(decoder, probed, task, sites, rng, state, o, cfg.data.bos_prob, dev)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+            opt.step()
+            state.step += 1
+            state.elapsed = elapsed0 + time.time() - t_start
+            tokens += n_tok
+            samples += o.batch_size
+            bar.update(1)
+            if state.step % 10 == 0:
+                dt = time.time() - t_rate
+                bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{samples / dt:.0f}")
+            row = None
+            if state.step % e.every == 0 or state.step == o.steps:
+                dt = time.time() - t_rate
+                hits = hit_rates(decoder, probed, queries, e.epsilon, e.metric, seed=state.step)
+                row = {"step": state.step, "elapsed_s": round(state.elapsed, 1), "loss": round(loss.item(), 4),
+                       "lr": opt.param_groups[0]["lr"], "tokens_per_s": round(tokens / dt), "samples_per_s": round(samples / dt, 1),
+                       "hit": {s.short: round(h, 4) for s, h in zip(sites, hits)}, "mean_hit": round(sum(hits) / len(hits), 4),
+                       "site_probs": {s.short: round(p, 4) for s, p in zip(sites, state.site_probs)},
+                       "site_counts": {s.short: c for s, c in zip(sites, state.site_counts)}}
+                if e.rebalance:
+                    state.site_probs = site_weights(hits, e.rebalance_floor)
+                decoder.train()
+                tokens = samples = 0
+                t_rate = time.time()
+                bar.write(f"step {state.step}: mean hit {row['mean_hit']:.3f}  " +
+                          " ".join(f"{k}={v:.2f}" for k, v in row["hit"].items()))
+            if row is not None:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            done = state.step >= o.steps or state.elapsed >= budget
+            if done or stop.hit or state.step % e.checkpoint_every == 0 or row is not None:
+                checkpoint()
+            if stop.hit:
+                bar.close()
+                raise UserError(f"interrupted at step {state.step}; checkpoint saved: run the same command to resume")
+            if state.elapsed >= budget:
+                log.info("wall-time budget of %.1f min spent at step %d", o.max_minutes, state.step)
+                break
+    bar.close()
+    return InversionView.load(out)
+
+
+def _init_stats(decoder: Decoder, probed, task, sites, rng: random.Random, n: int = 1024) -> None:
+    texts = [task.sample(rng) for _ in range(n)]
+    b = probed.batch([probed.encode(t) for t in texts])
+    pos = torch.tensor([rng.choice(task.positions(t)) for t in texts])
+    acts = probed.run(b.ids, sites)
+    for i, s in enumerate(sites):
+        decoder.init_site_stats(i, acts[s][torch.arange(n), pos].float())
+
+
+def _step(decoder, probed, task, sites, rng: random.Random, state: State, o: OptimSpec, bos_prob: float, dev):
+    """One training step's loss over fresh inputs; inputs sorted by length so each chunk is trimmed."""
+    texts = [task.sample(rng) for _ in range(o.batch_size)]
+    seqs = sorted((probed.encode(t) for t in texts), key=len)
+    # positions follow the task's rule for each (sorted) input; BOS with probability bos_prob
+    texts_sorted = [probed.tokenizer.text(s) for s in seqs]
+    positions = [0 if rng.random() < bos_prob else rng.choice(task.positions(t)) for t in texts_sorted]
+    chunk_sites = rng.choices(range(len(sites)), weights=state.site_probs, k=o.batch_size // o.chunk)
+    b = probed.batch(seqs)
+    acts = probed.run(b.ids, [sites[i] for i in set(chunk_sites)])
+    total = torch.zeros((), device=dev)
+    n_tok = 0
+    for c, si in enumerate(chunk_sites):
+        state.site_counts[si] += o.chunk
+        rows = slice(c * o.chunk, (c + 1) * o.chunk)
+        T = int(b.lengths[rows].max())
+        ids = b.ids[rows, :T].to(dev)
+        z = acts[sites[si]][rows][torch.arange(o.chunk), torch.tensor(positions[rows])]
+        site = torch.full((o.chunk,), si, device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=o.bf16):
+            logits = decoder(ids[:, :-1], z, site)
+        target = ids[:, 1:].masked_fill(ids[:, 1:] == probed.tokenizer.pad_id, -100)
+        total = total + F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+        n_tok += int((target != -100).sum())
+    return total / n_tok, n_tok
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics rows written after the checkpoint we resume from: they will be written again."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    _atomic_write_text(path, "".join(r + "\n" for r in rows))

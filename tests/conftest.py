@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny counting probed model (random GPT-2 weights, the counting vocabulary) saved to a
+temporary directory, and a tiny decoder run trained on it for a few steps with the real ``train``."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from inversionview.probed import ProbedModel
+from inversionview.tasks import get_task
+
+
+def make_probed_dir(path: Path, seed: int = 0, n_layer: int = 2, n_head: int = 2, n_embd: int = 32) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    v = get_task("counting").vocab
+    cfg = GPT2Config(vocab_size=v.vocab_size, n_positions=33, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                     n_inner=4 * n_embd, bos_token_id=v.bos_id, eos_token_id=v.eos_id, pad_token_id=v.pad_id)
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():  # non-trivial biases and LayerNorm parameters, so that TL processing matters
+        for name, p in model.named_parameters():
+            if "ln" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    ProbedModel(model, v, mode="raw").save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def probed_dir(tmp_path_factory) -> Path:
+    return make_probed_dir(tmp_path_factory.mktemp("probed"))
+
+
+def write_config(dir: Path, probed: Path, steps: int = 6, **train) -> Path:
+    extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in train.items())
+    text = textwrap.dedent(f"""\
+        out = "run"
+        [probed]
+        model = "{probed}"
+        [data]
+        sites = ["x0.pre", "a0.1", "x1.mid"]
+        [decoder]
+        d_model = 32
+        n_heads = 2
+        n_act_blocks = 2
+        [train]
+        steps = {steps}
+        batch_size = 32
+        chunk = 16
+        warmup = 2
+        """) + extra + textwrap.dedent("""\
+        [eval]
+        every = 3
+        queries = 8
+        checkpoint_every = 3
+        """)
+    path = dir / "train.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory, probed_dir) -> Path:
+    from inversionview.train import TrainConfig, train
+
+    d = tmp_path_factory.mktemp("run")
+    train(TrainConfig.from_toml(write_config(d, probed_dir)), progress=False)
+    return d / "run"
