@@ -3,7 +3,7 @@ temporary directory, and a tiny decoder run trained on it for a few steps with t
 
 from __future__ import annotations
 
-import textwrap
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +11,10 @@ import torch
 
 from inversionview.probed import ProbedModel
 from inversionview.tasks import get_task
+
+# Tiny models: one thread is as fast, and two threads stall badly when the 2 cores are shared (0.8 s vs 51 s
+# for the run_dir fixture on a loaded machine).
+torch.set_num_threads(1)
 
 
 def make_probed_dir(path: Path, seed: int = 0, n_layer: int = 2, n_head: int = 2, n_embd: int = 32) -> Path:
@@ -34,31 +38,40 @@ def probed_dir(tmp_path_factory) -> Path:
     return make_probed_dir(tmp_path_factory.mktemp("probed"))
 
 
-def write_config(dir: Path, probed: Path, steps: int = 6, **train) -> Path:
-    extra = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in train.items())
-    text = textwrap.dedent(f"""\
-        out = "run"
-        [probed]
-        model = "{probed}"
-        [data]
-        sites = ["x0.pre", "a0.1", "x1.mid"]
-        [decoder]
-        d_model = 32
-        n_heads = 2
-        n_act_blocks = 2
-        [train]
-        steps = {steps}
-        batch_size = 32
-        chunk = 16
-        warmup = 2
-        """) + extra + textwrap.dedent("""\
-        [eval]
-        every = 3
-        queries = 8
-        checkpoint_every = 3
-        """)
+def _toml(v) -> str:
+    """A Python value as a TOML value (booleans as true/false, strings JSON-quoted, lists recursively)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml(x)}" for k, x in v.items()) + "}"
+    return repr(v)
+
+
+def write_config(dir: Path, probed: Path, steps: int = 6, sections: dict | None = None, **train) -> Path:
+    """A tiny training config in ``dir/train.toml``. ``**train`` sets keys of [train]; ``sections`` maps a
+    table name ("" for the top level) to keys that are added or replace the defaults; a value of None
+    removes the key."""
+    tables = {
+        "": {"out": "run"},
+        "probed": {"model": str(probed)},
+        "data": {"sites": ["x0.pre", "a0.1", "x1.mid"]},
+        "decoder": {"d_model": 32, "n_heads": 2, "n_act_blocks": 2},
+        "train": {"steps": steps, "batch_size": 32, "chunk": 16, "warmup": 2, **train},
+        "eval": {"every": 3, "queries": 8, "checkpoint_every": 3},
+    }
+    for name, keys in (sections or {}).items():
+        tables.setdefault(name, {}).update(keys)
+    lines = []
+    for name, keys in tables.items():
+        if name:
+            lines.append(f"[{name}]")
+        lines += [f"{k} = {_toml(v)}" for k, v in keys.items() if v is not None]
     path = dir / "train.toml"
-    path.write_text(text)
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 

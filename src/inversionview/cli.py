@@ -67,8 +67,11 @@ def _emit(args, readings) -> None:
     if args.html:
         from .viewer.html import render_html
 
-        with open(args.html, "w") as f:
-            f.write(render_html(readings))
+        try:
+            with open(args.html, "w") as f:
+                f.write(render_html(readings))
+        except OSError as e:
+            raise UserError(f"cannot write the HTML report {args.html}: {e.strerror}") from None
         log.info("wrote %s", args.html)
     if args.json:
         print(json.dumps([p.to_dict() for p in readings] if len(readings) > 1 else readings[0].to_dict()))

@@ -199,7 +199,7 @@ class ProbedModel:
             hook = grab((layer, key), from_input)
             handles.append(mod.register_forward_pre_hook(hook) if from_input else mod.register_forward_hook(hook))
         try:
-            self.model.transformer(input_ids=ids.to(self.device), use_cache=False)
+            self.model.transformer(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids, device=self.device), use_cache=False)
         except _Stop:
             pass
         finally:
@@ -256,7 +256,7 @@ class ProbedModel:
 
         h = attn.c_attn.register_forward_hook(hook)
         try:
-            self.model.transformer(input_ids=ids.to(self.device), use_cache=False)
+            self.model.transformer(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids, device=self.device), use_cache=False)
         except _Stop:
             pass
         finally:
@@ -270,7 +270,7 @@ class ProbedModel:
         return scores.masked_fill(~causal, float("-inf")).softmax(-1)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids.to(self.device), use_cache=False).logits
+        return self.model(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids, device=self.device), use_cache=False).logits
 
     @property
     def device(self) -> torch.device:

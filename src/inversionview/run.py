@@ -148,6 +148,12 @@ class InversionView:
         if self.task is None:
             raise UserError("this run has no task to draw held-out queries from")
         eps, met = epsilon if epsilon is not None else self.spec.epsilon, metric or self.spec.metric
+        if queries_per_site < 1:
+            raise UserError(f"queries per site must be at least 1, got {queries_per_site}")
+        if not eps > 0:
+            raise UserError(f"epsilon must be positive, got {eps}")
+        if met not in ("euclidean", "cosine"):
+            raise UserError(f"unknown metric {met!r}: expected 'euclidean' or 'cosine'")
         queries = make_queries(self.probed, self.task, self.sites, queries_per_site, seed=seed + 20_000)
         hits = hit_rates(self.decoder, self.probed, queries, eps, met, seed=seed)
         per = {s.short: h for s, h in zip(self.sites, hits)}

@@ -145,16 +145,41 @@ def _build(cls, raw: dict, where: str):
         if cls is TrainConfig and k in sub:
             kw[k] = _build(sub[k], v, k)
             continue
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = f.default if f.default is not dataclasses.MISSING else ("" if k == "out" else None)
         if isinstance(default, bool) and not isinstance(v, bool) or \
            isinstance(default, (int, float)) and not isinstance(default, bool) and (not isinstance(v, (int, float)) or isinstance(v, bool)) or \
-           isinstance(default, str) and not isinstance(v, str):
-            raise UserError(f"config key {k!r} in [{where}] must be a {type(default).__name__}, got {v!r}")
+           type(default) is int and isinstance(v, float) or \
+           isinstance(default, str) and not isinstance(v, str) or \
+           isinstance(default, tuple) and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+            want = {bool: "a bool", int: "an int", float: "a number", str: "a string", tuple: "a list of strings"}[type(default)]
+            raise UserError(f"config key {k!r}{' in [' + where + ']' if where else ''} must be {want}, got {v!r}")
         kw[k] = tuple(v) if isinstance(default, tuple) else v
         del ftype
     if "out" in known and "out" not in kw:
         raise UserError("config is missing the key 'out': the run directory to write")
     return cls(**kw)
+
+
+def _check(cfg: TrainConfig) -> None:
+    """Refuse values that would crash or silently misbehave later in training."""
+    o, e, m = cfg.train, cfg.eval, cfg.decoder
+    for k, v in {"train.steps": o.steps, "train.batch_size": o.batch_size, "train.chunk": o.chunk, "train.lr": o.lr,
+                 "eval.every": e.every, "eval.queries": e.queries, "eval.checkpoint_every": e.checkpoint_every,
+                 "eval.epsilon": e.epsilon, "decoder.d_model": m.d_model, "decoder.n_layers": m.n_layers,
+                 "decoder.n_heads": m.n_heads}.items():
+        if not v > 0:
+            raise UserError(f"{k} must be positive, got {v}")
+    for k, v in {"data.bos_prob": cfg.data.bos_prob, "train.min_lr": o.min_lr, "eval.rebalance_floor": e.rebalance_floor}.items():
+        if not 0 <= v <= 1:
+            raise UserError(f"{k} must be between 0 and 1, got {v}")
+    if o.warmup < 0 or o.max_minutes < 0 or m.n_act_blocks < 0:
+        raise UserError("train.warmup, train.max_minutes and decoder.n_act_blocks must not be negative")
+    if m.d_model % m.n_heads:
+        raise UserError(f"decoder.d_model ({m.d_model}) must be a multiple of decoder.n_heads ({m.n_heads})")
+    if o.batch_size % o.chunk:
+        raise UserError(f"train.batch_size ({o.batch_size}) must be a multiple of train.chunk ({o.chunk})")
+    if e.metric not in ("euclidean", "cosine"):
+        raise UserError(f"unknown metric {e.metric!r} in [eval]: expected 'euclidean' or 'cosine'")
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -208,8 +233,7 @@ class _Interrupt:
 def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
     """Train (or resume) a decoder as configured. Returns the loaded run."""
     o, e = cfg.train, cfg.eval
-    if o.batch_size % o.chunk:
-        raise UserError(f"train.batch_size ({o.batch_size}) must be a multiple of train.chunk ({o.chunk})")
+    _check(cfg)
     out = Path(cfg.out)
     probed = ProbedModel.load(resolve_model(cfg.probed.model), vocab=cfg.probed.vocab, mode=cfg.probed.mode)
     task = get_task(cfg.data.task)
@@ -221,9 +245,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
     dev = probed.device
     if ckpt.exists():
         RunSpec.load(out).check_same(spec)
-        decoder = Decoder.load(out).train()
+        decoder = Decoder(DecoderConfig.load(out / "config.json"))
         try:
             saved = torch.load(ckpt, weights_only=False)
+            # the weights of the checkpoint's own step: model.safetensors may be newer after a crash
+            decoder.load_state_dict(saved["model"])
         except Exception as ex:
             raise UserError(f"checkpoint {ckpt} is corrupt ({str(ex).splitlines()[0][:80]}); delete it to start over") from None
         state = State(**saved["state"])
@@ -253,7 +279,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
         state.rng = rng.getstate()
         decoder.save(out)
         tmp = out / "checkpoint.pt.tmp"
-        torch.save({"state": dataclasses.asdict(state), "optimizer": opt.state_dict()}, tmp)
+        torch.save({"state": dataclasses.asdict(state), "optimizer": opt.state_dict(), "model": decoder.state_dict()}, tmp)
         tmp.replace(ckpt)
 
     budget = o.max_minutes * 60 if o.max_minutes > 0 else float("inf")

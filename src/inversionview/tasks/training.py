@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..probed import ProbedModel
@@ -42,9 +43,14 @@ def accuracy(model, task: Task, n: int = 10_000, seed: int = 1) -> float:
     return correct / n
 
 
-def train_probed(task: Task, out: str | Path, steps: int = 6000, batch_size: int = 256, lr: float = 3e-3,
-                 seed: int = 0, command: str | None = None) -> dict:
-    """Train the paper's probed model for ``task`` from scratch and save it to ``out``."""
+def train_probed(task: Task, out: str | Path, steps: int = 6000, batch_size: int = 128, lr: float = 3e-3,
+                 aux: float = 1.0, seed: int = 0, command: str | None = None) -> dict:
+    """Train the paper's probed model for ``task`` from scratch and save it to ``out``.
+
+    The loss is cross-entropy on the answer tokens plus ``aux`` times the next-token loss on the whole
+    input. With the answer loss alone (the paper's setting) the counting model sat on a plateau at loss 2.0
+    (chance is 2.2) for 2,500 steps on CPU; the auxiliary loss breaks it within about 1,000 steps. The
+    accuracy reported is on the answer alone."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
@@ -53,15 +59,18 @@ def train_probed(task: Task, out: str | Path, steps: int = 6000, batch_size: int
     config = GPT2Config(vocab_size=v.vocab_size, bos_token_id=v.bos_id, eos_token_id=v.eos_id,
                         pad_token_id=v.pad_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **task.model)
     model = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     t0 = time.time()
     bar = tqdm(range(steps), desc=f"train-probed {task.name}", unit="step")
     for step in bar:
         ids, labels = _batch(task, [task.sample(rng) for _ in range(batch_size)])
-        loss = torch.nn.functional.cross_entropy(model(input_ids=ids).logits.flatten(0, 1), labels.flatten())
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        target = ids[:, 1:].masked_fill(ids[:, 1:] == task.vocab.pad_id, -100)
+        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten()) if aux else 0.0
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + aux * lm).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
@@ -70,7 +79,7 @@ def train_probed(task: Task, out: str | Path, steps: int = 6000, batch_size: int
     model.eval()
     acc = accuracy(model, task)
     info = {"task": task.name, "test_accuracy": acc, "test_inputs": 10_000, "steps": steps,
-            "batch_size": batch_size, "lr": lr, "seed": seed, "train_seconds": round(time.time() - t0, 1), "command": command}
+            "batch_size": batch_size, "lr": lr, "aux_lm_loss": aux, "seed": seed, "train_seconds": round(time.time() - t0, 1), "command": command}
     ProbedModel(model, task.vocab, mode="raw").save(out)
     (Path(out) / "training.json").write_text(json.dumps(info, indent=1))
     log.info("test accuracy %.4f", acc)

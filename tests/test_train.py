@@ -1,0 +1,388 @@
+"""Online decoder training (METHOD.md §3): resuming after a signal or a spent wall-time budget gives the
+same decoder as an uninterrupted run, metrics rows, atomic checkpoints, site rebalancing, the learning-rate
+schedule, the counting task's position rule and generator, and ``train-probed``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import write_config
+from inversionview.decoder import Decoder, DecoderConfig
+from inversionview.probed import ProbedModel
+from inversionview.tasks import get_task
+from inversionview.tasks.counting import Counting
+from inversionview.train import DataSpec, OptimSpec, State, TrainConfig, _step, lr_factor, site_weights, train
+
+# Tiny models: on a loaded 2-core machine, torch's default intra-op threads spin against each other and a
+# 6-step run takes ~50 s instead of ~1 s.
+
+SITES = ["x0.pre", "a0.1", "x1.mid"]
+# long enough that a SIGTERM sent once the first checkpoint exists lands well before the end
+RESUME_STEPS = 60
+RESUME_SECTIONS = {"eval": {"every": 10, "checkpoint_every": 2}}
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+
+
+def _rows(run: Path) -> list[dict]:
+    if not (run / "metrics.jsonl").exists():  # interrupted before the first evaluation
+        return []
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _comparable(rows: list[dict]) -> list[tuple]:
+    """What must not depend on interruptions (throughput and wall time do)."""
+    return [(r["step"], r["loss"], r["lr"], r["hit"], r["mean_hit"], r["site_probs"], r["site_counts"]) for r in rows]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"tensor {k} differs after resuming"
+
+
+def _ckpt_step(run: Path) -> int:
+    return torch.load(run / "checkpoint.pt", weights_only=False)["state"]["step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, probed_dir) -> Path:
+    """An uninterrupted run of the config that the resume tests interrupt."""
+    d = tmp_path_factory.mktemp("reference")
+    train(TrainConfig.from_toml(write_config(d, probed_dir, steps=RESUME_STEPS, sections=RESUME_SECTIONS)), progress=False)
+    return d / "run"
+
+
+# ---------------------------------------------------------------------------------------------- resuming
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_then_same_command_resumes_to_identical_result(tmp_path, probed_dir, reference):
+    cfg = write_config(tmp_path, probed_dir, steps=RESUME_STEPS, sections=RESUME_SECTIONS)
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "inversionview", "train", str(cfg), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists():
+        assert proc.poll() is None, f"training ended before it was interrupted: {proc.communicate()}"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err
+    m = re.fullmatch(r"error: interrupted at step (\d+); checkpoint saved: run the same command to resume", errors[0])
+    assert m, errors[0]
+    k = int(m.group(1))
+    assert 2 <= k < RESUME_STEPS
+    assert _ckpt_step(run) == k
+    assert not list(run.glob("*.tmp"))
+    assert all(r["step"] <= k for r in _rows(run))
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming {run} from step {k}" in done.stderr
+    assert f"decoder saved to {run}" in done.stdout
+    assert _ckpt_step(run) == RESUME_STEPS
+    _assert_same_weights(reference, run)
+    assert _comparable(_rows(run)) == _comparable(_rows(reference))
+    assert [r["step"] for r in _rows(run)] == list(range(10, RESUME_STEPS + 1, 10))
+
+
+def test_wall_time_budget_stops_saved_and_resumes_to_identical_result(tmp_path, probed_dir, reference):
+    run = tmp_path / "run"
+    # a budget spent by the first step: training stops after it, with a checkpoint
+    iv = train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, max_minutes=1e-9,
+                                                  sections=RESUME_SECTIONS)), progress=False)
+    assert iv.run_dir == run
+    assert _ckpt_step(run) == 1
+    # the same budget again: nothing more to do
+    train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, max_minutes=1e-9,
+                                             sections=RESUME_SECTIONS)), progress=False)
+    assert _ckpt_step(run) == 1
+    # the budget lifted: resumes from step 1 and ends where the uninterrupted run ended
+    train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, sections=RESUME_SECTIONS)),
+          progress=False)
+    assert _ckpt_step(run) == RESUME_STEPS
+    _assert_same_weights(reference, run)
+    assert _comparable(_rows(run)) == _comparable(_rows(reference))
+
+
+def test_crash_while_writing_checkpoint_keeps_a_consistent_checkpoint(tmp_path, probed_dir, monkeypatch):
+    """A crash in the middle of a checkpoint (disk full, a second Ctrl-C) must leave the previous checkpoint
+    usable, and resuming from it must give the uninterrupted result."""
+    sections = {"eval": {"every": 3, "checkpoint_every": 3}}
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    train(TrainConfig.from_toml(write_config(ref_dir, probed_dir, steps=9, sections=sections)), progress=False)
+
+    d = tmp_path / "crash"
+    d.mkdir()
+    cfg = write_config(d, probed_dir, steps=9, sections=sections)
+    real_save = torch.save
+    calls = []
+
+    def save_then_crash(obj, f, *a, **kw):
+        calls.append(obj["state"]["step"])
+        if len(calls) == 2:  # the second checkpoint (step 6) dies half-written
+            Path(f).write_bytes(b"half a checkpoint")
+            raise OSError("No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", save_then_crash)
+    with pytest.raises(OSError):
+        train(TrainConfig.from_toml(cfg), progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert calls == [3, 6]
+    assert _ckpt_step(d / "run") == 3  # the old checkpoint is intact
+
+    train(TrainConfig.from_toml(cfg), progress=False)
+    assert _ckpt_step(d / "run") == 9
+    _assert_same_weights(ref_dir / "run", d / "run")
+    assert _comparable(_rows(d / "run")) == _comparable(_rows(ref_dir / "run"))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def test_metrics_rows_and_run_directory(run_dir):
+    rows = _rows(run_dir)
+    assert [r["step"] for r in rows] == [3, 6]  # every 3 steps and at the end of the 6
+    for r in rows:
+        for key in ("step", "elapsed_s", "loss", "lr", "tokens_per_s", "samples_per_s", "hit", "mean_hit",
+                    "site_probs", "site_counts"):
+            assert key in r, key
+        assert list(r["hit"]) == SITES
+        assert all(0.0 <= h <= 1.0 for h in r["hit"].values())
+        assert all(round(h * 8, 6).is_integer() for h in r["hit"].values())  # 8 queries per site
+        assert r["mean_hit"] == pytest.approx(sum(r["hit"].values()) / 3, abs=1e-4)
+        assert r["tokens_per_s"] > 0 and r["samples_per_s"] > 0
+        # tokens per sample: at least 8 (shortest counting input plus EOS), at most 32 predicted tokens
+        assert 8 <= r["tokens_per_s"] / r["samples_per_s"] <= 32
+        assert list(r["site_probs"]) == SITES and sum(r["site_probs"].values()) == pytest.approx(1, abs=1e-3)
+        assert list(r["site_counts"]) == SITES
+        assert sum(r["site_counts"].values()) == r["step"] * 32  # batch 32 per step
+        assert math.isfinite(r["loss"]) and r["loss"] > 0
+        assert r["elapsed_s"] >= 0
+    assert rows[0]["elapsed_s"] <= rows[1]["elapsed_s"]
+    for name in ("run.json", "config.json", "model.safetensors", "train.json", "metrics.jsonl", "checkpoint.pt"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob("*.tmp")), "a checkpoint write left a temporary file"
+    assert _ckpt_step(run_dir) == 6
+    saved = json.loads((run_dir / "train.json").read_text())
+    assert saved["train"]["steps"] == 6 and saved["data"]["sites"] == SITES
+
+
+# ---------------------------------------------------------------------------------------------- rebalancing
+def test_site_weights_favour_weak_sites_and_respect_the_floor():
+    hits = [0.9, 0.1, 0.5, 0.3]
+    for floor in (0.0, 0.25, 0.5, 0.9):
+        w = site_weights(hits, floor)
+        assert sum(w) == pytest.approx(1.0)
+        assert all(x >= floor / len(hits) - 1e-12 for x in w)
+        order = sorted(range(4), key=lambda i: hits[i])
+        assert [w[i] for i in order] == sorted(w, reverse=True)  # lower hit, higher weight
+        if floor < 1:
+            assert w[1] > 0.25 > w[0]
+    # softmax((mean - hit) * 6) without a floor
+    logits = [(sum(hits) / 4 - h) * 6 for h in hits]
+    z = sum(math.exp(x) for x in logits)
+    assert site_weights(hits, 0.0) == pytest.approx([math.exp(x) / z for x in logits])
+    # a starved site keeps its floor: hit 1.0 against three sites at 0
+    w = site_weights([1.0, 0.0, 0.0, 0.0], 0.5)
+    assert w[0] >= 0.5 / 4 and w[0] < 0.25
+    assert site_weights([0.4] * 3, 0.5) == pytest.approx([1 / 3] * 3)  # equal hits: uniform
+    assert site_weights([0.0, 1.0], 1.0) == pytest.approx([0.5, 0.5])  # floor 1: uniform
+
+
+def test_rebalancing_samples_low_hit_sites_more_after_the_first_evaluation(tmp_path, probed_dir):
+    floor = 0.2
+    cfg = write_config(tmp_path, probed_dir, steps=16, chunk=4,
+                       sections={"eval": {"every": 8, "checkpoint_every": 8, "rebalance_floor": floor}})
+    train(TrainConfig.from_toml(cfg), progress=False)
+    first, second = _rows(tmp_path / "run")
+    hits = [first["hit"][s] for s in SITES]
+    assert len(set(hits)) > 1, f"the construction needs unequal hit rates at the first evaluation, got {hits}"
+    # before the first evaluation, sites are uniform
+    assert all(p == pytest.approx(1 / 3, abs=1e-4) for p in first["site_probs"].values())
+    # after it, the weights come from its hit rates, with the floor
+    probs = [second["site_probs"][s] for s in SITES]
+    assert probs == pytest.approx(site_weights(hits, floor), abs=2e-4)
+    assert min(probs) >= floor / 3 - 1e-4
+    # ... and the sampling follows them: the weakest site got more than the uniform share of the inputs
+    # drawn between the two evaluations, the strongest less
+    counts = [second["site_counts"][s] - first["site_counts"][s] for s in SITES]
+    total = sum(counts)
+    assert total == 8 * 32
+    weak, strong = hits.index(min(hits)), hits.index(max(hits))
+    assert counts[weak] / total > 1 / 3 > counts[strong] / total
+
+
+def test_without_rebalancing_site_probabilities_stay_uniform(tmp_path, probed_dir):
+    cfg = write_config(tmp_path, probed_dir, steps=6, sections={"eval": {"rebalance": False}})
+    train(TrainConfig.from_toml(cfg), progress=False)
+    rows = _rows(tmp_path / "run")
+    assert len(rows) == 2
+    for r in rows:
+        assert all(p == pytest.approx(1 / 3, abs=1e-4) for p in r["site_probs"].values())
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["site_probs"] == \
+        pytest.approx([1 / 3] * 3)
+
+
+# ---------------------------------------------------------------------------------------------- lr schedule
+def test_lr_schedule_warms_up_linearly_then_cosine_decays_to_min_lr():
+    o = OptimSpec(steps=100, warmup=10, min_lr=0.1)
+    f = [lr_factor(s, o) for s in range(101)]
+    assert f[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])  # linear warm-up to 1
+    assert f[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))  # then never rising
+    assert f[55] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine: halfway down
+    t = (30 - 10) / 90
+    assert f[30] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    assert f[100] == pytest.approx(0.1)  # ends at min_lr
+    assert lr_factor(500, o) == pytest.approx(0.1)  # and stays there
+    assert min(f) >= 0.1 - 1e-12
+    # no warm-up
+    assert lr_factor(0, OptimSpec(steps=10, warmup=0, min_lr=0.0)) == pytest.approx(1.0)
+    assert lr_factor(10, OptimSpec(steps=10, warmup=0, min_lr=0.0)) == pytest.approx(0.0)
+
+
+def test_logged_lr_follows_the_schedule(run_dir):
+    o = OptimSpec(steps=6, warmup=2)  # the run_dir fixture's config; lr 1e-3, min_lr 0.1
+    for r in _rows(run_dir):
+        assert r["lr"] == pytest.approx(1e-3 * lr_factor(r["step"] - 1, o))  # the lr of the row's last step
+
+
+# ---------------------------------------------------------------------------------------------- task rules
+def test_counting_generator_format():
+    task = get_task("counting")
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = task.generate(rng)
+        m = re.fullmatch(r"([a-z]+)\|([a-z]):([1-9])", text)
+        assert m, text
+        head, target, count = m.group(1), m.group(2), int(m.group(3))
+        letters = set(head)
+        assert len(letters) == 3
+        assert all(1 <= head.count(c) <= 9 for c in letters)
+        assert target in letters and head.count(target) == count
+        assert len(task.vocab.encode(text)) <= 33
+        assert task.annotate(text) == f"count={count}"
+    assert task.annotate("abc") is None and task.annotate("ab|1") is None
+
+
+def test_counting_train_test_split_is_disjoint_and_deterministic():
+    task = get_task("counting")
+
+    def draw(seed, split, n=400):
+        r = random.Random(seed)
+        return [task.sample(r, split) for _ in range(n)]
+
+    train_a, train_b = draw(0, "train"), draw(0, "train")
+    assert train_a == train_b  # same seed, same inputs
+    assert draw(1, "train") != train_a
+    test_ = draw(0, "test") + draw(7, "test")
+    assert not set(train_a + draw(3, "train")) & set(test_)
+    assert all(task.is_test(t) for t in test_) and not any(task.is_test(t) for t in train_a)
+    # the split is a property of the text, about test_fraction of all inputs
+    rng = random.Random(5)
+    frac = sum(task.is_test(task.generate(rng)) for _ in range(4000)) / 4000
+    assert 0.07 < frac < 0.13
+
+
+def test_counting_positions_are_the_target_character_and_colon():
+    task = Counting()
+    for text in ("vvzccvczvvvzvcvc|v:8", "abcab|c:1", "zzzyx|x:1"):
+        toks = task.vocab.tokens_of(task.vocab.encode(text))
+        pos = task.positions(text)
+        assert [toks[p] for p in pos] == [text[text.index("|") + 1], ":"]
+        assert toks[pos[0] - 1] == "|"
+    assert task.positions("vvzccvczvvvzvcvc|v:8") == [18, 19]
+
+
+def _spy_step_positions(probed, bos_prob: float, steps: int, seed: int = 0):
+    """Run the real training step and recover, from the activations the decoder was given, which position
+    of each input was queried."""
+    task = get_task("counting")
+    site = probed.site("x0.pre")  # embeddings: every (token, position) gives a distinct activation
+    dec = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len, d_act=probed.d_model,
+                                n_sites=1, d_model=16, n_layers=1, n_heads=2, n_act_blocks=1))
+    seen = []
+    real = dec.forward
+
+    def spy(ids, z, site_ids, caches=None):
+        seen.append((ids.clone(), z.detach().clone()))
+        return real(ids, z, site_ids, caches)
+
+    dec.forward = spy
+    o = OptimSpec(batch_size=256, chunk=64, bf16=False)
+    state = State(site_probs=[1.0], site_counts=[0])
+    rng = random.Random(seed)
+    for _ in range(steps):
+        loss, n_tok = _step(dec, probed, task, [site], rng, state, o, bos_prob, probed.device)
+        assert torch.isfinite(loss) and n_tok > 0
+    assert state.site_counts == [steps * 256]
+    kinds = []  # "bos", "target", "colon" per queried input
+    for ids, z in seen:
+        acts = probed.run(ids, [site])[site]  # (chunk, T, d)
+        d = (acts - z[:, None]).norm(dim=-1)
+        best = d.argmin(-1)
+        for row in range(ids.shape[0]):
+            p = int(best[row])
+            assert d[row, p] < 1e-4 * z[row].norm(), "the queried activation is not one of the input's"
+            text = probed.tokenizer.text(ids[row])
+            allowed = {0: "bos", task.positions(text)[0]: "target", task.positions(text)[1]: "colon"}
+            assert p in allowed, (text, p)
+            kinds.append(allowed[p])
+    return kinds
+
+
+def test_training_step_queries_task_positions_and_bos_about_one_percent(probed_dir):
+    probed = ProbedModel.load(probed_dir)
+    assert DataSpec().bos_prob == 0.01
+    kinds = _spy_step_positions(probed, 0.01, steps=8)
+    n = len(kinds)
+    assert n == 8 * 256
+    assert 0.002 < kinds.count("bos") / n < 0.025
+    assert 0.4 < kinds.count("target") / n < 0.6
+    assert 0.4 < kinds.count("colon") / n < 0.6
+    assert "bos" not in _spy_step_positions(probed, 0.0, steps=1)
+    assert set(_spy_step_positions(probed, 1.0, steps=1)) == {"bos"}
+
+
+# ---------------------------------------------------------------------------------------------- train-probed
+@pytest.mark.slow
+def test_train_probed_writes_a_loadable_model_with_its_accuracy_and_command(tmp_path):
+    out = tmp_path / "probed"
+    r = subprocess.run([sys.executable, "-m", "inversionview", "train-probed", "counting", "--out", str(out),
+                        "--steps", "5"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    for name in ("config.json", "model.safetensors", "vocab.json", "training.json"):
+        assert (out / name).is_file(), name
+    info = json.loads((out / "training.json").read_text())
+    assert 0.0 <= info["test_accuracy"] <= 1.0
+    assert info["test_inputs"] == 10_000 and info["steps"] == 5 and info["task"] == "counting"
+    assert info["command"] == f"inversionview train-probed counting --out {out} --steps 5"
+    assert f"test accuracy {info['test_accuracy']:.4f} on 10000 held-out inputs" in r.stdout
+    vocab = json.loads((out / "vocab.json").read_text())
+    assert vocab["tokens"] == list(get_task("counting").vocab.tokens)
+    probed = ProbedModel.load(out)  # loads with its character vocabulary; the decoder trains on it
+    assert probed.tokenizer.encode("ab|a:1") == get_task("counting").vocab.encode("ab|a:1")
+    assert (probed.n_layers, probed.n_heads, probed.d_model, probed.max_len) == (2, 1, 64, 33)
