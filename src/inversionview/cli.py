@@ -12,8 +12,15 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEMO_QUERIES = {"counting": [("vvzccvczvvvzvcvc|v:8", "a1.0", ":"), ("vvzccvczvvvzvcvc|v:8", "m0", "|"),
-                             ("vvzccvczvvvzvcvc|v:8", "x0.mid", 18)]}
+# The paper's counting findings: C1 (after the layer-0 MLP at the target character the count is there),
+# C3 (head 0.0 at the target character starts the path) and C2 (head 1.0 at ':' keeps the count, not the letter).
+DEMO_QUERIES = {"counting": [("vvzccvczvvvzvcvc|v:8", "x0.post", 18), ("vvzccvczvvvzvcvc|v:8", "a0.0", 18),
+                             ("vvzccvczvvvzvcvc|v:8", "a1.0", ":")]}
+DEMO_INTRO = {"counting": (
+    "The counting model reads 'letters|target:' and predicts how often the target letter occurs.\n"
+    "Each reading samples inputs from the decoder, re-runs the model on them, and sorts them by the distance of\n"
+    "their activation to the query's. Samples above the epsilon line are in the preimage: what they share is\n"
+    "what the activation encodes. count=N is each sample's true count of its target letter.\n")}
 
 
 def cmd_train_probed(args) -> int:
@@ -88,6 +95,8 @@ def cmd_demo(args) -> int:
 
     t0 = time.time()
     iv = InversionView.load(f"shipped:{args.task}")
+    if not args.json:
+        print(DEMO_INTRO[args.task])
     readings = []
     for text, site, position in DEMO_QUERIES[args.task]:
         args.text = text

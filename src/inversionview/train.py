@@ -137,11 +137,10 @@ def _build(cls, raw: dict, where: str):
     for k in raw:
         if k not in known:
             raise UserError(f"unknown config key {k!r}{' in [' + where + ']' if where else ''}: expected one of {', '.join(known)}")
+    sub = {"probed": ProbedSpec, "data": DataSpec, "decoder": ModelSpec, "train": OptimSpec, "eval": EvalSpec}
     kw = {}
     for k, v in raw.items():
         f = known[k]
-        ftype = f.type if isinstance(f.type, type) else None
-        sub = {"probed": ProbedSpec, "data": DataSpec, "decoder": ModelSpec, "train": OptimSpec, "eval": EvalSpec}
         if cls is TrainConfig and k in sub:
             kw[k] = _build(sub[k], v, k)
             continue
@@ -154,7 +153,6 @@ def _build(cls, raw: dict, where: str):
             want = {bool: "a bool", int: "an int", float: "a number", str: "a string", tuple: "a list of strings"}[type(default)]
             raise UserError(f"config key {k!r}{' in [' + where + ']' if where else ''} must be {want}, got {v!r}")
         kw[k] = tuple(v) if isinstance(default, tuple) else v
-        del ftype
     if "out" in known and "out" not in kw:
         raise UserError("config is missing the key 'out': the run directory to write")
     return cls(**kw)
