@@ -3,7 +3,7 @@
 ::
 
     RUN_DIR/
-      run.json            probed model (path, fingerprint, activation mode, vocabulary), sites, task, epsilon
+      run.json            probed model (path, fingerprint, activation mode, vocabulary), sites, task or data, epsilon
       config.json         DecoderConfig
       model.safetensors   decoder weights
       train.json          the full training config
@@ -54,18 +54,22 @@ class RunSpec:
     epsilon: float = 0.1
     metric: str = "euclidean"
     extra: dict = field(default_factory=dict)
+    data: dict | None = None
+    """The data file and position rule of a run not on a plain task (see :func:`inversionview.data.record`)."""
 
     @classmethod
     def for_training(cls, cfg, probed: ProbedModel, sites: list[Site]) -> "RunSpec":
         return cls(model=cfg.probed.model, mode=cfg.probed.mode, fingerprint=probed.fingerprint,
-                   sites=tuple(s.name for s in sites), task=cfg.data.task, vocab=cfg.probed.vocab,
-                   epsilon=cfg.eval.epsilon, metric=cfg.eval.metric)
+                   sites=tuple(s.name for s in sites), task=cfg.data.task or None, vocab=cfg.probed.vocab,
+                   epsilon=cfg.eval.epsilon, metric=cfg.eval.metric, data=cfg.data.record())
 
     def save(self, run_dir: Path) -> None:
         d = asdict(self)
         m = self.model
         if not m.startswith("shipped:") and Path(m).exists():  # keep the run movable with its model
             d["model"] = os.path.relpath(Path(m).resolve(), Path(run_dir).resolve())
+        if self.data and self.data.get("path") and Path(self.data["path"]).exists():  # and with its data
+            d["data"] = {**self.data, "path": os.path.relpath(Path(self.data["path"]).resolve(), Path(run_dir).resolve())}
         _atomic_write_text(Path(run_dir) / "run.json", json.dumps(d, indent=1))
 
     @classmethod
@@ -85,6 +89,9 @@ class RunSpec:
         m = spec.model
         if not m.startswith("shipped:") and not Path(m).is_absolute() and (run_dir / m).exists():
             spec = cls(**{**asdict(spec), "model": str((run_dir / m).resolve())})
+        data = spec.data
+        if data and data.get("path") and not Path(data["path"]).is_absolute():
+            spec = cls(**{**asdict(spec), "data": {**data, "path": str((run_dir / data["path"]).resolve())}})
         return spec
 
     def load_probed(self) -> ProbedModel:
@@ -99,7 +106,7 @@ class RunSpec:
                             f"load the probed model with mode={self.mode!r}")
 
     def check_same(self, other: "RunSpec") -> None:
-        for k in ("fingerprint", "mode", "sites", "task"):
+        for k in ("fingerprint", "mode", "sites", "task", "data"):
             if getattr(self, k) != getattr(other, k):
                 raise UserError(f"the run directory was trained with another {k} ({getattr(self, k)!r}, config gives "
                                 f"{getattr(other, k)!r}): use a new 'out' directory")
@@ -140,13 +147,19 @@ class InversionView:
 
         return read(self, text, site, position, **kw)
 
+    def data_source(self):
+        """Where this run's inputs come from (its task or its data file): held-out queries are drawn from it."""
+        from .data import open_source
+
+        if self.spec.data is None and self.task is not None:
+            return self.task
+        return open_source(self.spec.task, self.spec.data, self.probed)
+
     def evaluate(self, queries_per_site: int = 256, epsilon: float | None = None, metric: str | None = None,
                  seed: int = 0) -> dict:
         """Hit rate per site (one sample at temperature 1 per held-out query) and the mean."""
         from .preimage import hit_rates, make_queries
 
-        if self.task is None:
-            raise UserError("this run has no task to draw held-out queries from")
         eps, met = epsilon if epsilon is not None else self.spec.epsilon, metric or self.spec.metric
         if queries_per_site < 1:
             raise UserError(f"queries per site must be at least 1, got {queries_per_site}")
@@ -154,7 +167,7 @@ class InversionView:
             raise UserError(f"epsilon must be positive, got {eps}")
         if met not in ("euclidean", "cosine"):
             raise UserError(f"unknown metric {met!r}: expected 'euclidean' or 'cosine'")
-        queries = make_queries(self.probed, self.task, self.sites, queries_per_site, seed=seed + 20_000)
+        queries = make_queries(self.probed, self.data_source(), self.sites, queries_per_site, seed=seed + 20_000)
         hits = hit_rates(self.decoder, self.probed, queries, eps, met, seed=seed)
         per = {s.short: h for s, h in zip(self.sites, hits)}
         return {"hit": per, "mean_hit": sum(hits) / len(hits), "epsilon": eps, "metric": met,

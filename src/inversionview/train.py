@@ -32,7 +32,9 @@ from .errors import UserError
 from .preimage import hit_rates, make_queries
 from .probed import ProbedModel
 from .run import InversionView, RunSpec, resolve_model
-from .tasks import get_task
+from .data import check_spec as check_data_spec
+from .data import open_source
+from .data import record as data_record
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,29 @@ class ProbedSpec:
 
 @dataclass(frozen=True)
 class DataSpec:
-    task: str = "counting"
-    """Built-in task whose generator and position rules supply the inputs."""
+    task: str | None = None
+    """Built-in task whose generator and position rules supply the inputs; "counting" when no path is given."""
+    path: str = ""
+    """The user's own inputs instead of a task: a text file (one per line), a JSONL file or a saved HF dataset."""
+    format: str = ""
+    """"text", "jsonl" or "hf"; default from the path (a directory: hf; .jsonl: jsonl; else text)."""
+    field: str = "text"
+    """The text field of a JSONL object or the text column of an HF dataset."""
+    positions: str | list | dict | None = None
+    """Query positions: "all", [3, -2] or { marker = "|", offset = 1 } (see inversionview.data); default: the
+    task's rule, or "all" for a data file."""
     sites: tuple[str, ...] = ()
     """Sites to train on (TransformerLens or short names); empty means the task's paper sites."""
     bos_prob: float = 0.01
     """Probability of querying the BOS position, so that the decoder learns what "no information" looks like."""
+
+    def __post_init__(self):
+        if self.task is None and not self.path:
+            object.__setattr__(self, "task", "counting")
+
+    def record(self) -> dict | None:
+        """What run.json keeps of these settings besides the task (see :func:`inversionview.data.record`)."""
+        return data_record(self.task, self.path, self.format, self.field, self.positions)
 
 
 @dataclass(frozen=True)
@@ -124,7 +143,10 @@ class TrainConfig:
         model = cfg.probed.model
         if not model.startswith("shipped:") and (model.startswith(".") or (base / model).exists()):
             model = str(base / model)
-        return dataclasses.replace(cfg, out=out, probed=dataclasses.replace(cfg.probed, model=model))
+        data = cfg.data
+        if data.path:
+            data = dataclasses.replace(data, path=str(base / Path(data.path).expanduser()))
+        return dataclasses.replace(cfg, out=out, probed=dataclasses.replace(cfg.probed, model=model), data=data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,6 +200,10 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(f"train.batch_size ({o.batch_size}) must be a multiple of train.chunk ({o.chunk})")
     if e.metric not in ("euclidean", "cosine"):
         raise UserError(f"unknown metric {e.metric!r} in [eval]: expected 'euclidean' or 'cosine'")
+    d = cfg.data
+    check_data_spec(d.task, d.path, d.format, d.field, d.positions)
+    if d.path and not d.sites:
+        raise UserError('data.sites is required with data.path: name the sites to train on, e.g. sites = ["x0.mid", "a1.0"]')
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -234,7 +260,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
     _check(cfg)
     out = Path(cfg.out)
     probed = ProbedModel.load(resolve_model(cfg.probed.model), vocab=cfg.probed.vocab, mode=cfg.probed.mode)
-    task = get_task(cfg.data.task)
+    task = open_source(cfg.data.task, cfg.data.record(), probed)  # a Task or another DataSource
     sites = [probed.site(x) for x in (cfg.data.sites or task.sites)]
     if len(set(sites)) != len(sites):
         raise UserError("data.sites lists a site twice")
@@ -349,10 +375,10 @@ def _init_stats(decoder: Decoder, probed, task, sites, rng: random.Random, n: in
 def _step(decoder, probed, task, sites, rng: random.Random, state: State, o: OptimSpec, bos_prob: float, dev):
     """One training step's loss over fresh inputs; inputs sorted by length so each chunk is trimmed."""
     texts = [task.sample(rng) for _ in range(o.batch_size)]
-    seqs = sorted((probed.encode(t) for t in texts), key=len)
-    # positions follow the task's rule for each (sorted) input; BOS with probability bos_prob
-    texts_sorted = [probed.tokenizer.text(s) for s in seqs]
-    positions = [0 if rng.random() < bos_prob else rng.choice(task.positions(t)) for t in texts_sorted]
+    pairs = sorted(((probed.encode(t), t) for t in texts), key=lambda p: len(p[0]))  # stable: ties keep their order
+    seqs = [s for s, _ in pairs]
+    # positions follow the data source's rule for each (sorted) input; BOS with probability bos_prob
+    positions = [0 if rng.random() < bos_prob else rng.choice(task.positions(t)) for _, t in pairs]
     chunk_sites = rng.choices(range(len(sites)), weights=state.site_probs, k=o.batch_size // o.chunk)
     b = probed.batch(seqs)
     acts = probed.run(b.ids, [sites[i] for i in set(chunk_sites)])
