@@ -15,20 +15,28 @@ log = logging.getLogger(__name__)
 # The paper's counting findings: C1 (after the layer-0 MLP at the target character the count is there),
 # C3 (head 0.0 at the target character starts the path) and C2 (head 1.0 at ':' keeps the count, not the letter).
 DEMO_QUERIES = {"counting": [("vvzccvczvvvzvcvc|v:8", "x0.post", 18), ("vvzccvczvvvzvcvc|v:8", "a0.0", 18),
-                             ("vvzccvczvvvzvcvc|v:8", "a1.0", ":")]}
+                             ("vvzccvczvvvzvcvc|v:8", "a1.0", ":")],
+                # A1: heads 0.0-0.2 at '=' carry the hundreds digits as a pair; A2: head 0.3 the tens digits;
+                # A3: x0.mid at '=' carries the hundreds pair plus the carry from the tens.
+                "addition": [("456+378=834", "a0.0", "="), ("456+378=834", "a0.3", "="), ("456+378=834", "x0.mid", "=")]}
 DEMO_INTRO = {"counting": (
     "The counting model reads 'letters|target:' and predicts how often the target letter occurs.\n"
     "Each reading samples inputs from the decoder, re-runs the model on them, and sorts them by the distance of\n"
     "their activation to the query's. Samples above the epsilon line are in the preimage: what they share is\n"
-    "what the activation encodes. count=N is each sample's true count of its target letter.\n")}
+    "what the activation encodes. count=N is each sample's true count of its target letter.\n"),
+    "addition": (
+    "The addition model reads 'a+b=' and writes the sum c. Each reading samples inputs from the decoder, re-runs\n"
+    "the model on them, and sorts them by the distance of their activation to the query's. Samples above the\n"
+    "epsilon line are in the preimage: what they share is what the activation encodes.\n")}
 
 
 def cmd_train_probed(args) -> int:
     from .tasks import get_task
     from .tasks.training import train_probed
 
-    info = train_probed(get_task(args.task), args.out, steps=args.steps, seed=args.seed,
-                        command="inversionview " + shlex.join(sys.argv[1:]))
+    task = get_task(args.task)
+    recipe = {**task.recipe, **({"steps": args.steps} if args.steps else {})}
+    info = train_probed(task, args.out, seed=args.seed, command="inversionview " + shlex.join(sys.argv[1:]), **recipe)
     print(f"test accuracy {info['test_accuracy']:.4f} on {info['test_inputs']} held-out inputs; saved to {args.out}")
     return 0
 
@@ -137,9 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_demo)
 
     s = sub.add_parser("train-probed", help="train a built-in task's probed model")
-    s.add_argument("task", help="the task: counting")
+    s.add_argument("task", help="the task: counting or addition")
     s.add_argument("--out", required=True, help="directory to write the model to")
-    s.add_argument("--steps", type=int, default=6000)
+    s.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the task's recipe)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_train_probed)
 

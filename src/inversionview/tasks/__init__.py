@@ -10,14 +10,28 @@ from ..tokenizer import CharVocab
 
 
 class Task:
-    """A task: a character vocabulary, a seeded input generator with a fixed train/test split, the
-    positions the paper queried, and the answer tokens the probed model is trained on."""
+    """A task: a vocabulary, a seeded input generator with a fixed train/test split, the positions the paper
+    queried, and the answer tokens the probed model is trained on.
+
+    The toy tasks have a character vocabulary (``vocab``); a task on a pretrained model names its tokenizer
+    instead (IOI: ``tokenizer_name = "gpt2"``), and :meth:`tokenizer` gives whichever it has: positions are
+    token indices in that tokenizer's encoding."""
 
     name: str
     vocab: CharVocab
+    tokenizer_name: str | None = None  # a built-in tokenizer (inversionview.tokenizer.TOKENIZERS) instead of vocab
     sites: tuple[str, ...]  # the paper's sites for this task
     model: dict  # GPT2Config fields of the paper's probed model
     test_fraction = 0.1
+    recipe: dict = {}  # train_probed settings that reach the paper's accuracy on CPU
+
+    def tokenizer(self):
+        """The tokenizer the task's positions are counted in: its named tokenizer, else its character vocabulary."""
+        if self.tokenizer_name:
+            from ..tokenizer import named_tokenizer
+
+            return named_tokenizer(self.tokenizer_name)
+        return self.vocab
 
     def generate(self, rng: random.Random) -> str:
         raise NotImplementedError
@@ -47,9 +61,11 @@ class Task:
 
 
 def get_task(name: str) -> Task:
+    from .addition import Addition
     from .counting import Counting
+    from .ioi import Ioi
 
-    tasks = {"counting": Counting}
+    tasks = {"counting": Counting, "addition": Addition, "ioi": Ioi}
     if name not in tasks:
         raise UserError(f"unknown task {name!r}: expected one of {', '.join(tasks)}")
     return tasks[name]()

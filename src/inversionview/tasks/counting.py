@@ -22,6 +22,7 @@ class Counting(Task):
     vocab = CharVocab(tokens=("P", "B", "E", *LETTERS, "|", ":", *DIGITS), bos="B", eos="E", pad="P")
     sites = ("x0.pre", "a0.0", "x0.mid", "m0", "x0.post", "a1.0", "x1.mid", "m1", "x1.post")
     model = dict(n_layer=2, n_head=1, n_embd=64, n_inner=256, n_positions=33)
+    recipe = dict(steps=8000, batch_size=128, lr=3e-3, aux=1.0)
 
     def generate(self, rng: random.Random) -> str:
         letters = rng.sample(LETTERS, 3)

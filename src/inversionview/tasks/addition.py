@@ -1,0 +1,53 @@
+"""3-digit addition (the paper's second case study).
+
+An input is ``B a+b=c E`` with 100 <= a, b <= 999 and c = a + b written without leading zeros, one
+character per token: 810,000 inputs in all. The user-facing text leaves out ``B`` and ``E``:
+``123+456=579``. The paper queried ``=`` and the first three answer positions (A1, A2, A3).
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..tokenizer import CharVocab
+from . import Task
+
+DIGITS = "0123456789"
+
+
+class Addition(Task):
+    name = "addition"
+    vocab = CharVocab(tokens=("P", "B", "E", *DIGITS, "+", "="), bos="B", eos="E", pad="P")
+    sites = ("x0.pre", "a0.0", "a0.1", "a0.2", "a0.3", "x0.mid", "x0.post",
+             "a1.0", "a1.1", "a1.2", "a1.3", "x1.mid", "x1.post")
+    model = dict(n_layer=2, n_head=4, n_embd=32, n_inner=128, n_positions=16)
+    recipe = dict(steps=12000, batch_size=256, lr=3e-3, aux=0.0)
+
+    def generate(self, rng: random.Random) -> str:
+        a, b = rng.randint(100, 999), rng.randint(100, 999)
+        return f"{a}+{b}={a + b}"
+
+    def positions(self, text: str) -> list[int]:
+        """``=`` and the answer positions A1, A2, A3 (+1 for BOS)."""
+        eq = text.index("=") + 1
+        return [eq, eq + 1, eq + 2, eq + 3]
+
+    def answer_positions(self, text: str) -> list[int]:
+        eq = text.index("=") + 1
+        return list(range(eq + 1, len(text) + 1)) + [len(text) + 1]  # the digits of c, then EOS
+
+    def annotate(self, text: str) -> str | None:
+        """Whether the sample's sum is correct: ``sum ok`` or ``sum wrong``."""
+        try:
+            lhs, c = text.split("=")
+            a, b = lhs.split("+")
+            ok = int(a) + int(b) == int(c) and not c.startswith("0")
+        except ValueError:
+            return None
+        return "sum ok" if ok else "sum wrong"
+
+    def all_inputs(self):
+        """Every input of the task, in order (810,000)."""
+        for a in range(100, 1000):
+            for b in range(100, 1000):
+                yield f"{a}+{b}={a + b}"
