@@ -15,7 +15,12 @@ positions follow a :class:`PositionRule`:
   excluded), as ``--position`` does; an index outside a shorter input is skipped for that input;
 * ``{ marker = "|", offset = 1 }``: the token ``offset`` places after each occurrence of the marker token
   (0: the marker itself, -1: the token before it; ``offset`` may be a list). A token matches the marker
-  if it equals it, leading and trailing spaces ignored (so GPT-2's ``" |"`` matches ``"|"``).
+  if it equals it, leading and trailing spaces ignored (so GPT-2's ``" |"`` matches ``"|"``);
+* ``{ span = "subject", offset = 0 }``: the last token of a span of the text that each record names in a
+  field (JSONL or HF data): ``{"text": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower"}``
+  gives the position of ``" Tower"`` (its first occurrence in the text; ``offset`` as for a marker);
+* a list mixing these, e.g. ``[-1, { span = "subject" }]``: the union of its rules' positions, each rule
+  having to find at least one (a list of ints alone is the fixed rule).
 
 When a source opens, its first :data:`CHECKED` inputs (in file order) are encoded and given to the rule:
 an input that does not fit the model's context or vocabulary, a marker that never occurs in them, or an
@@ -39,7 +44,8 @@ CHECKED = 1000
 """Inputs of a data file checked when it is opened (all of them if it has fewer)."""
 FORMATS = ("text", "jsonl", "hf")
 TEST_FRACTION = 0.1
-POSITIONS_HELP = ('"all", a list of token indices like [3, -2], or a table like { marker = "|", offset = 1 }')
+POSITIONS_HELP = ('"all", a list of token indices like [3, -2], a table like { marker = "|", offset = 1 } or '
+                  '{ span = "subject" }, or a list mixing indices and tables')
 
 
 def is_test(text: str, fraction: float = TEST_FRACTION) -> bool:
@@ -55,8 +61,10 @@ def _short(text: str, n: int = 60) -> str:
 class PositionRule:
     """Which token positions of an input may be queried. See the module docstring for the three kinds."""
 
-    def __init__(self, kind: str, indices: tuple[int, ...] = (), marker: str = "", offsets: tuple[int, ...] = ()):
+    def __init__(self, kind: str, indices: tuple[int, ...] = (), marker: str = "", offsets: tuple[int, ...] = (),
+                 span: str = "", parts: tuple["PositionRule", ...] = ()):
         self.kind, self.indices, self.marker, self.offsets = kind, indices, marker, offsets
+        self.span, self.parts = span, parts  # span: the record field naming a text span; parts: a union's rules
 
     @classmethod
     def parse(cls, value, where: str = "data.positions") -> "PositionRule | None":
@@ -72,17 +80,27 @@ class PositionRule:
             value = [value]
         if isinstance(value, (list, tuple)) and value and all(ints(v) for v in value):
             return cls("fixed", indices=tuple(value))
+        if isinstance(value, (list, tuple)) and value and all(ints(v) or isinstance(v, dict) for v in value):
+            fixed = [v for v in value if ints(v)]
+            parts = ([cls("fixed", indices=tuple(fixed))] if fixed else []) + \
+                [cls.parse(v, where) for v in value if isinstance(v, dict)]
+            return parts[0] if len(parts) == 1 else cls("union", parts=tuple(parts))
         if isinstance(value, dict):
-            unknown = set(value) - {"marker", "offset"}
+            kind = "span" if "span" in value else "marker"
+            unknown = set(value) - {kind, "offset"}
             if unknown:
-                raise UserError(f"unknown key {sorted(unknown)[0]!r} in {where}: expected marker and offset")
-            marker, offset = value.get("marker"), value.get("offset", 0)
-            if not isinstance(marker, str) or not marker:
-                raise UserError(f"{where} needs a marker token, e.g. {{ marker = \"|\", offset = 1 }}, got {marker!r}")
+                raise UserError(f"unknown key {sorted(unknown)[0]!r} in {where}: expected {kind} and offset")
+            name, offset = value.get(kind), value.get("offset", 0)
+            if not isinstance(name, str) or not name:
+                example = '{ marker = "|", offset = 1 }' if kind == "marker" else '{ span = "subject" }'
+                what = "a marker token" if kind == "marker" else "the name of a record field holding the span"
+                raise UserError(f"{where} needs {what}, e.g. {example}, got {name!r}")
             offsets = [offset] if ints(offset) else offset
             if not (isinstance(offsets, (list, tuple)) and offsets and all(ints(o) for o in offsets)):
                 raise UserError(f"{where}.offset must be an int or a list of ints, got {offset!r}")
-            return cls("marker", marker=marker, offsets=tuple(offsets))
+            if kind == "span":
+                return cls("span", span=name, offsets=tuple(offsets))
+            return cls("marker", marker=name, offsets=tuple(offsets))
         raise UserError(f"{where} must be {POSITIONS_HELP}, got {value!r}")
 
     def to_spec(self):
@@ -91,7 +109,19 @@ class PositionRule:
             return "all"
         if self.kind == "fixed":
             return list(self.indices)
-        return {"marker": self.marker, "offset": list(self.offsets) if len(self.offsets) > 1 else self.offsets[0]}
+        if self.kind == "union":
+            out = []
+            for p in self.parts:
+                out += p.to_spec() if p.kind == "fixed" else [p.to_spec()]
+            return out
+        offset = list(self.offsets) if len(self.offsets) > 1 else self.offsets[0]
+        return {"span": self.span, "offset": offset} if self.kind == "span" else {"marker": self.marker, "offset": offset}
+
+    def fields(self) -> tuple[str, ...]:
+        """The record fields this rule reads (span rules), besides the text."""
+        if self.kind == "span":
+            return (self.span,)
+        return tuple(dict.fromkeys(f for p in self.parts for f in p.fields()))
 
     def _offset(self) -> str:
         return str(list(self.offsets) if len(self.offsets) > 1 else self.offsets[0])
@@ -101,6 +131,10 @@ class PositionRule:
             return "all non-special positions"
         if self.kind == "fixed":
             return f"positions {list(self.indices)}"
+        if self.kind == "span":
+            return f"last token of the {self.span!r} span + offset {self._offset()}"
+        if self.kind == "union":
+            return " and ".join(p.describe() for p in self.parts)
         return f"marker {self.marker!r} + offset {self._offset()}"
 
     def _matches(self, token: str) -> bool:
@@ -119,22 +153,60 @@ class PositionRule:
         tokens = tok.tokens_of(ids[:n_text])
         return [i for i in range(start, n_text) if self._matches(tokens[i])]
 
-    def apply(self, ids: list[int], tok) -> list[int]:
-        """The allowed positions of an encoded input (token ids with BOS, and EOS where the vocabulary has one)."""
+    def span_end(self, text: str, ids: list[int], tok, record: dict | None) -> int | None:
+        """Position of the last token of the record's span in ``ids`` (the encoded ``text``); None if the record has
+        no such field or the span does not occur in the text. It is the last token of the span's first
+        occurrence: the token of ``ids`` that holds the span's last character."""
+        sub = (record or {}).get(self.span)
+        if not isinstance(sub, str) or not sub or text is None:
+            return None
+        at = text.find(sub)
+        if at < 0:
+            return None
+        prefix = tok.encode(text[: at + len(sub)])
+        if getattr(tok, "appends_eos", False) and prefix and prefix[-1] == tok.eos_id:
+            prefix = prefix[:-1]
+        n = 0
+        while n < len(prefix) and n < len(ids) and prefix[n] == ids[n]:
+            n += 1
+        # the prefix's tokens begin the input's: its last one ends the span; else the token where they part holds
+        # the span's end (a span that ends inside a token)
+        return n - 1 if n == len(prefix) else n
+
+    def apply(self, ids: list[int], tok, text: str | None = None, record: dict | None = None) -> list[int]:
+        """The allowed positions of an encoded input (token ids with BOS, and EOS where the vocabulary has one).
+        A span rule also needs the input's ``text`` and its ``record`` (the fields read with it)."""
         start, n_text = self._span(ids, tok)
         if self.kind == "all":
             return list(range(start, n_text))
         if self.kind == "fixed":
             return list(dict.fromkeys(i % n_text for i in self.indices if -n_text <= i < n_text))
-        return list(dict.fromkeys(i + o for i in self.markers(ids, tok) for o in self.offsets if 0 <= i + o < n_text))
+        if self.kind == "union":  # every rule of the list must find its position(s) in the input
+            each = [p.apply(ids, tok, text, record) for p in self.parts]
+            return list(dict.fromkeys(i for pos in each for i in pos)) if all(each) else []
+        if self.kind == "span":
+            end = self.span_end(text, ids, tok, record)
+            ends = [] if end is None else [end]
+        else:
+            ends = self.markers(ids, tok)
+        return list(dict.fromkeys(i + o for i in ends for o in self.offsets if 0 <= i + o < n_text))
 
-    def why_empty(self, text: str, ids: list[int], tok) -> str:
+    def why_empty(self, text: str, ids: list[int], tok, record: dict | None = None) -> str:
         _, n_text = self._span(ids, tok)
         if self.kind == "all":
             return f"input {_short(text)} has no text tokens"
         if self.kind == "fixed":
             return (f"none of the positions {list(self.indices)} is inside input {_short(text)} "
                     f"({n_text} tokens with BOS, EOS excluded)")
+        if self.kind == "union":
+            return next(p.why_empty(text, ids, tok, record) for p in self.parts if not p.apply(ids, tok, text, record))
+        if self.kind == "span":
+            sub = (record or {}).get(self.span)
+            if not isinstance(sub, str) or not sub:
+                return f"input {_short(text)} has no {self.span!r} field (a string) for data.positions' span"
+            if sub not in text:
+                return f"its {self.span} {sub!r} does not occur in input {_short(text)}"
+            return f"span {self.span!r} + offset {self._offset()} falls outside input {_short(text)}"
         if not self.markers(ids, tok):
             return f"marker {self.marker!r} does not occur in input {_short(text)}: every input needs one"
         return f"marker {self.marker!r} + offset {self._offset()} falls outside input {_short(text)}"
@@ -163,14 +235,19 @@ class _Ruled(DataSource):
     rule: PositionRule
     probed = None
 
+    def record(self, text: str) -> dict | None:
+        """The fields read with an input (for span rules); None where there are none."""
+        return None
+
     def positions(self, text: str) -> list[int]:
         ids = self.probed.encode(text)
-        pos = self.rule.apply(ids, self.probed.tokenizer)
+        record = self.record(text)
+        pos = self.rule.apply(ids, self.probed.tokenizer, text, record)
         if not pos:
-            raise UserError(f"{self.name}: {self.rule.why_empty(text, ids, self.probed.tokenizer)}")
+            raise UserError(f"{self.name}: {self.rule.why_empty(text, ids, self.probed.tokenizer, record)}")
         return pos
 
-    def _check(self, texts: list[str], where) -> None:
+    def _check(self, texts: list[str], where, records: list[dict] | None = None) -> None:
         """Encode ``texts`` and apply the rule to each; the first problem is a one-line error."""
         tok = self.probed.tokenizer
         seen_marker, bad = False, None
@@ -181,14 +258,15 @@ class _Ruled(DataSource):
                 raise UserError(f"{where(k)}: {e}") from None
             if self.rule.kind == "marker" and not seen_marker:
                 seen_marker = bool(self.rule.markers(ids, tok))
-            if bad is None and not self.rule.apply(ids, tok):
-                bad = (k, text, ids)
+            record = records[k] if records else None
+            if bad is None and not self.rule.apply(ids, tok, text, record):
+                bad = (k, text, ids, record)
         if self.rule.kind == "marker" and not seen_marker:
             raise UserError(f"marker {self.rule.marker!r} of data.positions never occurs in "
                             f"{self._checked_what(len(texts))}: check the marker against the model's tokens")
         if bad is not None:
-            k, text, ids = bad
-            raise UserError(f"{where(k)}: {self.rule.why_empty(text, ids, tok)}")
+            k, text, ids, record = bad
+            raise UserError(f"{where(k)}: {self.rule.why_empty(text, ids, tok, record)}")
 
     def _checked_what(self, n: int) -> str:
         return self.name
@@ -220,14 +298,20 @@ class FileSource(_Ruled):
     ``texts`` are the inputs in file order; ``lines`` (optional) their line or row numbers, for messages."""
 
     def __init__(self, texts: list[str], rule: PositionRule, probed, name: str = "data",
-                 lines: list[int] | None = None, unit: str = "line", check: bool = True):
+                 lines: list[int] | None = None, unit: str = "line", check: bool = True,
+                 records: list[dict] | None = None):
         if not texts:
             raise UserError(f"data file {name} has no inputs (it is empty or has only blank lines)")
         self.texts, self.rule, self.probed, self.name = texts, rule, probed, name
         self.lines = lines or list(range(1, len(texts) + 1))
         self.unit = unit
+        self.records = records  # the fields read with each input (span rules), parallel to texts
+        self._records = {}
+        for t, r in zip(texts, records or ()):
+            self._records.setdefault(t, r)
         if check:
-            self._check(texts[:CHECKED], lambda k: f"{unit} {self.lines[k]} of {name}")
+            self._check(texts[:CHECKED], lambda k: f"{unit} {self.lines[k]} of {name}",
+                        records[:CHECKED] if records else None)
         test = [is_test(t) for t in texts]
         distinct = set(texts)
         if len(distinct) == 1:
@@ -247,6 +331,9 @@ class FileSource(_Ruled):
     def _checked_what(self, n: int) -> str:
         return f"the first {n} inputs of {self.name}" if len(self.texts) > n else self.name
 
+    def record(self, text: str) -> dict | None:
+        return self._records.get(text)
+
     def sample(self, rng: random.Random, split: str = "train") -> str:
         return rng.choice(self.test if split == "test" else self.train)
 
@@ -265,12 +352,22 @@ def resolve_format(fmt: str, path: Path) -> str:
 
 def read_inputs(path: str | Path, fmt: str = "", field: str = "text") -> tuple[list[str], list[int], str]:
     """The inputs of a data file: ``(texts, line or row numbers, "line" or "row")``. Blank lines are skipped."""
+    texts, lines, unit, _ = read_records(path, fmt, field)
+    return texts, lines, unit
+
+
+def read_records(path: str | Path, fmt: str = "", field: str = "text", keep: tuple[str, ...] = ()):
+    """As :func:`read_inputs`, plus the fields ``keep`` of each input's record (JSONL or HF data): ``(texts, lines,
+    unit, records)``, ``records`` a list of dicts parallel to ``texts`` (a field a record lacks is left out)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"data file {path} does not exist")
     fmt = resolve_format(fmt, path)
+    if keep and fmt == "text":
+        raise UserError(f"data.positions reads the field {keep[0]!r} of each input, so {path} must be JSONL or a saved "
+                        "HF dataset with that field, not a text file")
     if fmt == "hf":
-        return _read_hf(path, field)
+        return _read_hf(path, field, keep)
     if path.is_dir():
         raise UserError(f"data file {path} is a directory: set format = \"hf\" for a dataset saved with save_to_disk")
     try:
@@ -279,11 +376,12 @@ def read_inputs(path: str | Path, fmt: str = "", field: str = "text") -> tuple[l
         raise UserError(f"data file {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise UserError(f"cannot read data file {path}: {e.strerror}") from None
-    texts, lines = [], []
+    texts, lines, records = [], [], []
     for n, line in enumerate(raw.split("\n"), 1):
         line = line.rstrip("\r")
         if not line.strip():
             continue
+        rec = {}
         if fmt == "jsonl":
             try:
                 obj = json.loads(line)
@@ -297,14 +395,16 @@ def read_inputs(path: str | Path, fmt: str = "", field: str = "text") -> tuple[l
                 raise UserError(f"line {n} of {path}: field {field!r} must be a string, got {type(line).__name__}")
             if not line:
                 continue
+            rec = {k: obj[k] for k in keep if k in obj}
         texts.append(line)
         lines.append(n)
+        records.append(rec)
     if not texts:
         raise UserError(f"data file {path} has no inputs (it is empty or has only blank lines)")
-    return texts, lines, "line"
+    return texts, lines, "line", records
 
 
-def _read_hf(path: Path, field: str) -> tuple[list[str], list[int], str]:
+def _read_hf(path: Path, field: str, keep: tuple[str, ...] = ()):
     try:
         import datasets
     except ImportError:
@@ -326,16 +426,22 @@ def _read_hf(path: Path, field: str) -> tuple[list[str], list[int], str]:
     if field not in ds.column_names:
         raise UserError(f"the dataset in {path} has no column {field!r} (set data.field; its columns: "
                         f"{', '.join(ds.column_names)})")
-    texts, rows = [], []
+    for k in keep:
+        if k not in ds.column_names:
+            raise UserError(f"the dataset in {path} has no column {k!r}, which data.positions reads (its columns: "
+                            f"{', '.join(ds.column_names)})")
+    texts, rows, records = [], [], []
+    extra = [ds[k] for k in keep]
     for n, t in enumerate(ds[field], 1):
         if not isinstance(t, str):
             raise UserError(f"row {n} of {path}: column {field!r} must hold strings, got {type(t).__name__}")
         if t.strip():
             texts.append(t)
             rows.append(n)
+            records.append({k: col[n - 1] for k, col in zip(keep, extra)})
     if not texts:
         raise UserError(f"the dataset in {path} has no inputs (every {field!r} is empty)")
-    return texts, rows, "row"
+    return texts, rows, "row", records
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -353,7 +459,10 @@ def check_spec(task: str | None, path: str, fmt: str, field: str, positions) -> 
         raise UserError("data.format and data.field apply to data.path only, not to a task")
     if fmt == "text" and field != "text":
         raise UserError('data.field applies to jsonl and hf data only, not to format = "text"')
-    PositionRule.parse(positions)
+    rule = PositionRule.parse(positions)
+    if task and rule is not None and rule.fields():
+        raise UserError(f"data.positions reads the field {rule.fields()[0]!r} of each input: that needs a data file "
+                        "(path = ...), not a task")
 
 
 def record(task: str | None, path: str, fmt: str, field: str, positions) -> dict | None:
@@ -372,11 +481,37 @@ def open_source(task: str | None, data: dict | None, probed, check: bool = True)
     data = data or {}
     rule = PositionRule.parse(data.get("positions"))
     if data.get("path"):
-        texts, lines, unit = read_inputs(data["path"], data.get("format", ""), data.get("field", "text"))
-        return FileSource(texts, rule or ALL, probed, name=str(data["path"]), lines=lines, unit=unit, check=check)
+        keep = rule.fields() if rule is not None else ()
+        texts, lines, unit, records = read_records(data["path"], data.get("format", ""), data.get("field", "text"), keep)
+        return FileSource(texts, rule or ALL, probed, name=str(data["path"]), lines=lines, unit=unit, check=check,
+                          records=records if keep else None)
     if not task:
         raise UserError("this run names neither a task nor a data file to draw inputs from")
     from .tasks import get_task
 
     t = get_task(task)
+    if rule is not None and rule.fields():
+        raise UserError(f"data.positions reads the field {rule.fields()[0]!r} of each input: that needs a data file "
+                        "(path = ...), not a task")
+    if probed is not None:
+        check_task_tokenizer(t, probed)
     return t if rule is None else RuledTask(t, rule, probed, check=check)
+
+
+def check_task_tokenizer(task, probed, n: int = 20) -> None:
+    """A task that counts its positions in a named tokenizer's tokens (IOI: GPT-2's) needs a probed model that
+    tokenizes its inputs the same way; a one-line error otherwise."""
+    name = getattr(task, "tokenizer_name", None)
+    if not name:
+        return
+    want = task.tokenizer()
+    rng = random.Random(0)
+    for _ in range(n):
+        text = task.sample(rng)
+        try:
+            same = probed.tokenizer.encode(text) == want.encode(text)
+        except UserError:
+            same = False
+        if not same:
+            raise UserError(f"task {task.name} counts positions in {name} tokens, but the probed model's tokenizer "
+                            f"encodes {_short(text)} otherwise: set tokenizer = \"{name}\" in [probed]")

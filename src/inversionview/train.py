@@ -47,6 +47,8 @@ class ProbedSpec:
     """Activation mode: ``tl`` (TransformerLens-compatible, the paper's) or ``raw``."""
     vocab: dict | None = None
     """Character vocabulary ``{tokens = [...], bos = .., eos = .., pad = ..}`` if the model has no tokenizer files."""
+    tokenizer: str = ""
+    """A built-in tokenizer by name instead of the model's files: ``"gpt2"`` (GPT-2's BPE, offline)."""
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,12 @@ def _check(cfg: TrainConfig) -> None:
         raise UserError(f"train.batch_size ({o.batch_size}) must be a multiple of train.chunk ({o.chunk})")
     if e.metric not in ("euclidean", "cosine"):
         raise UserError(f"unknown metric {e.metric!r} in [eval]: expected 'euclidean' or 'cosine'")
+    if cfg.probed.tokenizer:
+        from .tokenizer import check_tokenizer_name
+
+        check_tokenizer_name(cfg.probed.tokenizer)
+        if cfg.probed.vocab is not None:
+            raise UserError("[probed] gives both vocab and tokenizer: use one of them")
     d = cfg.data
     check_data_spec(d.task, d.path, d.format, d.field, d.positions)
     if d.path and not d.sites:
@@ -259,7 +267,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
     o, e = cfg.train, cfg.eval
     _check(cfg)
     out = Path(cfg.out)
-    probed = ProbedModel.load(resolve_model(cfg.probed.model), vocab=cfg.probed.vocab, mode=cfg.probed.mode)
+    probed = ProbedModel.load(resolve_model(cfg.probed.model), vocab=cfg.probed.vocab, mode=cfg.probed.mode,
+                              tokenizer=cfg.probed.tokenizer or None)
     task = open_source(cfg.data.task, cfg.data.record(), probed)  # a Task or another DataSource
     sites = [probed.site(x) for x in (cfg.data.sites or task.sites)]
     if len(set(sites)) != len(sites):
@@ -382,21 +391,39 @@ def _step(decoder, probed, task, sites, rng: random.Random, state: State, o: Opt
     chunk_sites = rng.choices(range(len(sites)), weights=state.site_probs, k=o.batch_size // o.chunk)
     b = probed.batch(seqs)
     acts = probed.run(b.ids, [sites[i] for i in set(chunk_sites)])
+    stop = _stop_token(probed.tokenizer)
     total = torch.zeros((), device=dev)
     n_tok = 0
     for c, si in enumerate(chunk_sites):
         state.site_counts[si] += o.chunk
         rows = slice(c * o.chunk, (c + 1) * o.chunk)
-        T = int(b.lengths[rows].max())
-        ids = b.ids[rows, :T].to(dev)
+        lengths = b.lengths[rows]
+        T = int(lengths.max())
+        ids = b.ids[rows, :T]
+        if stop is not None:  # the tokenizer ends no input with EOS: the decoder learns to stop after the last token
+            ids = torch.cat([ids, torch.full((o.chunk, 1), probed.tokenizer.pad_id)], 1)
+            ids[torch.arange(o.chunk), lengths] = stop
+            lengths, T = lengths + 1, T + 1
+        ids = ids.to(dev)
         z = acts[sites[si]][rows][torch.arange(o.chunk), torch.tensor(positions[rows])]
         site = torch.full((o.chunk,), si, device=dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=o.bf16):
             logits = decoder(ids[:, :-1], z, site)
-        target = ids[:, 1:].masked_fill(ids[:, 1:] == probed.tokenizer.pad_id, -100)
+        # the targets are each input's tokens after BOS (and its EOS); padding is ignored, found by length
+        # because PAD may be the same token as EOS (GPT-2: <|endoftext|> is BOS, EOS and PAD)
+        beyond = torch.arange(1, T, device=dev)[None, :] >= lengths.to(dev)[:, None]
+        target = ids[:, 1:].masked_fill(beyond, -100)
         total = total + F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
         n_tok += int((target != -100).sum())
     return total / n_tok, n_tok
+
+
+def _stop_token(tok) -> int | None:
+    """The token the decoder must learn to end a sample with, where the tokenizer's inputs do not already end with
+    it (HF tokenizers append no EOS): its EOS id; None for a vocabulary that appends EOS itself."""
+    if getattr(tok, "appends_eos", True) or tok.eos_id is None:
+        return None
+    return tok.eos_id
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
