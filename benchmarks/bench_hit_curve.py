@@ -31,12 +31,9 @@ def curve(run_dir: Path) -> None:
 def train_for(minutes: float, naive: bool, out: Path) -> Path:
     from inversionview.train import TrainConfig, train
 
-    base = (SHIPPED / "counting" / "decoder" / "train.toml").read_text()
-    text = base.replace('out = "."', f'out = "{out}"') + f"\n# benchmark\n"
-    cfg_path = out.parent / (out.name + ".toml")
-    cfg_path.write_text(text)
-    cfg = TrainConfig.from_toml(cfg_path)
     import dataclasses
+
+    cfg = TrainConfig.from_toml(Path(__file__).resolve().parent.parent / "configs" / "counting.toml")
 
     o = dataclasses.replace(cfg.train, max_minutes=minutes, steps=100_000 if naive else cfg.train.steps)
     if naive:

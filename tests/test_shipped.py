@@ -1,6 +1,7 @@
 """End-to-end checks on the shipped counting model and decoder (the README's demo)."""
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def test_shipped_probed_model_counts():
 
 def test_demo_runs_and_reads_the_count():
     out = subprocess.run([sys.executable, "-m", "inversionview", "demo", "--samples", "256"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     assert "epsilon = 0.1" in out.stdout and "count=" in out.stdout and "Traceback" not in out.stderr
 

@@ -35,7 +35,9 @@ def cmd_train_probed(args) -> int:
     from .tasks.training import train_probed
 
     task = get_task(args.task)
-    recipe = {**task.recipe, **({"steps": args.steps} if args.steps else {})}
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    recipe = {**task.recipe, **({"steps": args.steps} if args.steps is not None else {})}
     info = train_probed(task, args.out, seed=args.seed, command="inversionview " + shlex.join(sys.argv[1:]), **recipe)
     print(f"test accuracy {info['test_accuracy']:.4f} on {info['test_inputs']} held-out inputs; saved to {args.out}")
     return 0

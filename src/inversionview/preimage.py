@@ -206,6 +206,8 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     zq, zbos = act[pos], act[0]
 
     g = torch.Generator().manual_seed(seed)
+    if temperature is None and noise:
+        raise UserError("noise applies to one sampling temperature: give a temperature too (the Auto mix sets its own noise)")
     mix = AUTO_MIX if temperature is None else ((float(temperature), float(noise)),)
     if any(t <= 0 for t, _ in mix):
         raise UserError(f"temperature must be positive, got {temperature}")

@@ -137,6 +137,8 @@ class TrainConfig:
             raw = tomllib.loads(path.read_text())
         except FileNotFoundError:
             raise UserError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
         cfg = _build(cls, raw, "")
@@ -150,8 +152,17 @@ class TrainConfig:
             data = dataclasses.replace(data, path=str(base / Path(data.path).expanduser()))
         return dataclasses.replace(cfg, out=out, probed=dataclasses.replace(cfg.probed, model=model), data=data)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    def to_dict(self, relative_to: Path | None = None) -> dict:
+        """The config as a dict; with ``relative_to``, local paths are made relative to that directory."""
+        d = dataclasses.asdict(self)
+        if relative_to is not None:
+            rel = lambda p: os.path.relpath(Path(p).resolve(), Path(relative_to).resolve())  # noqa: E731
+            d["out"] = "."
+            if not self.probed.model.startswith("shipped:") and Path(self.probed.model).exists():
+                d["probed"]["model"] = rel(self.probed.model)
+            if self.data.path:
+                d["data"]["path"] = rel(self.data.path)
+        return d
 
 
 def _build(cls, raw: dict, where: str):
@@ -278,17 +289,26 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
     dev = probed.device
     if ckpt.exists():
         RunSpec.load(out).check_same(spec)
-        decoder = Decoder(DecoderConfig.load(out / "config.json"))
+        dcfg = DecoderConfig.load(out / "config.json")
+        if any(getattr(dcfg, k) != v for k, v in dataclasses.asdict(cfg.decoder).items()):
+            raise UserError(f"{out} holds a decoder of another shape than [decoder] in the config: "
+                            "use a new 'out' directory or restore the [decoder] settings")
+        decoder = Decoder(dcfg).train()
+        opt = _optimizer(decoder, o)
         try:
             saved = torch.load(ckpt, weights_only=False)
             # the weights of the checkpoint's own step: model.safetensors may be newer after a crash
             decoder.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            state = State(**saved["state"])
         except Exception as ex:
             raise UserError(f"checkpoint {ckpt} is corrupt ({str(ex).splitlines()[0][:80]}); delete it to start over") from None
-        state = State(**saved["state"])
         log.info("resuming %s from step %d", out, state.step)
     else:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as ex:
+            raise UserError(f"cannot create the run directory {out}: {ex.strerror}") from None
         torch.manual_seed(o.seed)
         decoder = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len,
                                         d_act=probed.d_model, n_sites=len(sites), **dataclasses.asdict(cfg.decoder)))
@@ -296,13 +316,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
         _init_stats(decoder, probed, task, sites, rng)
         state = State(rng=rng.getstate(), site_probs=[1 / len(sites)] * len(sites), site_counts=[0] * len(sites))
         spec.save(out)
-        _atomic_write_text(out / "train.json", json.dumps(cfg.to_dict(), indent=1))
-        saved = None
+        _atomic_write_text(out / "train.json", json.dumps(cfg.to_dict(relative_to=out), indent=1))
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    decoder.train()
-    opt = torch.optim.AdamW(decoder.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.98))
-    if saved is not None:
-        opt.load_state_dict(saved["optimizer"])
+        decoder.train()
+        opt = _optimizer(decoder, o)
     rng = random.Random()
     rng.setstate(state.rng)
     _truncate_metrics(out / "metrics.jsonl", state.step)
@@ -318,7 +335,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
     budget = o.max_minutes * 60 if o.max_minutes > 0 else float("inf")
     if state.step >= o.steps or state.elapsed >= budget:
         log.info("%s is already trained (%d steps, %.0f s)", out, state.step, state.elapsed)
-        return InversionView.load(out)
+        return InversionView.load(out, probed=probed)
     bar = tqdm(total=o.steps, initial=state.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     t_start, elapsed0 = time.time(), state.elapsed
     tokens = samples = 0
@@ -369,7 +386,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
                 log.info("wall-time budget of %.1f min spent at step %d", o.max_minutes, state.step)
                 break
     bar.close()
-    return InversionView.load(out)
+    return InversionView.load(out, probed=probed)
+
+
+def _optimizer(decoder: Decoder, o: OptimSpec) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(decoder.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.98))
 
 
 def _init_stats(decoder: Decoder, probed, task, sites, rng: random.Random, n: int = 1024) -> None:
@@ -430,5 +451,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics rows written after the checkpoint we resume from: they will be written again."""
     if not path.exists():
         return
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    rows = []
+    for ln in path.read_text().splitlines():
+        try:
+            if json.loads(ln)["step"] <= step:
+                rows.append(ln)
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill mid-write
+            continue
     _atomic_write_text(path, "".join(r + "\n" for r in rows))
