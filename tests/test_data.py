@@ -289,7 +289,7 @@ def test_train_on_a_jsonl_file_then_evaluate_from_the_held_out_inputs(tmp_path, 
     raw = json.loads((run / "run.json").read_text())
     assert raw["task"] is None
     assert raw["data"] == {"path": "../in.jsonl", "format": "jsonl", "field": "s", "positions": [-2, -1]}
-    assert json.loads((run / "train.json").read_text())["data"]["path"] == str(tmp_path.resolve() / "in.jsonl")
+    assert json.loads((run / "train.json").read_text())["data"]["path"] == "../in.jsonl"  # relative to the run
     assert RunSpec.load(run).data["path"] == str((tmp_path / "in.jsonl").resolve())
 
     # evaluate draws held-out inputs only
