@@ -69,13 +69,17 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
         lines.append(f"{'-' * 9} epsilon = {pre.epsilon:g} {'-' * 30}")
     hidden = len(pre.samples) - len(shown)
     if hidden > 0:
-        lines.append(f"({hidden} more distinct samples not shown)")
+        lines.append(f"({hidden} more distinct samples not shown; inside epsilon the rows are spread evenly by distance)")
     return "\n".join(lines)
 
 
 def _pick(pre, limit: int):
-    """The closest samples inside epsilon and the closest ones outside, about 2:1."""
+    """Samples spread evenly over the whole range inside epsilon (the closest and the farthest included,
+    so that what varies inside the preimage shows), then the closest ones outside; about 2:1."""
     inside = [s for s in pre.samples if s.distance <= pre.epsilon]
     outside = [s for s in pre.samples if s.distance > pre.epsilon]
     n_out = min(len(outside), max(limit // 3, limit - len(inside)))
-    return inside[: limit - n_out] + outside[:n_out]
+    k = min(len(inside), limit - n_out)
+    if k >= 2:
+        inside = [inside[round(i * (len(inside) - 1) / (k - 1))] for i in range(k)]
+    return inside[:k] + outside[:n_out]
