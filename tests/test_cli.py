@@ -153,7 +153,7 @@ def test_query_terminal_output_has_epsilon_rule(run_dir, capsys):
                   r"epsilon: [\d.]+%$", out, re.M)
     assert m
     if int(m.group(1)) > len(samples):
-        assert f"({int(m.group(1)) - len(samples)} more distinct samples not shown)" in out
+        assert f"({int(m.group(1)) - len(samples)} more distinct samples not shown;" in out
 
 
 def test_subprocess_query(run_dir):
