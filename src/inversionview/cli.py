@@ -115,7 +115,7 @@ def cmd_demo(args) -> int:
     if not args.json:
         print(f"read {len(readings)} activations of the shipped {args.task} model in {time.time() - t0:.1f} s "
               f"(Auto mix, {args.samples} candidates each). Try: inversionview query shipped:{args.task} "
-              f"--text '...' --site a1.0 --position :")
+              f"--text {shlex.quote(text)} --site {site} --position {shlex.quote(str(position))}")
     return 0
 
 

@@ -585,9 +585,6 @@ class ProbedModel:
         return self.model(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids, device=self.device),
                           use_cache=False)
 
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return self._forward(ids).logits
-
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
