@@ -82,3 +82,16 @@ def run_dir(tmp_path_factory, probed_dir) -> Path:
     d = tmp_path_factory.mktemp("run")
     train(TrainConfig.from_toml(write_config(d, probed_dir)), progress=False)
     return d / "run"
+
+
+def user_error(capsys, *argv) -> str:
+    """Run the CLI; assert exit status 2 and exactly one stderr line starting with 'error: '; return it."""
+    from inversionview.cli import main
+
+    rc = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_probed_dir, write_config
+from conftest import make_probed_dir, user_error, write_config
 from inversionview.cli import main
 from inversionview.data import (FileSource, PositionRule, RuledTask, is_test, open_source, read_inputs,
                                 record)
@@ -36,16 +36,6 @@ def counting_lines(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [Counting().generate(rng) for _ in range(n)]
 
-
-def user_error(capsys, *argv) -> str:
-    """Run the CLI; assert exit status 2 and exactly one stderr line starting with 'error: '; return it."""
-    rc = main([str(a) for a in argv])
-    _, err = capsys.readouterr()
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def data_config(tmp_path: Path, probed_dir: Path, data: dict, steps: int = 3, **sections) -> Path:

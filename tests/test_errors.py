@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_probed_dir, write_config
+from conftest import make_probed_dir, user_error, write_config
 from inversionview.cli import main
 from inversionview.errors import UserError
 from inversionview.probed import ProbedModel
@@ -22,17 +22,6 @@ from inversionview.run import InversionView, RunSpec
 
 TEXT = "vvzccvczvvvzvcvc|v:8"
 
-
-def user_error(capsys, *argv) -> str:
-    """Run the CLI; assert exit status 2 and exactly one stderr line starting with 'error: '; return it."""
-    rc = main([str(a) for a in argv])
-    _, err = capsys.readouterr()
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def query(run, *extra, text=TEXT, site="x0.pre", position=":"):

@@ -12,22 +12,12 @@ from pathlib import Path
 import pytest
 
 from _gpt2 import make_gpt2_dir
-from conftest import write_config
+from conftest import user_error, write_config
 from inversionview.cli import main
 from inversionview.run import RunSpec
 
 COUNTING = "vvzccvczvvvzvcvc|v:8"
 
-
-def user_error(capsys, *argv) -> str:
-    """Run the CLI; assert exit status 2 and exactly one stderr line starting with 'error: '; return it."""
-    rc = main([str(a) for a in argv])
-    _, err = capsys.readouterr()
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
