@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_probed_dir, user_error, write_config
+from conftest import make_probed_dir, recording_decoder, user_error, write_config
 from inversionview.cli import main
 from inversionview.data import (FileSource, PositionRule, RuledTask, is_test, open_source, read_inputs,
                                 record)
-from inversionview.decoder import Decoder, DecoderConfig
 from inversionview.errors import UserError
 from inversionview.probed import ProbedModel
 from inversionview.run import InversionView, RunSpec
@@ -246,16 +245,7 @@ def test_training_step_queries_the_rule_positions(probed, tmp_path):
     lines = counting_lines(300)
     src = FileSource(lines, PositionRule.parse([-1]), probed)
     site = probed.site("x0.pre")
-    dec = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len, d_act=probed.d_model,
-                                n_sites=1, d_model=16, n_layers=1, n_heads=2, n_act_blocks=1))
-    seen = []
-    real = dec.forward
-
-    def spy(ids, z, site_ids, caches=None):
-        seen.append((ids.clone(), z.detach().clone()))
-        return real(ids, z, site_ids, caches)
-
-    dec.forward = spy
+    dec, seen = recording_decoder(probed)
     state = State(site_probs=[1.0], site_counts=[0])
     _step(dec, probed, src, [site], random.Random(0), state, OptimSpec(batch_size=32, chunk=16, bf16=False), 0.0,
           probed.device)

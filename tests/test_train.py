@@ -19,8 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_config
-from inversionview.decoder import Decoder, DecoderConfig
+from conftest import recording_decoder, write_config
 from inversionview.probed import ProbedModel
 from inversionview.tasks import get_task
 from inversionview.tasks.counting import Counting
@@ -321,16 +320,7 @@ def _spy_step_positions(probed, bos_prob: float, steps: int, seed: int = 0):
     of each input was queried."""
     task = get_task("counting")
     site = probed.site("x0.pre")  # embeddings: every (token, position) gives a distinct activation
-    dec = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len, d_act=probed.d_model,
-                                n_sites=1, d_model=16, n_layers=1, n_heads=2, n_act_blocks=1))
-    seen = []
-    real = dec.forward
-
-    def spy(ids, z, site_ids, caches=None):
-        seen.append((ids.clone(), z.detach().clone()))
-        return real(ids, z, site_ids, caches)
-
-    dec.forward = spy
+    dec, seen = recording_decoder(probed)
     o = OptimSpec(batch_size=256, chunk=64, bf16=False)
     state = State(site_probs=[1.0], site_counts=[0])
     rng = random.Random(seed)
