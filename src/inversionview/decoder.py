@@ -140,7 +140,8 @@ class Decoder(nn.Module):
 
     def condition(self, z: torch.Tensor, site: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer prefix caches ``[K, V]`` for activations ``z`` (B, d_act) at site ids ``site`` (B,)."""
-        x = (z.to(self.site_mean.dtype) - self.site_mean[site]) / self.site_scale[site, None]
+        z, site = z.to(self.site_mean), site.to(self.site_mean.device)  # inputs may come from another device
+        x = (z - self.site_mean[site]) / self.site_scale[site, None]
         h = self.act_blocks(torch.cat([x, self.site_emb(site)], -1))
         return [list(b.prefix_kv(p(h))) for b, p in zip(self.blocks, self.prefix)]
 
@@ -148,6 +149,7 @@ class Decoder(nn.Module):
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``. With ``caches`` from :meth:`condition` (and any
         earlier steps), ``ids`` continue the cached sequence."""
         caches = self.condition(z, site) if caches is None else caches
+        ids = ids.to(self.tok.weight.device)
         start = caches[0][0].shape[2] - 1
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)
         x = self.tok(ids) + self.pos(pos)
@@ -160,18 +162,20 @@ class Decoder(nn.Module):
                  max_len: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
         """Sample one sequence per row of ``z``, from BOS until EOS or ``max_len`` tokens, with a KV cache.
         Finished rows are dropped from the batch as they end."""
-        B = z.shape[0]
+        B, dev = z.shape[0], self.tok.weight.device
         max_len = max_len or self.config.max_len
-        tau = torch.as_tensor(temperature, dtype=torch.float32).expand(B).clone()
+        tau = torch.as_tensor(temperature, dtype=torch.float32).expand(B).clone().to(dev)
         caches = self.condition(z, site)
-        out = torch.full((B, max_len), eos, dtype=torch.long)
+        out = torch.full((B, max_len), eos, dtype=torch.long, device=dev)
         out[:, 0] = bos
-        alive = torch.arange(B)
+        alive = torch.arange(B, device=dev)
         tok = out[:, :1]
         for t in range(1, max_len):
             logits = self(tok, None, None, caches)[:, -1].float()
-            u = torch.rand(logits.shape, generator=generator).clamp_(1e-10, 1.0)
-            nxt = (logits / tau[alive, None] - (-u.log()).log()).argmax(-1)  # Gumbel-max sampling
+            # drawn on the CPU (the generator's device): the same samples on any device
+            g = torch.rand(logits.shape, generator=generator).to(dev).clamp_(1e-10, 1.0)
+            g = g.log_().neg_().log_().neg_()  # Gumbel noise, in place: no (B, vocab) temporaries beyond two
+            nxt = logits.div_(tau[alive, None]).add_(g).argmax(-1)  # Gumbel-max sampling
             out[alive, t] = nxt
             keep = nxt != eos
             if not keep.all():
@@ -188,9 +192,17 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def token_probs(self, ids: torch.Tensor, z: torch.Tensor, site: torch.Tensor) -> torch.Tensor:
-        """``p(t_i | t_<i, z)`` for i >= 1 of each row of ``ids`` (B, T): shape (B, T-1)."""
-        logp = self(ids[:, :-1], z, site).float().log_softmax(-1)
-        return logp.gather(-1, ids[:, 1:, None])[..., 0].exp()
+        """``p(t_i | t_<i, z)`` for i >= 1 of each row of ``ids`` (B, T): shape (B, T-1).
+
+        Rows go in chunks and only the taken token's logit minus the logsumexp is kept, so a large
+        vocabulary (GPT-2's 50,257) never holds more than one chunk's logits."""
+        chunk = max(1, (1 << 24) // max(1, ids.shape[1] * self.config.vocab_size))
+        out = []
+        for i in range(0, ids.shape[0], chunk):
+            logits = self(ids[i:i + chunk, :-1], z[i:i + chunk], site[i:i + chunk]).float()
+            taken = logits.gather(-1, ids[i:i + chunk, 1:, None])[..., 0]
+            out.append((taken - logits.logsumexp(-1)).exp())
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ files
     def save(self, run_dir: Path) -> None:

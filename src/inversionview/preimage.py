@@ -121,6 +121,7 @@ class Preimage:
     attention: list[float] | None = None  # head sites: the pattern from the query position
     annotation: str | None = None
     decoder: str | None = None  # run directory
+    summary: list[str] | None = None  # what the samples inside epsilon share and what varies (inversionview.summary)
 
     @property
     def inside(self) -> list[Sample]:
@@ -139,7 +140,12 @@ class Preimage:
     def with_epsilon(self, epsilon: float) -> "Preimage":
         """The same samples read at another epsilon (distances do not depend on it)."""
         n_in = sum(s.count for s in self.samples if s.distance <= epsilon)
-        return Preimage(**{**self.__dict__, "epsilon": epsilon, "fraction_inside": n_in / max(1, self.n_candidates)})
+        pre = Preimage(**{**self.__dict__, "epsilon": epsilon, "fraction_inside": n_in / max(1, self.n_candidates)})
+        if self.summary is not None:
+            from .summary import summarize
+
+            pre.summary = summarize(pre)
+        return pre
 
     def show(self, limit: int = 20, file=None) -> None:
         from .viewer.terminal import render
@@ -212,7 +218,7 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     if any(t <= 0 for t, _ in mix):
         raise UserError(f"temperature must be positive, got {temperature}")
     per = [samples // len(mix) + (k < samples % len(mix)) for k in range(len(mix))]
-    z = torch.cat([zq.expand(n, -1) + torch.randn(n, zq.shape[0], generator=g) * zq.std() * eta
+    z = torch.cat([zq.expand(n, -1) + torch.randn(n, zq.shape[0], generator=g).to(zq.device) * zq.std() * eta
                    for n, (_, eta) in zip(per, mix)])
     tau = torch.cat([torch.full((n,), t) for n, (t, _) in zip(per, mix)])
     seqs = as_inputs(dec.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g), tok)
@@ -236,12 +242,17 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     attention = None
     if s.kind == "result":
         attention = [round(float(a), 5) for a in probed.attention(torch.tensor([ids]), s.layer, s.head)[0, pos, :pos + 1]]
-    return Preimage(text=text, tokens=tokens, position=pos, site=s.name, site_short=s.short, epsilon=eps,
-                    metric=metric, mode=probed.mode, samples=out, n_candidates=samples,
-                    fraction_inside=n_in / samples, attention=attention,
-                    settings={"mix": [list(m) for m in mix], "samples": samples, "seed": seed},
-                    annotation=iv.task.annotate(text) if iv.task else None,
-                    decoder=str(iv.run_dir) if iv.run_dir else None)
+    pre = Preimage(text=text, tokens=tokens, position=pos, site=s.name, site_short=s.short, epsilon=eps,
+                   metric=metric, mode=probed.mode, samples=out, n_candidates=samples,
+                   fraction_inside=n_in / samples, attention=attention,
+                   settings={"mix": [list(m) for m in mix], "samples": samples, "seed": seed,
+                             "task": iv.task.name if iv.task else None},
+                   annotation=iv.task.annotate(text) if iv.task else None,
+                   decoder=str(iv.run_dir) if iv.run_dir else None)
+    from .summary import summarize
+
+    pre.summary = summarize(pre, iv.task)
+    return pre
 
 
 def _deltas(dec, probed, seqs, zq, zbos, si) -> list[list[float]]:

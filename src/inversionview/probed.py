@@ -269,8 +269,9 @@ class ProbedModel:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(cls, path: str | os.PathLike, vocab: dict | CharVocab | None = None, mode: str = "tl",
-             dtype: torch.dtype = torch.float32, tokenizer: str | None = None) -> "ProbedModel":
-        """Load from a local directory (``config.json`` + weights) or a hub id.
+             dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
+             device: str | torch.device = "cpu") -> "ProbedModel":
+        """Load from a local directory (``config.json`` + weights) or a hub id, in ``dtype`` on ``device``.
 
         The tokenizer is, in order: ``vocab`` if given, the built-in tokenizer named by ``tokenizer`` (``"gpt2"``:
         GPT-2's BPE, offline), ``vocab.json`` in the directory, or the HF tokenizer files in the directory.
@@ -306,7 +307,7 @@ class ProbedModel:
         bar = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         except Exception as e:
             raise UserError(f"could not load the probed model weights from {path}: {str(e).splitlines()[0]}") from None
         finally:

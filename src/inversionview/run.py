@@ -59,13 +59,15 @@ class RunSpec:
     """The data file and position rule of a run not on a plain task (see :func:`inversionview.data.record`)."""
     tokenizer: str | None = None
     """The built-in tokenizer the probed model was read with (``"gpt2"``), None for its own files or ``vocab``."""
+    dtype: str = "float32"
+    """The probed model's weights during training ([probed] dtype); reading loads them the same way."""
 
     @classmethod
     def for_training(cls, cfg, probed: ProbedModel, sites: list[Site]) -> "RunSpec":
         return cls(model=cfg.probed.model, mode=cfg.probed.mode, fingerprint=probed.fingerprint,
                    sites=tuple(s.name for s in sites), task=cfg.data.task or None, vocab=cfg.probed.vocab,
                    epsilon=cfg.eval.epsilon, metric=cfg.eval.metric, data=cfg.data.record(),
-                   tokenizer=cfg.probed.tokenizer or None)
+                   tokenizer=cfg.probed.tokenizer or None, dtype=cfg.probed.dtype)
 
     def save(self, run_dir: Path) -> None:
         d = asdict(self)
@@ -98,8 +100,11 @@ class RunSpec:
             spec = cls(**{**asdict(spec), "data": {**data, "path": str((run_dir / data["path"]).resolve())}})
         return spec
 
-    def load_probed(self) -> ProbedModel:
-        return ProbedModel.load(resolve_model(self.model), vocab=self.vocab, mode=self.mode, tokenizer=self.tokenizer)
+    def load_probed(self, device="cpu") -> ProbedModel:
+        import torch
+
+        return ProbedModel.load(resolve_model(self.model), vocab=self.vocab, mode=self.mode, tokenizer=self.tokenizer,
+                                dtype=getattr(torch, self.dtype), device=device)
 
     def check(self, probed: ProbedModel) -> None:
         if probed.fingerprint != self.fingerprint:
@@ -110,7 +115,7 @@ class RunSpec:
                             f"load the probed model with mode={self.mode!r}")
 
     def check_same(self, other: "RunSpec") -> None:
-        for k in ("fingerprint", "mode", "sites", "task", "data", "tokenizer"):
+        for k in ("dtype", "fingerprint", "mode", "sites", "task", "data", "tokenizer"):
             if getattr(self, k) != getattr(other, k):
                 raise UserError(f"the run directory was trained with another {k} ({getattr(self, k)!r}, config gives "
                                 f"{getattr(other, k)!r}): use a new 'out' directory")
@@ -132,11 +137,32 @@ class InversionView:
             self.task = get_task(spec.task)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike = "shipped:counting", probed: ProbedModel | None = None) -> "InversionView":
-        """Load a run directory (or ``shipped:TASK``); ``probed`` overrides the probed model it names."""
+    def load(cls, run_dir: str | os.PathLike = "shipped:counting", probed: ProbedModel | None = None,
+             device: str = "cpu") -> "InversionView":
+        """Load a run directory (or ``shipped:TASK``) on ``device`` ("cpu", "cuda", "cuda:N" or "auto");
+        ``probed`` overrides the probed model it names."""
+        from .distributed import resolve_device
+
+        dev = resolve_device(device)
         run_dir = SHIPPED / str(run_dir).split(":", 1)[1] / "decoder" if str(run_dir).startswith("shipped:") else Path(run_dir)
         spec = RunSpec.load(run_dir)
-        return cls(spec, Decoder.load(run_dir), probed or spec.load_probed(), run_dir)
+        return cls(spec, Decoder.load(run_dir).to(dev), probed or spec.load_probed(dev), run_dir)
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the decoder's weights, its probed model's fingerprint, mode and sites: stored readings are
+        keyed by it (see :mod:`inversionview.store`)."""
+        if getattr(self, "_fingerprint", None) is None:
+            import hashlib
+
+            import torch
+
+            h = hashlib.sha256(json.dumps([self.spec.fingerprint, self.spec.mode, list(self.spec.sites)]).encode())
+            for name, p in sorted(self.decoder.state_dict().items()):
+                h.update(name.encode())
+                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def site_index(self, site: str | Site) -> tuple[Site, int]:
         s = self.probed.site(site)

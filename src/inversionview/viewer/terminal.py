@@ -1,4 +1,5 @@
-"""Terminal rendering of a reading: the query with its position marked, samples sorted by distance with an
+"""Terminal rendering of a reading: the query with its position marked, its summary (what the samples inside
+epsilon share), samples sorted by distance with an
 epsilon rule, delta colours (blue: the activation raised the token's probability, red: lowered it) and
 the task's annotation of each sample."""
 
@@ -51,6 +52,9 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
                      ", ".join(f"{pre.tokens[i]!r}@{i} {pre.attention[i]:.2f}" for i in top))
     lines.append(f"{pre.n_candidates} candidates, {len(pre.samples)} distinct, {inside} distinct inside epsilon; "
                  f"true fraction of candidates inside epsilon: {pre.fraction_inside:.1%}")
+    if pre.summary:
+        lines.append("summary (distinct samples inside epsilon):")
+        lines += [f"  {x}" for x in pre.summary]
     if colour:
         lines.append("colour: \x1b[48;2;55;105;255m blue \x1b[0m the activation raised the token's probability, "
                      "\x1b[48;2;255;55;55m red \x1b[0m lowered it; underlined: the closest position")

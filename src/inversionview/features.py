@@ -1,0 +1,418 @@
+"""Feature functions and feature consistency rates (FCR, from InverseScope; METHOD.md §5).
+
+A *feature* maps an input text (without BOS/EOS) to a hashable value, or to None where it does not apply (a
+malformed decoder sample). Each built-in task has its own (:func:`builtin_features`); users add their own as
+``module:function`` (a function text -> value).
+
+The **FCR** of a feature at one site and position, over many queries, is the mean over queries of the share of
+the query's distinct in-epsilon samples whose feature equals the query's. A sample whose feature is None counts
+as a mismatch; a query whose own feature is None is left out; a query with no sample inside epsilon is left out
+and counted (``empty``). The **baseline** is the same rate with random inputs of the task in place of the
+in-epsilon samples, over the same queries: what the feature would score by chance.
+
+:func:`explain` measures every feature at every site and query position of the task's rule (the paper's
+Table 3, made automatic). A site *carries* a feature when FCR >= :data:`CARRIES` and FCR - baseline >=
+:data:`MARGIN`; it carries it *partly* when FCR >= :data:`PARTLY` with the same margin.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Callable, Hashable
+
+import torch
+from tqdm import tqdm
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+CARRIES, PARTLY, MARGIN = 0.9, 0.6, 0.3
+RULE = (f"a site carries a feature when FCR >= {CARRIES} and FCR - baseline >= {MARGIN}; "
+        f"partly (~) when FCR >= {PARTLY} with the same margin")
+BASELINE_INPUTS = 2048  # random task inputs for the baseline
+
+Feature = Callable[[str], Hashable]
+
+
+# ---------------------------------------------------------------------------------------------- built-in features
+def _counting(text: str):
+    """``(letters, target)`` of a counting input ``letters|t:n``; None if malformed."""
+    head, sep, tail = text.partition("|")
+    if not sep or not head.isalpha() or not tail[:1].isalpha():
+        return None
+    return head, tail[0]
+
+
+def _count(text):
+    p = _counting(text)
+    return None if p is None else p[0].count(p[1])
+
+
+def _target(text):
+    p = _counting(text)
+    return None if p is None else p[1]
+
+
+def _letters(text):
+    p = _counting(text)
+    return None if p is None else "".join(sorted(set(p[0])))
+
+
+def _length(text):
+    p = _counting(text)
+    return None if p is None else len(p[0])
+
+
+_ADDITION = re.compile(r"^(\d)(\d)(\d)\+(\d)(\d)(\d)=(\d*)$")
+
+
+def _addition(text: str):
+    """``(F1, F2, F3, S1, S2, S3, c)`` of an addition input ``F1F2F3+S1S2S3=c`` (c as written); None if malformed."""
+    m = _ADDITION.match(text)
+    return None if m is None else (*map(int, m.groups()[:6]), m.group(7))
+
+
+def _digit(i: int):
+    def f(text):
+        p = _addition(text)
+        return None if p is None else p[i]
+    return f
+
+
+def _c_digit(i: int):
+    def f(text):  # the written sum's i-th digit (from the left); None where it has fewer digits
+        p = _addition(text)
+        return None if p is None or len(p[6]) <= i else int(p[6][i])
+    return f
+
+
+def _pair(i: int):
+    def f(text):  # the unordered pair {Fi, Si}
+        p = _addition(text)
+        return None if p is None else "{%d,%d}" % tuple(sorted((p[i], p[i + 3])))
+    return f
+
+
+def _carry(mod: int):
+    def f(text):  # whether the digits below 10^k of a and b sum to 10^k or more (carry out of that place)
+        p = _addition(text)
+        if p is None:
+            return None
+        a, b = 100 * p[0] + 10 * p[1] + p[2], 100 * p[3] + 10 * p[4] + p[5]
+        return a % mod + b % mod >= mod
+    return f
+
+
+def _sum_len(text):
+    p = _addition(text)
+    return None if p is None else len(p[6])
+
+
+def _ioi(role: str):
+    def f(text):
+        from .tasks.ioi import parse
+
+        r = parse(text)
+        return None if r is None else r[role]
+    return f
+
+
+BUILTIN: dict[str, dict[str, tuple[Feature, str]]] = {
+    "counting": {
+        "target": (_target, "the target letter (after '|')"),
+        "count": (_count, "the true count of the target letter"),
+        "letters": (_letters, "the set of letters before '|'"),
+        "length": (_length, "the number of letters before '|'"),
+    },
+    "addition": {
+        **{f"F{i + 1}": (_digit(i), f"digit {i + 1} of the first operand (F1: hundreds)") for i in range(3)},
+        **{f"S{i + 1}": (_digit(i + 3), f"digit {i + 1} of the second operand") for i in range(3)},
+        **{f"C{i + 1}": (_c_digit(i), f"digit {i + 1} of the written sum (from the left)") for i in range(4)},
+        **{f"F{i + 1}S{i + 1}": (_pair(i), f"the unordered pair {{F{i + 1},S{i + 1}}}") for i in range(3)},
+        "carry_ones": (_carry(10), "a carry out of the ones (F3 + S3 >= 10)"),
+        "carry_tens": (_carry(100), "a carry out of the tens into the hundreds"),
+        "carry_hundreds": (_carry(1000), "a carry out of the hundreds (a + b >= 1000)"),
+        "sum_len": (_sum_len, "the number of digits of the written sum"),
+    },
+    "ioi": {"IO": (_ioi("IO"), "the indirect-object name"), "S": (_ioi("S"), "the subject name")},
+}
+
+POSITION_NAMES = {"counting": ("target", ":"), "addition": ("=", "A1", "A2", "A3"), "ioi": ("end", "S2")}
+
+
+def _task_name(task) -> str | None:
+    return task if isinstance(task, str) or task is None else getattr(task, "name", None)
+
+
+def builtin_features(task) -> dict[str, Feature]:
+    """The built-in features of a task (a Task or its name), by name; {} for a task without any."""
+    return {k: f for k, (f, _) in BUILTIN.get(_task_name(task), {}).items()}
+
+
+def describe(task, name: str) -> str:
+    """A built-in feature's one-line description, or the name itself (user features)."""
+    return BUILTIN.get(_task_name(task), {}).get(name, (None, name))[1]
+
+
+def load_feature(spec: str) -> Feature:
+    """A user feature ``module:function`` (the current directory is importable)."""
+    mod, _, fn = spec.partition(":")
+    if not mod or not fn:
+        raise UserError(f"feature {spec!r}: expected module:function")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.insert(0, os.getcwd())
+    try:
+        m = importlib.import_module(mod)
+    except Exception as e:  # an ImportError or anything the module raises at import
+        raise UserError(f"cannot import feature {spec!r}: {type(e).__name__}: {e}") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    f = getattr(m, fn, None)
+    if f is None:
+        raise UserError(f"cannot import feature {spec!r}: module {mod!r} has no attribute {fn!r}")
+    if not callable(f):
+        raise UserError(f"feature {spec!r} is not callable: expected a function text -> value")
+    return f
+
+
+def resolve_features(task, names=None) -> dict[str, Feature]:
+    """Features by name: built-in names of the task and ``module:function`` specs (a list, or a comma-separated
+    string); all of the task's built-ins when ``names`` is None."""
+    builtin = builtin_features(task)
+    if names is None:
+        return builtin
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out = {}
+    for n in names:
+        if ":" in n:
+            out[n] = load_feature(n)
+        elif n in builtin:
+            out[n] = builtin[n]
+        else:
+            known = ", ".join(builtin) or "none"
+            raise UserError(f"unknown feature {n!r}: expected a built-in feature of the task ({known}) or module:function")
+    if not out:
+        raise UserError("no features given: expected names separated by commas")
+    return out
+
+
+def value(name: str, f: Feature, text: str):
+    """``f(text)``; a feature that raises or returns an unhashable value is a one-line UserError."""
+    try:
+        v = f(text)
+        hash(v)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"feature {name!r} raised {type(e).__name__}: {e} on input {text!r}") from None
+    return v
+
+
+# ---------------------------------------------------------------------------------------------- preimages in batch
+@torch.no_grad()
+def preimages(iv, texts: list[str], site, positions: list[int], samples: int = 256, epsilon: float | None = None,
+              seed: int = 0, chunk: int = 4096) -> list[list[str]]:
+    """The distinct in-epsilon samples of many queries at one site (``positions[i]`` in ``texts[i]``), read as
+    :func:`inversionview.preimage.read` reads one (the Auto mix, ``samples`` candidates each), in batches."""
+    from .preimage import AUTO_MIX, as_inputs, verify
+
+    probed, dec, tok = iv.probed, iv.decoder, iv.probed.tokenizer
+    s, si = iv.site_index(site)
+    eps = iv.spec.epsilon if epsilon is None else float(epsilon)
+    b = probed.batch([probed.encode(t) for t in texts])
+    zq = probed.run(b.ids, [s])[s].float()[torch.arange(len(texts)), torch.tensor(positions)]
+    g = torch.Generator().manual_seed(seed)
+    per = [samples // len(AUTO_MIX) + (k < samples % len(AUTO_MIX)) for k in range(len(AUTO_MIX))]
+    zs, taus, owner = [], [], []
+    for q in range(len(texts)):
+        for n, (t, eta) in zip(per, AUTO_MIX):
+            zs.append(zq[q].expand(n, -1) + torch.randn(n, zq.shape[1], generator=g).to(zq.device) * zq[q].std() * eta)
+            taus += [t] * n
+            owner += [q] * n
+    z, tau = torch.cat(zs), torch.tensor(taus)
+    seqs = []
+    for i in range(0, len(z), chunk):
+        seqs += dec.generate(z[i:i + chunk], torch.full((len(z[i:i + chunk]),), si), tok.bos_id, tok.eos_id,
+                             tau[i:i + chunk], probed.max_len, g)
+    seqs = as_inputs(seqs, tok)
+    uniq = list(dict.fromkeys((owner[i], tuple(x)) for i, x in enumerate(seqs)))
+    dmin, _, _ = verify(probed, s, [list(x) for _, x in uniq], zq[torch.tensor([q for q, _ in uniq])], iv.spec.metric)
+    out = [[] for _ in texts]
+    for (q, x), d in zip(uniq, dmin.tolist()):
+        if d <= eps:
+            out[q].append(tok.text(list(x)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- FCR
+@dataclass(frozen=True)
+class Consistency:
+    """One feature's FCR at one site and position, with its baseline and what it was measured on."""
+
+    feature: str
+    site: str  # short name
+    position: str  # the position's name in the task's rule
+    fcr: float | None  # None when no query had a sample inside epsilon
+    baseline: float | None
+    queries: int  # queries measured (their own feature defined and some sample inside epsilon)
+    empty: int  # queries with no sample inside epsilon (left out)
+    samples: int  # in-epsilon samples over the measured queries
+
+    @property
+    def verdict(self) -> str:
+        """'carries', 'partly' or '' by the rule :data:`RULE`."""
+        if self.fcr is None or self.fcr - self.baseline < MARGIN - 1e-9:
+            return ""
+        return "carries" if self.fcr >= CARRIES else "partly" if self.fcr >= PARTLY else ""
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "verdict": self.verdict}
+
+
+def random_values(task, features: dict[str, Feature], n: int = BASELINE_INPUTS, seed: int = 0) -> dict[str, Counter]:
+    """The value counts of each feature over ``n`` random inputs of the task (the baseline's reference)."""
+    rng = random.Random(seed + 40_000)
+    texts = [task.sample(rng, "test") for _ in range(n)]
+    return {k: Counter(value(k, f, t) for t in texts) for k, f in features.items()}
+
+
+def consistency(features: dict[str, Feature], queries: list[str], inside: list[list[str]], reference: dict[str, Counter],
+                site: str = "", position: str = "") -> list[Consistency]:
+    """FCR and baseline of each feature over ``queries`` with their in-epsilon samples ``inside``."""
+    out = []
+    empty = sum(not s for s in inside)
+    for k, f in features.items():
+        rates, base, n = [], [], 0
+        total = sum(reference[k].values())
+        for q, samples in zip(queries, inside):
+            vq = value(k, f, q)
+            if vq is None or not samples:
+                continue
+            rates.append(sum(value(k, f, s) == vq for s in samples) / len(samples))
+            base.append(reference[k][vq] / total)
+            n += len(samples)
+        mean = (lambda xs: sum(xs) / len(xs) if xs else None)
+        out.append(Consistency(k, site, position, mean(rates), mean(base), len(rates), empty, n))
+    return out
+
+
+def position_names(task) -> tuple[str, ...]:
+    return POSITION_NAMES.get(_task_name(task), ())
+
+
+def query_texts(task, n: int, seed: int = 0) -> list[str]:
+    """``n`` held-out inputs of the task (the queries of :func:`measure` and :func:`explain`)."""
+    rng = random.Random(seed + 30_000)
+    return [task.sample(rng, "test") for _ in range(n)]
+
+
+def measure(iv, site, position: int, features: dict[str, Feature], queries: int = 16, samples: int = 256,
+            seed: int = 0, reference: dict[str, Counter] | None = None) -> list[Consistency]:
+    """FCRs of ``features`` at ``site`` over ``queries`` held-out inputs, at the ``position``-th position of the
+    task's rule (e.g. 0: the target character in counting, 1: ``:``)."""
+    task = iv.task
+    if task is None:
+        raise UserError("FCRs need a run on a built-in task (its inputs give the queries and the baseline)")
+    names = position_names(task)
+    texts = query_texts(task, queries, seed)
+    pos = [task.positions(t)[position] for t in texts]
+    inside = preimages(iv, texts, site, pos, samples, seed=seed)
+    reference = reference or random_values(task, features, seed=seed)
+    s = iv.probed.site(site)
+    return consistency(features, texts, inside, reference, s.short, names[position] if position < len(names) else str(position))
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """:func:`explain`'s result: every (site, position, feature) measured."""
+
+    task: str
+    sites: tuple[str, ...]
+    positions: tuple[str, ...]
+    rows: tuple[Consistency, ...]
+    queries: int
+    samples: int
+    rule: str = RULE
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "rows": [r.to_dict() for r in self.rows]}
+
+    def table(self, width: int = 40) -> str:
+        """Site x position: the features each site carries, with FCR (baseline); long cells wrap."""
+        import textwrap
+
+        cells = {}
+        for r in self.rows:
+            key = (r.site, r.position)
+            cells.setdefault(key, [])
+            if r.verdict:
+                mark = "" if r.verdict == "carries" else "~"
+                cells[key].append(f"{mark}{r.feature} {r.fcr:.2f} ({r.baseline:.2f})")
+            if r.empty and f"[{r.empty} empty]" not in cells[key]:
+                cells[key].append(f"[{r.empty} empty]")
+        wrapped = {k: _wrap_items(v, width) for k, v in cells.items()}
+        w = max([len(x) for v in wrapped.values() for x in v] + [len(p) for p in self.positions])
+        lines = [f"{'site':>8}  " + "  ".join(f"{p:<{w}}" for p in self.positions).rstrip()]
+        for s in self.sites:
+            col = [wrapped.get((s, p), ["-"]) for p in self.positions]
+            for i in range(max(map(len, col))):
+                lines.append((f"{s:>8}  " if i == 0 else " " * 10) +
+                             "  ".join(f"{c[i] if i < len(c) else '':<{w}}" for c in col).rstrip())
+        notes = [f"each cell: the features the site carries at that position, FCR (baseline); {self.rule}.",
+                 f"FCR: mean over {self.queries} held-out queries of the share of distinct in-epsilon samples whose "
+                 f"feature equals the query's ({self.samples} candidates per query, Auto mix); baseline: the same share "
+                 f"among {BASELINE_INPUTS} random inputs of the task; [k empty]: queries with no sample inside epsilon, "
+                 "left out."]
+        return "\n".join(lines + [""] + [textwrap.fill(n, 118) for n in notes])
+
+
+def _wrap_items(items: list[str], width: int) -> list[str]:
+    """Items joined with ', ' into lines of at most ``width`` characters, never splitting an item."""
+    lines = []
+    for it in items:
+        if lines and len(lines[-1]) + 2 + len(it) <= width:
+            lines[-1] += ", " + it
+        else:
+            if lines:
+                lines[-1] += ","
+            lines.append(it)
+    return lines or ["-"]
+
+
+def explain(iv, sites=None, queries: int = 16, samples: int = 256, features=None, seed: int = 0,
+            progress: bool = True) -> Explanation:
+    """FCR and baseline of every feature at every site (default: the decoder's) and query position of the task's
+    rule, over ``queries`` held-out inputs with ``samples`` candidates each."""
+    task = iv.task
+    if task is None:
+        raise UserError("explain needs a run on a built-in task (its inputs give the queries and the baseline)")
+    if queries < 1 or samples < 1:
+        raise UserError(f"queries and samples must be at least 1, got {queries} and {samples}")
+    feats = resolve_features(task, features)
+    if not feats:
+        raise UserError(f"the task {task.name!r} has no built-in features: give --features module:function")
+    sites = [iv.site_index(s)[0] for s in (sites or iv.sites)]
+    texts = query_texts(task, queries, seed)
+    n_pos = min(len(task.positions(t)) for t in texts)
+    names = list(position_names(task)[:n_pos]) + [f"p{k}" for k in range(len(position_names(task)), n_pos)]
+    reference = random_values(task, feats, seed=seed)
+    rows = []
+    bar = tqdm(total=len(sites) * n_pos, desc="explain", disable=not progress)
+    for s in sites:
+        for k in range(n_pos):
+            inside = preimages(iv, texts, s, [task.positions(t)[k] for t in texts], samples, seed=seed)
+            rows += consistency(feats, texts, inside, reference, s.short, names[k])
+            bar.update()
+    bar.close()
+    return Explanation(task.name, tuple(s.short for s in sites), tuple(names), tuple(rows), queries, samples)

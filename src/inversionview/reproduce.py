@@ -1,0 +1,208 @@
+"""``inversionview reproduce counting|addition``: the paper's claims C1-C3 and A1-A3 (METHOD.md §6) checked on the
+shipped models with feature consistency rates (:mod:`inversionview.features`) and, for C3, activation patching
+(:mod:`inversionview.patching`).
+
+Each claim is a list of checks (site, position of the task's rule, feature, expectation). Rules:
+
+- *carries*: FCR >= 0.9 and FCR - baseline >= 0.3;
+- *approx.*: FCR >= 0.6 and FCR - baseline >= 0.3 (the paper's "approximately");
+- *varies*: the carries rule fails;
+- *flips* (C3's patching): the mean logit difference is positive before patching and negative after it.
+
+A claim is *supported* when every check holds, *partly supported* when some do, *not supported* when none do.
+"""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from dataclasses import asdict, dataclass
+
+from .errors import UserError
+from .features import CARRIES, MARGIN, PARTLY, random_values, resolve_features
+
+log = logging.getLogger(__name__)
+
+RULES = (f"carries: FCR >= {CARRIES} and FCR - baseline >= {MARGIN}; approx.: FCR >= {PARTLY} and FCR - baseline "
+         f">= {MARGIN}; varies: the carries rule fails; flips: mean LD > 0 before patching and < 0 after. A claim is "
+         "supported when all its checks hold, partly supported when some do, not supported when none do.")
+
+# claim -> (the paper's statement, [(site, index into the task's positions, feature, expectation)])
+CLAIMS = {
+    "counting": {
+        "C1": ("after the layer-0 MLP (x0.post), at the target character, in-preimage samples have the query's count",
+               [("x0.post", 0, "count", "carries")]),
+        "C2": ("at layer 1 on ':' (head 1.0), samples keep the count but the target letter varies",
+               [("a1.0", 1, "count", "carries"), ("a1.0", 1, "target", "varies")]),
+        "C3": ("the count travels one path, head 0.0 at the target character to head 1.0 at ':'; patching the path "
+               "flips the answer: LD about 18.2 -> about -17 (effect about 35.5)",
+               [("a0.0", 0, "count", "carries"), ("a1.0", 1, "count", "carries"), ("patching", None, "LD", "flips")]),
+    },
+    "addition": {
+        "A1": ("at '=', heads 0.0, 0.1 and 0.2 carry the hundreds digits as an unordered pair {F1,S1}",
+               [("a0.0", 0, "F1S1", "carries"), ("a0.1", 0, "F1S1", "carries"), ("a0.2", 0, "F1S1", "carries")]),
+        "A2": ("head 0.3 at '=' carries the tens digits {F2,S2}, approximately",
+               [("a0.3", 0, "F2S2", "approx.")]),
+        "A3": ("x0.mid at '=' carries the hundreds pair {F1,S1} plus the carry from the tens",
+               [("x0.mid", 0, "F1S1", "carries"), ("x0.mid", 0, "carry_tens", "carries")]),
+    },
+}
+# Other models trained on the same task may give the heads other roles: for these features, every layer-0 head at
+# '=' is measured and listed beside the table.
+ROLES = {"addition": ("F1S1", "F2S2", "F3S3", "carry_tens")}
+HEADS = {"addition": ("a0.0", "a0.1", "a0.2", "a0.3")}
+
+
+@dataclass(frozen=True)
+class Check:
+    claim: str
+    site: str
+    position: str
+    feature: str
+    expect: str
+    value: float | None  # FCR, or the LD after patching
+    baseline: float | None  # the FCR baseline, or the LD before patching
+    samples: int  # in-epsilon samples (FCR) or contrast pairs (patching)
+    queries: int
+    empty: int = 0
+    detail: str = ""
+
+    @property
+    def holds(self) -> bool:
+        v, b = self.value, self.baseline
+        if v is None or b is None:
+            return False
+        if self.expect == "flips":
+            return b > 0 > v
+        above = v - b >= MARGIN - 1e-9
+        carries = v >= CARRIES and above
+        if self.expect == "carries":
+            return carries
+        if self.expect == "approx.":
+            return v >= PARTLY and above
+        return not carries  # varies
+
+
+@dataclass(frozen=True)
+class Claim:
+    name: str
+    paper: str
+    checks: tuple[Check, ...]
+
+    @property
+    def verdict(self) -> str:
+        n = sum(c.holds for c in self.checks)
+        return "supported" if n == len(self.checks) else "partly supported" if n else "not supported"
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    task: str
+    claims: tuple[Claim, ...]
+    queries: int
+    samples: int
+    roles: dict  # feature -> [(head, FCR)] best first
+    rules: str = RULES
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "queries": self.queries, "samples": self.samples, "rules": self.rules,
+                "roles": self.roles,
+                "claims": [{"claim": c.name, "paper": c.paper, "verdict": c.verdict,
+                            "checks": [{**asdict(k), "holds": k.holds} for k in c.checks]} for c in self.claims]}
+
+    def table(self) -> str:
+        head = ("claim", "the paper's statement", "site @ position", "feature", "expect", "measured", "n", "baseline",
+                "holds", "verdict")
+        rows = []
+        for c in self.claims:
+            paper = textwrap.wrap(c.paper, 46)
+            for i, k in enumerate(c.checks):
+                if k.expect == "flips":
+                    measured, base = ("LD -" if k.value is None else f"LD {k.value:.1f}",
+                                      "-" if k.baseline is None else f"LD {k.baseline:.1f}")
+                    n = f"{k.samples} pairs"
+                else:
+                    measured = "FCR -" if k.value is None else f"FCR {k.value:.2f}"
+                    base = "-" if k.baseline is None else f"{k.baseline:.2f}"
+                    n = f"{k.samples}/{k.queries}q" + (f" ({k.empty} empty)" if k.empty else "")
+                rows.append([c.name if i == 0 else "", paper[i] if i < len(paper) else "", f"{k.site} @ {k.position}",
+                             k.feature, k.expect, measured, n, base, "yes" if k.holds else "no",
+                             c.verdict if i == 0 else ""])
+            rows += [["", line] + [""] * 8 for line in paper[len(c.checks):]]
+        w = [max(len(str(r[j])) for r in [head, *rows]) for j in range(len(head))]
+        fmt = lambda r: "  ".join(str(x).ljust(w[j]) for j, x in enumerate(r)).rstrip()
+        out = [fmt(head), fmt(["-" * x for x in w])] + [fmt(r) for r in rows]
+        notes = [f"measured: FCR = mean over {self.queries} held-out queries of the share of distinct in-epsilon samples "
+                 f"whose feature equals the query's ({self.samples} candidates per query, Auto mix, epsilon 0.1); "
+                 "n: in-epsilon samples / queries measured (queries with no sample inside epsilon are left out: "
+                 "'empty'); baseline: the same share among random inputs of the task. For patching, measured is the "
+                 "mean LD after patching the path, baseline the mean LD before, n the contrast pairs.", self.rules]
+        for d in {k.detail for c in self.claims for k in c.checks if k.detail}:
+            notes.append(d)
+        if self.roles:
+            notes.append("layer-0 heads at '=' by FCR (another model may give its heads other roles): " + "; ".join(
+                f"{f}: " + ", ".join(f"{h} {v:.2f}" for h, v in hs) for f, hs in self.roles.items()))
+        return "\n".join(out + [""] + [textwrap.fill(n, 118) for n in notes])
+
+
+def _patching(iv, pairs: int, seed: int):
+    """C3's patching check via :func:`inversionview.patching.reproduce_counting_path` (the other half of this
+    project's issue 5); a missing module gives an unchecked row."""
+    try:
+        from .patching import reproduce_counting_path
+    except ImportError as e:
+        log.warning("patching is not available: %s", e)
+        return None, None, 0, f"C3 patching: not checked (inversionview.patching is not available: {e})"
+    r = reproduce_counting_path(probed=iv.probed, pairs=pairs, seed=seed)
+    detail = (f"C3 patching: head 0.0 at the target character and head 1.0 at ':' patched from a contrast input whose "
+              f"count differs; mean LD {r['ld_before']:.1f} before, {r['ld_after']:.1f} after, effect "
+              f"{r['effect']:.1f} over {r['pairs']} pairs" +
+              (f"; LD {r['ld_contrast']:.1f} on the contrast inputs" if r.get("ld_contrast") is not None else "") +
+              " (paper: about 18.2, about -17, 35.5).")
+    return float(r["ld_after"]), float(r["ld_before"]), int(r["pairs"]), detail
+
+
+def reproduce(task: str, queries: int = 64, samples: int = 256, pairs: int = 200, seed: int = 0,
+              progress: bool = True) -> Reproduction:
+    """Check the paper's claims for ``task`` ("counting" or "addition") on the shipped model and decoder."""
+    from tqdm import tqdm
+
+    from .features import measure
+    from .run import InversionView
+
+    if task not in CLAIMS:
+        raise UserError(f"reproduce: unknown task {task!r}: expected one of {', '.join(CLAIMS)}")
+    if queries < 1 or samples < 1 or pairs < 1:
+        raise UserError(f"queries, samples and pairs must be at least 1, got {queries}, {samples} and {pairs}")
+    iv = InversionView.load(f"shipped:{task}")
+    claims = CLAIMS[task]
+    wanted: dict[tuple[str, int], set[str]] = {}
+    for _, checks in claims.values():
+        for site, k, feat, _ in checks:
+            if k is not None:
+                wanted.setdefault((site, k), set()).add(feat)
+    for h in HEADS.get(task, ()):
+        wanted.setdefault((h, 0), set()).update(ROLES[task])
+    feats = resolve_features(iv.task)
+    reference = random_values(iv.task, feats, seed=seed)
+    measured = {}
+    for (site, k), names in tqdm(list(wanted.items()), desc=f"reproduce {task}", disable=not progress):
+        sub = {n: feats[n] for n in sorted(names)}
+        for r in measure(iv, site, k, sub, queries, samples, seed, reference):
+            measured[(site, k, r.feature)] = r
+    out = []
+    for name, (paper, checks) in claims.items():
+        rows = []
+        for site, k, feat, expect in checks:
+            if k is None:
+                after, before, n, detail = _patching(iv, pairs, seed)
+                rows.append(Check(name, "path", "target -> ':'", "LD", expect, after, before, n, 0, 0, detail))
+                continue
+            r = measured[(site, k, feat)]
+            rows.append(Check(name, site, r.position, feat, expect, r.fcr, r.baseline, r.samples, r.queries, r.empty))
+        out.append(Claim(name, paper, tuple(rows)))
+    roles = {}
+    for f in ROLES.get(task, ()):
+        hs = [(h, measured[(h, 0, f)].fcr) for h in HEADS[task] if measured[(h, 0, f)].fcr is not None]
+        roles[f] = sorted(hs, key=lambda x: -x[1])
+    return Reproduction(task, tuple(out), queries, samples, roles)

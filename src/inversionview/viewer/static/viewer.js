@@ -1,0 +1,253 @@
+// The live viewer's page (served by inversionview.viewer.server). Vanilla JS, no build step, nothing from the
+// network: the server renders each reading's HTML with the same code as the reports (viewer/html.py).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { info: null, tok: null, position: null, current: null, pins: [], seq: 0, reads: 0 };
+
+async function api(path, body) {
+  const opt = body === undefined ? {} :
+    { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  const r = await fetch(path, opt);
+  if (!r.ok) {
+    let msg = `${r.status} ${r.statusText}`;
+    try { msg = (await r.json()).error || msg; } catch (e) { /* not JSON */ }
+    throw new Error(msg);
+  }
+  return (r.headers.get("Content-Type") || "").startsWith("application/json") ? r.json() : r.text();
+}
+
+function say(text, isError) {
+  $("msg").textContent = text || "";
+  $("msg").className = isError ? "error" : "";
+}
+
+function el(tag, attrs, text) {
+  const e = document.createElement(tag);
+  Object.entries(attrs || {}).forEach(([k, v]) => e.setAttribute(k, v));
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+// ------------------------------------------------------------------------------------------ setup
+async function init() {
+  const info = state.info = await api("/api/info");
+  $("run").textContent = `${info.run} · ${info.task || "own data"} · ${info.mode} activations`;
+  const sel = $("site");
+  let best = null;
+  for (const g of info.groups) {
+    const og = el("optgroup", { label: g.label });
+    for (const s of g.sites) {
+      og.appendChild(el("option", { value: s.short, title: s.name }, s.short + (s.head ? "  (head)" : "")));
+      if (s.head) best = s.short;  // default: the last head, the paper's favourite reading
+    }
+    sel.appendChild(og);
+  }
+  sel.value = best || info.groups[0].sites[0].short;
+  $("epsilon").value = info.epsilon;
+  $("metric").value = info.metric;
+  $("samples").value = info.samples;
+  $("samples").max = info.max_samples;
+  $("samples").title = `at most ${info.max_samples}`;
+  $("random").disabled = !info.random;
+  $("auto").addEventListener("change", () => {
+    $("temperature").disabled = $("noise").disabled = $("auto").checked;
+  });
+  $("text").addEventListener("input", () => { clearTimeout(state.timer); state.timer = setTimeout(tokenize, 150); });
+  $("random").addEventListener("click", randomInput);
+  $("controls").addEventListener("submit", (ev) => { ev.preventDefault(); read(); });
+  $("pin").addEventListener("click", pin);
+  $("clear").addEventListener("click", () => { state.pins = []; renderPins(); });
+  $("download").addEventListener("click", download);
+  $("epsilon").addEventListener("change", reEpsilon);
+  if (info.stored) initStored();
+  if (info.random) await randomInput();
+}
+
+// ------------------------------------------------------------------------------------------ the query input
+function showTokens(t, keep) {
+  state.tok = t;
+  if (!(keep && state.position !== null && state.position < t.n_text)) {
+    state.position = t.positions.length ? t.positions[t.positions.length - 1] : t.n_text - 1;
+  }
+  const box = $("tokens");
+  box.textContent = "";
+  t.tokens.forEach((tk, i) => {
+    const cls = ["tok"];
+    if (i >= t.n_text) cls.push("off");
+    if (t.positions.includes(i)) cls.push("task");
+    if (i === state.position) cls.push("sel");
+    const s = el("span", { class: cls.join(" "), "data-i": i,
+      title: i >= t.n_text ? `position ${i}: EOS, not a query position` : `position ${i}` }, tk);
+    if (i < t.n_text) s.addEventListener("click", () => choose(i));
+    box.appendChild(s);
+  });
+  const p = state.position;
+  $("posinfo").textContent = `position ${p} ${JSON.stringify(t.tokens[p])}` +
+    (t.positions.length ? " · underlined: the task's query positions" : "");
+}
+
+function choose(i) {
+  state.position = i;
+  showTokens(state.tok, true);
+}
+
+async function tokenize() {
+  const text = $("text").value;
+  if (!text) { state.tok = null; $("tokens").textContent = ""; $("posinfo").textContent = ""; return; }
+  try {
+    const t = await api("/api/tokens", { text });
+    if (t.text !== $("text").value) return;  // typed on meanwhile
+    showTokens(t, true);
+    say("");
+  } catch (e) {
+    state.tok = null;
+    $("tokens").textContent = "";
+    $("posinfo").textContent = "";
+    say(e.message, true);
+  }
+}
+
+async function randomInput() {
+  try {
+    const t = await api("/api/random");
+    $("text").value = t.text;
+    showTokens(t, false);
+    say("");
+  } catch (e) { say(e.message, true); }
+}
+
+// ------------------------------------------------------------------------------------------ reading
+function number(id) {
+  const v = $(id).value.trim();
+  return v === "" ? null : Number(v);
+}
+
+async function read() {
+  const text = $("text").value;
+  if (!text) { say("type an input first", true); return; }
+  if (!state.tok || state.tok.text !== text) {  // typed since the last tokenization: the position is chosen on it
+    clearTimeout(state.timer);
+    await tokenize();
+    if (!state.tok) return;  // the message says why
+  }
+  const body = { text, site: $("site").value, position: state.position, epsilon: number("epsilon"),
+    metric: $("metric").value, samples: number("samples") ?? state.info.samples };
+  if (!$("auto").checked) { body.temperature = number("temperature"); body.noise = number("noise") ?? 0; }
+  const seq = ++state.seq;
+  const t0 = performance.now();
+  document.body.classList.add("busy");
+  $("status").textContent = "reading…";
+  say("");
+  try {
+    const r = await api("/api/query", body);
+    if (seq !== state.seq) return;  // a later query was started
+    show(r);
+    const ms = performance.now() - t0;
+    state.reads += 1;
+    document.body.dataset.reads = state.reads;
+    document.body.dataset.lastMs = ms.toFixed(0);
+    $("status").textContent = `read in ${(ms / 1000).toFixed(2)} s (model ${r.seconds.toFixed(2)} s)`;
+  } catch (e) {
+    if (seq === state.seq) { say(e.message, true); $("status").textContent = ""; }
+  } finally {
+    if (seq === state.seq) document.body.classList.remove("busy");
+  }
+}
+
+function show(r) {
+  state.current = r;
+  $("current").innerHTML = r.html;
+  $("pin").disabled = state.pins.includes(r);
+  $("download").disabled = false;
+}
+
+// The current reading at the new epsilon, without sampling again (pinned readings keep theirs).
+async function reEpsilon() {
+  const eps = number("epsilon");
+  if (!state.current || eps === null || eps === state.current.reading.epsilon) return;
+  try {
+    show(await api("/api/epsilon", { reading: state.current.reading, epsilon: eps }));
+    say("");
+  } catch (e) { say(e.message, true); }
+}
+
+// ------------------------------------------------------------------------------------------ compare and report
+function pin() {
+  if (!state.current || state.pins.includes(state.current)) return;
+  state.pins.push(state.current);
+  renderPins();
+}
+
+function renderPins() {
+  const box = $("pins");
+  box.textContent = "";
+  state.pins.forEach((r, k) => {
+    const d = el("div", { class: "pin" });
+    d.innerHTML = r.html;
+    const x = el("button", { type: "button", class: "unpin", title: "unpin" }, "×");
+    x.addEventListener("click", () => { state.pins.splice(k, 1); renderPins(); });
+    d.appendChild(x);
+    box.appendChild(d);
+  });
+  $("npins").textContent = state.pins.length ? `(${state.pins.length}, side by side)` : "(none)";
+  $("clear").disabled = !state.pins.length;
+  $("pin").disabled = !state.current || state.pins.includes(state.current);
+  $("download").disabled = !state.pins.length && !state.current;
+}
+
+async function download() {
+  const chosen = state.pins.length ? state.pins : (state.current ? [state.current] : []);
+  if (!chosen.length) { say("read or pin a reading first", true); return; }
+  try {
+    const html = await api("/api/report", { readings: chosen.map((r) => r.reading) });
+    const url = URL.createObjectURL(new Blob([html], { type: "text/html" }));
+    const a = el("a", { href: url, download: "inversionview-report.html" });
+    document.body.appendChild(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+    say(`report of ${chosen.length} reading${chosen.length > 1 ? "s" : ""} downloaded`);
+  } catch (e) { say(e.message, true); }
+}
+
+// ------------------------------------------------------------------------------------------ stored readings
+async function initStored() {
+  $("storedbox").hidden = false;
+  $("storedform").addEventListener("submit", (ev) => { ev.preventDefault(); searchStored(); });
+  await searchStored(true);
+}
+
+async function searchStored(fillSites) {
+  const q = new URLSearchParams();
+  for (const [k, id] of [["site", "ssite"], ["position", "sposition"], ["text", "stext"]]) {
+    if ($(id).value.trim()) q.set(k, $(id).value.trim());
+  }
+  try {
+    const r = await api("/api/stored?" + q.toString());
+    if (fillSites) r.sites.forEach((s) => $("ssite").appendChild(el("option", { value: s }, s)));
+    const t = $("stored");
+    t.textContent = "";
+    const head = el("tr");
+    ["id", "site", "position", "text", "inside epsilon", "samples"].forEach((h) => head.appendChild(el("th", {}, h)));
+    t.appendChild(head);
+    for (const row of r.readings) {
+      const tr = el("tr", { "data-id": row.id, title: "load this reading into the view" });
+      [row.id, row.site_short, row.position, row.text, `${(100 * row.fraction_inside).toFixed(1)}%`, row.n_samples]
+        .forEach((v) => tr.appendChild(el("td", {}, String(v))));
+      tr.addEventListener("click", () => openStored(row.id));
+      t.appendChild(tr);
+    }
+    $("scount").textContent = `${r.readings.length} reading${r.readings.length === 1 ? "" : "s"}`;
+  } catch (e) { say(e.message, true); }
+}
+
+async function openStored(id) {
+  try {
+    show(await api(`/api/stored/${encodeURIComponent(id)}`));
+    $("status").textContent = `stored reading ${id}`;
+    say("");
+  } catch (e) { say(e.message, true); }
+}
+
+init().catch((e) => say(e.message, true));
