@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 
@@ -48,14 +49,15 @@ def cmd_train(args) -> int:
 
     cfg = TrainConfig.from_toml(args.config)
     iv = train(cfg, progress=not args.no_progress)
-    print(f"decoder saved to {iv.run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        print(f"decoder saved to {iv.run_dir}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from .run import InversionView
 
-    res = InversionView.load(args.run).evaluate(args.queries, args.epsilon, args.metric, args.seed)
+    res = InversionView.load(args.run, device=args.device).evaluate(args.queries, args.epsilon, args.metric, args.seed)
     if args.json:
         print(json.dumps(res, indent=1))
     else:
@@ -74,7 +76,7 @@ def _read(args, iv, site, position):
 def cmd_query(args) -> int:
     from .run import InversionView
 
-    iv = InversionView.load(args.run)
+    iv = InversionView.load(args.run, device=args.device)
     pre = _read(args, iv, args.site, args.position)
     _emit(args, [pre])
     return 0
@@ -104,7 +106,7 @@ def cmd_demo(args) -> int:
     from .run import InversionView
 
     t0 = time.time()
-    iv = InversionView.load(f"shipped:{args.task}")
+    iv = InversionView.load(f"shipped:{args.task}", device=args.device)
     if not args.json:
         print(DEMO_INTRO[args.task])
     readings = []
@@ -116,6 +118,88 @@ def cmd_demo(args) -> int:
         print(f"read {len(readings)} activations of the shipped {args.task} model in {time.time() - t0:.1f} s "
               f"(Auto mix, {args.samples} candidates each). Try: inversionview query shipped:{args.task} "
               f"--text {shlex.quote(text)} --site {site} --position {shlex.quote(str(position))}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .run import InversionView
+    from .viewer.server import make_server
+
+    iv = InversionView.load(args.run)
+    server = make_server(iv, args.host, args.port, db=args.db)
+    host, port = server.server_address[:2]
+    try:
+        print(f"InversionView viewer for {iv.run_dir} at http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_query_batch(args) -> int:
+    from .run import InversionView
+    from .store import ReadingStore, query_batch, read_queries
+
+    iv = InversionView.load(args.run)
+    queries = read_queries(args.queries, iv, samples=args.samples, temperature=args.temperature, noise=args.noise,
+                           epsilon=args.epsilon, metric=args.metric, seed=args.seed)
+    with ReadingStore(args.db, create=True) as store:
+        query_batch(iv, store, queries)  # logs the summary
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from .features import explain
+    from .run import InversionView
+
+    iv = InversionView.load(args.run)
+    sites = [x.strip() for x in args.site.split(",") if x.strip()] if args.site else None
+    res = explain(iv, sites=sites, queries=args.queries, samples=args.samples, features=args.features, seed=args.seed)
+    print(json.dumps(res.to_dict(), indent=1) if args.json else res.table())
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    import time
+
+    from .reproduce import reproduce
+
+    t0 = time.time()
+    res = reproduce(args.task, queries=args.queries, samples=args.samples, pairs=args.pairs, seed=args.seed)
+    if args.json:
+        print(json.dumps(res.to_dict(), indent=1))
+    else:
+        print(res.table())
+        print(f"\n{args.task}: {time.time() - t0:.0f} s")
+    return 0
+
+
+def cmd_completeness(args) -> int:
+    from .completeness import scan
+    from .run import InversionView
+
+    if not 1 <= args.samples <= 8192:
+        raise UserError(f"--samples must be between 1 and 8192, got {args.samples}")
+    res = scan(InversionView.load(args.run), args.text, args.site, args.position, samples=args.samples,
+               epsilon=args.epsilon, metric=args.metric, seed=args.seed)
+    if args.png:
+        res.plot(args.png)
+    print(json.dumps(res.to_dict(), indent=1) if args.json else "\n".join(res.lines()))
+    if args.png and not args.json:
+        print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_patch(args) -> int:
+    from .patching import cumulative, load_probed, make_pairs
+
+    probed, task = load_probed(args.model, args.task)
+    path = [x for x in args.path.split(",") if x.strip()]
+    places = tuple(x.strip() for x in args.places.split(",") if x.strip()) if args.places else None
+    res = cumulative(probed, make_pairs(task, args.pairs, args.seed, places=places, answer=args.answer), path)
+    print(json.dumps(res.to_dict(), indent=1) if args.json else res.table())
     return 0
 
 
@@ -134,6 +218,7 @@ def _reading_args(s, text_required: bool = True) -> None:
     s.add_argument("--limit", type=int, default=20, help="samples shown in the terminal")
     s.add_argument("--json", action="store_true", help="print the reading as JSON")
     s.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,12 +250,78 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", choices=["euclidean", "cosine"], default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.set_defaults(fn=cmd_evaluate)
 
     s = sub.add_parser("query", help="read one activation")
     s.add_argument("run", help="run directory, or shipped:counting")
     _reading_args(s)
     s.set_defaults(fn=cmd_query)
+
+    s = sub.add_parser("serve", help="the live web viewer: query, compare and download readings in a browser")
+    s.add_argument("run", help="run directory, or shipped:counting")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--db", metavar="FILE", help="also browse the readings stored in this SQLite file")
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("query-batch", help="read many queries (JSONL) into a SQLite readings DB; resumes if interrupted")
+    s.add_argument("run", help="run directory, or shipped:counting")
+    s.add_argument("queries", help='JSONL file, one query a line: {"text": ..., "site": ..., "position": ...}')
+    s.add_argument("--db", required=True, metavar="FILE", help="the SQLite readings DB (created if missing)")
+    s.add_argument("--samples", type=int, default=1024, help="candidates to sample per reading (default 1024)")
+    s.add_argument("--temperature", type=float, default=None, help="one sampling temperature (default: the Auto mix)")
+    s.add_argument("--noise", type=float, default=0.0, help="activation noise eta with --temperature")
+    s.add_argument("--epsilon", type=float, default=None, help="preimage radius (default: the run's)")
+    s.add_argument("--metric", choices=["euclidean", "cosine"], default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_query_batch)
+    s = sub.add_parser("explain", help="which features each site carries: FCRs per site and position (Table 3)")
+    s.add_argument("run", help="run directory, or shipped:counting")
+    s.add_argument("--site", help="sites, separated by commas (default: all the decoder's sites)")
+    s.add_argument("--queries", type=int, default=16, help="held-out queries per site and position (default 16)")
+    s.add_argument("--samples", type=int, default=256, help="candidates per query (default 256)")
+    s.add_argument("--features", help="features, separated by commas: built-in names or module:function "
+                                      "(default: the task's built-ins)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print every FCR as JSON")
+    s.set_defaults(fn=cmd_explain)
+
+    s = sub.add_parser("reproduce", help="check the paper's claims (C1-C3, A1-A3) on a shipped model")
+    s.add_argument("task", help="counting or addition")
+    s.add_argument("--queries", type=int, default=64, help="held-out queries per check (default 64)")
+    s.add_argument("--samples", type=int, default=256, help="candidates per query (default 256)")
+    s.add_argument("--pairs", type=int, default=200, help="contrast pairs for C3's patching (default 200)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_reproduce)
+
+    s = sub.add_parser("completeness", help="scan every input of the task: true preimage, decoder recall, Fig. 11")
+    s.add_argument("run", help="run directory, or shipped:addition (addition: all 810,000 inputs; counting: a fixed pool)")
+    s.add_argument("--text", required=True, help="the query input (without BOS/EOS)")
+    s.add_argument("--site", required=True, help="site: TransformerLens name or short name (a0.0, x0.mid)")
+    s.add_argument("--position", required=True, help="token index (BOS = 0; negative from the end) or a token like '='")
+    s.add_argument("--samples", type=int, default=1024, help="decoder samples checked against the preimage (default 1024)")
+    s.add_argument("--epsilon", type=float, default=None, help="preimage radius (default: the run's)")
+    s.add_argument("--metric", choices=["euclidean", "cosine"], default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--png", metavar="FILE", help="write the distance / log-probability scatter (Fig. 11) as a PNG")
+    s.add_argument("--json", action="store_true", help="print the figures as JSON")
+    s.set_defaults(fn=cmd_completeness)
+
+    s = sub.add_parser("patch", help="cumulative activation patching along a path of components (logit difference)")
+    s.add_argument("model", help="shipped:counting, a run directory, or a probed model directory (with --task)")
+    s.add_argument("--path", required=True,
+                   help="COMPONENT@POSITION items in path order, separated by commas: a{L}.{H} (head result), embed, "
+                        "pos_embed; position an index or a token, e.g. a0.0@-3,a1.0@:")
+    s.add_argument("--task", choices=["counting", "addition"], help="the task whose contrast generator makes the pairs "
+                                                                    "(default: the run's or the shipped model's)")
+    s.add_argument("--pairs", type=int, default=200, help="random contrast pairs (default 200)")
+    s.add_argument("--places", help="addition: digits to resample, some of F1,F2,F3,S1,S2,S3 (default all)")
+    s.add_argument("--answer", type=int, default=0, help="addition: which digit of the sum is the answer (default 0)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(fn=cmd_patch)
     return p
 
 
