@@ -165,6 +165,10 @@ def test_temperature_instead_of_the_auto_mix(page):
     assert page.is_disabled("#temperature")
     page.uncheck("#auto")
     assert page.is_enabled("#temperature") and page.is_enabled("#noise")
+    page.fill("#temperature", "")  # not silently the Auto mix
+    page.click("#read")
+    page.wait_for_selector("#msg.error")
+    assert "type a temperature" in page.inner_text("#msg") and page.locator("body").get_attribute("data-reads") is None
     page.fill("#temperature", "0.5")
     read(page, site="x0.mid", position=18)
     assert "temperature 0.5, noise 0" in page.inner_text("#current .reading")
@@ -245,6 +249,9 @@ def test_stored_readings_panel(iv, browser, tmp_path):
         assert sec.get_attribute("data-position") == "18"
         assert len(rows(sec)) == min(100, len(want.samples)) + 1
         assert page.is_enabled("#pin")
+        # the controls now hold the stored query: Read reads it again
+        page.wait_for_selector('#tokens .tok.sel[data-i="18"]')
+        assert page.input_value("#text") == TEXT and page.input_value("#site") == "x0.post"
     finally:
         context.close()
         server.shutdown()

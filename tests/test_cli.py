@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from conftest import write_config
+from conftest import user_error, write_config
 from inversionview.cli import main
 from inversionview.preimage import AUTO_MIX
 from inversionview.run import InversionView
@@ -165,3 +165,16 @@ def test_subprocess_query(run_dir):
     assert re.search(r"^-{9} epsilon = 0\.1 -+$", r.stdout, re.M), r.stdout
     assert r.stdout.startswith("site a0.1 (blocks.0.attn.hook_result.1), tl activations")
     assert "attention from the query position: " in r.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--temperature", "1e308"], "temperature must be positive and at most 1e6"),  # float32 would overflow
+    (["--temperature", "nan"], "temperature must be positive and at most 1e6"),
+    (["--temperature", "1", "--noise", "inf"], "noise must be a finite number of at least 0"),
+    (["--temperature", "1", "--noise", "-0.1"], "noise must be a finite number of at least 0"),
+    (["--epsilon", "inf"], "epsilon must be positive and finite"),
+    (["--limit", "-1"], "--limit must be 0 or more"),
+])
+def test_query_refuses_settings_that_cannot_read(run_dir, capsys, extra, message):
+    err = user_error(capsys, *_query(run_dir, "--site", "x0.pre", "--position", ":", "--samples", "8", *extra))
+    assert message in err, err

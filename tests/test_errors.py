@@ -98,6 +98,15 @@ def test_missing_run_directory(tmp_path, capsys):
     assert "does not exist" in user_error(capsys, "evaluate", tmp_path / "nope")
 
 
+def test_unknown_shipped_name_lists_the_shipped_models(capsys):
+    msg = user_error(capsys, *query("shipped:nosuch"))
+    assert "shipped:nosuch" in msg and "shipped:counting" in msg and "shipped:addition" in msg
+
+
+def test_empty_query_text(run_dir, capsys):
+    assert "empty" in user_error(capsys, *query(run_dir, text=""))
+
+
 def test_run_directory_without_run_json(tmp_path, capsys):
     msg = user_error(capsys, *query(tmp_path))
     assert "has no run.json" in msg and "inversionview train" in msg

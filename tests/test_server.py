@@ -68,7 +68,8 @@ def test_page_and_assets_come_from_the_package(url):
     status, headers, page = call(url, "/")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assets = re.findall(r'(?:src|href)="([^"]+)"', page)
-    assert sorted(assets) == ["/static/report.css", "/static/viewer.css", "/static/viewer.js"]
+    assert sorted(assets) == ["/static/report.css", "/static/viewer.css", "/static/viewer.js", "data:,"]  # no favicon
+    assets.remove("data:,")
     for a in assets:
         s, h, body = call(url, a)
         assert s == 200 and body and "http://" not in body and "https://" not in body
@@ -140,7 +141,7 @@ def test_epsilon_moves_the_rule_without_sampling_again(url):
     assert status == 200 and Preimage.from_dict(r2["reading"]) == want
     assert "epsilon = 0.35" in r2["html"] and f"{want.fraction_inside:.1%}" in r2["html"]
     assert "epsilon must be positive" in refused(url, "/api/epsilon", 400, {"reading": r["reading"], "epsilon": 0})
-    assert "epsilon must be a number" in refused(url, "/api/epsilon", 400, {"reading": r["reading"], "epsilon": "x"})
+    assert "epsilon must be a finite number" in refused(url, "/api/epsilon", 400, {"reading": r["reading"], "epsilon": "x"})
     assert "not a reading's JSON" in refused(url, "/api/epsilon", 400, {"reading": {"site": "a1.0"}, "epsilon": 0.2})
 
 
@@ -172,6 +173,10 @@ def test_serve_binds_localhost_by_default(iv):
         assert server.server_address[0] == "127.0.0.1"
     finally:
         server.server_close()
+    from inversionview.errors import UserError
+
+    with pytest.raises(UserError, match="port must be between 0 and 65535"):
+        make_server(iv, port=99999)
 
 
 # ---------------------------------------------------------------------------------------------- bad requests
@@ -229,7 +234,11 @@ def test_oversized_body_is_413(url):
     (query(position=None), ["position must be"]),
     (query(position="#"), ["'#'", "neither an index nor a token"]),
     (query(epsilon=-1), ["epsilon must be positive"]),
-    (query(epsilon="wide"), ["epsilon must be a number"]),
+    (query(epsilon="wide"), ["epsilon must be a finite number"]),
+    (query(epsilon=float("inf")), ["epsilon must be a finite number"]),  # Python's JSON sends Infinity and NaN
+    (query(temperature=float("nan")), ["temperature must be a finite number"]),
+    (query(temperature=1e300), ["temperature must be positive and at most 1e6"]),  # float32 would overflow
+    (query(temperature=1.0, noise=-0.5), ["noise must be a finite number of at least 0"]),
     (query(metric="manhattan"), ["manhattan", "euclidean"]),
     (query(temperature=0), ["temperature must be positive"]),
     (query(noise=0.1), ["noise applies to one sampling temperature"]),
@@ -255,9 +264,12 @@ def test_bad_report_is_400(url, body, words):
 
 def test_bad_report_reading_fields_are_400(url):
     good = call(url, "/api/query", query())[2]["reading"]
+    last = good["samples"][-1]  # beyond the rows the page shows, but a report or a new epsilon reads it
     for bad in ({**good, "position": 99}, {**good, "epsilon": "x"}, {**good, "samples": [{"text": 1}]},
-                {**good, "tokens": None}):
+                {**good, "tokens": None}, {**good, "samples": good["samples"][:-1] + [{**last, "delta": "abc"}]},
+                {**good, "samples": good["samples"][:-1] + [{**last, "count": "2"}]}):
         assert "reading 2" in refused(url, "/api/report", 400, {"readings": [good, bad]})
+        assert "not a reading's JSON" in refused(url, "/api/epsilon", 400, {"reading": bad, "epsilon": 0.3})
 
 
 def test_stored_readings_without_a_db_is_404(url):
@@ -323,6 +335,8 @@ def test_stored_reading_loads_as_a_query_does(stored):
 def test_bad_stored_requests(stored, iv, tmp_path):
     url, ids, _ = stored
     assert "no reading with id 999" in refused(url, "/api/stored/999", 404)
+    assert "no reading with id 1" in refused(url, "/api/stored/" + "1" * 30, 404)  # beyond SQLite's integers
+    assert call(url, "/api/stored?position=" + "9" * 30)[2]["readings"] == []
     assert "whole numbers" in refused(url, "/api/stored/abc", 404)
     assert "whole number" in refused(url, "/api/stored?position=x", 400)
     assert "unknown filter 'path'" in refused(url, "/api/stored?path=/etc/passwd", 400)
@@ -332,6 +346,29 @@ def test_bad_stored_requests(stored, iv, tmp_path):
 
     with pytest.raises(UserError, match="no readings DB"):
         make_server(iv, port=0, db=str(tmp_path / "none.sqlite"))
+
+
+def test_stored_list_says_when_it_is_cut(iv, tmp_path, caplog):
+    from inversionview.store import ReadingStore, settings_of
+    from inversionview.viewer.server import Viewer
+
+    pre = iv.query(TEXT, site="a1.0", position=19, samples=8)
+    with ReadingStore(tmp_path / "r.sqlite", create=True) as store:
+        for seed in range(201):  # 201 keys of one reading
+            store.put(pre, iv.fingerprint, {**settings_of(pre), "seed": seed})
+        store.put(pre, "0123456789abcdef")  # and one of another decoder: listed, with a warning when the viewer starts
+    with caplog.at_level("WARNING", logger="inversionview.viewer.server"):
+        v = Viewer(iv, db=str(tmp_path / "r.sqlite"))
+    assert "holds readings of 1 other decoder(s) (0123456789abcdef)" in caplog.text
+    try:
+        r = v.stored({})
+        assert len(r["readings"]) == 200 and r["more"] is True
+        assert [x["settings"]["seed"] for x in r["readings"]] == list(range(200))  # oldest first
+        r = v.stored({"site": ["a1.0"], "text": ["|v:8"], "position": ["19"]})
+        assert r["more"] is True
+        assert v.stored({"position": ["18"]}) == {"readings": [], "more": False, "sites": ["a1.0"]}
+    finally:
+        v.store.close()
 
 
 def test_reading_dict_equals_to_dict(iv):

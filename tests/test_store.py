@@ -109,7 +109,6 @@ def test_find_filters_and_sites(iv, tmp_path):
     assert len(store) == 18 and store.find(limit=None) == store.find(limit=100)
     assert [r["id"] for r in store.find(limit=None)] == sorted(stored)
     assert store.sites() == SITES  # forward order, whatever the order of storing
-    assert store.positions() == [1, 2] and store.positions("a0.1") == [1, 2]
     by_short = store.find(site="a0.1")
     assert len(by_short) == 6 and {r["site_short"] for r in by_short} == {"a0.1"}
     assert store.find(site="blocks.0.attn.hook_result.1") == by_short
@@ -281,7 +280,7 @@ def test_batch_resumes_and_skips(iv, tmp_path, caplog):
     store = ReadingStore(tmp_path / "r.sqlite", create=True)
     with caplog.at_level("INFO", logger="inversionview.store"):
         s = query_batch(iv, store, read_queries(path, iv, samples=16), progress=False)
-    assert (s.queries, s.read, s.skipped, s.stored, s.interrupted) == (8, 7, 1, 7, False)
+    assert (s.queries, s.read, s.skipped, s.stored) == (8, 7, 1, 7)
     assert "8 queries: 0 already stored, 1 repeat an earlier line, 7 to read" in caplog.text
     assert "read 7, skipped 1 already stored" in caplog.text
     assert {r["settings"]["samples"] for r in store.find()} == {16, 12}

@@ -10,6 +10,7 @@ JSON and HTML views all render.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -202,8 +203,10 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
         raise UserError(f"unknown metric {metric!r}: expected 'euclidean' or 'cosine'")
     if not 1 <= samples <= MAX_SAMPLES:
         raise UserError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
-    if not eps > 0:
-        raise UserError(f"epsilon must be positive, got {eps}")
+    if not 0 < eps < math.inf:
+        raise UserError(f"epsilon must be positive and finite, got {eps}")
+    if not text:
+        raise UserError("the query text is empty: give the input to read (without BOS/EOS)")
     ids = probed.encode(text)
     n_text = len(ids) - (1 if tok.eos_id is not None and ids[-1] == tok.eos_id and tok.eos_id != tok.bos_id else 0)
     tokens = tok.tokens_of(ids)
@@ -215,8 +218,10 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     if temperature is None and noise:
         raise UserError("noise applies to one sampling temperature: give a temperature too (the Auto mix sets its own noise)")
     mix = AUTO_MIX if temperature is None else ((float(temperature), float(noise)),)
-    if any(t <= 0 for t, _ in mix):
-        raise UserError(f"temperature must be positive, got {temperature}")
+    if not all(0 < t <= 1e6 for t, _ in mix):  # beyond 1e6 sampling is uniform (and float32 overflows near 3e38)
+        raise UserError(f"temperature must be positive and at most 1e6, got {temperature}")
+    if not all(0 <= eta < math.inf for _, eta in mix):
+        raise UserError(f"noise must be a finite number of at least 0, got {noise}")
     per = [samples // len(mix) + (k < samples % len(mix)) for k in range(len(mix))]
     z = torch.cat([zq.expand(n, -1) + torch.randn(n, zq.shape[0], generator=g).to(zq.device) * zq.std() * eta
                    for n, (_, eta) in zip(per, mix)])

@@ -144,7 +144,10 @@ class InversionView:
         from .distributed import resolve_device
 
         dev = resolve_device(device)
-        run_dir = SHIPPED / str(run_dir).split(":", 1)[1] / "decoder" if str(run_dir).startswith("shipped:") else Path(run_dir)
+        if str(run_dir).startswith("shipped:"):
+            resolve_model(str(run_dir))  # a clear error for an unknown shipped name
+            run_dir = SHIPPED / str(run_dir).split(":", 1)[1] / "decoder"
+        run_dir = Path(run_dir)
         spec = RunSpec.load(run_dir)
         return cls(spec, Decoder.load(run_dir).to(dev), probed or spec.load_probed(dev), run_dir)
 

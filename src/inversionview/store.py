@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -86,6 +87,7 @@ CREATE TABLE sample_data (reading_id INTEGER PRIMARY KEY REFERENCES readings(id)
 
 _SAMPLE_COLUMNS = ("text", "distance", "position", "count", "annotation")
 _FLOAT_SETTINGS = ("epsilon",)
+_INT64 = (-2**63, 2**63 - 1)  # SQLite's integer range: a larger id or position would overflow, not just miss
 # forward order of a layer's sites (as in inversionview.sites.all_sites), to list stored sites in model order
 _KIND_ORDER = {"resid_pre": 0, "result": 1, "attn_out": 2, "resid_mid": 3, "mlp_out": 4, "resid_post": 5}
 
@@ -269,7 +271,8 @@ class ReadingStore:
     def get(self, reading_id: int) -> Preimage:
         """The stored reading, equal to the Preimage that was put."""
         with self._lock:
-            row = self._db.execute("SELECT body FROM readings WHERE id = ?", (int(reading_id),)).fetchone()
+            row = (self._db.execute("SELECT body FROM readings WHERE id = ?", (int(reading_id),)).fetchone()
+                   if _INT64[0] <= int(reading_id) <= _INT64[1] else None)
             if row is None:
                 raise UserError(f"no reading with id {reading_id} in {self.path} ({len(self)} readings stored)")
             rows = self._db.execute("SELECT text, distance, position, count, annotation FROM samples"
@@ -291,6 +294,8 @@ class ReadingStore:
             where.append("(site = ? OR site_short = ?)")
             args += [str(site).strip()] * 2
         if position is not None:
+            if not _INT64[0] <= int(position) <= _INT64[1]:  # SQLite's integers; no reading is there
+                return []
             where.append("position = ?")
             args.append(int(position))
         if text:
@@ -318,16 +323,6 @@ class ReadingStore:
         with self._lock:
             names = [r[0] for r in self._db.execute("SELECT DISTINCT site_short FROM readings")]
         return sorted(names, key=_site_order)
-
-    def positions(self, site: str | None = None) -> list[int]:
-        """The positions with stored readings (at ``site`` if given), ascending."""
-        with self._lock:
-            if site is None:
-                rows = self._db.execute("SELECT DISTINCT position FROM readings ORDER BY position")
-            else:
-                rows = self._db.execute("SELECT DISTINCT position FROM readings WHERE site = ? OR site_short = ? "
-                                        "ORDER BY position", (site, site))
-            return [r[0] for r in rows]
 
     def decoders(self) -> dict[str, str | None]:
         """Fingerprint -> run directory of every decoder with stored readings."""
@@ -383,7 +378,6 @@ class BatchSummary:
     skipped: int  # already stored by an earlier run, or repeating an earlier line's key
     stored: int  # readings in the DB afterwards
     seconds: float
-    interrupted: bool = False  # stopped before the end (Ctrl-C, an error)
 
 
 def _check_settings(s: dict) -> None:
@@ -391,14 +385,14 @@ def _check_settings(s: dict) -> None:
 
     if not 1 <= s["samples"] <= MAX_SAMPLES:
         raise UserError(f"samples must be between 1 and {MAX_SAMPLES}, got {s['samples']}")
-    if s["temperature"] is not None and not s["temperature"] > 0:
-        raise UserError(f"temperature must be positive, got {s['temperature']}")
+    if s["temperature"] is not None and not 0 < s["temperature"] <= 1e6:
+        raise UserError(f"temperature must be positive and at most 1e6, got {s['temperature']}")
     if s["temperature"] is None and s["noise"]:
         raise UserError("noise applies to one sampling temperature: give a temperature too (the Auto mix sets its own noise)")
-    if s["noise"] < 0:
-        raise UserError(f"noise must be at least 0, got {s['noise']}")
-    if s["epsilon"] is not None and not s["epsilon"] > 0:
-        raise UserError(f"epsilon must be positive, got {s['epsilon']}")
+    if not 0 <= s["noise"] < math.inf:
+        raise UserError(f"noise must be a finite number of at least 0, got {s['noise']}")
+    if s["epsilon"] is not None and not 0 < s["epsilon"] < math.inf:
+        raise UserError(f"epsilon must be positive and finite, got {s['epsilon']}")
     if s["metric"] not in (None, "euclidean", "cosine"):
         raise UserError(f"unknown metric {s['metric']!r}: expected 'euclidean' or 'cosine'")
 
@@ -490,7 +484,7 @@ def query_batch(iv, store: ReadingStore, queries: list[Query], progress: bool = 
         stopped = "interrupted"
         raise
     finally:
-        s = BatchSummary(len(queries), done, skipped, len(store), time.time() - t0, stopped is not None)
+        s = BatchSummary(len(queries), done, skipped, len(store), time.time() - t0)
         log.info("%sread %d, skipped %d already stored; %s holds %d readings (%.1f s%s)",
                  f"{stopped}: " if stopped else "", s.read, s.skipped, store.path, s.stored, s.seconds,
                  f", {s.read / s.seconds:.2f} readings/s" if s.read and s.seconds else "")

@@ -20,7 +20,7 @@ POST     ``/api/query``          ``{"text", "site", "position", "samples", "epsi
                                  "noise", "seed"}`` -> ``{"reading": Preimage.to_dict(), "html": fragment}``
 POST     ``/api/epsilon``        ``{"reading", "epsilon"}`` -> the reading at another epsilon, as ``/api/query``
 POST     ``/api/report``         ``{"readings": [Preimage dicts]}`` -> the self-contained HTML report
-GET      ``/api/stored``         ``?site=&position=&text=`` -> stored readings (``serve --db FILE`` only)
+GET      ``/api/stored``         ``?site=&position=&text=`` -> the first 200 matching stored readings and ``more`` (``--db`` only)
 GET      ``/api/stored/ID``      one stored reading, as ``/api/query`` returns it
 =======  ======================  ============================================================================
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -70,9 +71,10 @@ def _field(body: dict, key: str, kind, default=None, none_ok: bool = False):
     if v is None and none_ok:
         return None
     ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
-        (isinstance(v, (int, float)) and not isinstance(v, bool)) if kind is float else isinstance(v, kind)
+        (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) if kind is float else \
+        isinstance(v, kind)  # JSON may carry NaN or Infinity (Python's json sends them)
     if not ok:
-        want = {int: "a whole number", float: "a number", str: "a string"}[kind]
+        want = {int: "a whole number", float: "a finite number", str: "a string"}[kind]
         raise UserError(f"{key} must be {want}{' or null' if none_ok else ''}, got {json.dumps(v)[:40]}")
     return float(v) if kind is float else v
 
@@ -81,6 +83,18 @@ def reading_dict(pre) -> dict:
     """``pre.to_dict()`` without its deep copy (200x faster at 1024 samples: 0.3 ms against 63 ms)."""
     return {**{f.name: getattr(pre, f.name) for f in dataclasses.fields(pre)},
             "samples": [{f.name: getattr(s, f.name) for f in dataclasses.fields(s)} for s in pre.samples]}
+
+
+def _sample_ok(s) -> bool:
+    """Every field of a sample from the client has its type (a report renders them, epsilon sums them)."""
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return (isinstance(s.tokens, list) and all(isinstance(t, str) for t in s.tokens) and isinstance(s.text, str)
+            and num(s.distance) and isinstance(s.position, int) and isinstance(s.count, int)
+            and isinstance(s.distances, list) and all(x is None or num(x) for x in s.distances)
+            and isinstance(s.delta, list) and all(num(x) for x in s.delta)
+            and (s.annotation is None or isinstance(s.annotation, str)))
 
 
 def preimage_from_dict(d) -> "Preimage":  # noqa: F821
@@ -98,7 +112,9 @@ def preimage_from_dict(d) -> "Preimage":  # noqa: F821
                                 "samples": [{k: v for k, v in s.items() if k in skeep} for s in d["samples"]]})
         if not 0 <= p.position < len(p.tokens) or not p.epsilon > 0:
             raise ValueError("position or epsilon out of range")
-        render_reading(p, limit=1)  # every field the report reads has the right type
+        if not isinstance(p.n_candidates, int) or not all(_sample_ok(s) for s in p.samples):
+            raise TypeError("a sample or n_candidates has a field of the wrong type")
+        render_reading(p, limit=1)  # the reading's own fields have the right type
     except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
         raise UserError(f"not a reading's JSON (Preimage.to_dict()): {e}") from None
     return p
@@ -118,13 +134,16 @@ def _run_name(run_dir) -> str:
 class Viewer:
     """The state behind the page: one loaded run, a lock around its model, and an optional readings store."""
 
-    def __init__(self, iv, db: str | None = None, max_samples: int = MAX_SAMPLES, max_text: int = MAX_TEXT):
-        self.iv, self.db, self.max_samples, self.max_text = iv, db, max_samples, max_text
+    def __init__(self, iv, db: str | None = None):
+        self.iv, self.db = iv, db
         self.store = None
         if db is not None:
             from ..store import ReadingStore
 
             self.store = ReadingStore(db)  # refuses a missing or foreign file; safe to share between threads
+            if other := sorted(set(self.store.decoders()) - {iv.fingerprint}):
+                log.warning("%s holds readings of %d other decoder(s) (%s); they are listed with this run's",
+                            db, len(other), ", ".join(other))
         self.lock = threading.Lock()
         self.rng = random.Random()
         self.files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # the client can name only these
@@ -139,13 +158,13 @@ class Viewer:
         spec = self.iv.spec
         return {"run": _run_name(self.iv.run_dir), "task": spec.task, "mode": spec.mode,
                 "groups": [{"label": k, "sites": v} for k, v in groups.items()],
-                "epsilon": spec.epsilon, "metric": spec.metric, "samples": min(1024, self.max_samples),
-                "max_samples": self.max_samples, "max_text": self.max_text, "stored": self.db is not None,
+                "epsilon": spec.epsilon, "metric": spec.metric, "samples": 1024,
+                "max_samples": MAX_SAMPLES, "max_text": MAX_TEXT, "stored": self.db is not None,
                 "random": self.iv.task is not None or spec.data is not None}
 
     def tokens(self, text: str) -> dict:
-        if len(text) > self.max_text:
-            raise UserError(f"the input is {len(text)} characters long; the viewer takes at most {self.max_text}")
+        if len(text) > MAX_TEXT:
+            raise UserError(f"the input is {len(text)} characters long; the viewer takes at most {MAX_TEXT}")
         if not text:
             raise UserError("type an input first")
         probed = self.iv.probed
@@ -181,14 +200,12 @@ class Viewer:
         if not isinstance(position, (int, str)) or isinstance(position, bool):
             raise UserError("position must be a token index or a token: click a token of the query")
         samples = _field(body, "samples", int, 1024)
-        if not 1 <= samples <= self.max_samples:
-            raise UserError(f"samples must be between 1 and {self.max_samples} in the viewer, got {samples}")
+        if not 1 <= samples <= MAX_SAMPLES:
+            raise UserError(f"samples must be between 1 and {MAX_SAMPLES} in the viewer, got {samples}")
         kw = dict(samples=samples, epsilon=_field(body, "epsilon", float, None, none_ok=True),
                   metric=_field(body, "metric", str, None, none_ok=True),
                   temperature=_field(body, "temperature", float, None, none_ok=True),
                   noise=_field(body, "noise", float, 0.0), seed=_field(body, "seed", int, 0))
-        if kw["noise"] < 0:
-            raise UserError(f"noise must be 0 or more, got {kw['noise']:g}")
         with self.lock:
             t = time.perf_counter()
             pre = self.iv.query(text, site=site, position=position, **kw)
@@ -214,8 +231,7 @@ class Viewer:
                 pres.append(preimage_from_dict(d))
             except UserError as e:
                 raise UserError(f"reading {i + 1}: {e}") from None
-        title = _field(body, "title", str, "InversionView report")[:200]
-        return render_html(pres, title=title)
+        return render_html(pres)
 
     # ------------------------------------------------------------------------------------------ stored readings
     def _store(self):
@@ -234,8 +250,8 @@ class Viewer:
             except ValueError:
                 raise UserError(f"position must be a whole number, got {position!r}") from None
         store = self._store()
-        rows = store.find(site=q.get("site") or None, position=position, text=q.get("text") or None, limit=200)
-        return {"readings": rows, "sites": list(store.sites())}
+        rows = store.find(site=q.get("site") or None, position=position, text=q.get("text") or None, limit=201)
+        return {"readings": rows[:200], "more": len(rows) > 200, "sites": list(store.sites())}
 
     def stored_one(self, reading_id: str) -> dict:
         store = self._store()
@@ -366,6 +382,8 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(iv, host: str = "127.0.0.1", port: int = 8000, db: str | None = None) -> ThreadingHTTPServer:
     """A viewer server for the loaded run ``iv`` (not started: call ``serve_forever``). Port 0 picks a free one."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"port must be between 0 and 65535 (0 picks a free one), got {port}")
     viewer = Viewer(iv, db=db)
     try:
         server = ThreadingHTTPServer((host, port), Handler)

@@ -133,7 +133,11 @@ async function read() {
   }
   const body = { text, site: $("site").value, position: state.position, epsilon: number("epsilon"),
     metric: $("metric").value, samples: number("samples") ?? state.info.samples };
-  if (!$("auto").checked) { body.temperature = number("temperature"); body.noise = number("noise") ?? 0; }
+  if (!$("auto").checked) {
+    body.temperature = number("temperature");
+    if (body.temperature === null) { say("type a temperature, or tick Auto mix", true); return; }  // null means Auto
+    body.noise = number("noise") ?? 0;
+  }
   const seq = ++state.seq;
   const t0 = performance.now();
   document.body.classList.add("busy");
@@ -238,15 +242,23 @@ async function searchStored(fillSites) {
       tr.addEventListener("click", () => openStored(row.id));
       t.appendChild(tr);
     }
-    $("scount").textContent = `${r.readings.length} reading${r.readings.length === 1 ? "" : "s"}`;
+    $("scount").textContent = r.more ? `the first ${r.readings.length} readings: filter to see others` :
+      `${r.readings.length} reading${r.readings.length === 1 ? "" : "s"}`;
   } catch (e) { say(e.message, true); }
 }
 
 async function openStored(id) {
   try {
-    show(await api(`/api/stored/${encodeURIComponent(id)}`));
+    const r = await api(`/api/stored/${encodeURIComponent(id)}`);
+    show(r);
     $("status").textContent = `stored reading ${id}`;
     say("");
+    // the controls show the stored query, so that Read reads it again with other settings
+    $("text").value = r.reading.text;
+    $("site").value = r.reading.site_short;
+    $("epsilon").value = r.reading.epsilon;
+    state.position = r.reading.position;
+    await tokenize();
   } catch (e) { say(e.message, true); }
 }
 
