@@ -67,8 +67,8 @@ def test_scan_agrees_with_brute_force(run_dir, site):
     hits = sum(1 for t, i in zip(texts, inside) if i and t in drawn)
     assert res.n_sampled_inside == hits and res.recall == pytest.approx(hits / inside.sum())
     assert res.sampled.sum() == sum(1 for t in texts if t in drawn)
-    # features of the preimage: count, target letter and length; each recall is found / total
-    for name in ("count", "target letter", "length"):
+    # features of the preimage (the built-in ones of inversionview.features); each recall is found / total
+    for name in ("count", "target", "letters", "length"):
         r = res.feature_recall[name]
         assert 1 <= r["total"] and 0 <= r["found"] <= r["total"] and r["recall"] == r["found"] / r["total"]
     true_counts = {t.split("|")[0].count(t.split("|")[1][0]) for t, i in zip(texts, inside) if i}
@@ -134,8 +134,9 @@ def test_addition_set_is_the_input_space():
 
     texts, described = input_set(get_task("addition"))
     assert len(texts) == len(set(texts)) == 810_000 and "810,000" in described
-    assert completeness._addition_features("456+378=834") == {
-        "hundreds pair": (3, 4), "tens pair": (5, 7), "carry into hundreds": 1, "sum": 834}
+    feats = completeness._recall_features(get_task("addition"))
+    assert {k: f("456+378=834") for k, f in feats.items()} == {
+        "F1S1": "{3,4}", "F2S2": "{5,7}", "F3S3": "{6,8}", "carry_ones": True, "carry_tens": True, "sum_len": 3}
 
 
 @pytest.mark.slow

@@ -69,6 +69,8 @@ def cmd_evaluate(args) -> int:
 
 
 def _read(args, iv, site, position):
+    if args.limit < 0:
+        raise UserError(f"--limit must be 0 or more, got {args.limit}")
     return iv.query(args.text, site=site, position=position, samples=args.samples, temperature=args.temperature,
                     noise=args.noise, epsilon=args.epsilon, metric=args.metric, seed=args.seed)
 
@@ -107,12 +109,12 @@ def cmd_demo(args) -> int:
 
     t0 = time.time()
     iv = InversionView.load(f"shipped:{args.task}", device=args.device)
-    if not args.json:
-        print(DEMO_INTRO[args.task])
     readings = []
     for text, site, position in DEMO_QUERIES[args.task]:
         args.text = text
         readings.append(_read(args, iv, site, position))
+    if not args.json:  # after the readings, so that a bad setting prints only its error
+        print(DEMO_INTRO[args.task])
     _emit(args, readings)
     if not args.json:
         print(f"read {len(readings)} activations of the shipped {args.task} model in {time.time() - t0:.1f} s "
@@ -125,7 +127,7 @@ def cmd_serve(args) -> int:
     from .run import InversionView
     from .viewer.server import make_server
 
-    iv = InversionView.load(args.run)
+    iv = InversionView.load(args.run, device=args.device)
     server = make_server(iv, args.host, args.port, db=args.db)
     host, port = server.server_address[:2]
     try:
@@ -142,7 +144,7 @@ def cmd_query_batch(args) -> int:
     from .run import InversionView
     from .store import ReadingStore, query_batch, read_queries
 
-    iv = InversionView.load(args.run)
+    iv = InversionView.load(args.run, device=args.device)
     queries = read_queries(args.queries, iv, samples=args.samples, temperature=args.temperature, noise=args.noise,
                            epsilon=args.epsilon, metric=args.metric, seed=args.seed)
     with ReadingStore(args.db, create=True) as store:
@@ -263,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--db", metavar="FILE", help="also browse the readings stored in this SQLite file")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("query-batch", help="read many queries (JSONL) into a SQLite readings DB; resumes if interrupted")
@@ -275,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epsilon", type=float, default=None, help="preimage radius (default: the run's)")
     s.add_argument("--metric", choices=["euclidean", "cosine"], default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.set_defaults(fn=cmd_query_batch)
     s = sub.add_parser("explain", help="which features each site carries: FCRs per site and position (Table 3)")
     s.add_argument("run", help="run directory, or shipped:counting")

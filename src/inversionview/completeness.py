@@ -4,7 +4,7 @@ decoder finds likely?
 For a task whose inputs can be listed, :func:`scan` computes, for every input of the set:
 
 - its true distance to the query activation z_q: the minimum over its positions (PAD and EOS excluded, BOS
-  included), as :func:`inversionview.preimage.verify` takes it; the probed model runs in large batches and stops
+  included), as :func:`inversionview.preimage.verify` takes it; the probed model runs in batches and stops
   after the site's layer;
 - the decoder's log-probability of the whole input given z_q (teacher-forced, from the token after BOS to EOS,
   with the site's id), log p(x | z_q) = sum_i log p(x_i | x_<i, z_q).
@@ -26,7 +26,9 @@ Speed. All inputs share one z_q, so the decoder's conditioning (its per-layer pr
 expanded. Inputs are grouped by length and sorted, and within each chunk of sorted inputs the decoder runs every
 distinct prefix of the first P tokens once (P chosen per chunk to minimise the tokens run; for addition P = 7,
 ``B a1 a2 a3 + b1 b2``, shared by 10 inputs) and each input's remaining tokens once, attending to its prefix's
-cached keys and values. The probed model runs the inputs in large batches and stops after the site's layer.
+cached keys and values. Both passes take :data:`BATCH` rows at a time: much larger chunks allocate tensors above
+glibc's mmap threshold, which are handed back to the OS and page-faulted in again for every chunk (measured on
+addition, one thread: 1.7x slower at 16,384 rows, with 3x the memory).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 COUNTING_POOL = 100_000
 COUNTING_SEED = 0
 PLOT_OUTSIDE = 20_000  # outside points drawn in the scatter (a fixed-seed subsample when there are more)
-BATCH = 16_384
+BATCH = 512  # rows per chunk (see Speed above)
 
 
 # ---------------------------------------------------------------------------------------------- input sets
@@ -70,28 +72,17 @@ def input_set(task) -> tuple[list[str], str]:
                     f"fixed pool of {COUNTING_POOL:,}), but this run reads {what}")
 
 
-def _addition_features(text: str) -> dict | None:
-    try:
-        lhs, _ = text.split("=")
-        a, b = lhs.split("+")
-        a, b = int(a), int(b)
-    except ValueError:
-        return None
-    if not (100 <= a <= 999 and 100 <= b <= 999):
-        return None
-    return {"hundreds pair": tuple(sorted((a // 100, b // 100))),
-            "tens pair": tuple(sorted((a // 10 % 10, b // 10 % 10))),
-            "carry into hundreds": int(a % 100 + b % 100 >= 100), "sum": a + b}
+# The built-in features (inversionview.features) whose distinct values the recall is counted over.
+RECALL_FEATURES = {"addition": ("F1S1", "F2S2", "F3S3", "carry_ones", "carry_tens", "sum_len"),
+                   "counting": ("count", "target", "letters", "length")}
 
 
-def _counting_features(text: str) -> dict | None:
-    head, sep, tail = text.partition("|")
-    if not sep or not tail or not head.isalpha():
-        return None
-    return {"count": head.count(tail[0]), "target letter": tail[0], "length": len(text)}
+def _recall_features(task) -> dict:
+    from .features import builtin_features
 
-
-FEATURES = {"addition": _addition_features, "counting": _counting_features}
+    name = getattr(task, "name", None)
+    builtin = builtin_features(name)
+    return {k: builtin[k] for k in RECALL_FEATURES.get(name, ())}
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -119,21 +110,6 @@ def _encode_all(tok, texts: list[str]) -> dict[int, tuple[np.ndarray, torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------- the two passes
-def _keep_freed_memory() -> None:
-    """glibc hands every freed block over 32 MB straight back to the OS, so each chunk's large tensors page-fault
-    (and are zeroed) again: about a third of the scan's time. Raise the mmap and trim thresholds to 1 GiB for this
-    process (glibc only; elsewhere nothing changes)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 @torch.inference_mode()
 def scan_distances(probed, site, ids: torch.Tensor, zq: torch.Tensor, metric: str, batch: int = BATCH,
                    progress=None) -> torch.Tensor:
@@ -351,7 +327,6 @@ def scan(iv, text: str, site, position: int | str, samples: int = 1024, epsilon:
     zq = probed.run(torch.tensor([ids]), [s])[s][0, pos].float()
 
     buckets = _encode_all(tok, texts)
-    _keep_freed_memory()
     dist, logp = np.empty(len(texts)), np.empty(len(texts))
     sec = {"distances": 0.0, "logprobs": 0.0}
     from tqdm.auto import tqdm
@@ -375,18 +350,12 @@ def scan(iv, text: str, site, position: int | str, samples: int = 1024, epsilon:
     n_in = int(inside.sum())
     hit = int((sampled & inside).sum())
 
-    feat = FEATURES.get(getattr(iv.task, "name", None))
     frec = {}
-    if feat is not None:
-        true_vals, got_vals = {}, {}
-        for i in np.nonzero(inside)[0]:
-            for k, v in (feat(texts[i]) or {}).items():
-                true_vals.setdefault(k, set()).add(v)
-        for x in pre.inside:
-            for k, v in (feat(x.text) or {}).items():
-                got_vals.setdefault(k, set()).add(v)
-        for k, vals in true_vals.items():
-            found = len(vals & got_vals.get(k, set()))
+    inside_texts = [texts[i] for i in np.nonzero(inside)[0]]
+    for k, f in _recall_features(iv.task).items():
+        vals = {f(t) for t in inside_texts} - {None}
+        if vals:
+            found = len(vals & {f(x.text) for x in pre.inside})
             frec[k] = {"found": found, "total": len(vals), "recall": found / len(vals)}
     min_in = float(logp[inside].min()) if n_in else None
     above = float((logp[~inside] > min_in).mean()) if n_in and n_in < len(texts) else None

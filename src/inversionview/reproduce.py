@@ -6,8 +6,11 @@ Each claim is a list of checks (site, position of the task's rule, feature, expe
 
 - *carries*: FCR >= 0.9 and FCR - baseline >= 0.3;
 - *approx.*: FCR >= 0.6 and FCR - baseline >= 0.3 (the paper's "approximately");
-- *varies*: the carries rule fails;
-- *flips* (C3's patching): the mean logit difference is positive before patching and negative after it.
+- *varies*: neither rule holds (as ``explain`` marks nothing): a feature that most in-epsilon samples share far above
+  chance is partly carried, not varying;
+- *flips* (C3's patching): the mean logit difference is positive before patching and negative after it. It is
+  checked for the whole path and for its first link alone (head 0.0 at the target character): if the count
+  travels that one path, patching its start already flips the answer.
 
 A claim is *supported* when every check holds, *partly supported* when some do, *not supported* when none do.
 """
@@ -24,7 +27,7 @@ from .features import CARRIES, MARGIN, PARTLY, random_values, resolve_features
 log = logging.getLogger(__name__)
 
 RULES = (f"carries: FCR >= {CARRIES} and FCR - baseline >= {MARGIN}; approx.: FCR >= {PARTLY} and FCR - baseline "
-         f">= {MARGIN}; varies: the carries rule fails; flips: mean LD > 0 before patching and < 0 after. A claim is "
+         f">= {MARGIN}; varies: neither rule holds; flips: mean LD > 0 before patching and < 0 after. A claim is "
          "supported when all its checks hold, partly supported when some do, not supported when none do.")
 
 # claim -> (the paper's statement, [(site, index into the task's positions, feature, expectation)])
@@ -36,7 +39,8 @@ CLAIMS = {
                [("a1.0", 1, "count", "carries"), ("a1.0", 1, "target", "varies")]),
         "C3": ("the count travels one path, head 0.0 at the target character to head 1.0 at ':'; patching the path "
                "flips the answer: LD about 18.2 -> about -17 (effect about 35.5)",
-               [("a0.0", 0, "count", "carries"), ("a1.0", 1, "count", "carries"), ("patching", None, "LD", "flips")]),
+               [("a0.0", 0, "count", "carries"), ("a1.0", 1, "count", "carries"),
+                ("a0.0@-3", None, "LD", "flips"), ("a0.0@-3 + a1.0@:", None, "LD", "flips")]),
     },
     "addition": {
         "A1": ("at '=', heads 0.0, 0.1 and 0.2 carry the hundreds digits as an unordered pair {F1,S1}",
@@ -80,7 +84,7 @@ class Check:
             return carries
         if self.expect == "approx.":
             return v >= PARTLY and above
-        return not carries  # varies
+        return not (v >= PARTLY and above)  # varies
 
 
 @dataclass(frozen=True)
@@ -125,7 +129,8 @@ class Reproduction:
                     measured = "FCR -" if k.value is None else f"FCR {k.value:.2f}"
                     base = "-" if k.baseline is None else f"{k.baseline:.2f}"
                     n = f"{k.samples}/{k.queries}q" + (f" ({k.empty} empty)" if k.empty else "")
-                rows.append([c.name if i == 0 else "", paper[i] if i < len(paper) else "", f"{k.site} @ {k.position}",
+                where = f"{k.site} @ {k.position}" if k.position else k.site
+                rows.append([c.name if i == 0 else "", paper[i] if i < len(paper) else "", where,
                              k.feature, k.expect, measured, n, base, "yes" if k.holds else "no",
                              c.verdict if i == 0 else ""])
             rows += [["", line] + [""] * 8 for line in paper[len(c.checks):]]
@@ -136,7 +141,8 @@ class Reproduction:
                  f"whose feature equals the query's ({self.samples} candidates per query, Auto mix, epsilon 0.1); "
                  "n: in-epsilon samples / queries measured (queries with no sample inside epsilon are left out: "
                  "'empty'); baseline: the same share among random inputs of the task. For patching, measured is the "
-                 "mean LD after patching the path, baseline the mean LD before, n the contrast pairs.", self.rules]
+                 "mean LD with the row's components patched, baseline the mean LD before, n the contrast pairs.",
+                 self.rules]
         for d in {k.detail for c in self.claims for k in c.checks if k.detail}:
             notes.append(d)
         if self.roles:
@@ -146,20 +152,20 @@ class Reproduction:
 
 
 def _patching(iv, pairs: int, seed: int):
-    """C3's patching check via :func:`inversionview.patching.reproduce_counting_path` (the other half of this
-    project's issue 5); a missing module gives an unchecked row."""
-    try:
-        from .patching import reproduce_counting_path
-    except ImportError as e:
-        log.warning("patching is not available: %s", e)
-        return None, None, 0, f"C3 patching: not checked (inversionview.patching is not available: {e})"
-    r = reproduce_counting_path(probed=iv.probed, pairs=pairs, seed=seed)
-    detail = (f"C3 patching: head 0.0 at the target character and head 1.0 at ':' patched from a contrast input whose "
-              f"count differs; mean LD {r['ld_before']:.1f} before, {r['ld_after']:.1f} after, effect "
-              f"{r['effect']:.1f} over {r['pairs']} pairs" +
-              (f"; LD {r['ld_contrast']:.1f} on the contrast inputs" if r.get("ld_contrast") is not None else "") +
-              " (paper: about 18.2, about -17, 35.5).")
-    return float(r["ld_after"]), float(r["ld_before"]), int(r["pairs"]), detail
+    """C3's patching: the paper's counting path (:data:`inversionview.patching.COUNTING_PATH`) patched cumulatively
+    over ``pairs`` contrast pairs. Returns the mean LD after each left-to-right step by its label (e.g.
+    ``"a0.0@-3 + a1.0@:"``), the mean LD before, the pairs and a note for the table."""
+    from .patching import COUNTING_PATH, cumulative, make_pairs
+
+    res = cumulative(iv.probed, make_pairs(iv.task, pairs, seed), COUNTING_PATH)
+    steps = {" + ".join(st.patched): st.mean for st in res.left_to_right}
+    alone = {" + ".join(st.patched): st.mean for st in res.right_to_left}
+    detail = (f"C3 patching: head 0.0 at the target character (a0.0@-3) and head 1.0 at ':' patched from a contrast "
+              f"input whose count differs; mean LD {res.ld_before:.1f} before, {res.ld_after:.1f} after the whole "
+              f"path, effect {res.effect:.1f} over {res.pairs} pairs; a0.0@-3 alone {steps['a0.0@-3']:.1f}, a1.0@: "
+              f"alone {alone['a1.0@:']:.1f}; LD {res.contrast.mean:.1f} on the contrast inputs (paper: about 18.2, "
+              "about -17, 35.5).")
+    return steps, res.ld_before, res.pairs, detail
 
 
 def reproduce(task: str, queries: int = 64, samples: int = 256, pairs: int = 200, seed: int = 0,
@@ -190,13 +196,14 @@ def reproduce(task: str, queries: int = 64, samples: int = 256, pairs: int = 200
         sub = {n: feats[n] for n in sorted(names)}
         for r in measure(iv, site, k, sub, queries, samples, seed, reference):
             measured[(site, k, r.feature)] = r
-    out = []
+    out, patched = [], None
     for name, (paper, checks) in claims.items():
         rows = []
         for site, k, feat, expect in checks:
-            if k is None:
-                after, before, n, detail = _patching(iv, pairs, seed)
-                rows.append(Check(name, "path", "target -> ':'", "LD", expect, after, before, n, 0, 0, detail))
+            if k is None:  # a patching check: site names the components patched
+                patched = patched or _patching(iv, pairs, seed)
+                steps, before, n, detail = patched
+                rows.append(Check(name, f"patch {site}", "", "LD", expect, steps[site], before, n, 0, 0, detail))
                 continue
             r = measured[(site, k, feat)]
             rows.append(Check(name, site, r.position, feat, expect, r.fcr, r.baseline, r.samples, r.queries, r.empty))
