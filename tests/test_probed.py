@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from test_families import FAMILIES, _hf_internals as _family_internals
+
 from inversionview.errors import UserError
 from inversionview.probed import ProbedModel
 from inversionview.sites import Site, all_sites
@@ -37,21 +39,8 @@ def _centre(x):
 
 def _hf_internals(model, ids):
     """HF hidden states plus, from hooks, each block's output, attention-module output, MLP output and the
-    input of attn.c_proj (the concatenated per-head z)."""
-    blocks = model.transformer.h
-    cap, handles = {}, []
-    for i, b in enumerate(blocks):
-        handles.append(b.register_forward_hook(lambda m, a, o, i=i: cap.__setitem__(("block", i), o[0] if isinstance(o, tuple) else o)))
-        handles.append(b.attn.register_forward_hook(lambda m, a, o, i=i: cap.__setitem__(("attn", i), o[0])))
-        handles.append(b.mlp.register_forward_hook(lambda m, a, o, i=i: cap.__setitem__(("mlp", i), o)))
-        handles.append(b.attn.c_proj.register_forward_pre_hook(lambda m, a, i=i: cap.__setitem__(("z", i), a[0])))
-    try:
-        with torch.no_grad():
-            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return out.hidden_states, cap
+    input of attn.c_proj (the concatenated per-head z): the family tests' helper with GPT-2's layout."""
+    return _family_internals(model, FAMILIES["gpt2"][2], ids)
 
 
 def test_batch_pads_and_masks(raw, batch):
