@@ -83,7 +83,7 @@ checkpoint_every = {a.steps}
 """
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        res = run("counting", d, f'out = "counting"\n[probed]\nmodel = "shipped:counting"\n[decoder]\nd_model = 256\n' + common,
+        run("counting", d, 'out = "counting"\n[probed]\nmodel = "shipped:counting"\n[decoder]\nd_model = 256\n' + common,
                   device)
         probed = gpt2_small_probed(d / "gpt2-small-shaped")
         run("gpt2-small-bf16", d, f'out = "gpt2-small-bf16"\n[probed]\nmodel = "{probed}"\ndtype = "bfloat16"\n'

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conftest import user_error, write_config
 from inversionview.cli import main

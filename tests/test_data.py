@@ -24,7 +24,7 @@ from inversionview.probed import ProbedModel
 from inversionview.run import InversionView, RunSpec
 from inversionview.tasks import get_task
 from inversionview.tasks.counting import Counting
-from inversionview.train import DataSpec, OptimSpec, State, TrainConfig, _step, train
+from inversionview.train import DataSpec, OptimSpec, State, TrainConfig, _step
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 VOCAB = get_task("counting").vocab

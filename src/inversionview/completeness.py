@@ -332,7 +332,7 @@ def scan(iv, text: str, site, position: int | str, samples: int = 1024, epsilon:
     from tqdm.auto import tqdm
 
     with tqdm(total=2 * len(texts), desc="completeness scan", unit="input", unit_scale=True, leave=False) as bar:
-        for T, (idx, b) in buckets.items():
+        for idx, b in buckets.values():
             t0 = time.perf_counter()
             dist[idx] = scan_distances(probed, s, b, zq, metric, progress=bar.update).numpy()
             t1 = time.perf_counter()
