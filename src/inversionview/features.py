@@ -5,9 +5,10 @@ malformed decoder sample). Each built-in task has its own (:func:`builtin_featur
 ``module:function`` (a function text -> value).
 
 The **FCR** of a feature at one site and position, over many queries, is the mean over queries of the share of
-the query's distinct in-epsilon samples whose feature equals the query's. A sample whose feature is None counts
-as a mismatch; a query whose own feature is None is left out; a query with no sample inside epsilon is left out
-and counted (``empty``). The **baseline** is the same rate with random inputs of the task in place of the
+the query's preimage whose feature equals the query's: estimated under the task's input distribution from the
+states of chains on the preimage (:mod:`inversionview.explore`) where the task has moves, else the share of the
+decoder's distinct in-epsilon samples. A member whose feature is None counts as a mismatch; a query whose own
+feature is None is left out; a query with no member is left out and counted (``empty``). The **baseline** is the same rate with random inputs of the task in place of the
 in-epsilon samples, over the same queries: what the feature would score by chance.
 
 :func:`explain` measures every feature at every site and query position of the task's rule (the paper's
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import random
 import re
@@ -222,9 +224,13 @@ def value(name: str, f: Feature, text: str):
 # ---------------------------------------------------------------------------------------------- preimages in batch
 @torch.no_grad()
 def preimages(iv, texts: list[str], site, positions: list[int], samples: int = 256, epsilon: float | None = None,
-              seed: int = 0, chunk: int = 4096) -> list[list[str]]:
-    """The distinct in-epsilon samples of many queries at one site (``positions[i]`` in ``texts[i]``), read as
-    :func:`inversionview.preimage.read` reads one (the Auto mix, ``samples`` candidates each), in batches."""
+              seed: int = 0, chunk: int = 4096, chains: int | None = None) -> list[list[list[str]]]:
+    """The members of many queries' preimages at one site (``positions[i]`` in ``texts[i]``), per query as chains of
+    states. The decoder proposes ``samples`` candidates each (the Auto mix, as :func:`inversionview.preimage.read`),
+    all verified in batches; where the task has moves, chains then walk each preimage from its members
+    (:func:`inversionview.explore.walk`, all queries at once), and their states are draws from the preimage under
+    the task's input distribution. Otherwise each distinct in-epsilon sample is a chain of one state."""
+    from .explore import CHAINS, can_explore, walk
     from .preimage import AUTO_MIX, as_inputs, verify
 
     probed, dec, tok = iv.probed, iv.decoder, iv.probed.tokenizer
@@ -248,11 +254,16 @@ def preimages(iv, texts: list[str], site, positions: list[int], samples: int = 2
     seqs = as_inputs(seqs, tok)
     uniq = list(dict.fromkeys((owner[i], tuple(x)) for i, x in enumerate(seqs)))
     dmin, _, _ = verify(probed, s, [list(x) for _, x in uniq], zq[torch.tensor([q for q, _ in uniq])], iv.spec.metric)
-    out = [[] for _ in texts]
+    inside = [[] for _ in texts]
     for (q, x), d in zip(uniq, dmin.tolist()):
         if d <= eps:
-            out[q].append(tok.text(list(x)))
-    return out
+            inside[q].append(tok.text(list(x)))
+    chains = CHAINS if chains is None else chains
+    if not (chains and can_explore(iv.task)):
+        return [[[x] for x in xs] for xs in inside]
+    walks = walk(probed, iv.task, s, zq, [xs + [t] for xs, t in zip(inside, texts)], eps, iv.spec.metric,
+                 chains=chains, seed=seed)
+    return [w.states for w in walks]
 
 
 # ---------------------------------------------------------------------------------------------- FCR
@@ -267,7 +278,9 @@ class Consistency:
     baseline: float | None
     queries: int  # queries measured (their own feature defined and some sample inside epsilon)
     empty: int  # queries with no sample inside epsilon (left out)
-    samples: int  # in-epsilon samples over the measured queries
+    samples: int  # distinct members over the measured queries
+    low: float | None = None  # the FCR's 95% interval
+    high: float | None = None
 
     @property
     def verdict(self) -> str:
@@ -287,23 +300,33 @@ def random_values(task, features: dict[str, Feature], n: int = BASELINE_INPUTS, 
     return {k: Counter(value(k, f, t) for t in texts) for k, f in features.items()}
 
 
-def consistency(features: dict[str, Feature], queries: list[str], inside: list[list[str]], reference: dict[str, Counter],
+def consistency(features: dict[str, Feature], queries: list[str], inside: list, reference: dict[str, Counter],
                 site: str = "", position: str = "") -> list[Consistency]:
-    """FCR and baseline of each feature over ``queries`` with their in-epsilon samples ``inside``."""
+    """FCR and baseline of each feature over ``queries`` with their members ``inside``: per query, chains of states
+    (:func:`preimages`) or a plain list of distinct samples (each a chain of one). The FCR's interval combines the
+    queries' own 95% intervals."""
+    from .explore import Z, share
+
     out = []
-    empty = sum(not s for s in inside)
+    inside = [[[x] if isinstance(x, str) else x for x in chains] for chains in inside]
+    empty = sum(not any(c) for c in inside)
     for k, f in features.items():
-        rates, base, n = [], [], 0
+        rates, base, var, n = [], [], 0.0, 0
         total = sum(reference[k].values())
-        for q, samples in zip(queries, inside):
+        for q, chains in zip(queries, inside):
             vq = value(k, f, q)
-            if vq is None or not samples:
+            if vq is None or not any(chains):
                 continue
-            rates.append(sum(value(k, f, s) == vq for s in samples) / len(samples))
+            sh = share(chains, lambda x: value(k, f, x) == vq)
+            rates.append(sh.share)
+            var += ((sh.high - sh.low) / (2 * Z)) ** 2
             base.append(reference[k][vq] / total)
-            n += len(samples)
+            n += len({x for c in chains for x in c})
         mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-        out.append(Consistency(k, site, position, mean(rates), mean(base), len(rates), empty, n))
+        fcr = mean(rates)
+        half = Z * math.sqrt(var) / len(rates) if rates else None
+        out.append(Consistency(k, site, position, fcr, mean(base), len(rates), empty, n,
+                               None if fcr is None else max(0.0, fcr - half), None if fcr is None else min(1.0, fcr + half)))
     return out
 
 
@@ -358,7 +381,7 @@ class Explanation:
             cells.setdefault(key, [])
             if r.verdict:
                 mark = "" if r.verdict == "carries" else "~"
-                cells[key].append(f"{mark}{r.feature} {r.fcr:.2f} ({r.baseline:.2f})")
+                cells[key].append(f"{mark}{r.feature} {r.fcr:.2f}±{(r.high - r.low) / 2:.2f} ({r.baseline:.2f})")
             if r.empty and f"[{r.empty} empty]" not in cells[key]:
                 cells[key].append(f"[{r.empty} empty]")
         wrapped = {k: _wrap_items(v, width) for k, v in cells.items()}
@@ -369,9 +392,11 @@ class Explanation:
             for i in range(max(map(len, col))):
                 lines.append((f"{s:>8}  " if i == 0 else " " * 10) +
                              "  ".join(f"{c[i] if i < len(c) else '':<{w}}" for c in col).rstrip())
-        notes = [f"each cell: the features the site carries at that position, FCR (baseline); {self.rule}.",
-                 f"FCR: mean over {self.queries} held-out queries of the share of distinct in-epsilon samples whose "
-                 f"feature equals the query's ({self.samples} candidates per query, Auto mix); baseline: the same share "
+        notes = [f"each cell: the features the site carries at that position, FCR±(half its 95% interval) (baseline); "
+                 f"{self.rule}.",
+                 f"FCR: mean over {self.queries} held-out queries of the share of the preimage's members whose feature "
+                 f"equals the query's, estimated under the task's input distribution by chains started from the "
+                 f"decoder's members ({self.samples} candidates per query, Auto mix); baseline: the same share "
                  f"among {BASELINE_INPUTS} random inputs of the task; [k empty]: queries with no sample inside epsilon, "
                  "left out."]
         return "\n".join(lines + [""] + [textwrap.fill(n, 118) for n in notes])

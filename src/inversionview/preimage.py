@@ -18,11 +18,14 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import UserError
+from .explore import CHAINS, can_explore, counterfactuals, walk
 from .probed import ProbedModel, distances
 
 # The paper's Auto mix: (temperature, noise) pairs, 64 candidates each, repeated 4 times -> 1024.
 AUTO_MIX = ((0.5, 0.0), (1.0, 0.0), (2.0, 0.0), (2.0, 0.1))
 MAX_SAMPLES = 8192
+CHAIN_SAMPLES = 200  # members met by the chains that a reading shows beside the decoder's samples
+CHECKS = 40  # members changed in each counterfactual check
 
 
 @torch.no_grad()
@@ -99,8 +102,9 @@ class Sample:
     position: int  # arg-min position
     distances: list[float | None]  # per position; None at PAD/EOS
     delta: list[float]  # per token: p(t|z_q) - p(t|z_BOS); 0 for BOS
-    count: int  # how many candidates were this input
+    count: int  # how many decoder candidates were this input (0: found by the chains only)
     annotation: str | None = None
+    source: str = "decoder"  # "decoder": proposed by the decoder; "chain": met by the chains on the preimage
 
 
 @dataclass
@@ -122,7 +126,10 @@ class Preimage:
     attention: list[float] | None = None  # head sites: the pattern from the query position
     annotation: str | None = None
     decoder: str | None = None  # run directory
-    summary: list[str] | None = None  # what the samples inside epsilon share and what varies (inversionview.summary)
+    summary: list[str] | None = None  # what the preimage's members share and what varies (inversionview.summary)
+    shares: list[dict] | None = None  # per feature: the query's value and its estimated share with a 95% interval
+    checks: list[dict] | None = None  # per shared feature: members changed in it, and how many stay inside
+    chains: dict | None = None  # the chains' states and their members (inversionview.explore), or None
 
     @property
     def inside(self) -> list[Sample]:
@@ -139,12 +146,15 @@ class Preimage:
         return cls(**{**d, "samples": [Sample(**s) for s in d["samples"]]})
 
     def with_epsilon(self, epsilon: float) -> "Preimage":
-        """The same samples read at another epsilon (distances do not depend on it)."""
+        """The same samples read at another epsilon (distances do not depend on it). The chains' estimate holds for
+        a smaller epsilon (their states inside it are draws from the smaller preimage); above the epsilon they ran
+        at, the summary falls back to the decoder's samples and says so."""
         n_in = sum(s.count for s in self.samples if s.distance <= epsilon)
         pre = Preimage(**{**self.__dict__, "epsilon": epsilon, "fraction_inside": n_in / max(1, self.n_candidates)})
         if self.summary is not None:
-            from .summary import summarize
+            from .summary import feature_shares, summarize
 
+            pre.shares = feature_shares(pre)
             pre.summary = summarize(pre)
         return pre
 
@@ -189,12 +199,17 @@ def resolve_position(tokens: list[str], n_text: int, position: int | str) -> int
 @torch.no_grad()
 def read(iv, text: str, site, position: int | str, samples: int = 1024, temperature: float | None = None,
          noise: float = 0.0, epsilon: float | None = None, metric: str | None = None, seed: int = 0,
-         deltas: int = 256) -> Preimage:
+         deltas: int = 256, chains: int = CHAINS) -> Preimage:
     """Read the activation of ``text`` at ``site`` and ``position``.
 
     ``temperature=None`` uses the Auto mix (``samples`` candidates spread over :data:`AUTO_MIX`); otherwise
     all candidates use ``temperature`` and activation noise ``noise`` (z + N(0, I) std(z) noise). Delta
-    colours are computed for the ``deltas`` closest distinct samples."""
+    colours are computed for the ``deltas`` closest distinct samples.
+
+    Where the task defines moves, ``chains`` Metropolis-Hastings chains then walk the preimage from the decoder's
+    members and the query (:mod:`inversionview.explore`): the summary's shares are estimates over the preimage
+    under the task's input distribution, and up to :data:`CHAIN_SAMPLES` members they met join the samples
+    (``source="chain"``). ``chains=0`` reads the decoder's samples alone."""
     probed, dec, tok = iv.probed, iv.decoder, iv.probed.tokenizer
     s, si = iv.site_index(site)
     eps = iv.spec.epsilon if epsilon is None else float(epsilon)
@@ -231,33 +246,76 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     counts = Counter(tuple(x) for x in seqs)
     uniq = [list(u) for u in counts]
     dmin, amin, dist = verify(probed, s, uniq, zq, metric)
+    n_in = sum(counts[tuple(u)] for u, d in zip(uniq, dmin) if d <= eps)
+    texts = [tok.text(u) for u in uniq]
+    w = None
+    if chains and can_explore(iv.task):
+        w = walk(probed, iv.task, s, zq[None], [[t for t, d in zip(texts, dmin) if d <= eps] + [text]], eps, metric,
+                 chains=chains, seed=seed)[0]
+        extra = [x for x in random.Random(seed).sample(sorted(w.members), min(len(w.members), CHAIN_SAMPLES))
+                 if x not in set(texts)]
+        if extra:
+            more = [probed.encode(x) for x in extra]
+            d2, a2, t2 = verify(probed, s, more, zq, metric)
+            uniq, texts = uniq + more, texts + extra
+            width = max(dist.shape[1], t2.shape[1])
+            pad = (lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("inf")))
+            dmin, amin, dist = torch.cat([dmin, d2]), torch.cat([amin, a2]), torch.cat([pad(dist), pad(t2)])
     order = dmin.argsort(stable=True).tolist()
-    n_in = sum(counts[tuple(uniq[i])] for i in order if dmin[i] <= eps)
 
     top = order[:deltas]
     delta = _deltas(dec, probed, [uniq[i] for i in top], zq, zbos, si) if top else []
     out = []
     for rank, i in enumerate(order):
         seq = uniq[i]
-        text_i = tok.text(seq)
-        out.append(Sample(tokens=tok.tokens_of(seq), text=text_i, distance=float(dmin[i]), position=int(amin[i]),
+        out.append(Sample(tokens=tok.tokens_of(seq), text=texts[i], distance=float(dmin[i]), position=int(amin[i]),
                           distances=[None if d == float("inf") else round(float(d), 5) for d in dist[i, :len(seq)]],
-                          delta=delta[rank] if rank < len(delta) else [],
-                          count=counts[tuple(seq)], annotation=iv.task.annotate(text_i) if iv.task else None))
+                          delta=delta[rank] if rank < len(delta) else [], count=counts.get(tuple(seq), 0),
+                          annotation=iv.task.annotate(texts[i]) if iv.task else None,
+                          source="decoder" if tuple(seq) in counts else "chain"))
     attention = None
     if s.kind == "result":
         attention = [round(float(a), 5) for a in probed.attention(torch.tensor([ids]), s.layer, s.head)[0, pos, :pos + 1]]
     pre = Preimage(text=text, tokens=tokens, position=pos, site=s.name, site_short=s.short, epsilon=eps,
                    metric=metric, mode=probed.mode, samples=out, n_candidates=samples,
                    fraction_inside=n_in / samples, attention=attention,
-                   settings={"mix": [list(m) for m in mix], "samples": samples, "seed": seed,
+                   settings={"mix": [list(m) for m in mix], "samples": samples, "seed": seed, "chains": chains,
                              "task": iv.task.name if iv.task else None},
                    annotation=iv.task.annotate(text) if iv.task else None,
                    decoder=str(iv.run_dir) if iv.run_dir else None)
-    from .summary import summarize
+    if w is not None:
+        pre.chains = chains_record(w, eps, lambda x: tok.tokens_of(probed.encode(x)))
+    from .summary import feature_shares, summarize
 
+    pre.shares = feature_shares(pre, iv.task)
+    pre.checks = _checks(iv, s, zq, pre, w, metric, seed)
     pre.summary = summarize(pre, iv.task)
     return pre
+
+
+def chains_record(w, epsilon: float, tokens_of) -> dict:
+    """A walk as a reading keeps it (JSON): its states, and distance, arg-min position and tokens of each state."""
+    used = dict.fromkeys(x for st in w.states for x in st)
+    return {"epsilon": epsilon, "states": w.states, "proposed": w.proposed, "accepted": w.accepted,
+            "distinct": len(w.members),
+            "members": {x: [round(w.members[x][0], 5), w.members[x][1], tokens_of(x)] for x in used}}
+
+
+def _checks(iv, s, zq, pre, w, metric: str, seed: int) -> list[dict]:
+    """Counterfactual checks: each feature the estimate calls shared, changed in up to :data:`CHECKS` members."""
+    from .features import builtin_features
+    from .summary import is_shared
+
+    if w is None:
+        return []
+    feats = builtin_features(iv.task)
+    members = random.Random(seed).sample(sorted(w.members), min(len(w.members), CHECKS))
+    out = []
+    for sh in pre.shares or []:
+        if is_shared(sh) and sh["feature"] in feats:
+            d = counterfactuals(iv.probed, iv.task, s, zq, members, feats[sh["feature"]], metric, seed=seed)
+            out.append({"feature": sh["feature"], "value": sh["value"], "distances": [round(x, 5) for x in d]})
+    return out
 
 
 def _deltas(dec, probed, seqs, zq, zbos, si) -> list[list[float]]:

@@ -70,6 +70,8 @@ class Check:
     queries: int
     empty: int = 0
     detail: str = ""
+    low: float | None = None  # the FCR's 95% interval
+    high: float | None = None
 
     @property
     def holds(self) -> bool:
@@ -126,7 +128,7 @@ class Reproduction:
                                       "-" if k.baseline is None else f"LD {k.baseline:.1f}")
                     n = f"{k.samples} pairs"
                 else:
-                    measured = "FCR -" if k.value is None else f"FCR {k.value:.2f}"
+                    measured = "FCR -" if k.value is None else f"FCR {k.value:.2f} [{k.low:.2f}-{k.high:.2f}]"
                     base = "-" if k.baseline is None else f"{k.baseline:.2f}"
                     n = f"{k.samples}/{k.queries}q" + (f" ({k.empty} empty)" if k.empty else "")
                 where = f"{k.site} @ {k.position}" if k.position else k.site
@@ -137,9 +139,10 @@ class Reproduction:
         w = [max(len(str(r[j])) for r in [head, *rows]) for j in range(len(head))]
         fmt = lambda r: "  ".join(str(x).ljust(w[j]) for j, x in enumerate(r)).rstrip()
         out = [fmt(head), fmt(["-" * x for x in w])] + [fmt(r) for r in rows]
-        notes = [f"measured: FCR = mean over {self.queries} held-out queries of the share of distinct in-epsilon samples "
-                 f"whose feature equals the query's ({self.samples} candidates per query, Auto mix, epsilon 0.1); "
-                 "n: in-epsilon samples / queries measured (queries with no sample inside epsilon are left out: "
+        notes = [f"measured: FCR = mean over {self.queries} held-out queries of the share of the preimage's members "
+                 f"whose feature equals the query's, estimated under the task's input distribution by chains started "
+                 f"from the decoder's members ({self.samples} candidates per query, Auto mix, epsilon 0.1), with its "
+                 "95% interval; n: distinct members / queries measured (queries with no member are left out: "
                  "'empty'); baseline: the same share among random inputs of the task. For patching, measured is the "
                  "mean LD with the row's components patched, baseline the mean LD before, n the contrast pairs.",
                  self.rules]
@@ -206,7 +209,8 @@ def reproduce(task: str, queries: int = 64, samples: int = 256, pairs: int = 200
                 rows.append(Check(name, f"patch {site}", "", "LD", expect, steps[site], before, n, 0, 0, detail))
                 continue
             r = measured[(site, k, feat)]
-            rows.append(Check(name, site, r.position, feat, expect, r.fcr, r.baseline, r.samples, r.queries, r.empty))
+            rows.append(Check(name, site, r.position, feat, expect, r.fcr, r.baseline, r.samples, r.queries, r.empty,
+                              low=r.low, high=r.high))
         out.append(Claim(name, paper, tuple(rows)))
     roles = {}
     for f in ROLES.get(task, ()):

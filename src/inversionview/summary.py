@@ -1,34 +1,53 @@
-"""An automatic summary of one reading: what the distinct in-epsilon samples share, each item with its share, and
-what varies (METHOD.md §4-5).
+"""An automatic summary of one reading: what the members of the epsilon-preimage share, each item with an estimated
+share and its 95% interval, what varies, and counterfactual checks (METHOD.md §4-5, §7).
 
-Items: the task's features (:mod:`inversionview.features`), the multiset of tokens, the length, and the tokens
-at aligned positions, aligned from the start and at the matched position (each sample's arg-min position
-against the query's). An item is *shared* when one value holds in at least :data:`SHARED` of the samples;
-a feature below that *varies*, shown with its most common values.
+Where the task has an input distribution and moves (:mod:`inversionview.explore`), the shares are estimates over the
+preimage under that distribution, from the chains' states; otherwise they are shares among the decoder's distinct
+in-epsilon samples, and the summary says so (they describe the decoder's proposals, not the preimage).
+
+Items: the task's features (:mod:`inversionview.features`), the multiset of tokens, the length, and the tokens at
+aligned positions, aligned from the start and at the matched position (each member's arg-min position against the
+query's). An item is *shared* when its most common value has an estimated share of at least :data:`SHARED` and
+the interval's low end is at least :data:`SURE`; otherwise it *varies*, shown with its most common values.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
+from .explore import Share, share
 from .features import builtin_features
 
 SHARED = 0.9
+SURE = 0.75  # the low end of a shared item's interval
+FEW = 5  # fewer distinct members than this: too few to say what the preimage shares
 EXAMPLES = 3
+
+
+@dataclass
+class Member:
+    text: str
+    tokens: list[str]  # without BOS, EOS and PAD
+    offset: int  # the arg-min position, as an index into the full token list (BOS = 0)
+    full: list[str]  # all tokens, BOS included
+
+
+@dataclass
+class Population:
+    """What the summary is taken over: per chain, its states (members); ``estimate`` says whether these are draws
+    from the preimage under the input distribution (chains) or the decoder's distinct samples (one per chain)."""
+
+    chains: list[list[Member]]
+    distinct: int
+    estimate: bool
+
+    def share(self, f) -> Share | None:
+        return share(self.chains, f)
 
 
 def _fmt(v) -> str:
     return "(none)" if v is None else str(v)
-
-
-def _text_tokens(s) -> list[str]:
-    """A sample's tokens without BOS and without EOS/PAD (the positions with no distance)."""
-    return [t for i, t in enumerate(s.tokens) if i > 0 and (i >= len(s.distances) or s.distances[i] is not None)]
-
-
-def _multiset(tokens: list[str]) -> str:
-    c = Counter(tokens)
-    return "{" + ", ".join(f"{t!r}" + (f"x{n}" if n > 1 else "") for t, n in sorted(c.items())) + "}"
 
 
 def _short(v, width: int = 48) -> str:
@@ -36,62 +55,132 @@ def _short(v, width: int = 48) -> str:
     return s if len(s) <= width else s[:width - 3] + "..."
 
 
-def _varies(label: str, values: Counter, n: int) -> str:
-    top = ", ".join(f"{_short(v)} {c / n:.0%}" for v, c in values.most_common(EXAMPLES))
-    more = f", ... {len(values)} values" if len(values) > EXAMPLES else ""
-    return f"varies: {label} ({top}{more})"
+def _multiset(tokens: list[str]) -> str:
+    c = Counter(tokens)
+    return "{" + ", ".join(f"{t!r}" + (f"x{n}" if n > 1 else "") for t, n in sorted(c.items())) + "}"
 
 
-def _aligned(pre, inside, n: int, matched: bool) -> str | None:
-    """Tokens held at fixed positions by >= SHARED of the samples, aligned from the start or at the matched
-    position; None if there are none."""
+def _pct(s: Share) -> str:
+    return f"{s.share:.0%} [{s.low:.0%}-{s.high:.0%}]"
+
+
+def population(pre) -> Population:
+    """The reading's members: the chains' states where the reading has them and its epsilon is within the one the
+    chains ran at (a state inside the smaller epsilon is still a draw from the smaller preimage), else the
+    decoder's distinct samples inside epsilon."""
+    ch = pre.chains
+    if ch and pre.epsilon <= ch["epsilon"]:
+        memo = {}
+
+        def member(x):
+            if x not in memo:
+                d, pos, toks = ch["members"][x]
+                memo[x] = Member(x, toks[1:], pos, toks) if d <= pre.epsilon else None
+            return memo[x]
+
+        chains = [[m for m in map(member, states) if m is not None] for states in ch["states"]]
+        return Population(chains, len({x for x, m in memo.items() if m is not None}), True)
+    inside = [Member(s.text, [t for i, t in enumerate(s.tokens) if i > 0 and i < len(s.distances)
+                              and s.distances[i] is not None], s.position, s.tokens) for s in pre.inside]
+    return Population([[m] for m in inside], len(inside), False)
+
+
+def _aligned(pre, pop: Population, matched: bool) -> str | None:
+    """Tokens held at fixed positions, aligned from the start or at the matched position; None if none is shared."""
     q = len(pre.tokens)
     offsets = range(1 - pre.position, q - pre.position) if matched else range(1, q)
     items = []
     for o in offsets:
-        at = Counter()
-        for s in inside:
-            i = s.position + o if matched else o
-            ok = 0 < i < len(s.tokens) and (i >= len(s.distances) or s.distances[i] is not None)
-            at[s.tokens[i] if ok else None] += 1
-        tok, c = at.most_common(1)[0]
-        if tok is not None and c / n >= SHARED:
-            items.append(f"{o:+d}={tok!r} {c / n:.0%}" if matched else f"{o}={tok!r} {c / n:.0%}")
+        def at(m, o=o):
+            i = m.offset + o if matched else o
+            return m.full[i] if 0 < i < len(m.full) and m.full[i] in m.tokens else None
+        top = Counter(at(m) for c in pop.chains for m in c).most_common(1)[0][0]
+        s = pop.share(lambda m, o=o, top=top: at(m, o) == top)
+        if top is not None and s and is_shared(s):
+            items.append((f"{o:+d}" if matched else f"{o}") + f"={top!r} {_pct(s)}")
     if not items:
         return None
     where = "at the matched position (offset from it)" if matched else "from the start (index, BOS = 0)"
     return f"tokens aligned {where}: " + ", ".join(items)
 
 
+def items(pop: Population, task) -> list[tuple[str, object, Share, Counter]]:
+    """Each item's most common value, its share and the value counts: the task's features, then the multiset of
+    tokens and the number of tokens."""
+    getters = {name: (lambda m, f=f: _safe(f, m.text)) for name, f in builtin_features(task).items()}
+    getters["multiset of tokens"] = lambda m: _multiset(m.tokens)
+    getters["number of tokens"] = lambda m: len(m.tokens)
+    out = []
+    for name, g in getters.items():
+        values = Counter(g(m) for c in pop.chains for m in c)
+        top = values.most_common(1)[0][0]
+        out.append((name, top, pop.share(lambda m, g=g, top=top: g(m) == top), values))
+    return out
+
+
 def summarize(pre, task=None) -> list[str]:
-    """What the distinct in-epsilon samples of the reading ``pre`` share, with a share for each item, and what
-    varies. ``task`` (a Task or its name; default: the one in ``pre.settings``) supplies the features."""
-    inside = pre.inside
-    n = len(inside)
-    if n == 0:
-        return [f"no sample inside epsilon {pre.epsilon:g}: nothing to summarise"]
+    """What the members of the reading ``pre``'s preimage share, with an estimated share and interval for each
+    item, what varies, and the counterfactual checks (``pre.checks``). ``task`` (a Task or its name; default: the
+    one in ``pre.settings``) supplies the features."""
     task = task if task is not None else pre.settings.get("task")
-    shared, varies = [], []
-
-    def item(label: str, values: Counter) -> None:
-        v, c = values.most_common(1)[0]
-        if v is not None and c / n >= SHARED:
-            shared.append((c / n, f"{label} = {_fmt(v)}"))
+    pop = population(pre)
+    if not pop.distinct:
+        return [f"no member found inside epsilon {pre.epsilon:g}: nothing to summarise"]
+    n_states = sum(map(len, pop.chains))
+    if pop.estimate:
+        head = (f"estimated over the preimage under the input distribution: {n_states} states of {len(pop.chains)} "
+                f"chains, {pop.distinct} distinct members; shares with 95% intervals")
+    else:
+        head = (f"shares among {pop.distinct} distinct decoder samples inside epsilon, with 95% intervals: they "
+                "describe the decoder's proposals, not the preimage (no input distribution to estimate it under)")
+    lines, varies, shared = [head], [], []
+    few = pop.distinct < FEW
+    if few:
+        lines.append(f"too few members ({pop.distinct} distinct) to say what the preimage shares")
+    for name, top, s, values in items(pop, task):
+        if not few and top is not None and is_shared(s):
+            shared.append(f"shared by {_pct(s)}: {name} = {_fmt(top)}")
         else:
-            varies.append(_varies(label, values, n))
+            tops = ", ".join(f"{_short(v)} {c / n_states:.0%}" for v, c in values.most_common(EXAMPLES))
+            more = f", ... {len(values)} values" if len(values) > EXAMPLES else ""
+            varies.append(f"varies: {name} ({tops}{more})")
+    lines += shared
+    if not few:
+        lines += [x for x in (_aligned(pre, pop, matched=True), _aligned(pre, pop, matched=False)) if x]
+    lines += varies
+    for c in pre.checks or []:
+        d = c["distances"]
+        inside = sum(x <= pre.epsilon for x in d)
+        lines.append(f"check: {c['feature']} changed in {len(d)} members: {inside} stay inside epsilon"
+                     + (f" ({inside / len(d):.0%})" if d else ""))
+    return lines
 
+
+def is_shared(s: dict | Share) -> bool:
+    """The rule for calling an item shared: estimated share >= SHARED and the interval's low end >= SURE."""
+    share_, low = (s["share"], s["low"]) if isinstance(s, dict) else (s.share, s.low)
+    return share_ is not None and share_ >= SHARED and low >= SURE
+
+
+def feature_shares(pre, task=None) -> list[dict]:
+    """Per feature of the task: the query's value and the estimated share of members that have it (FCR of this one
+    query), with its 95% interval; share None where the reading has no member or the query's value is None."""
+    task = task if task is not None else pre.settings.get("task")
+    pop = population(pre)
+    out = []
     for name, f in builtin_features(task).items():
-        vals = Counter()
-        for s in inside:
-            try:
-                vals[f(s.text)] += 1
-            except Exception:  # a built-in feature on a malformed sample: does not apply
-                vals[None] += 1
-        item(name, vals)
-    toks = [_text_tokens(s) for s in inside]
-    item("multiset of tokens", Counter(_multiset(t) for t in toks))
-    item("number of tokens", Counter(len(t) for t in toks))
+        try:
+            v = f(pre.text)
+        except Exception:
+            v = None
+        s = None if v is None else pop.share(lambda m, f=f, v=v: _safe(f, m.text) == v)
+        out.append({"feature": name, "value": v, "share": s and s.share, "low": s and s.low, "high": s and s.high,
+                    "n": s and round(s.n, 1), "estimate": pop.estimate})
+    return out
 
-    lines = [f"shared by {share:.0%} of {n} samples: {what}" for share, what in shared]
-    lines += [x for x in (_aligned(pre, inside, n, matched=True), _aligned(pre, inside, n, matched=False)) if x]
-    return lines + varies
+
+def _safe(f, text):
+    try:
+        return f(text)
+    except Exception:
+        return None

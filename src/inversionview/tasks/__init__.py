@@ -59,6 +59,14 @@ class Task:
         """A short task-specific reading of any input (e.g. its true count); None if it is malformed."""
         return None
 
+    def propose(self, text: str, rng: random.Random) -> str | None:
+        """A random local move from a valid input, reversible with respect to the generator's distribution p:
+        p(x) K(x -> y) = p(y) K(y -> x). Each move re-draws one part of the input from the generator (given the
+        rest) or swaps parts of equal probability, so a Metropolis-Hastings chain whose target is p restricted to
+        a preimage accepts a move exactly when the probed model puts it inside (:mod:`inversionview.explore`).
+        None where the text is not an input the generator can produce, or the task defines no moves."""
+        return None
+
 
 def get_task(name: str) -> Task:
     from .addition import Addition

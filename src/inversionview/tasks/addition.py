@@ -46,6 +46,41 @@ class Addition(Task):
             return None
         return "sum ok" if ok else "sum wrong"
 
+    @staticmethod
+    def parse(text: str) -> tuple[int, int] | None:
+        """``(a, b)`` of an input the generator can produce; None otherwise."""
+        lhs, _, c = text.partition("=")
+        a, _, b = lhs.partition("+")
+        if not (a.isdigit() and b.isdigit() and len(a) == len(b) == 3 and a[0] != "0" and b[0] != "0"):
+            return None
+        return (int(a), int(b)) if c == str(int(a) + int(b)) else None
+
+    def propose(self, text: str, rng: random.Random) -> str | None:
+        """One of five moves, each reversible with respect to the generator (a and b uniform on 100..999):
+        re-draw one digit; re-draw one column (both operands' digits at one place); swap the operands; re-draw
+        one operand; or move d from one operand to the other (keeping the sum)."""
+        p = self.parse(text)
+        if p is None:
+            return None
+        digits = [int(x) for x in f"{p[0]}{p[1]}"]
+        move = rng.randrange(5)
+        if move == 0:
+            i = rng.randrange(6)
+            digits[i] = rng.randint(1 if i % 3 == 0 else 0, 9)
+        elif move == 1:
+            i = rng.randrange(3)
+            digits[i], digits[i + 3] = (rng.randint(1 if i == 0 else 0, 9) for _ in range(2))
+        elif move == 2:
+            digits = digits[3:] + digits[:3]
+        elif move == 3:
+            i = 3 * rng.randrange(2)
+            digits[i:i + 3] = map(int, str(rng.randint(100, 999)))
+        a, b = int("".join(map(str, digits[:3]))), int("".join(map(str, digits[3:])))
+        if move == 4:
+            d = rng.choice((-1, 1)) * rng.randint(1, 899)
+            a, b = (a + d, b - d) if 100 <= a + d <= 999 and 100 <= b - d <= 999 else (a, b)
+        return f"{a}+{b}={a + b}"
+
     def all_inputs(self):
         """Every input of the task, in order (810,000)."""
         for a in range(100, 1000):

@@ -40,6 +40,46 @@ class Counting(Task):
     def answer_positions(self, text: str) -> list[int]:
         return [text.index(":") + 2]
 
+    @staticmethod
+    def parse(text: str) -> tuple[str, str] | None:
+        """``(letters, target)`` of an input the generator can produce; None otherwise."""
+        head, sep, tail = text.partition("|")
+        counts = {c: head.count(c) for c in set(head)}
+        if (not sep or len(tail) < 3 or tail[1] != ":" or len(counts) != 3 or not set(head) <= set(LETTERS)
+                or not all(1 <= n <= 9 for n in counts.values()) or tail[0] not in counts
+                or tail[2:] != str(counts[tail[0]])):
+            return None
+        return head, tail[0]
+
+    def propose(self, text: str, rng: random.Random) -> str | None:
+        """One of four moves, each reversible with respect to the generator (which draws the counts uniformly and
+        the order uniformly given them): swap two positions; move the target to another of the three letters;
+        rename a letter to one not present; or re-draw one letter's count from 1..9 and its places among the
+        other letters (the generator's conditional given the others' order)."""
+        p = self.parse(text)
+        if p is None:
+            return None
+        head, target = p
+        letters = sorted(set(head))
+        move = rng.randrange(4)
+        if move == 0:
+            s = list(head)
+            i, j = rng.randrange(len(s)), rng.randrange(len(s))
+            s[i], s[j] = s[j], s[i]
+            head = "".join(s)
+        elif move == 1:
+            target = rng.choice([c for c in letters if c != target])
+        elif move == 2:
+            old, new = rng.choice(letters), rng.choice([c for c in LETTERS if c not in letters])
+            head, target = head.replace(old, new), new if target == old else target
+        else:
+            c, k = rng.choice(letters), rng.randint(1, 9)
+            rest = [x for x in head if x != c]
+            at = set(rng.sample(range(len(rest) + k), k))
+            it = iter(rest)
+            head = "".join(c if i in at else next(it) for i in range(len(rest) + k))
+        return f"{head}|{target}:{head.count(target)}"
+
     def annotate(self, text: str) -> str | None:
         """The true count of the target letter, e.g. ``count=8``."""
         head, sep, tail = text.partition("|")

@@ -53,7 +53,7 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
     lines.append(f"{pre.n_candidates} candidates, {len(pre.samples)} distinct, {inside} distinct inside epsilon; "
                  f"true fraction of candidates inside epsilon: {pre.fraction_inside:.1%}")
     if pre.summary:
-        lines.append("summary (distinct samples inside epsilon):")
+        lines.append("summary:")
         lines += [f"  {x}" for x in pre.summary]
     if colour:
         lines.append("colour: \x1b[48;2;55;105;255m blue \x1b[0m the activation raised the token's probability, "

@@ -1,0 +1,233 @@
+"""Fidelity of readings against exact preimages: the measure of record for faithful readings (issue 10).
+
+For the built-in enumerable tasks and the shipped models, compute the true epsilon-preimage of random held-out
+queries by scanning, then read the same queries with the default reading (the decoder's Auto mix, then chains on the preimage; run for all
+queries of a site at once, as ``explain`` runs it, and also one query at a time for --timed queries per site, to time
+it and count the members it finds) and compare, per feature of the task,
+the share of members that have the query's value (the FCR of one query):
+
+- addition: all 810,000 inputs (exact);
+- counting: a random scan from the task's generator (--pool inputs) plus, for each query length, --stratum inputs
+  drawn with that length (the preimage of a site at the target character is mostly inputs of the query's length,
+  rare under the generator); strata are weighted by their exact probability and each true share comes with its
+  standard error (delta method).
+
+The scan is written here from scratch (tokens, the probed model's forward up to the site, distances, masks) and
+shares no code with the reading it checks, except the probed model's forward pass and the feature definitions.
+
+Prints per site and overall: the mean and max |FCR(reading) - FCR(true)| over queries and features (the max over
+those whose true share is known to within +-0.05), shared-claim violations (the summary calls a feature shared
+whose true share is below 0.75), the recall of distinct true members (addition) and the time per reading.
+
+    python benchmarks/bench_fidelity.py [--task counting|addition|both] [--queries 32] [--sites a0.0,a1.0]
+                                        [--chains 32] [--baseline]
+
+``--baseline`` also reads each query with the decoder's samples alone (``chains=0``, the paper's reading).
+Bars: mean <= 0.03 and max <= 0.15 on both tasks with >= 32 queries per site; no violation.
+"""
+
+import argparse
+import math
+import random
+import statistics
+import time
+from collections import defaultdict
+from itertools import product
+
+import torch
+
+from inversionview import InversionView
+from inversionview.explore import CHAINS, share
+from inversionview.features import builtin_features, preimages
+from inversionview.summary import is_shared
+
+SURE_HALF_WIDTH = 0.05  # a true share counts for the max when its 95% half-width is at most this
+VIOLATION = 0.75
+MIN_MEMBERS = 40  # scanned members below which a true share is not known
+
+
+def length_probability(length: int) -> float:
+    """P(the counting generator draws ``length`` letters): counts are three independent uniform draws from 1..9."""
+    return sum(1 for c in product(range(1, 10), repeat=3) if sum(c) == length) / 729
+
+
+def counting_with_length(rng: random.Random, length: int) -> str:
+    """A counting input drawn from the generator conditioned on its number of letters."""
+    from inversionview.tasks.counting import LETTERS
+
+    triples = [c for c in product(range(1, 10), repeat=3) if sum(c) == length]
+    counts = rng.choice(triples)
+    letters = rng.sample(LETTERS, 3)
+    seq = [c for c, n in zip(letters, counts) for _ in range(n)]
+    rng.shuffle(seq)
+    k = rng.randrange(3)
+    return f"{''.join(seq)}|{letters[k]}:{counts[k]}"
+
+
+def encode(vocab, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BOS + characters + EOS, right-padded with PAD; and the mask of positions a distance is taken at (not PAD
+    or EOS)."""
+    ids = {t: i for i, t in enumerate(vocab.tokens)}
+    T = max(map(len, texts)) + 2
+    out = torch.full((len(texts), T), ids[vocab.pad], dtype=torch.long)
+    for r, t in enumerate(texts):
+        out[r, :len(t) + 2] = torch.tensor([ids[vocab.bos], *(ids[c] for c in t), ids[vocab.eos]])
+    return out, (out != ids[vocab.pad]) & (out != ids[vocab.eos])
+
+
+@torch.inference_mode()
+def scan(iv, site, zq: torch.Tensor, texts: list[str], epsilon: float, chunk: int = 8192) -> torch.Tensor:
+    """(Q, N) bool: whether each text is inside each query's epsilon-preimage (min over positions of
+    ||zq - z|| / ||zq||)."""
+    p = iv.probed
+    s = p.site(site)
+    inside = []
+    for i in range(0, len(texts), chunk):
+        ids, valid = encode(p.tokenizer, texts[i:i + chunk])
+        z = p.run(ids, [s])[s].float()  # (B, T, d)
+        d = torch.cdist(z.reshape(-1, z.shape[-1]), zq).reshape(z.shape[0], z.shape[1], -1)  # (B, T, Q)
+        d = (d / zq.norm(dim=-1)).masked_fill(~valid[..., None], math.inf).amin(1)  # (B, Q)
+        inside.append((d <= epsilon).T)
+    return torch.cat(inside, 1)
+
+
+def pool(task, n_pool: int, n_stratum: int, lengths, seed: int = 7):
+    """Scan inputs with their stratum weights: addition, all inputs (weight 1); counting, generator draws plus
+    length strata. Returns texts, and per query length a weight vector (stratified estimator)."""
+    if task.name == "addition":
+        texts = list(task.all_inputs())
+        return texts, {None: torch.ones(len(texts))}
+    rng = random.Random(seed)
+    base = [task.generate(rng) for _ in range(n_pool)]
+    strata = {L: [counting_with_length(rng, L) for _ in range(n_stratum)] for L in sorted(set(lengths))}
+    texts = base + [t for L in strata for t in strata[L]]
+    base_len = torch.tensor([len(t.partition("|")[0]) for t in base], dtype=torch.float)
+    weights, start = {}, n_pool
+    for L in strata:
+        w = torch.zeros(len(texts))
+        other = base_len != L
+        w[:n_pool][other] = (1 - length_probability(L)) / max(1, int(other.sum()))
+        w[start:start + n_stratum] = length_probability(L) / n_stratum
+        weights[L] = w
+        start += n_stratum
+    return texts, weights
+
+
+def truth(inside: torch.Tensor, match: torch.Tensor, w: torch.Tensor) -> tuple[float | None, float]:
+    """The weighted share of ``match`` among ``inside`` rows and its standard error (delta method over the
+    strata, which have constant weights within; infinite below MIN_MEMBERS members, where it means nothing)."""
+    m = inside.float() * w
+    den = m.sum()
+    if den == 0:
+        return None, math.inf
+    if int(inside.sum()) < MIN_MEMBERS:
+        return float((m * match).sum() / den), math.inf
+    r = float((m * match).sum() / den)
+    var = 0.0
+    for wv in w.unique():
+        if wv == 0:
+            continue
+        rows = w == wv
+        n_h = int(rows.sum())
+        resid = inside[rows].float() * (match[rows].float() - r)
+        var += float((wv * n_h) ** 2 * resid.var(unbiased=True) / n_h) if n_h > 1 else 0.0
+    return r, math.sqrt(var) / float(den)
+
+
+def run_task(name: str, args) -> dict:
+    iv = InversionView.load(f"shipped:{name}")
+    task, eps = iv.task, iv.spec.epsilon
+    feats = builtin_features(task)
+    sites = args.sites.split(",") if args.sites else list(iv.spec.sites)
+    rng = random.Random(args.seed)
+    qs = {s: [task.sample(rng, "test") for _ in range(args.queries)] for s in sites}
+    lengths = [len(t.partition("|")[0]) for v in qs.values() for t in v] if name == "counting" else []
+    t0 = time.perf_counter()
+    texts, weights = pool(task, args.pool, args.stratum, lengths)
+    values = {k: [f(t) for t in texts] for k, f in feats.items()}
+    print(f"{name}: scan pool of {len(texts):,} inputs ({time.perf_counter() - t0:.0f} s to build)")
+    rows = defaultdict(list)
+    modes = ("chains", "decoder") if args.baseline else ("chains",)
+    for site in sites:
+        s = iv.probed.site(site)
+        poss = [task.positions(t)[i % len(task.positions(t))] for i, t in enumerate(qs[site])]
+        b = iv.probed.batch([iv.probed.encode(t) for t in qs[site]])
+        zq = iv.probed.run(b.ids, [s])[s].float()[torch.arange(len(poss)), torch.tensor(poss)]
+        t0 = time.perf_counter()
+        inside = scan(iv, s, zq, texts, eps)
+        t_scan = time.perf_counter() - t0
+        for mode in modes:
+            t0 = time.perf_counter()
+            chains = preimages(iv, qs[site], s, poss, samples=args.samples, chains=args.chains if mode == "chains" else 0,
+                               seed=args.seed)
+            t_batch = (time.perf_counter() - t0) / len(poss)
+            for q, (text, pos) in enumerate(zip(qs[site], poss)):
+                L = len(text.partition("|")[0]) if name == "counting" else None
+                for k, f in feats.items():
+                    vq = f(text)
+                    tr, se = truth(inside[q], torch.tensor([v == vq for v in values[k]]), weights[L])
+                    est = share(chains[q], lambda x: f(x) == vq)
+                    if tr is None or est is None:
+                        continue
+                    rows[(mode, site)].append(dict(err=abs(est.share - tr), sure=1.96 * se <= SURE_HALF_WIDTH,
+                                                   violation=is_shared(est) and tr + 1.96 * se < VIOLATION,
+                                                   time=t_batch, feature=k, query=text, truth=tr, read=est.share))
+            for q in range(min(args.timed, len(poss))):  # the default reading, one query at a time: time and recall
+                t0 = time.perf_counter()
+                pre = iv.query(qs[site][q], site=site, position=poss[q], samples=args.samples,
+                               chains=args.chains if mode == "chains" else 0)
+                size = int(inside[q].sum())
+                found = pre.chains["distinct"] if pre.chains else sum(
+                    1 for x in pre.samples if x.distance <= eps and task.propose(x.text, rng))
+                rows[(mode, site)].append(dict(reading=time.perf_counter() - t0,
+                                               recall=found / size if name == "addition" and size else None))
+        print(f"  {site}: scanned in {t_scan:.1f} s; " + "; ".join(report(rows[(m, site)], m) for m in modes), flush=True)
+    out = {}
+    for mode in (("chains", "decoder") if args.baseline else ("chains",)):
+        allr = [r for (m, _), v in rows.items() if m == mode for r in v]
+        print(f"{name} overall [{mode}]: {report(allr, mode)}")
+        worst = sorted((r for r in allr if r.get("sure")), key=lambda r: -r["err"])[:3]
+        for r in worst:
+            print(f"    worst: {r['query']} {r['feature']}: read {r['read']:.2f}, true {r['truth']:.2f}")
+        out[mode] = allr
+    return out
+
+
+def report(rows: list[dict], mode: str) -> str:
+    errs = [r["err"] for r in rows if "err" in r]
+    if not errs:
+        return f"[{mode}] no rows"
+    sure = [r["err"] for r in rows if r.get("sure")]
+    rec = [r["recall"] for r in rows if r.get("recall") is not None]
+    times = [r["reading"] for r in rows if "reading" in r]
+    return (f"[{mode}] mean |dFCR| {statistics.mean(sure) if sure else float('nan'):.3f} known, "
+            f"{statistics.mean(errs):.3f} all, max {max(sure) if sure else float('nan'):.3f} "
+            f"({len(sure)}/{len(errs)} known to +-{SURE_HALF_WIDTH}), violations {sum(r['violation'] for r in rows)}"
+            + (f", recall median {statistics.median(rec):.1%}" if rec else "")
+            + f", {statistics.mean(r['time'] for r in rows if 'time' in r):.2f} s per query batched"
+            + (f", {statistics.median(times):.2f} s per reading (median of {len(times)})" if times else ""))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="both", choices=["counting", "addition", "both"])
+    ap.add_argument("--queries", type=int, default=32)
+    ap.add_argument("--sites", default=None)
+    ap.add_argument("--chains", type=int, default=CHAINS)
+    ap.add_argument("--samples", type=int, default=1024, help="decoder candidates per query (the default reading's)")
+    ap.add_argument("--timed", type=int, default=4, help="queries per site also read one at a time (time, recall)")
+    ap.add_argument("--pool", type=int, default=100_000)
+    ap.add_argument("--stratum", type=int, default=20_000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")
+    for name in (["counting", "addition"] if args.task == "both" else [args.task]):
+        run_task(name, args)
+
+
+if __name__ == "__main__":
+    main()

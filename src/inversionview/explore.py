@@ -1,0 +1,164 @@
+"""Faithful readings (METHOD.md §7): estimate the epsilon-preimage under the input distribution, not the decoder's.
+
+The decoder proposes; where it is well trained it proposes mostly look-alikes of the query, so shares counted
+over its samples describe the decoder, not the preimage. Here the decoder's members only start the search:
+Metropolis-Hastings chains walk the preimage with target
+
+    pi(x)  proportional to  p(x) [D(x) <= epsilon]
+
+where p is the task's input distribution (its generator). Every move is reversible with respect to p: the
+task's :meth:`~inversionview.tasks.Task.propose` (re-draw one part of the input given the rest, or swap parts of
+equal probability) or a fresh draw from the generator. So the Hastings ratio is 1 and a move is accepted exactly
+when the probed model puts the proposal inside epsilon: every state of every chain is a verified member.
+
+Shares are averaged over the chains' states after burn-in (:func:`share`), with a 95% interval whose effective
+size comes from the spread between chains. Counterfactual checks (:func:`counterfactuals`) change one feature of
+members with the same moves and count how many stay inside.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CHAINS = 32  # chains per query
+STEPS = 48  # moves per chain; the first half is burn-in
+GLOBAL = 0.15  # share of moves that are fresh draws from the generator
+DRAWS = 256  # inputs drawn from the generator per query before the chains start
+Z = 1.96  # 95% intervals
+
+
+@dataclass
+class Walk:
+    """The chains on one query's preimage: every distinct member met (text -> (distance, arg-min position)),
+    the states each chain kept after burn-in, and how many moves were proposed and accepted."""
+
+    members: dict[str, tuple[float, int]] = field(default_factory=dict)
+    states: list[list[str]] = field(default_factory=list)
+    proposed: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / max(1, self.proposed)
+
+
+@dataclass(frozen=True)
+class Share:
+    """An estimated share of the preimage (under the input distribution) with its 95% interval; ``n`` is the
+    effective number of independent members it rests on."""
+
+    share: float
+    low: float
+    high: float
+    n: float
+
+
+def can_explore(task) -> bool:
+    """Whether ``task`` defines moves (built-in tasks with a generator)."""
+    from .tasks import Task
+
+    return task is not None and type(task).propose is not Task.propose
+
+
+@torch.no_grad()
+def walk(probed, task, site, zq: torch.Tensor, starts: list[list[str]], epsilon: float, metric: str,
+         chains: int = CHAINS, steps: int = STEPS, draws: int = DRAWS, seed: int = 0) -> list[Walk]:
+    """Run ``chains`` chains per query (``zq`` (Q, d)) for ``steps`` moves. Each query first verifies ``draws``
+    inputs from the generator: those inside are exact draws from its preimage and start the chains; the rest of
+    the chains start from members among ``starts[q]`` (e.g. the decoder's, which the chains must then walk away
+    from: the first half of the moves is burn-in). A query left with no member gets an empty walk. All queries'
+    proposals are verified together, in batches."""
+    rng = random.Random(seed)
+    seen = [{} for _ in starts]  # per query: every text verified -> (distance, arg-min position)
+    fresh = [[task.generate(rng) for _ in range(draws)] for _ in starts]
+    _check(probed, site, zq, seen, [(q, x) for q, st in enumerate(starts) for x in dict.fromkeys(st + fresh[q])], metric)
+    walks, state = [Walk() for _ in starts], []
+    for q, st in enumerate(starts):
+        inside = [x for x in dict.fromkeys(fresh[q]) if seen[q][x][0] <= epsilon]
+        rest = [x for x in dict.fromkeys(st) if seen[q][x][0] <= epsilon and x not in inside
+                and task.propose(x, random.Random(0))]
+        st = rng.sample(inside, min(len(inside), chains))
+        st += rng.sample(rest, min(len(rest), chains - len(st)))
+        state.append((st * chains)[:chains])
+        walks[q].states = [[] for _ in state[q]]
+    for step in range(steps):
+        props = [[task.generate(rng) if rng.random() < GLOBAL else task.propose(x, rng) for x in st] for st in state]
+        _check(probed, site, zq, seen, [(q, x) for q, ps in enumerate(props) for x in ps if x not in seen[q]], metric)
+        for q, (st, ps) in enumerate(zip(state, props)):
+            w = walks[q]
+            w.proposed += len(ps)
+            for c, y in enumerate(ps):
+                if seen[q][y][0] <= epsilon:
+                    w.accepted += y != st[c]
+                    st[c] = y
+                if step >= steps // 2:
+                    w.states[c].append(st[c])
+    for w, sq in zip(walks, seen):
+        w.members = {x: v for x, v in sq.items() if v[0] <= epsilon}
+    return walks
+
+
+def _check(probed, site, zq, seen: list[dict], todo: list[tuple[int, str]], metric: str) -> None:
+    """Verify the distinct (query, text) pairs of ``todo`` and record them in ``seen``."""
+    from .preimage import verify
+
+    todo = list(dict.fromkeys(todo))
+    if todo:
+        dmin, amin, _ = verify(probed, site, [probed.encode(x) for _, x in todo], zq[[q for q, _ in todo]], metric)
+        for (q, x), d, a in zip(todo, dmin.tolist(), amin.tolist()):
+            seen[q][x] = (d, a)
+
+
+def wilson(p: float, n: float) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share ``p`` measured on ``n`` independent draws."""
+    if n <= 0:
+        return 0.0, 1.0
+    den = 1 + Z * Z / n
+    mid = (p + Z * Z / (2 * n)) / den
+    half = Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def share(states: list[list], hit: Callable[[object], bool]) -> Share | None:
+    """The share of states for which ``hit`` holds, averaged per chain and then over chains (None without
+    states). The interval's effective size is p(1-p) over the between-chain variance of the mean, between the
+    number of chains and the number of states; where every state agrees it is the number of chains."""
+    per = [sum(map(hit, s)) / len(s) for s in states if s]
+    if not per:
+        return None
+    c = len(per)
+    p = sum(per) / c
+    var = sum((x - p) ** 2 for x in per) / max(1, c - 1) / c
+    total = sum(len(s) for s in states)
+    n = c if p in (0.0, 1.0) else total if var == 0 else min(max(p * (1 - p) / var, c), total)
+    lo, hi = wilson(p, n)
+    return Share(p, lo, hi, n)
+
+
+def counterfactuals(probed, task, site, zq: torch.Tensor, members: list[str], f: Callable, metric: str,
+                    tries: int = 30, seed: int = 0) -> list[float]:
+    """Change the feature ``f`` in each of ``members`` with the task's moves (the first move that changes its value,
+    at most ``tries``) and return the changed inputs' distances: how many of them stay inside epsilon shows whether
+    the activation keeps the feature."""
+    from .preimage import verify
+
+    rng = random.Random(seed)
+    edits = []
+    for x in members:
+        v = f(x)
+        for _ in range(tries):
+            y = task.propose(x, rng)
+            if y is not None and f(y) != v:
+                edits.append(y)
+                break
+    if not edits:
+        return []
+    return verify(probed, site, [probed.encode(y) for y in edits], zq, metric)[0].tolist()

@@ -1,0 +1,190 @@
+"""Faithful readings (inversionview.explore): the task moves keep the input distribution, the chains estimate
+shares over the preimage (not over the decoder's proposals), intervals and counterfactual checks."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from inversionview.explore import can_explore, share, walk, wilson
+from inversionview.features import builtin_features
+from inversionview.tasks import get_task
+
+
+def chi2(a: Counter, b: Counter) -> tuple[float, int]:
+    """Two-sample chi-square statistic of two histograms over the same number of draws, bins with < 10 merged."""
+    keys = sorted(set(a) | set(b), key=str)
+    stat, df, ra, rb = 0.0, -1, 0, 0
+    for k in keys + [None]:
+        if k is not None:
+            ra, rb = ra + a[k], rb + b[k]
+        if (ra + rb >= 20 and k is not None) or (k is None and ra + rb):
+            stat += (ra - rb) ** 2 / (ra + rb)
+            df, ra, rb = df + 1, 0, 0
+    return stat, df
+
+
+def _stationary(task, stats, n=20_000, steps=4, seed=0):
+    """Draw x from the generator, apply ``steps`` moves, and compare each statistic's histogram before and after:
+    a kernel that keeps the generator's distribution leaves them equal up to sampling noise."""
+    rng = random.Random(seed)
+    xs = [task.generate(rng) for _ in range(n)]
+    ys = xs
+    for _ in range(steps):
+        ys = [task.propose(y, rng) for y in ys]
+    ref = [task.generate(rng) for _ in range(n)]  # an independent prior sample: the same test against itself
+    out = {}
+    for name, g in stats.items():
+        s, df = chi2(Counter(map(g, ref)), Counter(map(g, ys)))
+        out[name] = s / max(1, df)
+    return out
+
+
+def _runs(t):  # adjacent equal letters: sensitive to how a move places letters
+    head = t.partition("|")[0]
+    return sum(a == b for a, b in zip(head, head[1:]))
+
+
+COUNTING_STATS = {
+    "length": lambda t: len(t.partition("|")[0]),
+    "count": lambda t: int(t.rpartition(":")[2]),
+    "runs": _runs,
+    "target": lambda t: t.partition("|")[2][0],
+    "first": lambda t: t[0],
+    "target first at": lambda t: t.index(t.partition("|")[2][0]),
+}
+ADDITION_STATS = {
+    "F1": lambda t: t[0], "S2": lambda t: t[5], "F3": lambda t: t[2],
+    "a // 50": lambda t: int(t[:3]) // 50, "b // 50": lambda t: int(t[4:7]) // 50, "sum // 100": lambda t: len(t) * 100 + int(t[8:]) // 100,
+}
+
+
+@pytest.mark.parametrize("name,stats", [("counting", COUNTING_STATS), ("addition", ADDITION_STATS)])
+def test_moves_keep_the_generators_distribution(name, stats):
+    # chi-square per degree of freedom near 1 for a stationary kernel; a kernel that drifts (an insert-at-a-slot
+    # count move, a one-sided transfer) gives tens to hundreds on these statistics
+    task = get_task(name)
+    for stat, v in _stationary(task, stats).items():
+        assert v < 2.0, (stat, v)
+
+
+def test_a_drifting_move_is_caught():
+    # the same check on a deliberately wrong kernel: re-draw a count but append the letters at the end
+    task = get_task("counting")
+
+    class Wrong(type(task)):
+        def propose(self, text, rng):
+            head, target = self.parse(text)
+            c = rng.choice(sorted(set(head)))
+            head = "".join(x for x in head if x != c) + c * rng.randint(1, 9)
+            return f"{head}|{target}:{head.count(target)}"
+
+    assert max(_stationary(Wrong(), COUNTING_STATS).values()) > 10
+
+
+def test_moves_produce_valid_inputs_and_refuse_others():
+    for name in ("counting", "addition"):
+        task = get_task(name)
+        rng = random.Random(1)
+        x = task.generate(rng)
+        for _ in range(2000):
+            x = task.propose(x, rng)
+            assert task.parse(x) is not None, x
+    assert get_task("counting").propose("abc|a:2", random.Random(0)) is None  # the count is wrong
+    assert get_task("counting").propose("aab|a:2", random.Random(0)) is None  # two letters, not three
+    assert get_task("addition").propose("123+456=578", random.Random(0)) is None  # the sum is wrong
+    assert get_task("addition").propose("023+456=479", random.Random(0)) is None  # a leading zero
+    assert can_explore(get_task("counting")) and not can_explore(get_task("ioi")) and not can_explore(None)
+
+
+def test_wilson_interval_matches_hand_values():
+    # p = 0.5, n = 100: centre 0.5, half-width 1.96 * sqrt(0.0025 + 0.96^2/40000... ) / (1 + 3.8416/100)
+    lo, hi = wilson(0.5, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = wilson(1.0, 32)
+    assert hi == 1.0 and lo == pytest.approx(0.8928, abs=1e-4)
+
+
+def test_share_averages_per_chain_and_widens_with_disagreement():
+    agree = share([[1, 1, 1, 1]] * 8 + [[0, 0, 0, 0]] * 8, bool)
+    assert agree.share == 0.5
+    mixed = share([[1, 0, 1, 0]] * 16, bool)
+    assert mixed.share == 0.5 and mixed.high - mixed.low < agree.high - agree.low
+    # chains of different lengths count equally
+    assert share([[1], [0, 0, 0]], bool).share == 0.5
+
+
+@pytest.fixture(scope="module")
+def addition():
+    from inversionview.run import InversionView
+
+    return InversionView.load("shipped:addition")
+
+
+def _exact(task, f, vq, keep=lambda t: True):
+    xs = [t for t in task.all_inputs() if keep(t)]
+    return sum(f(t) == vq for t in xs) / len(xs)
+
+
+def test_chains_from_look_alikes_estimate_the_true_share(addition):
+    # x0.pre at '=' (index 8) is the embedding of '=' at index 8: every addition input is in its preimage, so the true
+    # share of the query's hundreds digit is exactly 1/9 and of its tens digit 1/10. The chains start from the query
+    # alone (the most biased proposal possible: a raw share over the starts would say 1.0) and must estimate the
+    # preimage's shares.
+    iv, task = addition, addition.task
+    query = "456+378=834"
+    s = iv.probed.site("x0.pre")
+    zq = iv.probed.run(torch.tensor([iv.probed.encode(query)]), [s])[s][0, 8].float()
+    w = walk(iv.probed, task, s, zq[None], [[query]], 0.1, "euclidean", chains=32, steps=48, seed=0)[0]
+    feats = builtin_features(task)
+    for k, truth in (("F1", 1 / 9), ("F2", 1 / 10), ("S3", 1 / 10), ("carry_ones", _exact(task, feats["carry_ones"], True))):
+        vq = feats[k](query)
+        est = share(w.states, lambda x: feats[k](x) == vq)
+        assert est.low <= truth <= est.high and abs(est.share - truth) < 0.08, (k, est, truth)
+    assert w.acceptance > 0.5 and len(w.members) > 300
+
+
+def test_reading_with_a_biased_decoder_reports_preimage_shares():
+    # A deliberately biased decoder: it proposes only look-alikes of the query (hundreds digits 4 and 3, as in
+    # 456+378). At x0.pre on '=' every addition input is inside, so the raw share of F1 = 4 among its proposals is
+    # 1.0 while the preimage's is exactly 1/9. The reading's shares must be the preimage's.
+    from inversionview.run import InversionView
+
+    iv = InversionView.load("shipped:addition")
+    rng = random.Random(0)
+
+    def look_alikes(z, site, bos, eos, tau, max_len, g):
+        texts = [f"4{rng.randint(0, 99):02d}+3{rng.randint(0, 99):02d}" for _ in range(len(z))]
+        return [iv.probed.encode(f"{t}={int(t[:3]) + int(t[4:])}") for t in texts]
+
+    iv.decoder.generate = look_alikes
+    pre = iv.query("456+378=834", site="x0.pre", position=8, samples=64)
+    f1 = builtin_features("addition")["F1"]
+    decoder_inside = [x for x in pre.samples if x.source == "decoder" and x.distance <= pre.epsilon]
+    assert len(decoder_inside) > 50 and all(f1(x.text) == 4 for x in decoder_inside)  # the bias is real
+    got = {x["feature"]: x for x in pre.shares}
+    assert got["F1"]["estimate"] and abs(got["F1"]["share"] - 1 / 9) < 0.06 and got["F1"]["low"] <= 1 / 9
+    assert abs(got["S1"]["share"] - 1 / 9) < 0.06 and abs(got["F1S1"]["share"] - 2 / 81) < 0.04
+    assert not any(line.startswith("shared by") and (": F1 = " in line or ": S1 = " in line) for line in pre.summary)
+    assert any(line.startswith("varies: F1 (") for line in pre.summary)
+    # sum_len = 3 (a + b < 1000) holds in 0.40 of all inputs: it must not be called shared, nor checked
+    assert abs(got["sum_len"]["share"] - 0.3956) < 0.1 and all(c["feature"] != "sum_len" for c in pre.checks)
+    # the same reading from the decoder's samples alone reports the biased share, and says what it describes
+    raw = iv.query("456+378=834", site="x0.pre", position=8, samples=64, chains=0)
+    assert {x["feature"]: x for x in raw.shares}["F1"]["share"] == 1.0 and "decoder's proposals" in raw.summary[0]
+
+
+def test_checks_show_what_the_activation_keeps(addition):
+    # head 0.0 at '=' attends to the hundreds digits: the pair {F1, S1} is shared and changing it leaves the preimage
+    pre = addition.query("456+378=834", site="a0.0", position="=", samples=256)
+    got = {x["feature"]: x for x in pre.shares}
+    assert got["F1S1"]["share"] > 0.9 and got["F1S1"]["low"] >= 0.75
+    check = [c for c in pre.checks if c["feature"] == "F1S1"][0]
+    assert len(check["distances"]) >= 20 and sum(d <= pre.epsilon for d in check["distances"]) <= 0.1 * len(check["distances"])
+    line = [x for x in pre.summary if x.startswith("check: F1S1 changed in")][0]
+    assert line.endswith("stay inside epsilon (0%)") or "stay inside epsilon" in line
+    # the ones digits vary inside the preimage: F3 is not shared
+    assert got["F3"]["share"] < 0.5
