@@ -252,14 +252,14 @@ def sampler():
 
 
 def test_sampling_at_temperature_t_follows_softmax_of_logits_over_t(sampler):
-    """One generate() call holds rows at temperatures 0.5, 1 and 2. For each, the first sampled token is
+    """One generate() call holds rows at temperatures 0.5, 1 and 2, interleaved. For each, the first sampled token is
     distributed as softmax(logits / t) of the decoder's forward logits after BOS, and the second, given the most
     likely first token, as softmax(logits / t) after (BOS, that token) (rows that ended with EOS at step 1 leave
     the batch, so the per-row temperatures must follow the surviving rows). Each fit is rejected for the other
     temperatures."""
     dec, z, bos, eos = sampler
     n = 12000
-    tau = torch.tensor(TEMPERATURES).repeat_interleave(n)
+    tau = torch.tensor(TEMPERATURES).repeat(n)  # interleaved: 0.5, 1, 2, 0.5, ...
     g = torch.Generator().manual_seed(0)
     seqs = dec.generate(z.expand(len(tau), -1), torch.zeros(len(tau), dtype=torch.long), bos, eos, tau, 3, g)
     with torch.no_grad():
@@ -268,7 +268,7 @@ def test_sampling_at_temperature_t_follows_softmax_of_logits_over_t(sampler):
         second = dec(torch.tensor([[bos, top]]), z[None], torch.tensor([0]))[0, -1]
     assert top != eos and float(first.softmax(-1)[eos]) > 0.02  # some rows end early at every temperature
     for k, t in enumerate(TEMPERATURES):
-        rows = seqs[k * n:(k + 1) * n]
+        rows = seqs[k::len(TEMPERATURES)]
         c1 = torch.bincount(torch.tensor([s[1] for s in rows]), minlength=12)
         c2 = torch.bincount(torch.tensor([s[2] for s in rows if s[1] == top]), minlength=12)
         for counts, logits in ((c1, first), (c2, second)):
