@@ -83,7 +83,8 @@ def test_delta_is_p_given_query_minus_p_given_bos(counting):
         want = [0.0]
         for i in range(1, ids.shape[1]):  # each prefix on its own: no reliance on teacher forcing
             with torch.no_grad():
-                pq, pb = (dec(ids[:, :i], z[None], torch.tensor([si]))[0, -1].softmax(-1)[ids[0, i]] for z in (zq, zbos))
+                pq, pb = (dec(ids[:, :i], z[None], torch.tensor([si]))[0, -1].softmax(-1)[ids[0, i]]
+                          for z in (zq, zbos))
             want.append(float(pq - pb))
         assert sample.delta == pytest.approx(want, abs=1e-4)
         seen_pos += sum(x > 0.1 for x in want)
@@ -219,7 +220,7 @@ def test_hit_rate_samples_at_temperature_one(run_dir):
     assert (_given(calls)[1] == 1.0).all() and len(calls[0]["z"]) == 4
 
 
-# ---------------------------------------------------------------------------------------------- sampling at temperature t
+# ---------------------------------------------------------------------------------------------- sampling temperature
 TEMPERATURES = (0.5, 1.0, 2.0)
 
 
