@@ -16,7 +16,10 @@ Run once, out of tree, in a throwaway environment with TransformerLens (never a 
     PYTHONPATH=src /tmp/tl/bin/python scripts/make_tl_fixtures.py
 
 TransformerLens 4 (``TransformerBridge`` in compatibility mode) and older releases (``HookedTransformer``, built
-from the HF weights with TransformerLens's own weight converters) are both supported.
+from the HF weights with TransformerLens's own weight converters) are both supported. The committed fixtures come
+from TransformerLens 4.3.0 (transformers 5.24.0). TransformerLens 2.16.1 (with transformers 4.57.6) gave the
+same values, within 4e-6, for every model but the Llama one: its Llama converter assumes "llama has no biases
+anywhere" and drops the q/k/v/o biases of ``attention_bias=True`` (without biases the two agree within 1e-8).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ D, LAYERS, HEADS = 32, 2, 4
 _COMMON = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * D,
                max_position_embeddings=24)
 RANDOM = {  # name -> (config class, overrides)
-    "gpt2": ("GPT2Config", dict(n_layer=LAYERS, n_head=HEADS, n_embd=D, n_inner=2 * D, n_positions=24)),
+    "gpt2": ("GPT2Config", dict(n_layer=LAYERS, n_head=HEADS, n_embd=D, n_inner=4 * D, n_positions=24)),
     "gpt_neox": ("GPTNeoXConfig", {**_COMMON, "use_parallel_residual": True, "rotary_pct": 0.25}),
     "llama": ("LlamaConfig", {**_COMMON, "num_key_value_heads": 2, "attention_bias": True}),
 }
@@ -80,43 +83,41 @@ def hf_tokenizer(v: CharVocab):
 
 def tl_model(path: Path, v: CharVocab):
     """TransformerLens's model of the HF model in ``path``, float64, default processing, per-head results on."""
+    import tempfile
+
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager").eval()
-    try:
-        from transformer_lens import HookedTransformer  # noqa: F401  (gone in TransformerLens 4)
-    except ImportError:
-        import tempfile
+    with tempfile.TemporaryDirectory() as tmp:  # TransformerLens reads the config and tokenizer from a directory
+        hf.save_pretrained(tmp)
+        hf_tokenizer(v).save_pretrained(tmp)
+        try:
+            from transformer_lens import HookedTransformer  # noqa: F401  (gone in TransformerLens 4)
+        except ImportError:
+            from transformer_lens.model_bridge import TransformerBridge
 
-        from transformer_lens.model_bridge import TransformerBridge
-
-        with tempfile.TemporaryDirectory() as tmp:  # the bridge reloads its tokenizer from the model's directory
-            hf.save_pretrained(tmp)
-            hf_tokenizer(v).save_pretrained(tmp)
             model = TransformerBridge.boot_transformers(tmp, hf_model=hf, dtype=torch.float64)
-        model.enable_compatibility_mode(disable_warnings=True)
-    else:
-        model = legacy_model(hf, v)
+            model.enable_compatibility_mode(disable_warnings=True)
+        else:
+            model = legacy_model(tmp, hf, v)
     model.set_use_attn_result(True)
     return model.eval()
 
 
-def legacy_model(hf, v: CharVocab):
-    """TransformerLens < 4: a HookedTransformer from TransformerLens's own config and weight conversion of the HF
-    model, loaded with its default processing."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+def legacy_model(tmp: str, hf, v: CharVocab):
+    """TransformerLens < 4: what ``HookedTransformer.from_pretrained`` does with its defaults, for a local model
+    (which ``from_pretrained`` refuses): TransformerLens's config and weight conversion, then its processing."""
+    from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as lp
+    from transformers import AutoTokenizer
 
-    hf_cfg = hf.config
-    arch = hf_cfg.architectures[0]
-    cfg = dict(lp.convert_hf_model_config_from_hf_config(hf_cfg)) if hasattr(lp, "convert_hf_model_config_from_hf_config") \
-        else None
-    if cfg is None:
-        raise SystemExit("this TransformerLens release cannot build a config from a local HF config; use >= 2.0")
-    cfg.update(dtype=torch.float64, default_prepend_bos=False, original_architecture=arch, d_vocab=hf_cfg.vocab_size)
-    tl_cfg = HookedTransformerConfig(**cfg)
-    state = lp.get_pretrained_state_dict("local", tl_cfg, hf_model=hf, dtype=torch.float64)
-    model = HookedTransformer(tl_cfg, tokenizer=hf_tokenizer(v))
+    if hf.config.model_type == "gpt2":  # TransformerLens reads GPT-2's context length from n_ctx
+        hf.config.n_ctx = hf.config.n_positions
+        hf.config.save_pretrained(tmp)
+    cfg = lp.get_pretrained_model_config(tmp, hf_cfg=hf.config.to_dict(), fold_ln=True, dtype=torch.float64,
+                                         default_prepend_bos=False)
+    state = lp.get_pretrained_state_dict(tmp, cfg, hf, dtype=torch.float64)
+    model = HookedTransformer(cfg, AutoTokenizer.from_pretrained(tmp), move_to_device=False)
     model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=True,
                                       fold_value_biases=True)
     return model
@@ -160,7 +161,7 @@ def make(name: str, path: Path, texts: list[str]) -> Path:
         tensors[f"{i}/ids"] = torch.tensor(ids)
         for site, x in activations(model, ids, names).items():
             tensors[f"{i}/{site}"] = x.to(torch.float32).contiguous()
-    meta = {"model": str(path.relative_to(ROOT)), "texts": json.dumps(texts), "sites": json.dumps(names),
+    meta = {"model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "texts": json.dumps(texts), "sites": json.dumps(names),
             "transformer_lens": version("transformer-lens"), "torch": torch.__version__,
             "transformers": version("transformers"),
             "processing": "fold_ln, center_writing_weights, center_unembed, fold_value_biases"}
@@ -183,7 +184,7 @@ def main(argv=None) -> None:
         if name in RANDOM:
             build_random(name, path)
         out = make(name, path, texts)
-        print(f"{name}: {out.relative_to(ROOT)} ({out.stat().st_size / 1024:.0f} KiB), "
+        print(f"{name}: {out} ({out.stat().st_size / 1024:.0f} KiB), "
               f"TransformerLens {version('transformer-lens')}")
 
 
