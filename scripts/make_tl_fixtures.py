@@ -161,8 +161,8 @@ def make(name: str, path: Path, texts: list[str]) -> Path:
         tensors[f"{i}/ids"] = torch.tensor(ids)
         for site, x in activations(model, ids, names).items():
             tensors[f"{i}/{site}"] = x.to(torch.float32).contiguous()
-    meta = {"model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "texts": json.dumps(texts), "sites": json.dumps(names),
-            "transformer_lens": version("transformer-lens"), "torch": torch.__version__,
+    meta = {"model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "texts": json.dumps(texts),
+            "sites": json.dumps(names), "transformer_lens": version("transformer-lens"), "torch": torch.__version__,
             "transformers": version("transformers"),
             "processing": "fold_ln, center_writing_weights, center_unembed, fold_value_biases"}
     OUT.mkdir(parents=True, exist_ok=True)
