@@ -71,7 +71,8 @@ class _Stop(Exception):
 
 @dataclass
 class Batch:
-    """Token ids, right-padded, and the mask of positions a distance may be taken at (not PAD, not EOS)."""
+    """Token ids, right-padded, and the mask of positions a distance may be taken at: within the sequence's
+    length and not a PAD or EOS token wherever it stands (:attr:`ProbedModel.non_input_ids`); BOS is included."""
 
     ids: torch.Tensor  # (B, T) long
     valid: torch.Tensor  # (B, T) bool
@@ -429,10 +430,16 @@ class ProbedModel:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         valid = torch.arange(T)[None, :] < lengths[:, None]
-        eos = self.tokenizer.eos_id
-        if eos is not None and eos != self.tokenizer.bos_id:
-            valid &= ids != eos
+        for t in self.non_input_ids:  # anywhere in a sequence, not only at its end: a sample may hold a PAD mid-way
+            valid &= ids != t
         return Batch(ids, valid, lengths)
+
+    @property
+    def non_input_ids(self) -> tuple[int, ...]:
+        """The special token ids that are not a real input token, so no distance is taken at them: PAD and EOS,
+        unless the id is also BOS (GPT-2's ``<|endoftext|>`` is all three), for BOS is a real position."""
+        tok = self.tokenizer
+        return tuple(sorted({tok.pad_id, tok.eos_id} - {tok.bos_id, None}))
 
     # ------------------------------------------------------------------ activations
     def _captures(self, s: Site) -> list[tuple]:
