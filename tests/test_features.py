@@ -121,7 +121,8 @@ def test_preimages_are_inside_epsilon(counting_iv):
     iv = counting_iv
     texts = query_texts(iv.task, 3)
     pos = [iv.task.positions(t)[1] for t in texts]
-    inside = preimages(iv, texts, "a1.0", pos, samples=48)
+    chains = preimages(iv, texts, "a1.0", pos, samples=48)
+    inside = [list(dict.fromkeys(x for c in q for x in c)) for q in chains]  # every chain state is a member
     assert any(inside)
     s = iv.probed.site("a1.0")
     for t, p, xs in zip(texts, pos, inside):
@@ -137,7 +138,9 @@ def test_fcr_on_shipped_counting(counting_iv):
     feats = resolve_features(iv.task, "count,target")
     at_colon = {r.feature: r for r in measure(iv, "a1.0", 1, feats, queries=6, samples=64)}
     # the paper's C2 site: head 1.0 at ':' keeps the count, far above chance
-    assert at_colon["count"].verdict == "carries" and at_colon["count"].samples > 0
+    # (its true share is 0.87-0.94 by exact scans: carried, or partly by the 0.9 rule over 6 queries)
+    assert at_colon["count"].verdict in ("carries", "partly") and at_colon["count"].fcr >= 0.8
+    assert at_colon["count"].low <= at_colon["count"].fcr <= at_colon["count"].high and at_colon["count"].samples > 0
     assert at_colon["count"].position == ":" and at_colon["count"].site == "a1.0"
     # the embedding of the target character is the target letter itself
     at_target = {r.feature: r for r in measure(iv, "x0.pre", 0, feats, queries=6, samples=64)}
@@ -152,7 +155,7 @@ def test_explain_table_and_json(counting_iv):
     table = res.table()
     assert res.rule in table.replace("\n", " ") or "carries a feature when FCR >= 0.9" in table
     if row.verdict == "carries":
-        assert f"count {row.fcr:.2f} ({row.baseline:.2f})" in table
+        assert f"count {row.fcr:.2f}±{(row.high - row.low) / 2:.2f} ({row.baseline:.2f})" in table
     d = json.loads(json.dumps(res.to_dict()))
     assert {r["verdict"] for r in d["rows"]} <= {"carries", "partly", ""}
 

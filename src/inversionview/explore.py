@@ -79,12 +79,12 @@ def walk(probed, task, site, zq: torch.Tensor, starts: list[list[str]], epsilon:
     rng = random.Random(seed)
     seen = [{} for _ in starts]  # per query: every text verified -> (distance, arg-min position)
     fresh = [[task.generate(rng) for _ in range(draws)] for _ in starts]
+    starts = [[x for x in dict.fromkeys(st) if task.propose(x, random.Random(0))] for st in starts]  # valid inputs
     _check(probed, site, zq, seen, [(q, x) for q, st in enumerate(starts) for x in dict.fromkeys(st + fresh[q])], metric)
     walks, state = [Walk() for _ in starts], []
     for q, st in enumerate(starts):
         inside = [x for x in dict.fromkeys(fresh[q]) if seen[q][x][0] <= epsilon]
-        rest = [x for x in dict.fromkeys(st) if seen[q][x][0] <= epsilon and x not in inside
-                and task.propose(x, random.Random(0))]
+        rest = [x for x in st if seen[q][x][0] <= epsilon and x not in inside]
         st = rng.sample(inside, min(len(inside), chains))
         st += rng.sample(rest, min(len(rest), chains - len(st)))
         state.append((st * chains)[:chains])
