@@ -19,11 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import recording_decoder, write_config
+from conftest import recording_trainer, write_config
+from inversionview.errors import UserError
 from inversionview.probed import ProbedModel
 from inversionview.tasks import get_task
 from inversionview.tasks.counting import Counting
-from inversionview.train import DataSpec, OptimSpec, State, TrainConfig, _step, lr_factor, site_weights, train
+from inversionview.train import DataSpec, OptimSpec, TrainConfig, lr_factor, site_weights, train
 
 # Tiny models: on a loaded 2-core machine, torch's default intra-op threads spin against each other and a
 # 6-step run takes ~50 s instead of ~1 s.
@@ -113,16 +114,21 @@ def test_wall_time_budget_stops_saved_and_resumes_to_identical_result(tmp_path, 
                                                   sections=RESUME_SECTIONS)), progress=False)
     assert iv.run_dir == run
     assert _ckpt_step(run) == 1
+    (stopped,) = _rows(run)  # evaluated where the budget stopped it
+    assert stopped["step"] == 1 and stopped["budget_spent"] is True
     # the same budget again: nothing more to do
     train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, max_minutes=1e-9,
                                              sections=RESUME_SECTIONS)), progress=False)
     assert _ckpt_step(run) == 1
-    # the budget lifted: resumes from step 1 and ends where the uninterrupted run ended
+    # the budget lifted: resumes from step 1 and ends where the uninterrupted run ended (the budget's evaluation
+    # left the training state as it was)
     train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, sections=RESUME_SECTIONS)),
           progress=False)
     assert _ckpt_step(run) == RESUME_STEPS
     _assert_same_weights(reference, run)
-    assert _comparable(_rows(run)) == _comparable(_rows(reference))
+    rows = _rows(run)
+    assert rows[0] == stopped
+    assert _comparable(rows[1:]) == _comparable(_rows(reference))
 
 
 def test_crash_while_writing_checkpoint_keeps_a_consistent_checkpoint(tmp_path, probed_dir, monkeypatch):
@@ -147,11 +153,12 @@ def test_crash_while_writing_checkpoint_keeps_a_consistent_checkpoint(tmp_path, 
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", save_then_crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"^cannot write .*checkpoint.pt: No space left on device$"):
         train(TrainConfig.from_toml(cfg), progress=False)
     monkeypatch.setattr(torch, "save", real_save)
     assert calls == [3, 6]
     assert _ckpt_step(d / "run") == 3  # the old checkpoint is intact
+    assert not (d / "run" / "checkpoint.pt.tmp").exists()  # and the half-written one is gone
 
     train(TrainConfig.from_toml(cfg), progress=False)
     assert _ckpt_step(d / "run") == 9
@@ -315,19 +322,21 @@ def test_counting_positions_are_the_target_character_and_colon():
     assert task.positions("vvzccvczvvvzvcvc|v:8") == [18, 19]
 
 
-def _spy_step_positions(probed, bos_prob: float, steps: int, seed: int = 0):
+def _spy_step_positions(tmp_path: Path, probed_dir: Path, bos_prob: float, steps: int):
     """Run the real training step and recover, from the activations the decoder was given, which position
     of each input was queried."""
     task = get_task("counting")
-    site = probed.site("x0.pre")  # embeddings: every (token, position) gives a distinct activation
-    dec, seen = recording_decoder(probed)
-    o = OptimSpec(batch_size=256, chunk=64, bf16=False)
-    state = State(site_probs=[1.0], site_counts=[0])
-    rng = random.Random(seed)
+    d = tmp_path / f"spy-{bos_prob}"
+    d.mkdir()
+    cfg = write_config(d, probed_dir, sections={  # x0.pre, embeddings: each (token, position) gives a distinct activation
+        "data": {"sites": ["x0.pre"], "bos_prob": bos_prob},
+        "decoder": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
+        "train": {"batch_size": 256, "chunk": 64, "bf16": False}})
+    trainer, seen = recording_trainer(cfg)
+    probed, site = trainer.probed, trainer.sites[0]
     for _ in range(steps):
-        loss, n_tok = _step(dec, probed, task, [site], rng, state, o, bos_prob, probed.device)
-        assert torch.isfinite(loss) and n_tok > 0
-    assert state.site_counts == [steps * 256]
+        assert math.isfinite(trainer.step())
+    assert trainer.state.site_counts == [steps * 256]
     kinds = []  # "bos", "target", "colon" per queried input
     for ids, z in seen:
         acts = probed.run(ids, [site])[site]  # (chunk, T, d)
@@ -343,17 +352,16 @@ def _spy_step_positions(probed, bos_prob: float, steps: int, seed: int = 0):
     return kinds
 
 
-def test_training_step_queries_task_positions_and_bos_about_one_percent(probed_dir):
-    probed = ProbedModel.load(probed_dir)
+def test_training_step_queries_task_positions_and_bos_about_one_percent(tmp_path, probed_dir):
     assert DataSpec().bos_prob == 0.01
-    kinds = _spy_step_positions(probed, 0.01, steps=8)
+    kinds = _spy_step_positions(tmp_path, probed_dir, 0.01, steps=8)
     n = len(kinds)
     assert n == 8 * 256
     assert 0.002 < kinds.count("bos") / n < 0.025
     assert 0.4 < kinds.count("target") / n < 0.6
     assert 0.4 < kinds.count("colon") / n < 0.6
-    assert "bos" not in _spy_step_positions(probed, 0.0, steps=1)
-    assert set(_spy_step_positions(probed, 1.0, steps=1)) == {"bos"}
+    assert "bos" not in _spy_step_positions(tmp_path, probed_dir, 0.0, steps=1)
+    assert set(_spy_step_positions(tmp_path, probed_dir, 1.0, steps=1)) == {"bos"}
 
 
 # ---------------------------------------------------------------------------------------------- train-probed
