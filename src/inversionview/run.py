@@ -130,12 +130,12 @@ class RunSpec:
         dtype = dtype_name(probed)
         if probed_fingerprint(probed.fingerprint, probed.mode, dtype) == self.fingerprint:
             return
-        edited = " (run.json's mode or dtype was changed after training)" if (self.mode, self.dtype) != (
-            probed.mode, dtype) else ""
         for mode in MODES:
             for dt in {self.dtype, dtype, "float32", "bfloat16", "float16"}:
                 if probed_fingerprint(probed.fingerprint, mode, dt) != self.fingerprint:
                     continue
+                edited = " (run.json's mode or dtype was changed after training)" if (mode, dt) != (
+                    self.mode, self.dtype) else ""
                 if mode != probed.mode:
                     raise UserError(f"this decoder was trained on {mode!r} activations, not {probed.mode!r}{edited}: "
                                     f"load the probed model with mode={mode!r}")

@@ -203,7 +203,7 @@ def _build(cls, raw: dict, where: str):
             kw[k] = _build(sub[k], v, k)
             continue
         default = f.default if f.default is not dataclasses.MISSING else ("" if k == "out" else None)
-        want = _wrong_type(default, v)
+        want = _wrong_type(k, default, v)
         if want:
             raise UserError(f"config key {k!r}{' in [' + where + ']' if where else ''} must be {want}, got {v!r}")
         kw[k] = tuple(v) if isinstance(default, tuple) else v
@@ -212,9 +212,9 @@ def _build(cls, raw: dict, where: str):
     return cls(**kw)
 
 
-def _wrong_type(default, v) -> str | None:
+def _wrong_type(key: str, default, v) -> str | None:
     """What a config value should be, if ``v`` is not of the type of its key's ``default``; None if it fits."""
-    if default == "auto":  # train.bf16
+    if key == "bf16":
         return None if isinstance(v, bool) or v == "auto" else 'true, false or "auto"'
     if isinstance(default, bool) and not isinstance(v, bool) or \
        isinstance(default, (int, float)) and not isinstance(default, bool) and (not isinstance(v, (int, float)) or isinstance(v, bool)) or \
@@ -454,9 +454,13 @@ class Trainer:
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ the loop
+    tokens: int
+    """Tokens predicted (over all processes) since the last evaluation; ``samples`` likewise."""
+    samples: int
+
     def _restart_clock(self) -> None:
         self._t0, self._elapsed0 = time.time(), self.state.elapsed
-        self._t_rate, self._tokens, self._samples = time.time(), 0, 0
+        self._t_rate, self.tokens, self.samples = time.time(), 0, 0
 
     @property
     def budget_spent(self) -> bool:
@@ -482,7 +486,7 @@ class Trainer:
                 loss = self.step(interrupted=signals.hit)
                 bar.update(1)
                 if st.step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{self._samples / (time.time() - self._t_rate):.0f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{self.samples / (time.time() - self._t_rate):.0f}")
                 regular = st.step % e.every == 0 or st.step >= o.steps
                 if regular or self.done:  # a run stopped by its budget is evaluated too, without rebalancing
                     self.evaluate(loss, rebalance=regular)
@@ -518,8 +522,8 @@ class Trainer:
             st.site_counts[si] += o.chunk
         st.elapsed = clocks / d.world
         self.halt = votes > 0
-        self._tokens += int(g_tok)
-        self._samples += o.batch_size
+        self.tokens += int(g_tok)
+        self.samples += o.batch_size
         loss = loss_sum / g_tok  # the global batch's mean token loss, as one process would compute it
         if self.step_log is not None:
             _log_step(self.step_log, st.step, loss, self.decoder)
@@ -537,7 +541,7 @@ class Trainer:
         if rebalance and e.rebalance:
             probs = site_weights(hits, e.rebalance_floor) if self.d.main else st.site_probs
             st.site_probs = self.d.broadcast(torch.tensor(probs, dtype=torch.float64, device=self.dev)).tolist()
-        self._t_rate, self._tokens, self._samples = time.time(), 0, 0
+        self._t_rate, self.tokens, self.samples = time.time(), 0, 0
         if row is not None:
             tqdm.write(f"step {st.step}: mean hit {row['mean_hit']:.3f}  " +
                        " ".join(f"{k}={v:.2f}" for k, v in row["hit"].items()))
@@ -548,8 +552,8 @@ class Trainer:
     def _row(self, loss: float, hits: list[float]) -> dict:
         st, dt = self.state, time.time() - self._t_rate
         row = {"step": st.step, "elapsed_s": round(st.elapsed, 1), "loss": round(loss, 4),
-               "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": round(self._tokens / dt),
-               "samples_per_s": round(self._samples / dt, 1),
+               "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": round(self.tokens / dt),
+               "samples_per_s": round(self.samples / dt, 1),
                "hit": {s.short: round(h, 4) for s, h in zip(self.sites, hits)},
                "mean_hit": round(sum(hits) / len(hits), 4),
                "site_probs": {s.short: round(p, 4) for s, p in zip(self.sites, st.site_probs)},
