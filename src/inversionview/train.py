@@ -5,8 +5,10 @@ batch needs, one site is chosen per chunk of ``chunk`` inputs and one query posi
 decoder learns to reproduce the whole input from that activation. Sites are sampled with weights that
 favour the sites whose hit rate is low (rebalancing), with a floor so that no site starves.
 
-The loop is plain PyTorch with a resumable :class:`State` written atomically to ``checkpoint.pt``. SIGINT
-and SIGTERM save and exit; the same command resumes, and the result equals an uninterrupted run.
+The loop is plain PyTorch in named steps (:class:`Trainer`: set up or resume, step, evaluate, checkpoint, stop)
+with a resumable :class:`State` written atomically to ``checkpoint.pt``. SIGINT and SIGTERM save and exit; the
+same command resumes, and the result equals an uninterrupted run. With a wall-time budget (``max_minutes``) the
+learning-rate schedule ends with the budget, and a run stopped by it is evaluated and saved.
 
 Under ``torchrun --nproc-per-node N`` the same loop runs in N processes with DDP (:mod:`inversionview.distributed`).
 A step's inputs come from a seed of the config's seed and the step (:func:`step_rng`). Every process draws the
@@ -110,7 +112,8 @@ class OptimSpec:
     """Total optimizer steps (the schedule's length)."""
     max_minutes: float = 0.0
     """Wall-time budget across resumes; 0 means none. The schedule ends when the budget or the steps run out,
-    whichever comes first (see :func:`lr_factor`); training then evaluates, saves and stops."""
+    whichever comes first (see :func:`lr_factor`); training then evaluates, saves and stops. (With a budget the
+    learning rate depends on the wall time, so two budgeted runs are not bit-identical.)"""
     batch_size: int = 256
     chunk: int = 64
     """Inputs per site: each chunk of the batch reads one site."""
@@ -360,10 +363,10 @@ class Trainer:
     decoder and writes the run directory's first files (rank 0). It does not enter the process group: under
     torchrun, make it inside :func:`inversionview.distributed.session`."""
 
-    def __init__(self, cfg: TrainConfig, d: Dist | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: TrainConfig, d: Dist | None = None, device: str | torch.device | None = None):
         _check(cfg)
         self.cfg, self.d = cfg, d or Dist()
-        self.dev = torch.device(device)
+        self.dev = torch.device(device) if device is not None else distributed.resolve_device(cfg.train.device)
         self.out = Path(cfg.out)
         self.halt = False
         self.bf16, why = distributed.choose_bf16(cfg.train.bf16, self.dev)
@@ -390,8 +393,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ set up or resume
     def _load_inputs(self) -> None:
-        """The probed model, the data source, the sites and the run's spec: everything checked before any file
-        is written."""
+        """The probed model, the data source and the sites, all checked before any file is written."""
         p = self.cfg.probed
         self.probed = ProbedModel.load(resolve_model(p.model), vocab=p.vocab, mode=p.mode, tokenizer=p.tokenizer or None,
                                        dtype=DTYPES[p.dtype], device=self.dev)
@@ -420,7 +422,7 @@ class Trainer:
             self.opt.load_state_dict(saved["optimizer"])
             self.state = State(**saved["state"])
         except Exception as ex:
-            raise UserError(f"checkpoint {out / 'checkpoint.pt'} is corrupt ({str(ex).splitlines()[0][:80]}); "
+            raise UserError(f"checkpoint {out / 'checkpoint.pt'} is corrupt ({_first_line(ex)}); "
                             "delete it to start over") from None
         self.spec = dataclasses.replace(self.spec, provenance=_add_session(saved_spec.provenance, session,
                                                                            self.state.step))
@@ -598,6 +600,10 @@ def _writing(path: Path):
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def _first_line(ex: BaseException) -> str:
+    return (str(ex).splitlines() or [type(ex).__name__])[0][:80]
+
+
 def check_writable(run_dir: Path) -> None:
     """Refuse a run directory that cannot be written (read-only, not a directory), before training starts: by
     trying, since permission bits say nothing for root or on a read-only file system."""
@@ -615,7 +621,7 @@ def read_checkpoint(path: Path) -> dict:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as ex:
-        raise UserError(f"checkpoint {path} is corrupt ({str(ex).splitlines()[0][:80]}); delete it to start over") from None
+        raise UserError(f"checkpoint {path} is corrupt ({_first_line(ex)}); delete it to start over") from None
     if not isinstance(saved, dict):
         raise UserError(f"checkpoint {path} is corrupt (not a dict); delete it to start over")
     check_version(saved.get("format_version"), CHECKPOINT_FORMAT, path)
