@@ -1,23 +1,31 @@
 """Decoder training throughput on the counting task, with activation generation included (fresh inputs,
-probed-model forward, decoder forward/backward, optimizer step), against a naive in-script baseline: fp32,
-the probed model's full forward pass instead of stopping at the batch's sites, and no length bucketing.
+probed-model forward, decoder forward/backward, optimizer step): the real trainer's step in float32 and under
+bf16 autocast, and a naive in-script baseline (fp32, the probed model's full forward pass instead of stopping at
+the batch's sites, no length bucketing). It prints the CPU's capability, the precision that ``bf16 = "auto"``
+chooses on this machine and why, and the speed of each.
 
-    python benchmarks/bench_train.py [--steps N]
+    python benchmarks/bench_train.py [--steps N] [--max-seconds S] [--device cpu|cuda]
+
+Each configuration runs ``--steps`` steps after one warm-up step, or fewer when it passes ``--max-seconds`` (bf16
+on a CPU without bf16 instructions is slow).
 """
 
 import argparse
 import random
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from _common import peak_rss_mib
 from inversionview.decoder import Decoder, DecoderConfig
+from inversionview.distributed import choose_bf16, cpu_bf16_flags
 from inversionview.probed import ProbedModel
 from inversionview.run import resolve_model
 from inversionview.tasks import get_task
-from inversionview.train import OptimSpec, State, _step
+from inversionview.train import TrainConfig, Trainer
 
 
 def naive_step(dec, probed, task, sites, rng, batch, chunk):
@@ -39,46 +47,88 @@ def naive_step(dec, probed, task, sites, rng, batch, chunk):
     return total / n, n
 
 
-def measure(step_fn, dec, steps):
-    opt = torch.optim.AdamW(dec.parameters(), lr=1e-3)
-    step_fn()  # warm-up
-    t0, tokens = time.perf_counter(), 0
-    for _ in range(steps):
-        loss, n = step_fn()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        tokens += n
-    return time.perf_counter() - t0, tokens
+def measure(step, steps: int, max_seconds: float):
+    """Run ``step`` (returning its token count) after one warm-up call; (steps, seconds, tokens)."""
+    step()
+    t0, tokens, done = time.perf_counter(), 0, 0
+    while done < steps and (done < 2 or time.perf_counter() - t0 < max_seconds):
+        tokens += step()
+        done += 1
+    return done, time.perf_counter() - t0, tokens
+
+
+def trainer(d: Path, bf16: bool, a) -> Trainer:
+    (d / "train.toml").write_text(f"""out = "run"
+[probed]
+model = "shipped:counting"
+[data]
+task = "counting"
+[decoder]
+d_model = {a.d_model}
+[train]
+batch_size = {a.batch}
+chunk = 64
+bf16 = {str(bf16).lower()}
+device = "{a.device}"
+[eval]
+queries = 8
+""")
+    return Trainer(TrainConfig.from_toml(d / "train.toml"), device=a.device)
+
+
+def trainer_step(t: Trainer):
+    def step():
+        before = t.tokens
+        t.step()
+        return t.tokens - before
+    return step
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--max-seconds", type=float, default=60.0)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    probed = ProbedModel.load(resolve_model("shipped:counting"))
+    dev = torch.device(a.device)
+    auto, why = choose_bf16("auto", dev)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, CPU bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}")
+    print(f'bf16 = "auto" on {dev}: {"bfloat16" if auto else "float32"} ({why})')
+    print(f"decoder d_model {a.d_model}, batch {a.batch}, up to {a.steps} steps or {a.max_seconds:g} s each")
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, bf16 in (("inversionview float32", False), ("inversionview bf16 autocast", True)):
+            (Path(tmp) / name).mkdir()
+            torch.manual_seed(0)
+            t = trainer(Path(tmp) / name, bf16, a)
+            res[name] = measure(trainer_step(t), a.steps, a.max_seconds)
+    probed = ProbedModel.load(resolve_model("shipped:counting"), device=dev)
     task = get_task("counting")
     sites = [probed.site(s) for s in task.sites]
-    o = OptimSpec(batch_size=a.batch, chunk=64, bf16=True)
-    print(f"threads {torch.get_num_threads()}, decoder d_model {a.d_model}, batch {a.batch}, {a.steps} steps")
-    res = {}
-    for name in ("inversionview (bf16, early stop, length buckets)", "naive (fp32, full forward, padded)"):
-        torch.manual_seed(0)
-        dec = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len, d_act=probed.d_model,
-                                    n_sites=len(sites), d_model=a.d_model))
-        rng = random.Random(0)
-        state = State(site_probs=[1 / len(sites)] * len(sites), site_counts=[0] * len(sites))
-        if name.startswith("naive"):
-            fn = lambda: naive_step(dec, probed, task, sites, rng, a.batch, 64)  # noqa: E731
-        else:
-            fn = lambda: _step(dec, probed, task, sites, rng, state, o, 0.01, probed.device)  # noqa: E731
-        dt, tokens = measure(fn, dec, a.steps)
-        res[name] = a.steps * a.batch / dt
-        print(f"{name:50s} {a.steps / dt:6.2f} steps/s  {a.steps * a.batch / dt:7.0f} samples/s  {tokens / dt:8.0f} tokens/s")
-    fast, naive = res.values()
-    print(f"speed-up: {fast / naive:.2f}x   (the authors' code on this machine class: 0.93 steps/s, ~5,000 tokens/s)")
+    torch.manual_seed(0)
+    dec = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len, d_act=probed.d_model,
+                                n_sites=len(sites), d_model=a.d_model)).to(dev)
+    opt, rng = torch.optim.AdamW(dec.parameters(), lr=1e-3), random.Random(0)
+
+    def naive():
+        loss, n = naive_step(dec, probed, task, sites, rng, a.batch, 64)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return n
+
+    res["naive (fp32, full forward, padded)"] = measure(naive, a.steps, a.max_seconds)
+    for name, (steps, dt, tokens) in res.items():
+        print(f"{name:40s} {steps:3d} steps  {steps / dt:6.2f} steps/s  {steps * a.batch / dt:7.0f} samples/s  "
+              f"{tokens / dt:8.0f} tokens/s")
+    speed = {k: v[2] / v[1] for k, v in res.items()}
+    fp32, bf16, base = speed.values()
+    chosen = bf16 if auto else fp32
+    print(f"bf16 / float32 tokens/s: {bf16 / fp32:.2f}x   auto's choice / naive: {chosen / base:.2f}x   "
+          "(the authors' code on this machine class: 0.93 steps/s, ~5,000 tokens/s)")
     print(f"peak memory (RSS): {peak_rss_mib():.0f} MiB")
 
 

@@ -97,19 +97,18 @@ def user_error(capsys, *argv) -> str:
     return lines[0]
 
 
-def recording_decoder(probed):
-    """A tiny one-site decoder whose forward also records every (ids, z) it is given, to check what the real
-    training step feeds it. Returns (decoder, list of records)."""
-    from inversionview.decoder import Decoder, DecoderConfig
+def recording_trainer(config: Path):
+    """The real trainer of a config (its run directory set up), its decoder's forward also recording every (ids, z)
+    it is given, to check what the training step feeds it. Returns (trainer, list of records)."""
+    from inversionview.train import TrainConfig, Trainer
 
-    dec = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len, d_act=probed.d_model,
-                                n_sites=1, d_model=16, n_layers=1, n_heads=2, n_act_blocks=1))
+    trainer = Trainer(TrainConfig.from_toml(config))
     seen = []
-    real = dec.forward
+    real = trainer.decoder.forward
 
     def record(ids, z, site_ids, caches=None):
         seen.append((ids.clone(), z.detach().clone()))
         return real(ids, z, site_ids, caches)
 
-    dec.forward = record
-    return dec, seen
+    trainer.decoder.forward = record
+    return trainer, seen

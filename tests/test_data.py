@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_probed_dir, recording_decoder, user_error, write_config
+from conftest import make_probed_dir, recording_trainer, user_error, write_config
 from inversionview.cli import main
-from inversionview.data import (FileSource, PositionRule, RuledTask, is_test, open_source, read_inputs,
-                                record)
+from inversionview.data import FileSource, PositionRule, RuledTask, is_test, open_source, read_records, record
 from inversionview.errors import UserError
 from inversionview.probed import ProbedModel
 from inversionview.run import InversionView, RunSpec
 from inversionview.tasks import get_task
 from inversionview.tasks.counting import Counting
-from inversionview.train import DataSpec, OptimSpec, State, TrainConfig, _step
+from inversionview.train import DataSpec, TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 VOCAB = get_task("counting").vocab
@@ -132,16 +131,16 @@ def test_rules_round_trip_through_their_config_value():
 def test_text_file_one_input_per_line_blank_lines_skipped(tmp_path):
     p = tmp_path / "in.txt"
     p.write_bytes(b"ab|a:1\r\n\n   \nabc|c:1\nlast")  # CRLF, blank lines, no final newline
-    assert read_inputs(p) == (["ab|a:1", "abc|c:1", "last"], [1, 4, 5], "line")
+    assert read_records(p)[:3] == (["ab|a:1", "abc|c:1", "last"], [1, 4, 5], "line")
 
 
 def test_jsonl_text_field(tmp_path):
     p = tmp_path / "in.jsonl"
     p.write_text('{"text": "ab|a:1", "id": 1}\n\n{"text": "b|b:1"}\n')
-    assert read_inputs(p)[0] == ["ab|a:1", "b|b:1"]  # format from the suffix, field "text" by default
+    assert read_records(p)[0] == ["ab|a:1", "b|b:1"]  # format from the suffix, field "text" by default
     q = tmp_path / "in.data"
     q.write_text('{"input": "a|a:1"}\n')
-    assert read_inputs(q, "jsonl", "input")[0] == ["a|a:1"]
+    assert read_records(q, "jsonl", "input")[0] == ["a|a:1"]
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -155,25 +154,25 @@ def test_jsonl_errors(tmp_path, content, fragment):
     p = tmp_path / "in.jsonl"
     p.write_text(content)
     with pytest.raises(UserError, match=re.escape(fragment.format(p=p))):
-        read_inputs(p)
+        read_records(p)
 
 
 def test_file_errors(tmp_path):
     with pytest.raises(UserError, match="data file .*nope.txt does not exist"):
-        read_inputs(tmp_path / "nope.txt")
+        read_records(tmp_path / "nope.txt")
     with pytest.raises(UserError, match="unknown data.format 'csv': expected one of text, jsonl, hf"):
-        read_inputs(tmp_path, "csv")
+        read_records(tmp_path, "csv")
     with pytest.raises(UserError, match='is a directory: set format = "hf"'):
-        read_inputs(tmp_path, "text")
+        read_records(tmp_path, "text")
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(UserError, match="is not UTF-8 text"):
-        read_inputs(tmp_path / "bin.txt")
+        read_records(tmp_path / "bin.txt")
 
 
 def test_hf_dataset_without_the_datasets_package_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(UserError) as e:
-        read_inputs(tmp_path)  # a directory: format hf
+        read_records(tmp_path)  # a directory: format hf
     assert "needs the datasets package: pip install datasets" in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -182,16 +181,16 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
     lines = counting_lines(20)
     datasets.Dataset.from_dict({"sentence": lines, "n": list(range(20))}).save_to_disk(str(tmp_path / "ds"))
-    assert read_inputs(tmp_path / "ds", field="sentence") == (lines, list(range(1, 21)), "row")
+    assert read_records(tmp_path / "ds", field="sentence")[:3] == (lines, list(range(1, 21)), "row")
     with pytest.raises(UserError, match="has no column 'text' .*its columns: sentence, n"):
-        read_inputs(tmp_path / "ds")
+        read_records(tmp_path / "ds")
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": lines[:5]}),
                                "test": datasets.Dataset.from_dict({"text": lines[5:]})})
     dd.save_to_disk(str(tmp_path / "dd"))
-    assert read_inputs(tmp_path / "dd", "hf")[0] == lines[:5]  # the train split
+    assert read_records(tmp_path / "dd", "hf")[0] == lines[:5]  # the train split
     (tmp_path / "junk").mkdir()
     with pytest.raises(UserError, match="could not load a dataset saved with save_to_disk"):
-        read_inputs(tmp_path / "junk")
+        read_records(tmp_path / "junk")
 
 
 # ---------------------------------------------------------------------------------------------- sources and split
@@ -239,17 +238,19 @@ def test_counting_config_records_no_data_and_keeps_its_defaults(tmp_path, probed
         assert VOCAB.text(VOCAB.encode(t)) == t
 
 
-def test_training_step_queries_the_rule_positions(probed, tmp_path):
+def test_training_step_queries_the_rule_positions(tmp_path, probed_dir):
     """The real step on a data file with rule [-1]: every activation the decoder gets is the last text
     token's of its input (x0.pre: each (token, position) gives a distinct activation)."""
     lines = counting_lines(300)
-    src = FileSource(lines, PositionRule.parse([-1]), probed)
-    site = probed.site("x0.pre")
-    dec, seen = recording_decoder(probed)
-    state = State(site_probs=[1.0], site_counts=[0])
-    _step(dec, probed, src, [site], random.Random(0), state, OptimSpec(batch_size=32, chunk=16, bf16=False), 0.0,
-          probed.device)
-    train_set = set(src.train)
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    cfg = data_config(tmp_path, probed_dir, {"path": "in.txt", "positions": [-1], "sites": ["x0.pre"],
+                                             "bos_prob": 0.0},
+                      decoder={"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1})
+    trainer, seen = recording_trainer(cfg)
+    probed, site = trainer.probed, trainer.sites[0]
+    trainer.step()
+    assert len(seen) == 2  # batch 32 in chunks of 16
+    train_set = set(trainer.source.train)
     for ids, z in seen:
         acts = probed.run(ids, [site])[site]
         for row in range(ids.shape[0]):

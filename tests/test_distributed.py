@@ -32,8 +32,8 @@ SECTIONS = {"eval": {"every": 8}}
 # inputs come from a seed of (config seed, step), and each process trains on its share of the chunks. What
 # differs is float rounding alone: the order of the gradient all-reduce and of the loss sums, and the probed
 # model running on each process's half of the batch (padded to another length), ~1e-7 relative per operation.
-# Adam and bf16 autocast amplify it: a tiny weight difference flips an occasional bf16 rounding (2^-8 relative)
-# of one element, so the weights drift apart by about 1 % within 8 steps (they are compared only between
+# Adam and bf16 autocast (used where the CPU has bf16 instructions) amplify it: a tiny weight difference flips an
+# occasional bf16 rounding (2^-8 relative) of one element, so the weights drift apart by about 1 % within 8 steps (they are compared only between
 # processes, where they must be bit-identical). The loss, a mean over ~600 tokens, stays close: measured at most
 # 2e-6 relative after 8 steps and 2e-5 after 24. 2e-4 leaves a 10x margin over that and is far below what
 # another batch does: the same run with another seed differs by ~4e-3 per step (1.6e-2 at worst), which the
@@ -160,6 +160,9 @@ def test_a_two_process_run_resumes_on_one_process(two_then_one, single):
     assert [r["site_counts"] for r in rows] == [r["site_counts"] for r in ref_rows]
     for r, q in zip(rows, ref_rows):
         assert r["site_probs"] == pytest.approx(q["site_probs"], abs=2e-3)
+    # run.json's provenance: a session on 2 processes, then one on 1
+    sessions = json.loads((t.run / "run.json").read_text())["provenance"]["sessions"]
+    assert [(s["from_step"], s["processes"]) for s in sessions] == [(0, 2), (t.k, 1)]
 
 
 def test_chunks_are_shared_out_whole_and_in_order():

@@ -89,6 +89,30 @@ def test_character_vocabulary_bigger_than_the_model(probed_dir, tmp_path, capsys
     assert not (tmp_path / "run").exists()
 
 
+def test_character_vocabulary_smaller_than_the_model(probed_dir, tmp_path, capsys):
+    """Fewer characters than the model's tokens: not the model's vocabulary. Refused before the run directory is
+    made (it used to fail later, on the first input with a missing character, leaving an empty directory)."""
+    vocab = json.loads((probed_dir / "vocab.json").read_text())
+    vocab["tokens"] = vocab["tokens"][:-1]  # drops "9"
+    cfg = write_config(tmp_path, probed_dir, steps=2, sections={"probed": {"vocab": vocab}})
+    msg = user_error(capsys, "train", cfg, "--no-progress")
+    assert msg == ("error: the character vocabulary has 39 tokens but the model's vocabulary has 40: it does not "
+                   "belong to this model (list all 40 tokens, in the model's order)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_gpt2_tokenizer_on_a_model_with_a_padded_vocabulary_trains(gpt2_dir, tmp_path, capsys):
+    """A tokenizer with fewer tokens than a model's padded embedding (Pythia: 50,277 of 50,304) is that model's:
+    only a character vocabulary must cover the model's tokens."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(gpt2_dir)
+    model.resize_token_embeddings(50_304)
+    model.save_pretrained(tmp_path / "padded")
+    (tmp_path / "in.txt").write_text("\n".join(sentences(30)) + "\n")
+    assert main(["train", str(gpt2_config(tmp_path, tmp_path / "padded", {"path": "in.txt"})), "--no-progress"]) == 0
+
+
 @pytest.mark.parametrize("probed, fragment", [
     ({"tokenizer": "gpt3"}, "unknown tokenizer 'gpt3': expected one of gpt2"),
     ({"tokenizer": 2}, "config key 'tokenizer' in [probed] must be a string, got 2"),

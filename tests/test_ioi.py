@@ -26,7 +26,7 @@ from inversionview.sites import parse_site
 from inversionview.tasks import get_task
 from inversionview.tasks.ioi import ABBA_TEMPLATES, BABA_TEMPLATES, NAMES, OBJECTS, PLACES, Ioi, parse
 from inversionview.tokenizer import gpt2_tokenizer
-from inversionview.train import OptimSpec, State, TrainConfig, _step
+from inversionview.train import TrainConfig, Trainer, step_rng
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ["a0.1", "a1.0", "x1.post"]
@@ -171,14 +171,17 @@ def test_span_rule_gives_the_last_subject_token_and_the_last_position(probed, tm
 
 
 # ---------------------------------------------------------------------------------------------- training
-def test_decoder_learns_to_end_gpt2_inputs(probed):
+def test_decoder_learns_to_end_gpt2_inputs(gpt2_dir, tmp_path, monkeypatch):
     """The real step's targets: each input's tokens after BOS, then <|endoftext|> as the stop token (GPT-2
     inputs carry no EOS), and nothing for the padding, although PAD is the same token."""
-    from inversionview.decoder import Decoder, DecoderConfig
-
-    task = Ioi()
-    dec = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len, d_act=probed.d_model,
-                                n_sites=1, d_model=8, n_layers=1, n_heads=2, n_act_blocks=1))
+    cfg = write_config(tmp_path, gpt2_dir, sections={
+        "probed": {"tokenizer": "gpt2"}, "data": {"task": "ioi", "sites": ["a0.1"], "bos_prob": 0.0},
+        "decoder": {"d_model": 8, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
+        "train": {"batch_size": 8, "chunk": 8, "bf16": False}, "eval": {"queries": 2}})
+    trainer = Trainer(TrainConfig.from_toml(cfg))
+    probed = trainer.probed
+    replay = step_rng(0, 0)  # step 0 draws its 8 inputs first, from this source
+    texts = [trainer.source.sample(replay) for _ in range(8)]
     seen = []
     real = F.cross_entropy
 
@@ -186,18 +189,8 @@ def test_decoder_learns_to_end_gpt2_inputs(probed):
         seen.append(target.clone())
         return real(logits, target, **kw)
 
-    import inversionview.train as train_mod
-
-    train_mod.F.cross_entropy = spy
-    try:
-        state = State(site_probs=[1.0], site_counts=[0])
-        rng = random.Random(0)
-        replay = random.Random(0)  # the step draws its 8 inputs first, from the same seed
-        texts = [task.sample(replay) for _ in range(8)]
-        _step(dec, probed, task, [probed.site("a0.1")], rng, state, OptimSpec(batch_size=8, chunk=8, bf16=False),
-              0.0, probed.device)
-    finally:
-        train_mod.F.cross_entropy = real
+    monkeypatch.setattr(F, "cross_entropy", spy)
+    trainer.step()
     (target,) = seen
     rows = target.view(8, -1).tolist()
     expected = sorted(probed.encode(t)[1:] + [EOT] for t in texts)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -202,14 +202,29 @@ def test_refuses_files_that_are_not_readings_dbs(tmp_path):
         ReadingStore(tmp_path / "no" / "r.sqlite", create=True)
 
 
+def _edit_meta(path, sql: str) -> None:
+    con = sqlite3.connect(path)
+    con.execute(sql)
+    con.commit()
+    con.close()
+
+
 def test_refuses_another_schema_version(tmp_path):
     path = tmp_path / "r.sqlite"
     ReadingStore(path, create=True).close()
-    con = sqlite3.connect(path)
-    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    con.commit()
-    con.close()
-    with pytest.raises(UserError, match="schema version 99, but this inversionview reads version 1"):
+    _edit_meta(path, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(UserError) as e:
+        ReadingStore(path)
+    assert re.fullmatch(r".* is a readings DB of schema version 99, newer than this inversionview \(.*\) reads \(1\): "
+                        r"upgrade inversionview to read it, or use a new --db", str(e.value)), str(e.value)
+    _edit_meta(path, "UPDATE meta SET value = '0' WHERE key = 'schema_version'")
+    with pytest.raises(UserError, match="schema version 0, but this inversionview reads version 1: use the version "
+                                        "that wrote it, or a new --db"):
+        ReadingStore(path)
+    _edit_meta(path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    ReadingStore(path).close()
+    _edit_meta(path, "INSERT INTO meta VALUES ('compression', 'zstd')")  # something this version does not know
+    with pytest.raises(UserError, match=r"\(meta table\) has unknown field 'compression'"):
         ReadingStore(path)
 
 
@@ -299,36 +314,65 @@ def test_batch_resumes_and_skips(iv, tmp_path, caplog):
     _consistent(tmp_path / "r.sqlite")
 
 
-def _wait_for(db, n: int, proc, timeout: float = 60.0) -> int:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        con = sqlite3.connect(db, timeout=10)
-        try:
-            have = con.execute("SELECT count(*) FROM readings").fetchone()[0]
-        finally:
-            con.close()
-        if have >= n:
-            return have
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.02)
-    raise AssertionError(f"fewer than {n} readings after {timeout} s")
+# The real `inversionview query-batch`, in a child process whose readings DB holds the transaction of its n-th new
+# reading open just before COMMIT: it says so on stdout and waits there until a signal stops it. So the test
+# signals a batch that is certainly in the middle of writing (no race with the batch finishing first, however
+# loaded the machine), and knows exactly how many readings it had committed.
+HOLD_AT_COMMIT = """
+import sys, time
+import inversionview.store as store
+from inversionview.cli import main
+
+n = int(sys.argv[1])
+
+
+class Held:
+    def __init__(self, db):
+        self.db, self.commits = db, 0
+
+    def execute(self, sql, *args):
+        if sql == "COMMIT":
+            self.commits += 1
+            if self.commits == n:
+                print("holding", flush=True)
+                while True:
+                    time.sleep(1)
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+opened = store.ReadingStore.__init__
+
+
+def init(self, *args, **kw):
+    opened(self, *args, **kw)
+    self._db = Held(self._db)
+
+
+store.ReadingStore.__init__ = init
+sys.exit(main(sys.argv[2:]))
+"""
 
 
 @pytest.mark.slow
 def test_interrupted_batch_resumes_without_loss_or_duplicates(iv, run_dir, tmp_path, caplog):
-    """query-batch in a subprocess, stopped with SIGINT and then SIGKILL while it writes, then resumed."""
+    """query-batch in a subprocess, stopped with SIGINT and then SIGKILL while it writes its third new reading,
+    then resumed."""
     texts = _texts(50, seed=2)
     qs = [{"text": t, "site": SITES[i % 3], "position": 1 + i % 4} for i, t in enumerate(texts)]
     queries, db = tmp_path / "q.jsonl", tmp_path / "r.sqlite"
     _write_queries(queries, qs)
     ReadingStore(db, create=True).close()
-    cmd = [sys.executable, "-m", "inversionview", "query-batch", str(run_dir), str(queries), "--db", str(db),
-           "--samples", "24"]
+    args = ["query-batch", str(run_dir), str(queries), "--db", str(db), "--samples", "24"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     counts = []
     for sig in (signal.SIGINT, signal.SIGKILL):
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _wait_for(db, (counts[-1] if counts else 0) + 3, proc)
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_AT_COMMIT, "3", *args], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline()  # the third new reading is being committed
+        assert line == "holding\n", (line, proc.communicate())
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
         if sig == signal.SIGINT:
@@ -338,11 +382,11 @@ def test_interrupted_batch_resumes_without_loss_or_duplicates(iv, run_dir, tmp_p
             assert proc.returncode == -signal.SIGKILL
         _consistent(db)
         counts.append(len(ReadingStore(db)))
-    assert counts[0] < counts[1] < len(qs), counts  # each stop kept its readings and came before the end
+    assert counts == [2, 4]  # each stop kept the readings it had committed, and lost the one it was writing
 
     with caplog.at_level("INFO", logger="inversionview.store"):
-        assert main(["query-batch", str(run_dir), str(queries), "--db", str(db), "--samples", "24"]) == 0
-    assert f"{len(qs)} queries: {counts[1]} already stored, 0 repeat an earlier line" in caplog.text
+        assert main(args) == 0
+    assert f"{len(qs)} queries: 4 already stored, 0 repeat an earlier line" in caplog.text
     _consistent(db)
     store = ReadingStore(db)
     assert len(store) == len(qs)

@@ -19,11 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import recording_decoder, write_config
+from conftest import recording_trainer, write_config
+from inversionview.errors import UserError
 from inversionview.probed import ProbedModel
 from inversionview.tasks import get_task
 from inversionview.tasks.counting import Counting
-from inversionview.train import DataSpec, OptimSpec, State, TrainConfig, _step, lr_factor, site_weights, train
+from inversionview import distributed
+from inversionview.distributed import choose_bf16, cpu_bf16_flags
+from inversionview.train import DataSpec, OptimSpec, TrainConfig, lr_factor, site_weights, train
 
 # Tiny models: on a loaded 2-core machine, torch's default intra-op threads spin against each other and a
 # 6-step run takes ~50 s instead of ~1 s.
@@ -113,16 +116,21 @@ def test_wall_time_budget_stops_saved_and_resumes_to_identical_result(tmp_path, 
                                                   sections=RESUME_SECTIONS)), progress=False)
     assert iv.run_dir == run
     assert _ckpt_step(run) == 1
+    (stopped,) = _rows(run)  # evaluated where the budget stopped it
+    assert stopped["step"] == 1 and stopped["budget_spent"] is True
     # the same budget again: nothing more to do
     train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, max_minutes=1e-9,
                                              sections=RESUME_SECTIONS)), progress=False)
     assert _ckpt_step(run) == 1
-    # the budget lifted: resumes from step 1 and ends where the uninterrupted run ended
+    # the budget lifted: resumes from step 1 and ends where the uninterrupted run ended (the budget's evaluation
+    # left the training state as it was)
     train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, sections=RESUME_SECTIONS)),
           progress=False)
     assert _ckpt_step(run) == RESUME_STEPS
     _assert_same_weights(reference, run)
-    assert _comparable(_rows(run)) == _comparable(_rows(reference))
+    rows = _rows(run)
+    assert rows[0] == stopped
+    assert _comparable(rows[1:]) == _comparable(_rows(reference))
 
 
 def test_crash_while_writing_checkpoint_keeps_a_consistent_checkpoint(tmp_path, probed_dir, monkeypatch):
@@ -147,11 +155,12 @@ def test_crash_while_writing_checkpoint_keeps_a_consistent_checkpoint(tmp_path, 
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(torch, "save", save_then_crash)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"^cannot write .*checkpoint.pt: No space left on device$"):
         train(TrainConfig.from_toml(cfg), progress=False)
     monkeypatch.setattr(torch, "save", real_save)
     assert calls == [3, 6]
     assert _ckpt_step(d / "run") == 3  # the old checkpoint is intact
+    assert not (d / "run" / "checkpoint.pt.tmp").exists()  # and the half-written one is gone
 
     train(TrainConfig.from_toml(cfg), progress=False)
     assert _ckpt_step(d / "run") == 9
@@ -268,6 +277,38 @@ def test_logged_lr_follows_the_schedule(run_dir):
         assert r["lr"] == pytest.approx(1e-3 * lr_factor(r["step"] - 1, o))  # the lr of the row's last step
 
 
+def test_with_a_budget_the_schedule_ends_when_the_budget_does():
+    o = OptimSpec(steps=1000, warmup=10, min_lr=0.1, max_minutes=1.0)  # 60 s
+    # time further along than steps: the cosine follows the time
+    assert lr_factor(100, o, elapsed=30.0) == pytest.approx(0.1 + 0.9 * 0.5)  # half the budget: halfway down
+    assert lr_factor(100, o, elapsed=60.0) == pytest.approx(0.1)  # the budget spent: min_lr
+    assert lr_factor(100, o, elapsed=600.0) == pytest.approx(0.1)
+    # steps further along than time: the cosine follows the steps, as without a budget
+    assert lr_factor(505, o, elapsed=1.0) == pytest.approx(lr_factor(505, OptimSpec(steps=1000, warmup=10, min_lr=0.1)))
+    # warm-up is in steps, and never exceeds the decayed value
+    assert lr_factor(4, o, elapsed=0.0) == pytest.approx(0.5)
+    assert lr_factor(4, o, elapsed=60.0) == pytest.approx(0.1)
+
+
+def test_a_run_stopped_by_its_budget_ends_its_schedule_evaluates_and_checkpoints(tmp_path, probed_dir):
+    """max_minutes far shorter than the steps: the learning rate has decayed to about min_lr by the last step,
+    and the run ends with a hit-rate row and a checkpoint at that step (no regular evaluation is due)."""
+    budget_s = 4.0
+    cfg = write_config(tmp_path, probed_dir, steps=100_000, max_minutes=budget_s / 60,
+                       sections={"eval": {"every": 50_000, "checkpoint_every": 50_000}})
+    train(TrainConfig.from_toml(cfg), progress=False)
+    run = tmp_path / "run"
+    (row,) = _rows(run)
+    assert row["budget_spent"] is True
+    assert 2 <= row["step"] < 100_000 and _ckpt_step(run) == row["step"]
+    assert row["elapsed_s"] >= budget_s - 0.1
+    assert list(row["hit"]) == SITES and 0 <= row["mean_hit"] <= 1
+    # the last step's lr: well down the cosine (1e-3 at the peak, 1e-4 at the end)
+    assert row["lr"] < 0.3e-3, row
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["state"]["elapsed"] >= budget_s
+
+
 # ---------------------------------------------------------------------------------------------- task rules
 def test_counting_generator_format():
     task = get_task("counting")
@@ -315,19 +356,21 @@ def test_counting_positions_are_the_target_character_and_colon():
     assert task.positions("vvzccvczvvvzvcvc|v:8") == [18, 19]
 
 
-def _spy_step_positions(probed, bos_prob: float, steps: int, seed: int = 0):
+def _spy_step_positions(tmp_path: Path, probed_dir: Path, bos_prob: float, steps: int):
     """Run the real training step and recover, from the activations the decoder was given, which position
     of each input was queried."""
     task = get_task("counting")
-    site = probed.site("x0.pre")  # embeddings: every (token, position) gives a distinct activation
-    dec, seen = recording_decoder(probed)
-    o = OptimSpec(batch_size=256, chunk=64, bf16=False)
-    state = State(site_probs=[1.0], site_counts=[0])
-    rng = random.Random(seed)
+    d = tmp_path / f"spy-{bos_prob}"
+    d.mkdir()
+    cfg = write_config(d, probed_dir, sections={  # x0.pre, embeddings: each (token, position) gives a distinct activation
+        "data": {"sites": ["x0.pre"], "bos_prob": bos_prob},
+        "decoder": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
+        "train": {"batch_size": 256, "chunk": 64, "bf16": False}})
+    trainer, seen = recording_trainer(cfg)
+    probed, site = trainer.probed, trainer.sites[0]
     for _ in range(steps):
-        loss, n_tok = _step(dec, probed, task, [site], rng, state, o, bos_prob, probed.device)
-        assert torch.isfinite(loss) and n_tok > 0
-    assert state.site_counts == [steps * 256]
+        assert math.isfinite(trainer.step())
+    assert trainer.state.site_counts == [steps * 256]
     kinds = []  # "bos", "target", "colon" per queried input
     for ids, z in seen:
         acts = probed.run(ids, [site])[site]  # (chunk, T, d)
@@ -343,17 +386,16 @@ def _spy_step_positions(probed, bos_prob: float, steps: int, seed: int = 0):
     return kinds
 
 
-def test_training_step_queries_task_positions_and_bos_about_one_percent(probed_dir):
-    probed = ProbedModel.load(probed_dir)
+def test_training_step_queries_task_positions_and_bos_about_one_percent(tmp_path, probed_dir):
     assert DataSpec().bos_prob == 0.01
-    kinds = _spy_step_positions(probed, 0.01, steps=8)
+    kinds = _spy_step_positions(tmp_path, probed_dir, 0.01, steps=8)
     n = len(kinds)
     assert n == 8 * 256
     assert 0.002 < kinds.count("bos") / n < 0.025
     assert 0.4 < kinds.count("target") / n < 0.6
     assert 0.4 < kinds.count("colon") / n < 0.6
-    assert "bos" not in _spy_step_positions(probed, 0.0, steps=1)
-    assert set(_spy_step_positions(probed, 1.0, steps=1)) == {"bos"}
+    assert "bos" not in _spy_step_positions(tmp_path, probed_dir, 0.0, steps=1)
+    assert set(_spy_step_positions(tmp_path, probed_dir, 1.0, steps=1)) == {"bos"}
 
 
 # ---------------------------------------------------------------------------------------------- train-probed
@@ -376,3 +418,217 @@ def test_train_probed_writes_a_loadable_model_with_its_accuracy_and_command(tmp_
     probed = ProbedModel.load(out)  # loads with its character vocabulary; the decoder trains on it
     assert probed.tokenizer.encode("ab|a:1") == get_task("counting").vocab.encode("ab|a:1")
     assert (probed.n_layers, probed.n_heads, probed.d_model, probed.max_len) == (2, 1, 64, 33)
+
+
+# ---------------------------------------------------------------------------------------------- precision, provenance
+def test_cpu_bf16_flags_come_from_cpuinfo(tmp_path):
+    p = tmp_path / "cpuinfo"
+    p.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n")
+    assert cpu_bf16_flags(str(p)) == []  # this machine's kind: AVX2 only
+    p.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert cpu_bf16_flags(str(p)) == ["avx512_bf16", "amx_bf16"]
+    p.write_text("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")  # Arm (Graviton 3, ...)
+    assert cpu_bf16_flags(str(p)) == ["bf16"]
+    assert cpu_bf16_flags(str(tmp_path / "missing")) == []
+
+
+def test_bf16_auto_uses_bf16_only_on_a_cpu_that_runs_it_fast(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distributed, "cpu_bf16_flags", lambda: [])  # a CPU without bf16 instructions
+    use, why = choose_bf16("auto", cpu)
+    assert use is False and "no bf16 instructions" in why and torch.backends.cpu.get_cpu_capability() in why
+    assert choose_bf16(False, cpu)[0] is False
+    with caplog.at_level("WARNING", logger="inversionview.distributed"):
+        assert choose_bf16(True, cpu)[0] is True  # asked for: given, with a warning
+    assert "bf16 runs several times slower than float32 here" in caplog.text
+    monkeypatch.setattr(distributed, "cpu_bf16_flags", lambda: ["amx_bf16"])
+    use, why = choose_bf16("auto", cpu)
+    assert use is True and "amx_bf16" in why
+    assert choose_bf16(False, cpu)[0] is False
+    assert OptimSpec().bf16 == "auto"
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), (True, True), (False, True), ("yes", False), (1, False)])
+def test_bf16_setting_values(value, ok, tmp_path, probed_dir):
+    cfg = write_config(tmp_path, probed_dir, bf16=value)
+    if ok:
+        assert TrainConfig.from_toml(cfg).train.bf16 == value
+    else:
+        with pytest.raises(UserError, match=f"config key 'bf16' in \\[train\\] must be true, false or \"auto\", got {value!r}"):
+            TrainConfig.from_toml(cfg)
+
+
+def test_run_json_records_provenance_and_the_precision_chosen(run_dir):
+    import platform
+
+    import transformers
+
+    import inversionview
+
+    spec = json.loads((run_dir / "run.json").read_text())
+    assert spec["format_version"] == 1
+    (s,) = spec["provenance"]["sessions"]
+    assert s["from_step"] == 0 and s["inversionview"] == inversionview.__version__
+    assert s["torch"] == torch.__version__ and s["transformers"] == transformers.__version__
+    assert s["python"] == platform.python_version() and s["device"] == "cpu" and s["processes"] == 1
+    # the default, bf16 = "auto": bf16 on a CPU with bf16 instructions, else float32 (this machine: AVX2 only)
+    assert s["decoder_precision"] == ("bfloat16" if cpu_bf16_flags() else "float32")
+    assert s["precision_reason"] == choose_bf16("auto", torch.device("cpu"))[1]
+    # the git commit of the checkout the package runs from
+    src = Path(inversionview.__file__).parent
+    head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
+    tracked = subprocess.run(["git", "-C", str(src), "ls-files", "--error-unmatch", "train.py"], capture_output=True)
+    if head.returncode == 0 and tracked.returncode == 0:
+        assert s["git_commit"] == head.stdout.strip() and isinstance(s["git_dirty"], bool)
+    else:
+        assert s["git_commit"] is None
+
+
+def test_resuming_the_same_way_adds_no_session_and_another_way_adds_one(tmp_path, probed_dir):
+    train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=2)), progress=False)
+    train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=3)), progress=False)
+    sessions = json.loads((tmp_path / "run" / "run.json").read_text())["provenance"]["sessions"]
+    assert [s["from_step"] for s in sessions] == [0]
+    train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=4, bf16=True)), progress=False)
+    sessions = json.loads((tmp_path / "run" / "run.json").read_text())["provenance"]["sessions"]
+    assert [s["from_step"] for s in sessions] == [0, 3]
+    assert sessions[1]["precision_reason"].startswith("bf16 = true in [train]") or sessions[1]["decoder_precision"] \
+        == sessions[0]["decoder_precision"] == "bfloat16"
+
+
+# ---------------------------------------------------------------------------------------------- run directory files
+def _obey_permissions():  # pragma: no cover - runs in the child
+    """Before exec: root drops CAP_DAC_OVERRIDE from its bounding set, so that the program it runs obeys permission
+    bits like any user (other users obey them anyway). Exit 99 if that is not allowed here."""
+    if os.geteuid() == 0:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+            os._exit(99)
+
+
+def test_resuming_in_a_read_only_run_directory_is_a_one_line_error(tmp_path, probed_dir):
+    train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=3)), progress=False)
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    cfg = write_config(tmp_path, probed_dir, steps=6)  # more steps: it resumes
+    run.chmod(0o555)
+    try:
+        r = subprocess.run([sys.executable, "-m", "inversionview", "train", str(cfg), "--no-progress"],
+                           capture_output=True, text=True, env=_env(), timeout=300, preexec_fn=_obey_permissions)
+    finally:
+        run.chmod(0o755)
+    if r.returncode == 99:
+        pytest.skip("cannot drop CAP_DAC_OVERRIDE here, so root could write the read-only directory anyway")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write to the run directory {run} (Permission denied): training writes its checkpoints there; "
+        "make it writable or use another 'out'")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_a_write_that_fails_while_training_is_a_one_line_error(tmp_path, probed_dir, capsys):
+    """A file that cannot be written (here the metrics file, rewritten on resuming: a directory stands where its
+    temporary copy goes) is a one-line error naming it; the last checkpoint stays."""
+    from conftest import user_error
+
+    cfg = write_config(tmp_path, probed_dir, steps=3)
+    train(TrainConfig.from_toml(cfg), progress=False)
+    run = tmp_path / "run"
+    (run / "metrics.jsonl.tmp").mkdir()  # where the metrics are rewritten before they replace the old file
+    (run / "metrics.jsonl.tmp" / "x").write_text("")
+    msg = user_error(capsys, "train", write_config(tmp_path, probed_dir, steps=6), "--no-progress")
+    assert msg.startswith(f"error: cannot write {run / 'metrics.jsonl'}: ")
+    assert _ckpt_step(run) == 3
+
+
+def _copy_run(run_dir: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+@pytest.mark.parametrize("name", ["run.json", "config.json", "checkpoint.pt"])
+def test_artifacts_carry_a_format_version_and_a_newer_one_is_refused(name, run_dir, tmp_path, probed_dir, capsys):
+    from conftest import user_error
+
+    run = _copy_run(run_dir, tmp_path / "run")
+    if name == "checkpoint.pt":
+        saved = torch.load(run / name, weights_only=True)
+        assert saved["format_version"] == 1
+        torch.save({**saved, "format_version": 99}, run / name)
+        cmd = ["train", write_config(tmp_path, probed_dir, steps=9), "--no-progress"]
+    else:
+        d = json.loads((run / name).read_text())
+        assert d["format_version"] == 1
+        (run / name).write_text(json.dumps({**d, "format_version": 99}))
+        cmd = ["query", run, "--text", "abcab|c:1", "--site", "x0.pre", "--position", "-2", "--samples", "4"]
+    msg = user_error(capsys, *cmd)
+    assert msg.startswith(f"error: {run / name} has format_version 99, newer than this inversionview (")
+    assert msg.endswith("reads (1): upgrade inversionview to read it")
+    assert _ckpt_step(run) == 6
+
+
+@pytest.mark.parametrize("name, where", [("run.json", None), ("config.json", None), ("checkpoint.pt", None),
+                                         ("checkpoint.pt", "state")])
+def test_artifacts_with_unknown_fields_are_refused(name, where, run_dir, tmp_path, probed_dir, capsys):
+    from conftest import user_error
+
+    run = _copy_run(run_dir, tmp_path / "run")
+    if name == "checkpoint.pt":
+        saved = torch.load(run / name, weights_only=True)
+        (saved[where] if where else saved)["momentum"] = 0.5
+        torch.save(saved, run / name)
+        cmd = ["train", write_config(tmp_path, probed_dir, steps=9), "--no-progress"]
+    else:
+        d = json.loads((run / name).read_text())
+        (run / name).write_text(json.dumps({**d, "momentum": 0.5}))
+        cmd = ["query", run, "--text", "abcab|c:1", "--site", "x0.pre", "--position", "-2", "--samples", "4"]
+    msg = user_error(capsys, *cmd)
+    assert f"has unknown field 'momentum': it was edited or written by another version of inversionview" in msg
+    assert _ckpt_step(run) == 6
+
+
+def test_a_run_json_from_before_format_versions_still_reads(run_dir, tmp_path, probed_dir, caplog):
+    """run.json without a format_version (version 0): its fingerprint was the probed weights' alone."""
+    from inversionview.run import InversionView
+
+    run = _copy_run(run_dir, tmp_path / "run")
+    d = json.loads((run / "run.json").read_text())
+    del d["format_version"], d["provenance"]
+    d["fingerprint"] = ProbedModel.load(probed_dir).fingerprint
+    (run / "run.json").write_text(json.dumps(d))
+    with caplog.at_level("WARNING", logger="inversionview.run"):
+        iv = InversionView.load(run)
+    assert "predates format_version 1" in caplog.text
+    assert iv.query("abcab|c:1", site="x0.pre", position=-2, samples=4).samples
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    ({"mode": "raw"}, "this decoder was trained on 'tl' activations, not 'raw' (run.json's mode or dtype was changed "
+                      "after training): load the probed model with mode='tl'"),
+    ({"dtype": "float16"}, "this decoder belongs to another probed model"),
+])
+def test_editing_the_mode_or_dtype_in_run_json_is_refused(edit, fragment, run_dir, tmp_path, capsys):
+    from conftest import user_error
+
+    run = _copy_run(run_dir, tmp_path / "run")
+    d = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**d, **edit}))
+    for cmd in (["query", run, "--text", "abcab|c:1", "--site", "x0.pre", "--position", "-2", "--samples", "4"],
+                ["evaluate", run, "--queries", "2"]):
+        assert fragment in user_error(capsys, *cmd)
+
+
+def test_the_fingerprint_covers_the_probed_weights_mode_and_dtype(run_dir, probed_dir):
+    from inversionview.artifacts import probed_fingerprint
+    from inversionview.run import RunSpec
+
+    spec = RunSpec.load(run_dir)
+    weights = ProbedModel.load(probed_dir).fingerprint
+    assert spec.fingerprint == probed_fingerprint(weights, "tl", "float32")
+    assert len({probed_fingerprint(w, m, t) for w in (weights, "0" * 16) for m in ("tl", "raw")
+                for t in ("float32", "bfloat16")}) == 8
+    with pytest.raises(UserError, match="trained on the probed model in float32, not float64"):
+        spec.check(ProbedModel.load(probed_dir, dtype=torch.float64))  # the same weights, read in another dtype

@@ -350,15 +350,10 @@ def resolve_format(fmt: str, path: Path) -> str:
     return "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "text"
 
 
-def read_inputs(path: str | Path, fmt: str = "", field: str = "text") -> tuple[list[str], list[int], str]:
-    """The inputs of a data file: ``(texts, line or row numbers, "line" or "row")``. Blank lines are skipped."""
-    texts, lines, unit, _ = read_records(path, fmt, field)
-    return texts, lines, unit
-
-
 def read_records(path: str | Path, fmt: str = "", field: str = "text", keep: tuple[str, ...] = ()):
-    """As :func:`read_inputs`, plus the fields ``keep`` of each input's record (JSONL or HF data): ``(texts, lines,
-    unit, records)``, ``records`` a list of dicts parallel to ``texts`` (a field a record lacks is left out)."""
+    """The inputs of a data file and the fields ``keep`` of each input's record (JSONL or HF data): ``(texts, lines,
+    unit, records)``: line or row numbers, "line" or "row", and a list of dicts parallel to ``texts`` (a field a
+    record lacks is left out). Blank lines are skipped."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"data file {path} does not exist")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .artifacts import DECODER_FORMAT, check_fields, check_version
 from .errors import UserError
 
 
@@ -42,16 +43,24 @@ class DecoderConfig:
     n_act_blocks: int = 6
 
     def save(self, path: Path) -> None:
-        _atomic_write_text(Path(path), json.dumps(asdict(self), indent=1))
+        _atomic_write_text(Path(path), json.dumps({"format_version": DECODER_FORMAT, **asdict(self)}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "DecoderConfig":
+        """Read ``config.json``; a newer format or an unknown field is refused (:mod:`inversionview.artifacts`)."""
         try:
             d = json.loads(Path(path).read_text())
-            return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
         except FileNotFoundError:
             raise UserError(f"{path} is missing: not a decoder run directory") from None
-        except (ValueError, TypeError) as e:
+        except ValueError as e:
+            raise UserError(f"{path} is corrupt ({e}): expected a decoder config as JSON") from None
+        if not isinstance(d, dict):
+            raise UserError(f"{path} is corrupt: expected a decoder config as a JSON object")
+        check_version(d.pop("format_version", None), DECODER_FORMAT, path)
+        check_fields(d, [f.name for f in fields(cls)], path)
+        try:
+            return cls(**d)
+        except TypeError as e:
             raise UserError(f"{path} is corrupt ({e}): expected a decoder config as JSON") from None
 
 

@@ -112,3 +112,50 @@ def resolve_device(name: str, local_rank: int = 0, world: int = 1) -> torch.devi
     if index >= torch.cuda.device_count():
         raise UserError(f"device cuda:{index} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return torch.device("cuda", index)
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+"""CPU features (``/proc/cpuinfo`` flags) under which bf16 matrix products run fast: AVX512-BF16 and AMX on x86,
+the BF16 extension on Arm. Without them torch emulates bf16 and a matmul runs ~200x slower than in float32."""
+
+
+def cpu_bf16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """The bf16 features this CPU reports (none where ``/proc/cpuinfo`` cannot be read, e.g. off Linux)."""
+    try:
+        text = open(cpuinfo).read()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            have = set(line.split(":", 1)[-1].split())
+            return [f for f in BF16_CPU_FLAGS if f in have]
+    return []
+
+
+def choose_bf16(setting: bool | str, device: torch.device) -> tuple[bool, str]:
+    """Whether the decoder trains under bf16 autocast, and why. ``"auto"``: where the device runs bf16 fast (a
+    CUDA GPU with native bf16; a CPU with AVX512-BF16, AMX or Arm BF16), else float32. ``True`` forces bf16 where
+    the device has it at all (a warning where it is slow); ``False`` is float32."""
+    if setting is False:
+        return False, "bf16 = false in [train]"
+    if device.type == "cuda":
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch before 2.4 has no emulation argument
+            native = torch.cuda.is_bf16_supported()
+        name = torch.cuda.get_device_name(device)
+        if native:
+            return True, f"{name} runs bf16 natively"
+        if setting is True:
+            log.warning("%s has no native bf16: training the decoder in float32 despite bf16 = true", name)
+        return False, f"{name} has no native bf16"
+    cap = torch.backends.cpu.get_cpu_capability()
+    flags = cpu_bf16_flags()
+    if flags:
+        return True, f"the CPU has {', '.join(flags)} (torch CPU capability {cap})"
+    why = f"the CPU has no bf16 instructions (torch CPU capability {cap}; no {', '.join(BF16_CPU_FLAGS)} flag)"
+    if setting is True:
+        log.warning("bf16 = true in [train], but %s: bf16 runs several times slower than float32 here; "
+                    'set bf16 = "auto" or false', why)
+        return True, "bf16 = true in [train] (" + why + ")"
+    return False, why

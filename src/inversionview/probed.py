@@ -45,7 +45,6 @@ Two activation modes:
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -347,11 +346,9 @@ class ProbedModel:
     def fingerprint(self) -> str:
         """A hash of the weights: a decoder is refused for any other model."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for name, p in sorted(self.model.state_dict().items()):
-                h.update(name.encode())
-                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            from .artifacts import weights_fingerprint
+
+            self._fingerprint = weights_fingerprint(self.model.state_dict())
         return self._fingerprint
 
     @property

@@ -4,7 +4,7 @@
 
     RUN_DIR/
       run.json            probed model (path, fingerprint, activation mode, vocabulary or tokenizer), sites, task or
-                          data, epsilon
+                          data, epsilon, format_version, provenance (versions, git commit, decoder precision)
       config.json         DecoderConfig
       model.safetensors   decoder weights
       train.json          the full training config
@@ -19,14 +19,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .artifacts import RUN_FORMAT, check_fields, check_version, probed_fingerprint, weights_fingerprint
 from .decoder import Decoder, _atomic_write_text
 from .errors import UserError
 from .probed import ProbedModel
 from .sites import Site
+
+log = logging.getLogger(__name__)
 
 SHIPPED = Path(__file__).parent / "shipped"
 
@@ -44,7 +48,9 @@ def resolve_model(ref: str) -> str:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """What a decoder belongs to. A decoder is refused for a probed model with another fingerprint or mode."""
+    """What a decoder belongs to. ``fingerprint`` (:func:`~inversionview.artifacts.probed_fingerprint`) covers the
+    probed model's weights, ``mode`` and ``dtype``: a decoder is refused for another model, and for its own model
+    read in another mode or dtype, even when run.json's mode or dtype was edited."""
 
     model: str
     mode: str
@@ -61,16 +67,21 @@ class RunSpec:
     """The built-in tokenizer the probed model was read with (``"gpt2"``), None for its own files or ``vocab``."""
     dtype: str = "float32"
     """The probed model's weights during training ([probed] dtype); reading loads them the same way."""
+    provenance: dict = field(default_factory=dict)
+    """How the decoder was made: ``sessions``, one entry per training session that differed from the one before
+    (step it started at, package, Python, torch and transformers versions, git commit, device, processes, the
+    decoder's precision and why)."""
 
     @classmethod
-    def for_training(cls, cfg, probed: ProbedModel, sites: list[Site]) -> "RunSpec":
-        return cls(model=cfg.probed.model, mode=cfg.probed.mode, fingerprint=probed.fingerprint,
+    def for_training(cls, cfg, probed: ProbedModel, sites: list[Site], provenance: dict | None = None) -> "RunSpec":
+        return cls(model=cfg.probed.model, mode=cfg.probed.mode,
+                   fingerprint=probed_fingerprint(probed.fingerprint, cfg.probed.mode, cfg.probed.dtype),
                    sites=tuple(s.name for s in sites), task=cfg.data.task or None, vocab=cfg.probed.vocab,
                    epsilon=cfg.eval.epsilon, metric=cfg.eval.metric, data=cfg.data.record(),
-                   tokenizer=cfg.probed.tokenizer or None, dtype=cfg.probed.dtype)
+                   tokenizer=cfg.probed.tokenizer or None, dtype=cfg.probed.dtype, provenance=provenance or {})
 
     def save(self, run_dir: Path) -> None:
-        d = asdict(self)
+        d = {"format_version": RUN_FORMAT, **asdict(self)}
         m = self.model
         if not m.startswith("shipped:") and Path(m).exists():  # keep the run movable with its model
             d["model"] = os.path.relpath(Path(m).resolve(), Path(run_dir).resolve())
@@ -86,11 +97,17 @@ class RunSpec:
             raise UserError(f"run directory {run_dir} does not exist")
         try:
             d = json.loads(path.read_text())
+            version = check_version(d.pop("format_version", None), RUN_FORMAT, path)
+            check_fields(d, [f.name for f in fields(cls)], path)
             d["sites"] = tuple(d["sites"])
+            if version == 0:  # before format 1 the fingerprint was the weights' alone: mode and dtype are trusted
+                log.warning("%s predates format_version 1: its mode and dtype are not checked against its fingerprint",
+                            path)
+                d["fingerprint"] = probed_fingerprint(d["fingerprint"], d["mode"], d.get("dtype", "float32"))
             spec = cls(**d)
         except FileNotFoundError:
             raise UserError(f"{run_dir} is not a decoder run: it has no run.json (train one with `inversionview train`)") from None
-        except (ValueError, TypeError, KeyError) as e:
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise UserError(f"{path} is corrupt ({e}): expected the JSON written by `inversionview train`") from None
         m = spec.model
         if not m.startswith("shipped:") and not Path(m).is_absolute() and (run_dir / m).exists():
@@ -107,18 +124,37 @@ class RunSpec:
                                 dtype=getattr(torch, self.dtype), device=device)
 
     def check(self, probed: ProbedModel) -> None:
-        if probed.fingerprint != self.fingerprint:
-            raise UserError(f"this decoder belongs to another probed model (fingerprint {self.fingerprint}, "
-                            f"got {probed.fingerprint} from {probed.source})")
-        if probed.mode != self.mode:
-            raise UserError(f"this decoder was trained on {self.mode!r} activations, not {probed.mode!r}: "
-                            f"load the probed model with mode={self.mode!r}")
+        """Refuse a probed model other than the decoder's, or its own read in another mode or dtype."""
+        from .probed import MODES
+
+        dtype = dtype_name(probed)
+        if probed_fingerprint(probed.fingerprint, probed.mode, dtype) == self.fingerprint:
+            return
+        for mode in MODES:
+            for dt in {self.dtype, dtype, "float32", "bfloat16", "float16"}:
+                if probed_fingerprint(probed.fingerprint, mode, dt) != self.fingerprint:
+                    continue
+                edited = " (run.json's mode or dtype was changed after training)" if (mode, dt) != (
+                    self.mode, self.dtype) else ""
+                if mode != probed.mode:
+                    raise UserError(f"this decoder was trained on {mode!r} activations, not {probed.mode!r}{edited}: "
+                                    f"load the probed model with mode={mode!r}")
+                raise UserError(f"this decoder was trained on the probed model in {dt}, not {dtype}{edited}: "
+                                f"load it with dtype={dt}")
+        raise UserError(f"this decoder belongs to another probed model (fingerprint {self.fingerprint}, got "
+                        f"{probed_fingerprint(probed.fingerprint, probed.mode, dtype)} from {probed.source} read as "
+                        f"{probed.mode!r} in {dtype})")
 
     def check_same(self, other: "RunSpec") -> None:
-        for k in ("dtype", "fingerprint", "mode", "sites", "task", "data", "tokenizer"):
+        for k in ("dtype", "mode", "fingerprint", "sites", "task", "data", "tokenizer"):
             if getattr(self, k) != getattr(other, k):
                 raise UserError(f"the run directory was trained with another {k} ({getattr(self, k)!r}, config gives "
                                 f"{getattr(other, k)!r}): use a new 'out' directory")
+
+
+def dtype_name(probed: ProbedModel) -> str:
+    """The dtype of a probed model's weights by name ("float32", "bfloat16", ...)."""
+    return str(next(probed.model.parameters()).dtype).removeprefix("torch.")
 
 
 class InversionView:
@@ -156,15 +192,8 @@ class InversionView:
         """A hash of the decoder's weights, its probed model's fingerprint, mode and sites: stored readings are
         keyed by it (see :mod:`inversionview.store`)."""
         if getattr(self, "_fingerprint", None) is None:
-            import hashlib
-
-            import torch
-
-            h = hashlib.sha256(json.dumps([self.spec.fingerprint, self.spec.mode, list(self.spec.sites)]).encode())
-            for name, p in sorted(self.decoder.state_dict().items()):
-                h.update(name.encode())
-                h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            context = [self.spec.fingerprint, self.spec.mode, list(self.spec.sites)]
+            self._fingerprint = weights_fingerprint(self.decoder.state_dict(), context)
         return self._fingerprint
 
     def site_index(self, site: str | Site) -> tuple[Site, int]:

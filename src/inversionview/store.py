@@ -16,7 +16,8 @@ can browse while a batch writes, and an interrupted batch keeps every reading it
 
 ::
 
-    meta       (key, value)            format = inversionview-readings, schema_version = 1
+    meta       (key, value)            format = inversionview-readings, schema_version = 1 (a newer version
+                                       or an unknown key is refused: see inversionview.artifacts)
     decoders   (fingerprint, run, created)
     readings   (id, fingerprint, text, site, site_short, position, settings, token, epsilon, metric, mode,
                 n_candidates, n_samples, n_inside, fraction_inside, created, body)
@@ -40,6 +41,7 @@ import zlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from .artifacts import check_fields
 from .errors import UserError
 from .preimage import AUTO_MIX, Preimage, Sample
 
@@ -202,14 +204,25 @@ class ReadingStore:
             if meta.get("format") != FORMAT:
                 raise UserError(f"{self.path} is an SQLite file but not a readings DB (it has tables "
                                 f"{', '.join(sorted(tables))}): expected a file written by `inversionview query-batch`")
-            if meta.get("schema_version") != str(SCHEMA_VERSION):
-                raise UserError(f"{self.path} is a readings DB of schema version {meta.get('schema_version')}, but this "
-                                f"inversionview reads version {SCHEMA_VERSION}: use the version that wrote it, or a new --db")
+            self._check_version(meta)
             try:
                 db.execute("PRAGMA journal_mode = WAL")
             except sqlite3.OperationalError as e:  # read-only file or directory: reading still works
                 log.debug("could not set WAL mode on %s: %s", self.path, e)
         db.execute("PRAGMA foreign_keys = ON")
+
+    def _check_version(self, meta: dict) -> None:
+        """Refuse a DB of another schema version (saying to upgrade for a newer one) or with unknown meta keys."""
+        from . import __version__
+
+        found = meta.get("schema_version")
+        if found != str(SCHEMA_VERSION):
+            newer = str(found).isdigit() and int(found) > SCHEMA_VERSION
+            hint = (f"newer than this inversionview ({__version__}) reads ({SCHEMA_VERSION}): upgrade inversionview to "
+                    "read it, or use" if newer else f"but this inversionview reads version {SCHEMA_VERSION}: use the "
+                    "version that wrote it, or")
+            raise UserError(f"{self.path} is a readings DB of schema version {found}, {hint} a new --db")
+        check_fields(meta, ("format", "schema_version"), f"{self.path} (meta table)")
 
     # ------------------------------------------------------------------ writing
     def put(self, pre: Preimage, fingerprint: str, settings: dict | None = None) -> int:

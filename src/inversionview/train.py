@@ -5,8 +5,10 @@ batch needs, one site is chosen per chunk of ``chunk`` inputs and one query posi
 decoder learns to reproduce the whole input from that activation. Sites are sampled with weights that
 favour the sites whose hit rate is low (rebalancing), with a floor so that no site starves.
 
-The loop is plain PyTorch with a resumable :class:`State` written atomically to ``checkpoint.pt``. SIGINT
-and SIGTERM save and exit; the same command resumes, and the result equals an uninterrupted run.
+The loop is plain PyTorch in named steps (:class:`Trainer`: set up or resume, step, evaluate, checkpoint, stop)
+with a resumable :class:`State` written atomically to ``checkpoint.pt``. SIGINT and SIGTERM save and exit; the
+same command resumes, and the result equals an uninterrupted run. With a wall-time budget (``max_minutes``) the
+learning-rate schedule ends with the budget, and a run stopped by it is evaluated and saved.
 
 Under ``torchrun --nproc-per-node N`` the same loop runs in N processes with DDP (:mod:`inversionview.distributed`).
 A step's inputs come from a seed of the config's seed and the step (:func:`step_rng`). Every process draws the
@@ -23,10 +25,14 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 import signal
+import subprocess
+import tempfile
 import time
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +41,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
+from .artifacts import CHECKPOINT_FORMAT, check_fields, check_version
 from .decoder import Decoder, DecoderConfig, _atomic_write_text
 from .distributed import Dist
 from .errors import UserError
 from .preimage import hit_rates, make_queries
 from .probed import ProbedModel
 from .run import InversionView, RunSpec, resolve_model
+from .tokenizer import CharVocab
 from .data import check_spec as check_data_spec
 from .data import open_source
 from .data import record as data_record
@@ -103,7 +111,9 @@ class OptimSpec:
     steps: int = 2000
     """Total optimizer steps (the schedule's length)."""
     max_minutes: float = 0.0
-    """Wall-time budget across resumes; 0 means none. Training stops, saved, when it is spent."""
+    """Wall-time budget across resumes; 0 means none. The schedule ends when the budget or the steps run out,
+    whichever comes first (see :func:`lr_factor`); training then evaluates, saves and stops. (With a budget the
+    learning rate depends on the wall time, so two budgeted runs are not bit-identical.)"""
     batch_size: int = 256
     chunk: int = 64
     """Inputs per site: each chunk of the batch reads one site."""
@@ -112,8 +122,10 @@ class OptimSpec:
     min_lr: float = 0.1
     """Final learning rate of the cosine schedule, as a fraction of lr."""
     weight_decay: float = 0.01
-    bf16: bool = True
-    """bf16 autocast for the decoder's forward pass."""
+    bf16: bool | str = "auto"
+    """bf16 autocast for the decoder's forward pass: "auto" (where the device runs bf16 fast: a CUDA GPU with native
+    bf16, a CPU with AVX512-BF16, AMX or Arm BF16; else float32), true or false. The choice is logged and recorded
+    in run.json's provenance."""
     seed: int = 0
     device: str = "auto"
     """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"; under torchrun, process k uses cuda:k."""
@@ -194,17 +206,26 @@ def _build(cls, raw: dict, where: str):
             kw[k] = _build(sub[k], v, k)
             continue
         default = f.default if f.default is not dataclasses.MISSING else ("" if k == "out" else None)
-        if isinstance(default, bool) and not isinstance(v, bool) or \
-           isinstance(default, (int, float)) and not isinstance(default, bool) and (not isinstance(v, (int, float)) or isinstance(v, bool)) or \
-           type(default) is int and isinstance(v, float) or \
-           isinstance(default, str) and not isinstance(v, str) or \
-           isinstance(default, tuple) and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-            want = {bool: "a bool", int: "an int", float: "a number", str: "a string", tuple: "a list of strings"}[type(default)]
+        want = _wrong_type(k, default, v)
+        if want:
             raise UserError(f"config key {k!r}{' in [' + where + ']' if where else ''} must be {want}, got {v!r}")
         kw[k] = tuple(v) if isinstance(default, tuple) else v
     if "out" in known and "out" not in kw:
         raise UserError("config is missing the key 'out': the run directory to write")
     return cls(**kw)
+
+
+def _wrong_type(key: str, default, v) -> str | None:
+    """What a config value should be, if ``v`` is not of the type of its key's ``default``; None if it fits."""
+    if key == "bf16":
+        return None if isinstance(v, bool) or v == "auto" else 'true, false or "auto"'
+    if isinstance(default, bool) and not isinstance(v, bool) or \
+       isinstance(default, (int, float)) and not isinstance(default, bool) and (not isinstance(v, (int, float)) or isinstance(v, bool)) or \
+       type(default) is int and isinstance(v, float) or \
+       isinstance(default, str) and not isinstance(v, str) or \
+       isinstance(default, tuple) and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+        return {bool: "a bool", int: "an int", float: "a number", str: "a string", tuple: "a list of strings"}[type(default)]
+    return None
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -219,6 +240,8 @@ def _check(cfg: TrainConfig) -> None:
     for k, v in {"data.bos_prob": cfg.data.bos_prob, "train.min_lr": o.min_lr, "eval.rebalance_floor": e.rebalance_floor}.items():
         if not 0 <= v <= 1:
             raise UserError(f"{k} must be between 0 and 1, got {v}")
+    if o.bf16 not in (True, False, "auto"):
+        raise UserError(f'train.bf16 must be true, false or "auto", got {o.bf16!r}')
     if o.warmup < 0 or o.max_minutes < 0 or m.n_act_blocks < 0:
         raise UserError("train.warmup, train.max_minutes and decoder.n_act_blocks must not be negative")
     if m.d_model % m.n_heads:
@@ -244,12 +267,16 @@ def _check(cfg: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- schedule
-def lr_factor(step: int, o: OptimSpec) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr`` at ``steps``."""
-    if step < o.warmup:
-        return (step + 1) / o.warmup
-    t = min(1.0, (step - o.warmup) / max(1, o.steps - o.warmup))
-    return o.min_lr + (1 - o.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+def lr_factor(step: int, o: OptimSpec, elapsed: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_lr`` at the end of training. The end is
+    ``steps``, or, with a wall-time budget, the budget if it runs out first: the decay follows whichever of the
+    two progress fractions (steps after warm-up, ``elapsed`` seconds of the budget) is further along, so a run
+    stopped by its budget ends at ``min_lr``."""
+    warm = (step + 1) / o.warmup if step < o.warmup else 1.0
+    t = max(0.0, (step - o.warmup) / max(1, o.steps - o.warmup))
+    if o.max_minutes > 0:
+        t = max(t, elapsed / (o.max_minutes * 60))
+    return min(warm, o.min_lr + (1 - o.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
 def site_weights(hits: list[float], floor: float) -> list[float]:
@@ -325,158 +352,331 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
                         "or smaller chunks")
     dev = distributed.resolve_device(cfg.train.device, d.local_rank, d.world)
     with distributed.session(dev) as d:
-        return _train(cfg, d, dev, progress and d.main)
+        return Trainer(cfg, d, dev).run(progress and d.main)
 
 
-def _train(cfg: TrainConfig, d: Dist, dev: torch.device, progress: bool) -> InversionView:
-    o, e = cfg.train, cfg.eval
-    n_chunks = o.batch_size // o.chunk
-    bf16 = o.bf16
-    if bf16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
-        if d.main:
-            log.warning("%s has no bf16 support: training the decoder in float32", torch.cuda.get_device_name(dev))
-        bf16 = False
-    out = Path(cfg.out)
-    probed = ProbedModel.load(resolve_model(cfg.probed.model), vocab=cfg.probed.vocab, mode=cfg.probed.mode,
-                              tokenizer=cfg.probed.tokenizer or None, dtype=DTYPES[cfg.probed.dtype], device=dev)
-    task = open_source(cfg.data.task, cfg.data.record(), probed)  # a Task or another DataSource
-    sites = [probed.site(x) for x in (cfg.data.sites or task.sites)]
-    if len(set(sites)) != len(sites):
-        raise UserError("data.sites lists a site twice")
-    spec = RunSpec.for_training(cfg, probed, sites)
-    ckpt = out / "checkpoint.pt"
-    if ckpt.exists():
-        RunSpec.load(out).check_same(spec)
+class Trainer:
+    """The training loop in named steps: set up or resume (the constructor), :meth:`step`, :meth:`evaluate`,
+    :meth:`checkpoint` and :meth:`stop`; :meth:`run` calls them until the run is done, spent or interrupted.
+
+    The constructor loads the probed model and the data, and either resumes from ``checkpoint.pt`` or builds a new
+    decoder and writes the run directory's first files (rank 0). It does not enter the process group: under
+    torchrun, make it inside :func:`inversionview.distributed.session`."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist | None = None, device: str | torch.device | None = None):
+        _check(cfg)
+        self.cfg, self.d = cfg, d or Dist()
+        self.dev = torch.device(device) if device is not None else distributed.resolve_device(cfg.train.device)
+        self.out = Path(cfg.out)
+        self.halt = False
+        self.bf16, why = distributed.choose_bf16(cfg.train.bf16, self.dev)
+        if self.d.main:
+            log.info("decoder precision: %s (%s)", "bfloat16" if self.bf16 else "float32", why)
+        self._load_inputs()
+        session = provenance(self.dev, self.d.world, self.bf16, why)
+        if (self.out / "checkpoint.pt").exists():
+            self._resume(session)
+        else:
+            self._start(session)
+        self.model = self.decoder
+        if self.d.world > 1:  # rank 0's weights are broadcast here; gradients are averaged in backward()
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.decoder, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+        log_dir = os.environ.get(STEP_LOG)
+        self.step_log = Path(log_dir) / f"rank{self.d.rank}.jsonl" if log_dir else None
+        if self.d.main:
+            with _writing(self.out / "metrics.jsonl"):
+                _truncate_metrics(self.out / "metrics.jsonl", self.state.step)
+            self.queries = make_queries(self.probed, self.source, self.sites, cfg.eval.queries,
+                                        seed=cfg.train.seed + 10_000)
+        self._restart_clock()
+
+    # ------------------------------------------------------------------ set up or resume
+    def _load_inputs(self) -> None:
+        """The probed model, the data source and the sites, all checked before any file is written."""
+        p = self.cfg.probed
+        self.probed = ProbedModel.load(resolve_model(p.model), vocab=p.vocab, mode=p.mode, tokenizer=p.tokenizer or None,
+                                       dtype=DTYPES[p.dtype], device=self.dev)
+        check_vocabulary(self.probed)
+        self.source = open_source(self.cfg.data.task, self.cfg.data.record(), self.probed)  # a Task or a DataSource
+        self.sites = [self.probed.site(x) for x in (self.cfg.data.sites or self.source.sites)]
+        if len(set(self.sites)) != len(self.sites):
+            raise UserError("data.sites lists a site twice")
+
+    def _resume(self, session: dict) -> None:
+        out, cfg = self.out, self.cfg
+        saved_spec = RunSpec.load(out)
+        self.spec = RunSpec.for_training(cfg, self.probed, self.sites)
+        saved_spec.check_same(self.spec)
         dcfg = DecoderConfig.load(out / "config.json")
         if any(getattr(dcfg, k) != v for k, v in dataclasses.asdict(cfg.decoder).items()):
             raise UserError(f"{out} holds a decoder of another shape than [decoder] in the config: "
                             "use a new 'out' directory or restore the [decoder] settings")
-        decoder = Decoder(dcfg).to(dev).train()
-        opt = _optimizer(decoder, o)
-        try:
-            saved = torch.load(ckpt, map_location="cpu", weights_only=False)
-            # the weights of the checkpoint's own step: model.safetensors may be newer after a crash
-            decoder.load_state_dict(saved["model"])
-            opt.load_state_dict(saved["optimizer"])
-            known = {f.name for f in dataclasses.fields(State)}
-            state = State(**{k: v for k, v in saved["state"].items() if k in known})
+        if self.d.main:
+            check_writable(out)
+        self.decoder = Decoder(dcfg).to(self.dev).train()
+        self.opt = _optimizer(self.decoder, cfg.train)
+        saved = read_checkpoint(out / "checkpoint.pt")
+        try:  # the weights of the checkpoint's own step: model.safetensors may be newer after a crash
+            self.decoder.load_state_dict(saved["model"])
+            self.opt.load_state_dict(saved["optimizer"])
+            self.state = State(**saved["state"])
         except Exception as ex:
-            raise UserError(f"checkpoint {ckpt} is corrupt ({str(ex).splitlines()[0][:80]}); delete it to start over") from None
-        if d.main:
-            log.info("resuming %s from step %d", out, state.step)
-    else:
-        if d.main:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as ex:
-                raise UserError(f"cannot create the run directory {out}: {ex.strerror}") from None
+            raise UserError(f"checkpoint {out / 'checkpoint.pt'} is corrupt ({_first_line(ex)}); "
+                            "delete it to start over") from None
+        self.spec = dataclasses.replace(self.spec, provenance=_add_session(saved_spec.provenance, session,
+                                                                           self.state.step))
+        if self.d.main:
+            with _writing(out / "run.json"):
+                self.spec.save(out)
+            log.info("resuming %s from step %d", out, self.state.step)
+
+    def _start(self, session: dict) -> None:
+        cfg, o = self.cfg, self.cfg.train
         torch.manual_seed(o.seed)
-        decoder = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len,
-                                        d_act=probed.d_model, n_sites=len(sites), **dataclasses.asdict(cfg.decoder)))
-        decoder.to(dev)
-        _init_stats(decoder, probed, task, sites, random.Random(o.seed))
-        state = State(site_probs=[1 / len(sites)] * len(sites), site_counts=[0] * len(sites))
-        if d.main:
-            spec.save(out)
-            _atomic_write_text(out / "train.json", json.dumps(cfg.to_dict(relative_to=out), indent=1))
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        decoder.train()
-        opt = _optimizer(decoder, o)
-    model = decoder
-    if d.world > 1:  # rank 0's weights are broadcast here; gradients are averaged in backward()
-        model = torch.nn.parallel.DistributedDataParallel(decoder, device_ids=[dev.index] if dev.type == "cuda" else None)
-    step_log = Path(os.environ[STEP_LOG]) / f"rank{d.rank}.jsonl" if os.environ.get(STEP_LOG) else None
-    if d.main:
-        _truncate_metrics(out / "metrics.jsonl", state.step)
-        queries = make_queries(probed, task, sites, e.queries, seed=o.seed + 10_000)
+        self.decoder = Decoder(DecoderConfig(vocab_size=self.probed.tokenizer.vocab_size, max_len=self.probed.max_len,
+                                             d_act=self.probed.d_model, n_sites=len(self.sites),
+                                             **dataclasses.asdict(cfg.decoder)))
+        self.decoder.to(self.dev)
+        _init_stats(self.decoder, self.probed, self.source, self.sites, random.Random(o.seed))
+        self.decoder.train()
+        self.opt = _optimizer(self.decoder, o)
+        self.state = State(site_probs=[1 / len(self.sites)] * len(self.sites), site_counts=[0] * len(self.sites))
+        self.spec = RunSpec.for_training(cfg, self.probed, self.sites, _add_session({}, session, 0))
+        if not self.d.main:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as ex:
+            raise UserError(f"cannot create the run directory {self.out}: {ex.strerror}") from None
+        check_writable(self.out)
+        with _writing(self.out):
+            self.spec.save(self.out)
+            _atomic_write_text(self.out / "train.json", json.dumps(cfg.to_dict(relative_to=self.out), indent=1))
+            (self.out / "metrics.jsonl").unlink(missing_ok=True)
 
-    def checkpoint():
-        decoder.save(out)
-        tmp = out / "checkpoint.pt.tmp"
-        torch.save({"state": dataclasses.asdict(state), "optimizer": opt.state_dict(), "model": decoder.state_dict()}, tmp)
-        tmp.replace(ckpt)
+    # ------------------------------------------------------------------ the loop
+    tokens: int
+    """Tokens predicted (over all processes) since the last evaluation; ``samples`` likewise."""
+    samples: int
 
-    budget = o.max_minutes * 60 if o.max_minutes > 0 else float("inf")
-    if state.step >= o.steps or state.elapsed >= budget:
-        if d.main:
-            log.info("%s is already trained (%d steps, %.0f s)", out, state.step, state.elapsed)
-        return InversionView.load(out, probed=probed, device=str(dev))
-    bar = tqdm(total=o.steps, initial=state.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    t_start, elapsed0 = time.time(), state.elapsed
-    tokens = samples = 0
-    t_rate = time.time()
-    with _Interrupt() as stop:
-        while state.step < o.steps:
-            for g in opt.param_groups:
-                g["lr"] = o.lr * lr_factor(state.step, o)
-            batch = _draw(probed, task, step_rng(o.seed, state.step), state.site_probs, len(sites), o.batch_size,
-                          o.chunk, cfg.data.bos_prob)
-            total, n_tok = _chunks_loss(model, probed, sites, batch, my_chunks(n_chunks, d), dev, bf16)
-            # one all-reduce per step: the loss sum, the token count and the stop votes
-            flags = [float(stop.hit), float(elapsed0 + time.time() - t_start >= budget)]
-            stats = torch.cat([total.detach().double().reshape(1),
-                               torch.tensor([n_tok, *flags], dtype=torch.float64, device=dev)])
-            d.all_reduce(stats)
-            stats = stats.tolist()
-            g_tok = stats[1]
-            loss = stats[0] / g_tok  # the global batch's mean token loss, as one process would compute it
-            halt, over_budget = stats[2] > 0, stats[3] > 0
-            opt.zero_grad(set_to_none=True)
-            # DDP averages gradients over the processes: scaling by world / global tokens makes the average the
-            # gradient of the global mean loss
-            (total * (d.world / g_tok)).backward()
-            torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-            opt.step()
-            state.step += 1
-            for si in batch.chunk_sites:
-                state.site_counts[si] += o.chunk
-            state.elapsed = elapsed0 + time.time() - t_start
-            tokens += int(g_tok)
-            samples += o.batch_size
-            if step_log is not None:
-                _log_step(step_log, state.step, loss, decoder)
-            bar.update(1)
-            if state.step % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{samples / (time.time() - t_rate):.0f}")
-            row = None
-            if state.step % e.every == 0 or state.step == o.steps:
-                if d.main:  # the other processes wait for its site weights (or at the next step's all-reduce)
-                    dt = time.time() - t_rate
-                    hits = hit_rates(decoder, probed, queries, e.epsilon, e.metric, seed=state.step)
-                    row = {"step": state.step, "elapsed_s": round(state.elapsed, 1), "loss": round(loss, 4),
-                           "lr": opt.param_groups[0]["lr"], "tokens_per_s": round(tokens / dt),
-                           "samples_per_s": round(samples / dt, 1),
-                           "hit": {s.short: round(h, 4) for s, h in zip(sites, hits)},
-                           "mean_hit": round(sum(hits) / len(hits), 4),
-                           "site_probs": {s.short: round(p, 4) for s, p in zip(sites, state.site_probs)},
-                           "site_counts": {s.short: c for s, c in zip(sites, state.site_counts)}}
-                    if d.world > 1:
-                        row["processes"] = d.world
-                    decoder.train()
-                if e.rebalance:
-                    probs = site_weights(hits, e.rebalance_floor) if d.main else state.site_probs
-                    state.site_probs = d.broadcast(torch.tensor(probs, dtype=torch.float64, device=dev)).tolist()
-                tokens = samples = 0
-                t_rate = time.time()
-                if row is not None:
-                    bar.write(f"step {state.step}: mean hit {row['mean_hit']:.3f}  " +
-                              " ".join(f"{k}={v:.2f}" for k, v in row["hit"].items()))
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-            done = state.step >= o.steps or over_budget
-            if d.main and (done or halt or state.step % e.checkpoint_every == 0 or state.step % e.every == 0):
-                checkpoint()
-            if halt:
-                bar.close()
-                d.barrier()  # the checkpoint is written before any process reports
-                raise UserError(f"interrupted at step {state.step}; checkpoint saved: run the same command to resume")
-            if over_budget:
-                if d.main:
-                    log.info("wall-time budget of %.1f min spent at step %d", o.max_minutes, state.step)
-                break
-    bar.close()
-    d.barrier()
-    return InversionView.load(out, probed=probed, device=str(dev))
+    def _restart_clock(self) -> None:
+        self._t0, self._elapsed0 = time.time(), self.state.elapsed
+        self._t_rate, self.tokens, self.samples = time.time(), 0, 0
+
+    @property
+    def budget_spent(self) -> bool:
+        o = self.cfg.train
+        return o.max_minutes > 0 and self.state.elapsed >= o.max_minutes * 60
+
+    @property
+    def done(self) -> bool:
+        """The schedule is complete: all steps taken, or the wall-time budget spent."""
+        return self.state.step >= self.cfg.train.steps or self.budget_spent
+
+    def run(self, progress: bool = False) -> InversionView:
+        """Step, evaluate and checkpoint until done; then :meth:`stop`. SIGINT or SIGTERM: checkpoint, then stop."""
+        o, e, st = self.cfg.train, self.cfg.eval, self.state
+        if self.done:
+            if self.d.main:
+                log.info("%s is already trained (%d steps, %.0f s)", self.out, st.step, st.elapsed)
+            return self.stop()
+        self._restart_clock()
+        bar = tqdm(total=o.steps, initial=st.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        with _Interrupt() as signals:
+            while not (self.done or self.halt):
+                loss = self.step(interrupted=signals.hit)
+                bar.update(1)
+                if st.step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss:.3f}", samples_s=f"{self.samples / (time.time() - self._t_rate):.0f}")
+                regular = st.step % e.every == 0 or st.step >= o.steps
+                if regular or self.done:  # a run stopped by its budget is evaluated too, without rebalancing
+                    self.evaluate(loss, rebalance=regular)
+                if self.d.main and (self.done or self.halt or st.step % e.checkpoint_every == 0 or regular):
+                    self.checkpoint()
+        bar.close()
+        return self.stop()
+
+    def step(self, interrupted: bool = False) -> float:
+        """One optimizer step on the step's global batch; returns its mean token loss. ``interrupted``: this
+        process got a signal (every process learns it in the step's one all-reduce, and sets :attr:`halt`)."""
+        o, st, d = self.cfg.train, self.state, self.d
+        for g in self.opt.param_groups:
+            g["lr"] = o.lr * lr_factor(st.step, o, st.elapsed)
+        batch = _draw(self.probed, self.source, step_rng(o.seed, st.step), st.site_probs, len(self.sites), o.batch_size,
+                      o.chunk, self.cfg.data.bos_prob)
+        total, n_tok = _chunks_loss(self.model, self.probed, self.sites, batch,
+                                    my_chunks(o.batch_size // o.chunk, d), self.dev, self.bf16)
+        # one all-reduce: the loss sum, the token count, the stop votes and the clocks (their mean is every
+        # process's elapsed time, so that the schedule and the budget agree between processes)
+        now = self._elapsed0 + time.time() - self._t0
+        stats = torch.cat([total.detach().double().reshape(1),
+                           torch.tensor([n_tok, float(interrupted), now], dtype=torch.float64, device=self.dev)])
+        loss_sum, g_tok, votes, clocks = d.all_reduce(stats).tolist()
+        self.opt.zero_grad(set_to_none=True)
+        # DDP averages gradients over the processes: scaling by world / global tokens makes the average the
+        # gradient of the global mean loss
+        (total * (d.world / g_tok)).backward()
+        torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), 1.0)
+        self.opt.step()
+        st.step += 1
+        for si in batch.chunk_sites:
+            st.site_counts[si] += o.chunk
+        st.elapsed = clocks / d.world
+        self.halt = votes > 0
+        self.tokens += int(g_tok)
+        self.samples += o.batch_size
+        loss = loss_sum / g_tok  # the global batch's mean token loss, as one process would compute it
+        if self.step_log is not None:
+            _log_step(self.step_log, st.step, loss, self.decoder)
+        return loss
+
+    def evaluate(self, loss: float, rebalance: bool = True) -> dict | None:
+        """Hit rates on the held-out queries (rank 0), appended to metrics.jsonl as a row, which is returned (None
+        on other ranks). With ``rebalance`` (and eval.rebalance) the site weights follow the hit rates."""
+        st, e = self.state, self.cfg.eval
+        row = hits = None
+        if self.d.main:  # the other processes wait for its site weights (or at the next step's all-reduce)
+            hits = hit_rates(self.decoder, self.probed, self.queries, e.epsilon, e.metric, seed=st.step)
+            self.decoder.train()
+            row = self._row(loss, hits)
+        if rebalance and e.rebalance:
+            probs = site_weights(hits, e.rebalance_floor) if self.d.main else st.site_probs
+            st.site_probs = self.d.broadcast(torch.tensor(probs, dtype=torch.float64, device=self.dev)).tolist()
+        self._t_rate, self.tokens, self.samples = time.time(), 0, 0
+        if row is not None:
+            tqdm.write(f"step {st.step}: mean hit {row['mean_hit']:.3f}  " +
+                       " ".join(f"{k}={v:.2f}" for k, v in row["hit"].items()))
+            with _writing(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def _row(self, loss: float, hits: list[float]) -> dict:
+        st, dt = self.state, time.time() - self._t_rate
+        row = {"step": st.step, "elapsed_s": round(st.elapsed, 1), "loss": round(loss, 4),
+               "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": round(self.tokens / dt),
+               "samples_per_s": round(self.samples / dt, 1),
+               "hit": {s.short: round(h, 4) for s, h in zip(self.sites, hits)},
+               "mean_hit": round(sum(hits) / len(hits), 4),
+               "site_probs": {s.short: round(p, 4) for s, p in zip(self.sites, st.site_probs)},
+               "site_counts": {s.short: c for s, c in zip(self.sites, st.site_counts)}}
+        if self.d.world > 1:
+            row["processes"] = self.d.world
+        if self.budget_spent and st.step < self.cfg.train.steps:
+            row["budget_spent"] = True  # the schedule ended here, before train.steps
+        return row
+
+    def checkpoint(self) -> None:
+        """Write the decoder and ``checkpoint.pt`` atomically (rank 0)."""
+        ckpt, tmp = self.out / "checkpoint.pt", self.out / "checkpoint.pt.tmp"
+        with _writing(ckpt):
+            self.decoder.save(self.out)
+            try:
+                torch.save({"format_version": CHECKPOINT_FORMAT, "state": dataclasses.asdict(self.state),
+                            "optimizer": self.opt.state_dict(), "model": self.decoder.state_dict()}, tmp)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            tmp.replace(ckpt)
+
+    def stop(self) -> InversionView:
+        """Wait for every process; the trained run, or, after a signal, the one-line error that says how to
+        resume."""
+        self.d.barrier()  # the checkpoint is written before any process reports
+        if self.halt:
+            raise UserError(f"interrupted at step {self.state.step}; checkpoint saved: run the same command to resume")
+        if self.budget_spent and self.state.step < self.cfg.train.steps and self.d.main:
+            log.info("wall-time budget of %g min spent at step %d", self.cfg.train.max_minutes, self.state.step)
+        return InversionView.load(self.out, probed=self.probed, device=str(self.dev))
+
+
+# ---------------------------------------------------------------------------------------------- files and checks
+@contextmanager
+def _writing(path: Path):
+    """A failed write (read-only directory, disk full) as a one-line error."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def _first_line(ex: BaseException) -> str:
+    return (str(ex).splitlines() or [type(ex).__name__])[0][:80]
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse a run directory that cannot be written (read-only, not a directory), before training starts: by
+    trying, since permission bits say nothing for root or on a read-only file system."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=run_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}): training writes its "
+                        "checkpoints there; make it writable or use another 'out'") from None
+
+
+def read_checkpoint(path: Path) -> dict:
+    """``checkpoint.pt`` as a dict, refusing a newer format, missing parts and unknown fields."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as ex:
+        raise UserError(f"checkpoint {path} is corrupt ({_first_line(ex)}); delete it to start over") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint {path} is corrupt (not a dict); delete it to start over")
+    check_version(saved.get("format_version"), CHECKPOINT_FORMAT, path)
+    parts = {"state", "optimizer", "model"}
+    if not parts <= set(saved) or not isinstance(saved["state"], dict):
+        raise UserError(f"checkpoint {path} is corrupt (it lacks {', '.join(sorted(parts - set(saved))) or 'a state'});"
+                        " delete it to start over")
+    check_fields(saved, {"format_version", *parts}, path)
+    check_fields(saved["state"], [f.name for f in dataclasses.fields(State)], f"{path} (state)")
+    return saved
+
+
+def check_vocabulary(probed: ProbedModel) -> None:
+    """A character vocabulary must name every token of the model: with fewer tokens it is not the model's (and
+    training would fail later, on the first input with a missing character)."""
+    n_model = probed.model.config.vocab_size
+    if isinstance(probed.tokenizer, CharVocab) and probed.tokenizer.vocab_size < n_model:
+        raise UserError(f"the character vocabulary has {probed.tokenizer.vocab_size} tokens but the model's vocabulary "
+                        f"has {n_model}: it does not belong to this model (list all {n_model} tokens, in the model's "
+                        "order)")
+
+
+def provenance(device: torch.device, world: int, bf16: bool, why: str) -> dict:
+    """How this training session runs: versions, git commit (of a source checkout), device and precision."""
+    import transformers
+
+    from . import __version__
+
+    return {"inversionview": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, **_git_commit(), "device": str(device), "processes": world,
+            "decoder_precision": "bfloat16" if bf16 else "float32", "precision_reason": why}
+
+
+def _git_commit() -> dict:
+    """The commit of the git checkout this package runs from, if it runs from one (not an installed wheel)."""
+    here = Path(__file__).resolve()
+    git = ["git", "-C", str(here.parent)]
+    try:
+        tracked = subprocess.run([*git, "ls-files", "--error-unmatch", here.name], capture_output=True, timeout=10)
+        if tracked.returncode != 0:
+            return {"git_commit": None}
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None}
+    return {"git_commit": commit.stdout.strip() or None, "git_dirty": bool(dirty.stdout.strip())}
+
+
+def _add_session(prov: dict, session: dict, step: int) -> dict:
+    """``prov`` with this session appended to its ``sessions`` unless it runs as the last one did."""
+    sessions = list(prov.get("sessions", []))
+    if not sessions or {k: v for k, v in sessions[-1].items() if k != "from_step"} != session:
+        sessions.append({"from_step": step, **session})
+    return {**prov, "sessions": sessions}
 
 
 def _log_step(path: Path, step: int, loss: float, decoder: Decoder) -> None:
@@ -498,16 +698,6 @@ def _init_stats(decoder: Decoder, probed, task, sites, rng: random.Random, n: in
     acts = probed.run(b.ids, sites)
     for i, s in enumerate(sites):
         decoder.init_site_stats(i, acts[s][torch.arange(n), pos].float())
-
-
-def _step(decoder, probed, task, sites, rng: random.Random, state: State, o: OptimSpec, bos_prob: float, dev):
-    """One single-process step's mean token loss over ``o.batch_size`` fresh inputs drawn from ``rng``. Counts
-    the inputs per site in ``state``."""
-    b = _draw(probed, task, rng, state.site_probs, len(sites), o.batch_size, o.chunk, bos_prob)
-    total, n_tok = _chunks_loss(decoder, probed, sites, b, range(len(b.chunk_sites)), dev, o.bf16)
-    for si in b.chunk_sites:
-        state.site_counts[si] += o.chunk
-    return total / n_tok, n_tok
 
 
 @dataclass(frozen=True)
