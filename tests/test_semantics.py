@@ -282,3 +282,27 @@ def test_sampling_at_temperature_t_follows_softmax_of_logits_over_t(sampler):
             for wrong in TEMPERATURES:
                 if wrong != t:
                     assert _chi2_pvalue(counts, (logits / wrong).softmax(-1)) < 1e-6, (t, wrong)
+
+
+def test_a_sample_with_pad_inside_is_dropped_and_counted():
+    # the decoder may emit PAD mid-way; such a sample is no input of the task (its text would hide the PAD), so the
+    # reading drops it, counts it, and treats it as a candidate outside epsilon
+    from inversionview.run import InversionView
+
+    iv = InversionView.load("shipped:addition")
+    p = iv.probed
+    pad = p.tokenizer.pad_id
+    good, bad = p.encode("480+484=964"), p.encode("435+115=550")
+    bad = bad[:3] + [pad] + bad[3:]
+
+    def fixed(z, site, bos, eos, tau, max_len, g):
+        return [list(good) if i % 2 else list(bad) for i in range(len(z))]
+
+    iv.decoder.generate = fixed
+    pre = iv.query("480+484=964", site="a0.3", position=8, samples=8, chains=0)
+    assert pre.settings["dropped"] == 4
+    assert all(pad not in [p.tokenizer.tokens.index(t) for t in s.tokens] for s in pre.samples)
+    assert pre.fraction_inside == pytest.approx(4 / 8)
+    from inversionview.viewer.terminal import render
+
+    assert "4 dropped (a PAD or EOS inside: no input)" in render(pre, colour=False)

@@ -34,6 +34,8 @@ def verify(probed: ProbedModel, site, seqs: list[list[int]], zq: torch.Tensor, m
 
     Returns ``(dmin (N,), argmin (N,), dist (N, T))`` with ``inf`` at PAD/EOS positions. The probed model
     runs in batches and stops after the site's layer."""
+    if not seqs:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
     dmins, args, dists = [], [], []
     T = max(map(len, seqs))
     for i in range(0, len(seqs), batch):
@@ -243,7 +245,9 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     tau = torch.cat([torch.full((n,), t) for n, (t, _) in zip(per, mix)])
     seqs = as_inputs(dec.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g), tok)
 
-    counts = Counter(tuple(x) for x in seqs)
+    special = set(probed.non_input_ids)
+    kept = [x for x in seqs if not special.intersection(x[1:-1] if x[-1] == tok.eos_id else x[1:])]
+    counts = Counter(tuple(x) for x in kept)  # a sample with PAD or EOS inside is no input: dropped and counted
     uniq = [list(u) for u in counts]
     dmin, amin, dist = verify(probed, s, uniq, zq, metric)
     n_in = sum(counts[tuple(u)] for u, d in zip(uniq, dmin) if d <= eps)
@@ -280,6 +284,7 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
                    metric=metric, mode=probed.mode, samples=out, n_candidates=samples,
                    fraction_inside=n_in / samples, attention=attention,
                    settings={"mix": [list(m) for m in mix], "samples": samples, "seed": seed, "chains": chains,
+                             "dropped": len(seqs) - len(kept),
                              "task": iv.task.name if iv.task else None},
                    annotation=iv.task.annotate(text) if iv.task else None,
                    decoder=str(iv.run_dir) if iv.run_dir else None)

@@ -51,7 +51,8 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
         lines.append("attention from the query position: " +
                      ", ".join(f"{pre.tokens[i]!r}@{i} {pre.attention[i]:.2f}" for i in top))
     lines.append(f"{pre.n_candidates} candidates, {len(pre.samples)} distinct, {inside} distinct inside epsilon; "
-                 f"true fraction of candidates inside epsilon: {pre.fraction_inside:.1%}")
+                 f"true fraction of candidates inside epsilon: {pre.fraction_inside:.1%}"
+                 + (f"; {d} dropped (a PAD or EOS inside: no input)" if (d := pre.settings.get("dropped")) else ""))
     if pre.summary:
         lines.append("summary:")
         lines += [f"  {x}" for x in pre.summary]
