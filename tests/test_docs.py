@@ -170,7 +170,8 @@ def test_site_builds_strict(tmp_path):
 # ----------------------------------------------------------------------------------- the runnable examples
 def _example_env(tmp: Path) -> dict:
     """The environment of a block: this interpreter's `inversionview` first on PATH (the console script next to
-    it, else a shim), the package the tests import first on PYTHONPATH, no colour, no display."""
+    it, else a shim), the package the tests import first on PYTHONPATH, no colour, no display, and one thread
+    (as conftest.py gives the tests: on 2 shared cores two threads made the README's example 2x slower)."""
     bin_dir = Path(sys.executable).parent
     if not (bin_dir / "inversionview").exists():
         bin_dir = tmp / "bin"
@@ -180,6 +181,7 @@ def _example_env(tmp: Path) -> dict:
         shim.chmod(0o755)
     src = str(Path(inversionview.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "FORCE_COLOR"}
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.update(PATH=os.pathsep.join([str(bin_dir), env.get("PATH", "")]), NO_COLOR="1", MPLBACKEND="Agg",
                PYTHONPATH=os.pathsep.join(x for x in [src, env.get("PYTHONPATH")] if x))
     return env
