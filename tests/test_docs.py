@@ -117,7 +117,8 @@ def test_marked_blocks_parse():
     assert [(b.kind, b.lang, b.code, b.name) for b in blocks] == [
         ("run", "bash", "echo one", None), ("file", "json", '{"a": 1}', "q.jsonl"), ("run", "python", "print(2)", None)]
     assert [b.line for b in blocks] == [2, 13, 21]
-    for bad, msg in [("<!-- runable -->\n```bash\nls\n```", "malformed"), ("<!--runnable-->\n```bash\nls\n```", "malformed"),
+    for bad, msg in [("<!-- runable -->\n```bash\nls\n```", "malformed"),
+                     ("<!--runnable-->\n```bash\nls\n```", "malformed"),
                      ("<!-- runnable -->\ntext\n```bash\nls\n```", "not followed"),
                      ("<!-- runnable -->", "not followed"),
                      ("<!-- runnable -->\n```toml\na = 1\n```", "bash or python")]:
