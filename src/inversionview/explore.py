@@ -28,7 +28,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CHAINS = 32  # chains per query
+CHAINS = 64  # chains per query
 STEPS = 48  # moves per chain; the first half is burn-in
 GLOBAL = 0.15  # share of moves that are fresh draws from the generator
 DRAWS = 256  # inputs drawn from the generator per query before the chains start
