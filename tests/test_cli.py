@@ -238,8 +238,12 @@ def _modules_after(argv: list[str]) -> tuple[int, list[str], str]:
     return int(status), json.loads(mods.replace("'", '"')), r.stderr
 
 
-@pytest.mark.parametrize("argv, status", [(["--help"], 0), (["query", "--help"], 0), (["init", "counting"], 0),
-                                          (["query", "run", "--metric", "manhattan"], 2), ([], 2)])
+@pytest.mark.parametrize("argv, status", [
+    (["--help"], 0), (["query", "--help"], 0), (["init", "counting"], 0), (["query", "run", "--metric", "manhattan"], 2),
+    ([], 2), (["query", "shipped:counting", "--text", TEXT, "--site", "a1.0", "--position", ":", "--limit", "-1"], 2),
+    (["demo", "--limit", "-1"], 2), (["train-probed", "counting", "--out", "m", "--steps", "0"], 2),
+    (["completeness", "shipped:addition", "--text", "1+1=2", "--site", "a0.0", "--position", "=", "--samples", "0"], 2),
+])
 def test_help_and_argument_errors_do_not_import_torch(argv, status):
     got, heavy, err = _modules_after(argv)
     assert got == status, err

@@ -50,12 +50,12 @@ def cmd_init(args) -> int:
 
 
 def cmd_train_probed(args) -> int:
+    if args.steps is not None and args.steps < 1:  # before the imports (torch): bad values answer at once
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
     from .tasks import get_task
     from .tasks.training import train_probed
 
     task = get_task(args.task)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
     recipe = {**task.recipe, **({"steps": args.steps} if args.steps is not None else {})}
     info = train_probed(task, args.out, seed=args.seed, command="inversionview " + shlex.join(sys.argv[1:]), **recipe)
     print(f"test accuracy {info['test_accuracy']:.4f} on {info['test_inputs']} held-out inputs; saved to {args.out}")
@@ -86,14 +86,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _read(args, iv, site, position):
+def check_limit(args) -> None:
+    """Called before the model loads, so that a bad --limit answers at once."""
     if args.limit < 0:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
+
+
+def _read(args, iv, site, position):
     return iv.query(args.text, site=site, position=position, samples=args.samples, temperature=args.temperature,
                     noise=args.noise, epsilon=args.epsilon, metric=args.metric, seed=args.seed)
 
 
 def cmd_query(args) -> int:
+    check_limit(args)
     from .run import InversionView
 
     iv = InversionView.load(args.run, device=args.device)
@@ -123,6 +128,7 @@ def _emit(args, readings) -> None:
 def cmd_demo(args) -> int:
     import time
 
+    check_limit(args)
     from .run import InversionView
 
     t0 = time.time()
@@ -197,11 +203,10 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_completeness(args) -> int:
+    if not 1 <= args.samples <= 8192:  # before the imports (torch): bad values answer at once
+        raise UserError(f"--samples must be between 1 and 8192, got {args.samples}")
     from .completeness import scan
     from .run import InversionView
-
-    if not 1 <= args.samples <= 8192:
-        raise UserError(f"--samples must be between 1 and 8192, got {args.samples}")
     res = scan(InversionView.load(args.run), args.text, args.site, args.position, samples=args.samples,
                epsilon=args.epsilon, metric=args.metric, seed=args.seed)
     if args.png:
