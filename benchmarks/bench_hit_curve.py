@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from _common import peak_rss_mib
+import inversionview
 from inversionview import InversionView
 from inversionview.run import SHIPPED
 
@@ -33,7 +34,7 @@ def train_for(minutes: float, naive: bool, out: Path) -> Path:
 
     import dataclasses
 
-    cfg = TrainConfig.from_toml(Path(__file__).resolve().parent.parent / "configs" / "counting.toml")
+    cfg = TrainConfig.from_toml(Path(inversionview.__file__).parent / "configs" / "counting.toml")
 
     o = dataclasses.replace(cfg.train, max_minutes=minutes, steps=100_000 if naive else cfg.train.steps)
     if naive:

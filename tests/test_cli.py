@@ -8,13 +8,15 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import user_error, write_config
-from inversionview.cli import main
+from inversionview.cli import build_parser, examples, main
 from inversionview.preimage import AUTO_MIX
-from inversionview.run import InversionView
+from inversionview.run import SHIPPED, InversionView
+from inversionview.train import TrainConfig
 
 
 TEXT = "vvzccvczvvvzvcvc|v:8"
@@ -177,3 +179,168 @@ def test_subprocess_query(run_dir):
 def test_query_refuses_settings_that_cannot_read(run_dir, capsys, extra, message):
     err = user_error(capsys, *_query(run_dir, "--site", "x0.pre", "--position", ":", "--samples", "8", *extra))
     assert message in err, err
+
+
+# ---------------------------------------------------------------------------------------------- argument errors
+def _bad_arguments() -> list[list[str]]:
+    """For every subcommand: an unknown option, and each option or positional with a type or choices given a value
+    it refuses. Built from the parser, so that a new subcommand or option is covered without editing this test."""
+    cases = [[], ["no-such-command"], ["--no-such-option"]]
+    for action in build_parser()._actions:
+        for name, sub in getattr(action, "choices", None).items() if action.dest == "command" else ():
+            cases.append([name, "--no-such-option"])
+            for a in sub._actions:
+                bad = "no-such-choice" if a.choices else "x1.5" if a.type in (int, float) else None
+                if bad is not None:
+                    cases.append([name, *a.option_strings[:1], bad])
+    return cases
+
+
+BAD_ARGUMENTS = _bad_arguments()
+
+
+def test_bad_arguments_cover_every_subcommand():
+    named = {argv[0] for argv in BAD_ARGUMENTS if argv and not argv[0].startswith("-")}
+    assert {"init", "query", "evaluate", "demo", "train", "serve", "patch", "completeness"} <= named
+    assert ["query", "--metric", "no-such-choice"] in BAD_ARGUMENTS and ["query", "--samples", "x1.5"] in BAD_ARGUMENTS
+
+
+@pytest.mark.parametrize("argv", BAD_ARGUMENTS, ids=" ".join)
+def test_every_bad_argument_is_one_line_error(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "usage:" not in err, err
+
+
+def test_metric_typo_names_the_choices(capsys):
+    with pytest.raises(SystemExit):
+        main(["query", "shipped:counting", "--text", TEXT, "--site", "a1.0", "--position", ":", "--metric", "manhattan"])
+    err = capsys.readouterr().err
+    assert err == ("error: argument --metric: invalid choice: 'manhattan' (choose from 'euclidean', 'cosine') "
+                   "(see inversionview query --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+HEAVY = ("torch", "transformers", "numpy", "safetensors", "matplotlib", "tqdm")
+
+
+def _modules_after(argv: list[str]) -> tuple[int, list[str], str]:
+    """Run the command line in a fresh interpreter; its exit status, the heavy packages it imported, its stderr."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['inversionview', *{argv!r}]\n"
+            "try:\n    runpy.run_module('inversionview', run_name='__main__')\n"
+            "except SystemExit as e:\n    status = e.code\n"
+            f"print(status, sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    status, mods = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    return int(status), json.loads(mods.replace("'", '"')), r.stderr
+
+
+@pytest.mark.parametrize("argv, status", [
+    (["--help"], 0), (["query", "--help"], 0), (["init", "counting"], 0), (["query", "run", "--metric", "manhattan"], 2),
+    ([], 2), (["query", "shipped:counting", "--text", TEXT, "--site", "a1.0", "--position", ":", "--limit", "-1"], 2),
+    (["demo", "--limit", "-1"], 2), (["train-probed", "counting", "--out", "m", "--steps", "0"], 2),
+    (["completeness", "shipped:addition", "--text", "1+1=2", "--site", "a0.0", "--position", "=", "--samples", "0"], 2),
+])
+def test_help_and_argument_errors_do_not_import_torch(argv, status):
+    got, heavy, err = _modules_after(argv)
+    assert got == status, err
+    assert heavy == [], f"{argv} imported {heavy}"
+
+
+def test_package_imports_torch_only_when_asked():
+    code = ("import sys, inversionview\n"
+            "before = 'torch' in sys.modules\n"
+            "from inversionview import InversionView, Preimage, ProbedModel, Sample, Site, UserError, parse_site\n"
+            "import inversionview.run, inversionview.preimage\n"
+            "assert InversionView is inversionview.run.InversionView and Preimage is inversionview.preimage.Preimage\n"
+            "assert set(inversionview.__all__) <= set(dir(inversionview))\n"
+            "print(before, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "True"]
+    import inversionview
+
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
+        inversionview.NoSuchThing  # noqa: B018
+
+
+# ---------------------------------------------------------------------------------------------- init
+@pytest.mark.parametrize("name", sorted(examples()))
+def test_init_prints_an_example_that_works_where_it_is_written(name, tmp_path, capsys):
+    rc, out, _ = _cli(capsys, "init", name)
+    assert rc == 0 and out == examples()[name].read_text()
+    path = tmp_path / examples()[name].name
+    path.write_text(out)
+    if path.suffix == ".jsonl":
+        assert all(json.loads(line)["text"] for line in out.splitlines())
+        return
+    cfg = TrainConfig.from_toml(path)
+    assert f"inversionview init {name} > " in out  # the file says how it is made and used
+    assert Path(cfg.out).parent.parent == tmp_path  # runs/NAME next to the file, never inside the package
+    if cfg.data.path:  # a data file it names is another example, written next to it
+        assert Path(cfg.data.path).name in {p.name for p in examples().values()}
+
+
+@pytest.mark.parametrize("task", ["counting", "addition"])
+def test_init_gives_the_config_of_the_shipped_decoder(task, tmp_path, capsys):
+    path = tmp_path / "my.toml"
+    path.write_text(_cli(capsys, "init", task)[1])
+    mine = json.loads(json.dumps(TrainConfig.from_toml(path).to_dict(relative_to=tmp_path)))
+    shipped = json.loads((SHIPPED / task / "decoder" / "train.json").read_text())
+    common = {(s, k) for s in shipped if isinstance(shipped[s], dict) for k in shipped[s] if k in mine.get(s, {})}
+    assert len(common) > 20
+    assert {(s, k): mine[s][k] for s, k in common} == {(s, k): shipped[s][k] for s, k in common}
+
+
+# ---------------------------------------------------------------------------------------------- the built wheel
+@pytest.mark.slow
+def test_built_wheel_works_outside_the_source_tree(tmp_path):
+    """Build the wheel (offline, with this environment's setuptools), install it into a fresh venv that borrows this
+    environment's packages (torch, transformers, ...) through a .pth line, and run what the docs show, from a
+    directory that holds no source: init, query on the shipped model, the GPT-2 tokenizer, and the files a wheel
+    must carry (py.typed, the licenses)."""
+    import shutil
+    import sysconfig
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.pt"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, src / name)
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path / "dist", src],
+                   check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("inversionview-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch etc., after the venv's own
+    subprocess.run([*pip, "--python", python, "install", "--no-deps", "--no-index", "--ignore-installed", wheel],
+                   check=True, capture_output=True, timeout=300)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
+
+    def run(*argv):
+        r = subprocess.run([str(a) for a in argv], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    where = run(python, "-c", "import inversionview, pathlib; print(pathlib.Path(inversionview.__file__).parent)")
+    pkg = Path(where.strip())
+    assert pkg.is_relative_to(site) and (pkg / "py.typed").is_file()
+    licenses = {p.name for p in site.glob("inversionview-*.dist-info/licenses/**/*") if p.is_file()}
+    assert {"LICENSE", "LICENSE-GPT2"} <= licenses
+    cli = venv / "bin" / "inversionview"
+    (work / "counting.toml").write_text(run(cli, "init", "counting"))
+    assert 'out = "runs/counting"' in (work / "counting.toml").read_text()
+    reading = json.loads(run(cli, "query", "shipped:counting", "--text", TEXT, "--site", "a1.0", "--position", ":",
+                             "--samples", "64", "--json"))
+    assert reading["site_short"] == "a1.0" and reading["n_candidates"] == 64
+    assert run(python, "-c", "from inversionview.tokenizer import gpt2_tokenizer; "
+                             "print(gpt2_tokenizer().encode('Hello world'))").strip() == "[50256, 15496, 995]"

@@ -132,7 +132,7 @@ def test_ioi_task_needs_the_gpt2_tokenizer(probed_dir, tmp_path, capsys):
 
 def test_train_probed_ioi_is_refused(tmp_path, capsys):
     msg = user_error(capsys, "train-probed", "ioi", "--out", tmp_path / "m")
-    assert "pretrained GPT-2 small" in msg and "configs/ioi-gpt2-small.toml" in msg
+    assert "pretrained GPT-2 small" in msg and "inversionview init ioi-gpt2-small" in msg
     assert not (tmp_path / "m").exists()
 
 

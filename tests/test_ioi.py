@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import inversionview
 from _gpt2 import EOT, make_gpt2_dir
 from conftest import write_config
 from inversionview.cli import main
@@ -28,7 +29,7 @@ from inversionview.tasks.ioi import ABBA_TEMPLATES, BABA_TEMPLATES, NAMES, OBJEC
 from inversionview.tokenizer import gpt2_tokenizer
 from inversionview.train import TrainConfig, Trainer, step_rng
 
-ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = Path(inversionview.__file__).parent / "configs"  # the example configs shipped in the package
 SITES = ["a0.1", "a1.0", "x1.post"]
 
 
@@ -119,7 +120,7 @@ def test_not_ioi_sentences(text):
 
 # ---------------------------------------------------------------------------------------------- configs
 def test_ioi_config_is_ready_for_gpt2_small():
-    cfg = TrainConfig.from_toml(ROOT / "configs" / "ioi-gpt2-small.toml")
+    cfg = TrainConfig.from_toml(CONFIGS / "ioi-gpt2-small.toml")
     assert cfg.probed.model == "gpt2" and cfg.probed.tokenizer == "gpt2" and cfg.probed.mode == "tl"
     assert cfg.data.task == "ioi" and cfg.data.record() is None  # the task's own positions: end and S2
     assert cfg.eval.metric == "cosine"
@@ -131,7 +132,7 @@ def test_ioi_config_is_ready_for_gpt2_small():
 
 
 def test_factual_config_and_its_data_format():
-    cfg = TrainConfig.from_toml(ROOT / "configs" / "factual-gpt2-xl.toml")
+    cfg = TrainConfig.from_toml(CONFIGS / "factual-gpt2-xl.toml")
     assert cfg.probed.model == "gpt2-xl" and cfg.probed.tokenizer == "gpt2"
     assert (cfg.eval.metric, cfg.eval.epsilon) == ("cosine", 0.25)
     sites = [parse_site(s, 48, 25) for s in cfg.data.sites]
@@ -160,7 +161,7 @@ def test_span_rule_gives_the_last_subject_token_and_the_last_position(probed, tm
     assert span.apply(ids, tok, text, {"s": "Louvre"}) == [] and span.apply(ids, tok, text, {}) == []
     assert PositionRule.parse({"span": "s", "offset": 1}).apply(ids, tok, text, {"s": "Tower"}) == [got[1] + 1]
     # read from the example file as training reads it
-    src = open_source(None, {"path": str(ROOT / "configs" / "factual-example.jsonl"),
+    src = open_source(None, {"path": str(CONFIGS / "factual-example.jsonl"),
                              "positions": [-1, {"span": "subject"}]}, probed)
     assert isinstance(src, FileSource)
     for text, rec in zip(src.texts, src.records):

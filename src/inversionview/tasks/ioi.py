@@ -15,7 +15,7 @@ Query positions (the paper's): **end**, the last token before the final IO name 
 predicts the IO), and **S2**, the second mention of the subject. :meth:`Ioi.token_positions` gives these
 and the others (S1, IO).
 
-There is no probed model to train: the probed model is GPT-2 small itself (``configs/ioi-gpt2-small.toml``).
+There is no probed model to train: the probed model is GPT-2 small itself (``inversionview init ioi-gpt2-small``).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class Ioi(Task):
     def recipe(self) -> dict:
         # `inversionview train-probed ioi` reads this first: refuse it with one line
         raise UserError("the ioi task's probed model is the pretrained GPT-2 small: there is no probed model to train; "
-                        "train a decoder for it with `inversionview train configs/ioi-gpt2-small.toml`")
+                        "train a decoder for it with `inversionview init ioi-gpt2-small > ioi.toml; inversionview train ioi.toml`")
 
     def generate(self, rng: random.Random) -> str:
         template = rng.choice(ABBA_TEMPLATES if rng.random() < 0.5 else BABA_TEMPLATES)
