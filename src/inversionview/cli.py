@@ -94,7 +94,7 @@ def check_limit(args) -> None:
 
 def _read(args, iv, site, position):
     return iv.query(args.text, site=site, position=position, samples=args.samples, temperature=args.temperature,
-                    noise=args.noise, epsilon=args.epsilon, metric=args.metric, seed=args.seed)
+                    noise=args.noise, epsilon=args.epsilon, metric=args.metric, seed=args.seed, chains=args.chains)
 
 
 def cmd_query(args) -> int:
@@ -240,6 +240,8 @@ def _reading_args(s, text_required: bool = True) -> None:
     s.add_argument("--epsilon", type=float, default=None, help="preimage radius (default: the run's, 0.1)")
     s.add_argument("--metric", choices=["euclidean", "cosine"], default=None)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--chains", type=int, default=64,
+                   help="chains that walk the preimage to estimate its shares (default 64; 0: the decoder's samples alone)")
     s.add_argument("--limit", type=int, default=20, help="samples shown in the terminal")
     s.add_argument("--json", action="store_true", help="print the reading as JSON")
     s.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")

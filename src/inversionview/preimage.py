@@ -26,6 +26,7 @@ AUTO_MIX = ((0.5, 0.0), (1.0, 0.0), (2.0, 0.0), (2.0, 0.1))
 MAX_SAMPLES = 8192
 CHAIN_SAMPLES = 200  # members met by the chains that a reading shows beside the decoder's samples
 CHECKS = 40  # members changed in each counterfactual check
+MAX_CHAINS = 1024
 
 
 @torch.no_grad()
@@ -218,6 +219,8 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     metric = metric or iv.spec.metric
     if metric not in ("euclidean", "cosine"):
         raise UserError(f"unknown metric {metric!r}: expected 'euclidean' or 'cosine'")
+    if not (isinstance(chains, int) and 0 <= chains <= MAX_CHAINS):
+        raise UserError(f"chains must be a whole number between 0 and {MAX_CHAINS}, got {chains}")
     if not 1 <= samples <= MAX_SAMPLES:
         raise UserError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
     if not 0 < eps < math.inf:
