@@ -202,7 +202,7 @@ def report(rows: list[dict], mode: str) -> str:
     times = [r["reading"] for r in rows if "reading" in r]
     return (f"[{mode}] mean |dFCR| {statistics.mean(sure) if sure else float('nan'):.3f} known, "
             f"{statistics.mean(errs):.3f} all, max {max(sure) if sure else float('nan'):.3f} "
-            f"({len(sure)}/{len(errs)} known to +-{SURE_HALF_WIDTH}), violations {sum(r['violation'] for r in rows)}"
+            f"({len(sure)}/{len(errs)} known to +-{SURE_HALF_WIDTH}), violations {sum(r.get('violation', 0) for r in rows)}"
             + (f", recall median {statistics.median(rec):.1%}" if rec else "")
             + f", {statistics.mean(r['time'] for r in rows if 'time' in r):.2f} s per query batched"
             + (f", {statistics.median(times):.2f} s per reading (median of {len(times)})" if times else ""))
