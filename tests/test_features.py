@@ -142,9 +142,12 @@ def test_fcr_on_shipped_counting(counting_iv):
     assert at_colon["count"].verdict in ("carries", "partly") and at_colon["count"].fcr >= 0.8
     assert at_colon["count"].low <= at_colon["count"].fcr <= at_colon["count"].high and at_colon["count"].samples > 0
     assert at_colon["count"].position == ":" and at_colon["count"].site == "a1.0"
-    # the embedding of the target character is the target letter itself
+    # the embedding at the target character holds the letter at that index
     at_target = {r.feature: r for r in measure(iv, "x0.pre", 0, feats, queries=6, samples=64)}
-    assert at_target["target"].verdict == "carries" and at_target["count"].verdict == ""
+    # (a 'v' at that index, as the target or as a letter of a longer input: the target letter's true share is about
+    # 0.5, see test_summary; the decoder's samples alone said 'carries')
+    assert at_target["target"].verdict != "carries" and 0.3 <= at_target["target"].fcr <= 0.85
+    assert at_target["count"].verdict == ""
 
 
 def test_explain_table_and_json(counting_iv):
