@@ -83,7 +83,7 @@ def main(run="shipped:counting"):
         return
     with sync_playwright() as p:
         browser = p.chromium.launch(**CHROMIUM)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, bypass_csp=True)  # wait_for_function evals
         page.goto(url + "/")
         page.wait_for_selector("#tokens .tok")
         page.fill("#text", TEXT)

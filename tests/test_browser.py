@@ -52,7 +52,9 @@ def browser():
 
 @pytest.fixture
 def page(browser, url):
-    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+    # bypass_csp: Playwright's wait_for_function evaluates its string in the page, which the page's policy forbids
+    # (test_payloads_in_every_field_never_become_markup runs under the policy)
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000}, bypass_csp=True)
     pg = context.new_page()
     outside = []
     pg.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith("blob:") else outside.append(r.url))
@@ -226,7 +228,7 @@ def test_stored_readings_panel(iv, browser, tmp_path):
                for s, p in [("a1.0", 19), ("x0.post", 18)]]
         want = store.get(ids[1])
     server = _start(iv, db=str(db))
-    context = browser.new_context()
+    context = browser.new_context(bypass_csp=True)
     try:
         page = context.new_page()
         page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
