@@ -247,14 +247,17 @@ class ReadingQueue:
                 if fut is None:
                     return
                 self.running = ticket
-            if fut.set_running_or_notify_cancel():
+            result = error = None
+            if ran := fut.set_running_or_notify_cancel():
                 try:
-                    fut.set_result(fn())
+                    result = fn()
                 except BaseException as e:  # noqa: BLE001 - handed to the request that waits for it
-                    fut.set_exception(e)
+                    error = e
             with self.cond:
-                self.running, self.done = False, self.done + 1
+                self.running, self.done = False, self.done + ran
                 idle = not self.waiting
+            if ran:
+                fut.set_exception(error) if error is not None else fut.set_result(result)
             if idle:
                 trim_memory()
 
@@ -333,6 +336,8 @@ class Viewer:
         position = body.get("position")
         if not isinstance(position, (int, str)) or isinstance(position, bool):
             raise UserError("position must be a token index or a token: click a token of the query")
+        if isinstance(position, int) and abs(position) >= 10**6 or isinstance(position, str) and len(position) > 100:
+            raise UserError(f"position {str(position)[:12]}... is out of range for an input of {t['n_text']} tokens")
         resolve_position(t["tokens"], t["n_text"], position)
         samples = _field(body, "samples", int, 1024)
         if not 1 <= samples <= MAX_SAMPLES:
