@@ -76,6 +76,7 @@ MAX_SEED = 2**63 - 1  # torch's generators take seeds below 2**64; JSON numbers 
 MAX_NOISE = 1e3  # activation noise, in standard deviations of the activation (the paper's mix uses 0.1)
 MAX_BODY = 64 * 1024  # bytes of a request body, except a report's
 MAX_REPORT_BODY = 64 * 1024 * 1024  # a report carries the pinned readings' JSON (~0.5 MB each at 1024 samples)
+DRAIN = 1024 * 1024  # a refused body of up to this many bytes is read (and dropped) before the answer
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
          ".png": "image/png", ".svg": "image/svg+xml"}
@@ -450,10 +451,11 @@ async def _body(request: Request, limit: int = MAX_BODY) -> dict:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         # a cross-site form or "simple" fetch cannot send this type without the browser asking first (CORS)
         raise Reject(415, "send the request body as JSON with Content-Type: application/json")
-    announced = request.headers.get("content-length")
-    if announced is not None and int(announced) > limit:  # h11 has checked that it is a whole number
-        raise Reject(413, f"the request body is {int(announced):,} bytes; at most {limit:,} are accepted"
-                     + (" (unpin some readings)" if limit == MAX_REPORT_BODY else ""))
+    announced = int(request.headers.get("content-length") or 0)  # h11 has checked that it is a whole number
+    too_big = Reject(413, f"the request body is {f'{announced:,}' if announced > limit else f'over {limit:,}'} bytes; "
+                          f"at most {limit:,} are accepted" + (" (unpin some readings)" if limit == MAX_REPORT_BODY else ""))
+    if announced > limit:
+        raise too_big
     chunks, size = [], 0
     seconds = request.app.state.viewer.limits.body_seconds
     try:
@@ -461,7 +463,7 @@ async def _body(request: Request, limit: int = MAX_BODY) -> dict:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise Reject(413, f"the request body is over {limit:,} bytes, the most accepted")
+                    raise too_big
                 chunks.append(chunk)
     except TimeoutError:
         raise Reject(408, f"the request body did not arrive within {seconds:g} s", {"Connection": "close"}) from None
@@ -589,25 +591,50 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
 
 
 class Guard:
-    """The first look at every request: methods other than GET, HEAD and POST are refused with 405, and a request
-    addressed (``Host``) to a name this viewer does not answer to with 403 (DNS rebinding)."""
+    """The first and last look at every request. Methods other than GET, HEAD and POST are refused with 405, and a
+    request addressed (``Host``) to a name this viewer does not answer to with 403 (DNS rebinding). A body that a
+    refusal leaves unread is read to its end (up to :data:`DRAIN` bytes, in the body's time) before the answer
+    goes out: closing a connection with unread data resets it, and the client would never hear why."""
 
-    def __init__(self, app, names: frozenset[str]):
-        self.app, self.names = app, names
+    def __init__(self, app, names: frozenset[str], seconds: float):
+        self.app, self.names, self.seconds = app, names, seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "").strip()
+        headers = dict(scope["headers"])
+        rest = [int(headers.get(b"content-length", b"0")) if b"transfer-encoding" not in headers else DRAIN]
+
+        async def read():
+            msg = await receive()
+            rest[0] = 0 if msg["type"] == "http.disconnect" or not msg.get("more_body") else rest[0]
+            return msg
+
+        async def answer(msg):
+            if msg["type"] == "http.response.start" and 0 < rest[0] <= DRAIN and msg["status"] != 408:
+                await self.drain(read, rest)
+            await send(msg)
+
+        await (self.refusal(scope, headers) or self.app)(scope, read, answer)
+
+    def refusal(self, scope, headers) -> Response | None:
+        host = headers.get(b"host", b"").decode("latin-1").strip()
         name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
         if name.lower() not in self.names:
-            refusal = _error(403, f"this viewer answers requests for {', '.join(sorted(self.names))}, not {host[:60]!r}")
-        elif scope["method"] not in ("GET", "HEAD", "POST"):
-            refusal = _error(405, f"{scope['method'][:20]} is not a method this viewer answers: use GET or POST",
-                             {"Allow": "GET, HEAD, POST"})
-        else:
-            return await self.app(scope, receive, send)
-        await refusal(scope, receive, send)
+            return _error(403, f"this viewer answers requests for {', '.join(sorted(self.names))}, not {host[:60]!r}")
+        if scope["method"] not in ("GET", "HEAD", "POST"):
+            return _error(405, f"{scope['method'][:20]} is not a method this viewer answers: use GET or POST",
+                          {"Allow": "GET, HEAD, POST"})
+        return None
+
+    async def drain(self, read, rest: list[int]) -> None:
+        got = 0
+        try:
+            async with asyncio.timeout(self.seconds):
+                while rest[0] and got <= DRAIN:
+                    got += len((await read()).get("body", b""))
+        except TimeoutError:
+            pass
 
 
 def make_app(viewer: Viewer, names: frozenset[str]) -> Starlette:
@@ -615,7 +642,7 @@ def make_app(viewer: Viewer, names: frozenset[str]) -> Starlette:
     app.router.redirect_slashes = False  # /api/info/ is no route (a redirect would answer a typo)
     app.state.viewer = viewer
     app.state.work = ThreadPoolExecutor(1, thread_name_prefix="inversionview-work")
-    return Guard(app, names)
+    return Guard(app, names, viewer.limits.body_seconds)
 
 
 class Protocol(H11Protocol):
