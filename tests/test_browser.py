@@ -6,19 +6,17 @@ in every field of a reading (under the page's own content policy)."""
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 
 import pytest
+from _payloads import injected, shown_as_text, text_fields, with_all_payloads, with_payload
 from playwright.sync_api import sync_playwright
 
 from inversionview import InversionView
 from inversionview.preimage import Preimage
 from inversionview.store import ReadingStore
 from inversionview.viewer.server import MAX_SAMPLES, make_server
-
-from _payloads import injected, shown_as_text, text_fields, with_all_payloads, with_payload
 
 CHROMIUM = dict(executable_path="/usr/bin/chromium", headless=True,
                 args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -347,7 +345,7 @@ def test_payloads_in_every_field_never_become_markup(iv, browser, tmp_path):
         # the page inserts the server's HTML only through an allow-list: markup the templates never write is dropped
         kept = page.evaluate("""(html) => { const d = document.createElement("div"); d.appendChild(safeFragment(html));
                                             return d.innerHTML; }""", SANITIZE)
-        assert kept == ('<span class="tok" title="t">a</span><b class="">c</b>'
+        assert kept == ('<span class="tok" title="t">a</span>l<b class="">c</b>'
                         '<table><tbody><tr><td style="width:3px">w</td></tr></tbody></table>')
         for path, _ in text_fields():
             page.evaluate("async (reading) => { show(await api('/api/epsilon', {reading, epsilon: 0.3})); pin(); }",

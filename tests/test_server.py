@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import json
-import os
 import queue
 import re
 import signal

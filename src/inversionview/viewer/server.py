@@ -277,12 +277,14 @@ class Viewer:
                 log.warning("%s holds readings of %d other decoder(s) (%s); they are listed with this run's",
                             db, len(other), ", ".join(other))
         self.readings = ReadingQueue(limits.queue)
+        self.work = ThreadPoolExecutor(1, thread_name_prefix="inversionview-work")  # big parsing and rendering
         self.rng = random.Random()
         self.files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # the client can name only these
         self._source = None
 
     def close(self) -> None:
         self.readings.close()
+        self.work.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------ reads
     def info(self) -> dict:
@@ -480,7 +482,7 @@ async def _body(request: Request, limit: int = MAX_BODY) -> dict:
 
 async def _in_thread(request: Request, fn, *args):
     """``fn(*args)`` in the thread for big parsing and rendering, off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(request.app.state.work, fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(request.app.state.viewer.work, fn, *args)
 
 
 async def _until_gone(receive) -> None:
@@ -641,7 +643,6 @@ def make_app(viewer: Viewer, names: frozenset[str]) -> Starlette:
     app = Starlette(routes=ROUTES, exception_handlers={HTTPException: _http_error})
     app.router.redirect_slashes = False  # /api/info/ is no route (a redirect would answer a typo)
     app.state.viewer = viewer
-    app.state.work = ThreadPoolExecutor(1, thread_name_prefix="inversionview-work")
     return Guard(app, names, viewer.limits.body_seconds)
 
 
@@ -699,17 +700,20 @@ class ViewerServer:
                         timeout_keep_alive=max(1, round(limits.idle_seconds)), timeout_graceful_shutdown=5,
                         server_header=False)
         self.uvicorn = Server(config)
-        self.stopped = threading.Event()
+        self.serving, self.stopped = threading.Event(), threading.Event()
 
     def serve_forever(self) -> None:
+        self.serving.set()
         try:
             self.uvicorn.run(sockets=[self.socket])
         finally:
             self.stopped.set()
 
     def shutdown(self) -> None:
+        """Stops :meth:`serve_forever` (running in another thread) and waits until it has returned."""
         self.uvicorn.should_exit = True
-        self.stopped.wait()
+        if self.serving.is_set():
+            self.stopped.wait()
 
     def server_close(self) -> None:
         self.socket.close()

@@ -25,9 +25,11 @@ function say(text, isError) {
 }
 
 // A reading's HTML as DOM nodes, keeping only the elements and attributes the reading templates write (no
-// scripts, no event handlers, no links, no styles beyond colours and widths): parsed inert, then rebuilt.
+// scripts, no event handlers, no links, no styles beyond colours and widths): parsed inert, then rebuilt. Another
+// element leaves only its text, and scripts, styles and embedded documents leave nothing.
 const TAGS = new Set(["SECTION", "H2", "SPAN", "DIV", "UL", "LI", "P", "B", "TABLE", "TBODY", "TR", "TD", "DETAILS",
   "SUMMARY", "CODE"]);
+const DROP = new Set(["SCRIPT", "STYLE", "TEMPLATE", "NOSCRIPT", "IFRAME", "OBJECT", "EMBED", "SVG", "MATH", "TEXTAREA"]);
 const ATTRS = new Set(["class", "title", "colspan", "data-site", "data-position", "data-i", "data-distance"]);
 const STYLE = /^(background:rgba\([\d.,]+\)|width:\d+px)$/;
 
@@ -37,7 +39,8 @@ function safeFragment(html) {
   const copy = (node, into) => {
     for (const c of node.childNodes) {
       if (c.nodeType === Node.TEXT_NODE) { into.appendChild(document.createTextNode(c.data)); continue; }
-      if (c.nodeType !== Node.ELEMENT_NODE || !TAGS.has(c.tagName)) continue;  // dropped with its content
+      if (c.nodeType !== Node.ELEMENT_NODE || DROP.has(c.tagName.toUpperCase())) continue;
+      if (!TAGS.has(c.tagName)) { copy(c, into); continue; }
       const e = document.createElement(c.tagName.toLowerCase());
       for (const a of c.attributes) {
         if (ATTRS.has(a.name) || (a.name === "style" && STYLE.test(a.value))) e.setAttribute(a.name, a.value);
