@@ -34,22 +34,21 @@ const ATTRS = new Set(["class", "title", "colspan", "data-site", "data-position"
 const STYLE = /^(background:rgba\([\d.,]+\)|width:\d+px)$/;
 
 function safeFragment(html) {
-  const doc = new DOMParser().parseFromString(`<body>${html}</body>`, "text/html");
-  const out = document.createDocumentFragment();
-  const copy = (node, into) => {
-    for (const c of node.childNodes) {
-      if (c.nodeType === Node.TEXT_NODE) { into.appendChild(document.createTextNode(c.data)); continue; }
-      if (c.nodeType !== Node.ELEMENT_NODE || DROP.has(c.tagName.toUpperCase())) continue;
-      if (!TAGS.has(c.tagName)) { copy(c, into); continue; }
-      const e = document.createElement(c.tagName.toLowerCase());
-      for (const a of c.attributes) {
-        if (ATTRS.has(a.name) || (a.name === "style" && STYLE.test(a.value))) e.setAttribute(a.name, a.value);
+  const doc = new DOMParser().parseFromString(`<body>${html}</body>`, "text/html");  // inert: nothing loads or runs
+  const clean = (node) => {
+    for (const c of [...node.children]) {
+      const tag = c.tagName.toUpperCase();
+      if (DROP.has(tag)) { c.remove(); continue; }
+      clean(c);
+      if (!TAGS.has(tag)) { c.replaceWith(...c.childNodes); continue; }
+      for (const a of [...c.attributes]) {
+        if (!ATTRS.has(a.name) && !(a.name === "style" && STYLE.test(a.value))) c.removeAttribute(a.name);
       }
-      into.appendChild(e);
-      copy(c, e);
     }
   };
-  copy(doc.body, out);
+  clean(doc.body);
+  const out = document.createDocumentFragment();
+  out.append(...[...doc.body.childNodes].map((n) => document.adoptNode(n)));
   return out;
 }
 
