@@ -180,12 +180,12 @@ def hostile(port: int) -> list[bytes]:
     return out
 
 
-def send(port: int, data: bytes, hold: threading.Event | None = None) -> str:
-    """The answer's status ("reset" or "no answer" if none came). With ``hold``, the request is a body that
-    never finishes: the connection stays open until the server gives up on it or ``hold`` is set."""
+def send(port: int, data: bytes, partial: bool = False) -> str:
+    """The answer's status ("reset" or "no answer" if none came). ``partial``: the body is sent but for its last
+    bytes, and never finished: the connection stays open until the server gives up on it."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=3600) as s:
-            s.sendall(data[:-5] if hold else data)
+            s.sendall(data[:-5] if partial else data)
             out = b""
             while chunk := s.recv(65536):
                 out += chunk
@@ -220,15 +220,14 @@ def watch_queue(url: str, n: int, done: threading.Event, places: dict):
 
 
 def burst(url: str, port: int, n: int, samples: int) -> dict:
-    places, done, hold = {}, threading.Event(), threading.Event()
+    places, done = {}, threading.Event()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(n + 16) as pool:
         watcher = pool.submit(watch_queue, url, n, done, places)
-        slow = [pool.submit(send, port, hostile(port)[-4], hold) for _ in range(5)]  # bodies that never finish
+        slow = [pool.submit(send, port, hostile(port)[-4], True) for _ in range(5)]  # bodies that never finish
         bad = [pool.submit(send, port, r) for r in hostile(port)]
         readings = [pool.submit(one_reading, url, i, samples, t0) for i in range(n)]
         results = [f.result() for f in readings]
-        hold.set()
         done.set()
         watcher.result()
         statuses = [f.result() for f in bad + slow]
