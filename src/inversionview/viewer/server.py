@@ -11,7 +11,8 @@ own domain name to this machine (DNS rebinding) is refused.
 Routes (JSON in and out; a bad request gets a 4xx with ``{"error": "one line"}``, never a traceback: 400 for a
 user error or malformed JSON, 403 for a request addressed to another host name, 404 for an unknown route or
 file, 405 for a wrong or unknown method, 408 for a request whose head or body does not arrive in time, 413 for
-an oversized body, 415 for a POST body not sent as ``application/json``, 429 when the reading queue is full):
+an oversized body, 415 for a POST body not sent as ``application/json``, 429 when the reading queue is full or
+a reading waited too long; a GET route also answers HEAD):
 
 =======  ======================  ============================================================================
 GET      ``/``                   the page
@@ -34,7 +35,8 @@ Readings run one at a time, in order of arrival, in one worker thread (:class:`R
 client goes away while it waits is dropped. Parsing and rendering big bodies (reports, epsilon changes, stored
 readings) run in a second thread, and everything else on the event loop, so the page stays responsive while
 readings run. Every request is bounded in size (:data:`MAX_BODY`, :data:`MAX_REPORT_BODY`, 16 KiB of head) and
-in time (:class:`Limits`).
+in time (:class:`Limits`). When the queue runs dry the worker hands freed memory back to the system
+(``malloc_trim``): without it the server's RSS doubled over bursts of readings (``benchmarks/bench_serve.py``).
 """
 
 from __future__ import annotations
