@@ -35,7 +35,7 @@ def main(out: str = "docs/viewer.png") -> None:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(**CHROMIUM)
-            page = browser.new_page(viewport={"width": 1400, "height": 1250})
+            page = browser.new_page(viewport={"width": 1400, "height": 1250}, bypass_csp=True)  # wait_for_function evals
             page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
             page.wait_for_selector("#tokens .tok")
             page.fill("#text", TEXT)

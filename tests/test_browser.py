@@ -1,7 +1,8 @@
 """The live viewer's page in a real browser: Playwright drives Debian's Chromium (/usr/bin/chromium) against the
 server running in this process on the shipped counting model. Typing a query, clicking a position, picking a
 site, the sorted samples and the epsilon rule, pinning two readings side by side, downloading the report,
-error messages in the page, and the stored-readings panel."""
+error messages in the page, the stored-readings panel, the reading queue as the page shows it, and script payloads
+in every field of a reading (under the page's own content policy)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import threading
 
 import pytest
+from _payloads import injected, shown_as_text, text_fields, with_all_payloads, with_payload
 from playwright.sync_api import sync_playwright
 
 from inversionview import InversionView
@@ -35,11 +37,16 @@ def _start(iv, db=None):
 
 
 @pytest.fixture(scope="module")
-def url(iv):
+def server(iv):
     server = _start(iv)
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return f"http://127.0.0.1:{server.server_address[1]}/"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +59,9 @@ def browser():
 
 @pytest.fixture
 def page(browser, url):
-    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000})
+    # bypass_csp: Playwright's wait_for_function evaluates its string in the page, which the page's policy forbids
+    # (test_payloads_in_every_field_never_become_markup runs under the policy)
+    context = browser.new_context(accept_downloads=True, viewport={"width": 1400, "height": 1000}, bypass_csp=True)
     pg = context.new_page()
     outside = []
     pg.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith("blob:") else outside.append(r.url))
@@ -226,7 +235,7 @@ def test_stored_readings_panel(iv, browser, tmp_path):
                for s, p in [("a1.0", 19), ("x0.post", 18)]]
         want = store.get(ids[1])
     server = _start(iv, db=str(db))
-    context = browser.new_context()
+    context = browser.new_context(bypass_csp=True)
     try:
         page = context.new_page()
         page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
@@ -281,3 +290,89 @@ def test_read_right_after_typing_reads_the_marked_position(page):
     sec = page.locator("#current section.reading")
     assert sec.get_attribute("data-position") == marked
     assert page.inner_text("#tokens").replace("\n", "") == "B" + TEXT + "E"
+
+
+def test_the_page_shows_its_place_in_the_queue_and_drops_a_superseded_query(page, server):
+    """Readings run one at a time: while others run, the page says how many are ahead; a query replaced by a new
+    Read is dropped by the server, not read for nobody."""
+    gate, started = threading.Event(), threading.Event()
+    server.viewer.readings.submit(lambda: (started.set(), gate.wait(120)))
+    try:
+        assert started.wait(60)
+        before = server.viewer.readings.state()
+        type_query(page)
+        page.click("#read")
+        page.wait_for_function("document.querySelector('#status').textContent === 'queued: 1 reading ahead of this one'")
+        assert page.locator("body").get_attribute("data-queued") == "1"
+        page.click("#read")  # a second Read: the first query is aborted and the server drops it
+        page.wait_for_function(f"fetch('/api/queue').then(r => r.json()).then(q => q.cancelled > {before['cancelled']})"
+                               " && document.querySelector('#status').textContent.startsWith('queued')")
+        assert server.viewer.readings.state()["waiting"] == 1
+    finally:
+        gate.set()
+    page.wait_for_function("Number(document.body.dataset.reads || 0) === 1")
+    assert page.locator("#current section.reading").count() == 1 and page.locator("#msg.error").count() == 0
+
+
+SANITIZE = ('<span class="tok" title="t" onclick="window.xss=1" style="background:url(http://e/)">a</span>'
+            '<img src=x onerror="window.xss=1"><script>window.xss=1</script><iframe src="http://e/"></iframe>'
+            '<a href="javascript:void(0)">l</a><b id="i" class="">c</b><style>*{}</style><svg onload="window.xss=1"/>'
+            '<table><tr><td style="width:3px" onmouseover="x">w</td></tr></table>')
+SHOWN_IN_PAGE = {"tokens", "site", "site_short", "metric", "mode", "annotation", "samples.tokens", "samples.annotation"}
+
+
+def _in_page(page, selector: str) -> str:
+    """The markup of what the page holds at ``selector``: an injected element would be in it as an element."""
+    assert page.evaluate("window.xss") is None, page.evaluate("window.xss")  # no payload's script or handler ran
+    return page.inner_html(selector)
+
+
+@pytest.mark.slow
+def test_payloads_in_every_field_never_become_markup(iv, browser, tmp_path):
+    """Each field of a reading that can hold text (from the dataclasses' type hints) carries markup that would
+    run, show or break out of an attribute; sent to /api/epsilon, pinned, downloaded as a report, or stored in a
+    readings DB and opened in the panel, it stays text. The page's content policy is on (no bypass)."""
+    good = iv.query(TEXT, site="a1.0", position=19, samples=16)
+    db = tmp_path / "readings.sqlite"
+    with ReadingStore(db, create=True) as store:  # every payload at once, summary included (kept as stored)
+        stored_id = store.put(Preimage.from_dict(with_all_payloads(good.to_dict())), iv.fingerprint)
+    server = _start(iv, db=str(db))
+    context = browser.new_context(accept_downloads=True)
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        page.wait_for_selector("#tokens .tok")
+        # the page inserts the server's HTML only through an allow-list: markup the templates never write is dropped
+        kept = page.evaluate("""(html) => { const d = document.createElement("div"); d.appendChild(safeFragment(html));
+                                            return d.innerHTML; }""", SANITIZE)
+        assert kept == ('<span class="tok" title="t">a</span>l<b class="">c</b>'
+                        '<table><tbody><tr><td style="width:3px">w</td></tr></tbody></table>')
+        for path, _ in text_fields():
+            page.evaluate("async (reading) => { show(await api('/api/epsilon', {reading, epsilon: 0.3})); pin(); }",
+                          with_payload(good.to_dict(), path))
+            html = _in_page(page, "#current")
+            assert injected(html) == [], (path, injected(html))
+            if path in SHOWN_IN_PAGE:
+                assert shown_as_text(html, path), path
+        pinned = _in_page(page, "#pins")
+        assert injected(pinned) == [] and pinned.count('class="reading"') == len(text_fields())
+        with page.expect_download() as d:
+            page.click("#download")
+        d.value.save_as(tmp_path / "report.html")
+        report = (tmp_path / "report.html").read_text()
+        assert injected(report) == []
+        opened = context.new_page()  # the report opened in the browser: nothing runs, nothing shows as markup
+        opened.goto((tmp_path / "report.html").as_uri())
+        assert injected(_in_page(opened, "body")) == []
+        page.click("#storedbox summary")
+        page.wait_for_selector(f'#stored tr[data-id="{stored_id}"]')
+        assert injected(_in_page(page, "#stored")) == []
+        page.click(f'#stored tr[data-id="{stored_id}"]')
+        page.wait_for_selector("#status:has-text('stored reading')")  # (wait_for_function would need eval)
+        html = _in_page(page, "#current")
+        assert injected(html) == [] and shown_as_text(html, "summary") and shown_as_text(html, "metric")
+    finally:
+        context.close()
+        server.shutdown()
+        server.server_close()
+        server.viewer.store.close()

@@ -1,23 +1,34 @@
 """The live viewer's HTTP API (inversionview.viewer.server) on the shipped counting model, through real HTTP
-with urllib: the page and its assets, queries, reports, and a 4xx with a one-line JSON message for every bad
-request (never a 500 or a traceback)."""
+with urllib and raw sockets: the page and its assets, queries, the reading queue, reports, script payloads in
+every field of a reading, a 4xx with a one-line JSON message for every bad or hostile request (never a 500 or a
+traceback), time limits on slow clients, binds beyond loopback, and a burst of hostile requests and concurrent
+readings that leaves no 5xx, no reset connection and the server's memory where it was."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
+import queue
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from _payloads import Markup, injected, payload, shown_as_text, text_fields, with_payload
 
 from inversionview import InversionView
 from inversionview.cli import build_parser
-from inversionview.preimage import Preimage
-from inversionview.viewer.server import MAX_BODY, MAX_SAMPLES, MAX_TEXT, make_server
+from inversionview.errors import UserError
+from inversionview.preimage import Preimage, Sample
+from inversionview.viewer.server import MAX_BODY, MAX_SAMPLES, MAX_TEXT, Limits, make_server
 
 TEXT = "vvzccvczvvvzvcvc|v:8"  # BOS + 20 characters + EOS: the target 'v' is at 18, ':' at 19
 
@@ -27,13 +38,35 @@ def iv():
     return InversionView.load("shipped:counting")
 
 
-@pytest.fixture(scope="module")
-def url(iv):
-    server = make_server(iv, port=0)
+def serving(iv, **kw):
+    server = make_server(iv, port=0, **kw)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(iv):
+    server = serving(iv)
+    yield server
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="module")
+def url(server):
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def hold(server):
+    """Occupies the viewer's reading worker until the test calls the returned function (or ends): readings sent
+    meanwhile wait in the queue, whatever the machine's speed."""
+    gate, started = threading.Event(), threading.Event()
+    fut = server.viewer.readings.submit(lambda: (started.set(), gate.wait(120)))
+    assert started.wait(60), "the worker never took the held job"
+    yield gate.set
+    gate.set()
+    fut.result(60)
 
 
 def call(url, path, body=None, method=None, raw: bytes | None = None):
@@ -145,38 +178,124 @@ def test_epsilon_moves_the_rule_without_sampling_again(url):
     assert "not a reading's JSON" in refused(url, "/api/epsilon", 400, {"reading": {"site": "a1.0"}, "epsilon": 0.2})
 
 
-def test_a_slow_query_does_not_block_the_page(url):
-    done = {}
+def test_a_busy_reader_does_not_block_the_page(url, hold):
+    """While the reading worker is busy and a query waits, the page, its assets and the cheap routes answer."""
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(call, url, "/api/query", query(ticket="slow"))
+        wait_for(lambda: queue_state(url, "slow")["position"] == 1)
+        for path in ("/api/info", "/", "/static/viewer.js", "/api/random", "/api/queue"):
+            assert call(url, path)[0] == 200
+        assert call(url, "/api/tokens", {"text": TEXT})[0] == 200
+        assert not waiting.done()
+        hold()
+        assert waiting.result(120)[0] == 200
 
-    def slow():
-        done["r"] = call(url, "/api/query", query(samples=2048))
 
-    t = threading.Thread(target=slow)
-    t.start()
-    time.sleep(0.3)  # the query is now holding the model
-    t0 = time.perf_counter()
-    for path in ("/api/info", "/", "/static/viewer.js", "/api/random"):
-        assert call(url, path)[0] == 200
-    quick = time.perf_counter() - t0
-    still_running = t.is_alive()
-    t.join()
-    assert done["r"][0] == 200
-    assert still_running, "the query finished before the other requests were served: nothing was tested"
-    assert quick < 1.5
+def queue_state(url, ticket=None) -> dict:
+    return call(url, "/api/queue" + (f"?ticket={ticket}" if ticket else ""))[2]
+
+
+def wait_for(cond, seconds: float = 120):
+    """Polls ``cond`` until it holds (a safety limit only: the events themselves are what the tests wait for)."""
+    end = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < end, "the condition never held"
+        time.sleep(0.02)
+
+
+def test_queue_shows_each_reading_its_place_and_drops_those_whose_client_left(url, server, hold):
+    q = server.viewer.readings
+    before = queue_state(url)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(call, url, "/api/query", query(ticket="first", seed=1))
+        wait_for(lambda: queue_state(url, "first")["position"] == 1)
+        # a client that sends its query and goes away while it waits
+        gone = socket.create_connection(url.split("//")[1].split(":"), timeout=30)
+        body = json.dumps(query(ticket="gone", seed=2)).encode()
+        gone.sendall(b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: queue_state(url, "gone")["position"] == 2)
+        second = pool.submit(call, url, "/api/query", query(ticket="second", seed=3))
+        wait_for(lambda: queue_state(url, "second")["position"] == 3)
+        state = queue_state(url, "first")
+        assert state["running"] and state["waiting"] == 3 and state["position"] == 1
+        gone.close()
+        wait_for(lambda: queue_state(url, "gone")["position"] is None)
+        assert queue_state(url, "second")["position"] == 2 and q.cancelled == before["cancelled"] + 1
+        hold()
+        assert first.result(120)[0] == 200 and second.result(120)[0] == 200
+    after = queue_state(url)
+    assert after["done"] == before["done"] + 3  # the held job and two readings: the one whose client left never ran
+    assert after["waiting"] == 0 and queue_state(url, "first")["position"] is None
+
+
+def test_a_full_queue_refuses_with_429(iv):
+    server = serving(iv, limits=Limits(queue=1))
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    gate = threading.Event()
+    server.viewer.readings.submit(gate.wait)
+    try:
+        wait_for(lambda: queue_state(url)["running"])
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(call, url, "/api/query", query(ticket="w"))
+            wait_for(lambda: queue_state(url, "w")["position"] == 1)
+            assert "readings are waiting" in refused(url, "/api/query", 429, query())
+            gate.set()
+            assert waiting.result(120)[0] == 200
+    finally:
+        gate.set()
+        server.shutdown()
+        server.server_close()
 
 
 def test_serve_binds_localhost_by_default(iv):
     args = build_parser().parse_args(["serve", "shipped:counting"])
-    assert args.host == "127.0.0.1" and args.db is None
+    assert args.host == "127.0.0.1" and args.db is None and not args.allow_remote and args.allowed_host == []
     server = make_server(iv, port=0)
     try:
         assert server.server_address[0] == "127.0.0.1"
     finally:
         server.server_close()
-    from inversionview.errors import UserError
-
     with pytest.raises(UserError, match="port must be between 0 and 65535"):
         make_server(iv, port=99999)
+
+
+def host_status(server, host: str) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
+    conn.request("GET", "/api/info", headers={"Host": host})
+    r = conn.getresponse()
+    r.read()
+    conn.close()
+    return r.status
+
+
+def test_binding_beyond_loopback_needs_allow_remote_and_keeps_the_host_check(iv, caplog, capsys):
+    for host in ("0.0.0.0", "::"):
+        with pytest.raises(UserError, match="--allow-remote"):
+            make_server(iv, host=host, port=0)
+    from conftest import user_error
+
+    assert "--allow-remote" in user_error(capsys, "serve", "shipped:counting", "--host", "0.0.0.0", "--port", "0")
+    with caplog.at_level("WARNING", logger="inversionview.viewer.server"):
+        server = serving(iv, host="0.0.0.0", allow_remote=True, allowed_hosts=("viewer.lan",))
+    try:
+        assert "no authentication" in caplog.text and "viewer.lan" in caplog.text
+        port = server.server_address[1]
+        assert host_status(server, f"127.0.0.1:{port}") == 200 and host_status(server, f"localhost:{port}") == 200
+        assert host_status(server, f"viewer.lan:{port}") == 200 and host_status(server, "VIEWER.LAN") == 200
+        # a rebinding page's own name, or another name of this machine that was not allowed, is refused
+        assert host_status(server, f"evil.example:{port}") == 403 and host_status(server, "10.1.2.3") == 403
+        assert host_status(server, "") == 403
+    finally:
+        server.shutdown()
+        server.server_close()
+    # bound to a loopback address the check holds too
+    server = serving(iv, host="127.0.0.1")
+    try:
+        assert host_status(server, "evil.example") == 403 and host_status(server, "viewer.lan") == 403
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # ---------------------------------------------------------------------------------------------- bad requests
@@ -199,6 +318,113 @@ def test_wrong_method_is_405(url):
     assert status == 405 and headers["Allow"] == "POST"
 
 
+def raw(url: str, data: bytes, timeout: float = 60) -> tuple[int, dict, bytes]:
+    """Sends ``data`` as is on a new connection; the status, headers and body of the answer (read to the end)."""
+    with socket.create_connection(url.split("//")[1].split(":"), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("method, target", [("TRACE", "/"), ("CONNECT", "example.com:443"), ("PUT", "/api/query"),
+                                            ("OPTIONS", "/api/query"), ("BREW", "/api/info"), ("PATCH", "/nothing")])
+def test_unknown_methods_are_405_with_one_json_line(url, method, target):
+    status, headers, body = raw(url, f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    assert status == 405 and headers["content-type"] == "application/json" and headers["allow"] == "GET, HEAD, POST"
+    msg = json.loads(body)["error"]
+    assert method in msg and "\n" not in msg
+
+
+def test_head_of_the_page_has_no_body_and_the_page_forbids_inline_script(url):
+    status, headers, body = raw(url, b"HEAD / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+    policy = call(url, "/")[1]["Content-Security-Policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy.split("script-src")[1].split(";")[0]
+
+
+def test_nested_json_huge_numbers_and_non_finite_readings_are_400(url):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in ("/api/tokens", "/api/query"):
+        assert "nested too deeply" in refused(url, path, 400, raw=b'{"text": ' + b"[" * 30_000 + b"]" * 30_000 + b"}")
+    assert "nested too deeply" in refused(url, "/api/report", 400, raw=b'{"readings": ' + deep + b"}")
+    assert "seed must be between 0 and" in refused(url, "/api/query", 400, query(seed=10**40))
+    assert "seed must be between 0 and" in refused(url, "/api/query", 400, query(seed=-1))
+    assert "samples must be between" in refused(url, "/api/query", 400, query(samples=10**40))
+    assert "out of range" in refused(url, "/api/query", 400, query(position=10**40))
+    assert "out of range" in refused(url, "/api/query", 400, query(position="9" * 5000))
+    assert "noise must be at most" in refused(url, "/api/query", 400, query(temperature=1.0, noise=1e300))
+    good = call(url, "/api/query", query(samples=16))[2]["reading"]
+    last = good["samples"][-1]
+    for bad in ({**last, "distance": float("-inf")}, {**last, "distance": float("nan")}, {**last, "distance": -1.0},
+                {**last, "distance": float("inf")}, {**last, "distances": [float("-inf")] * len(last["tokens"])},
+                {**last, "delta": [float("nan")] * len(last["tokens"])}):
+        reading = {**good, "samples": good["samples"][:-1] + [bad]}
+        assert "not a reading's JSON" in refused(url, "/api/epsilon", 400, {"reading": reading, "epsilon": 0.3})
+        assert "reading 1" in refused(url, "/api/report", 400, {"readings": [reading]})
+    for bad in ({**good, "epsilon": float("inf")}, {**good, "fraction_inside": float("nan")},
+                {**good, "attention": [float("-inf")] * len(good["tokens"])}, {**good, "settings": "x"}):
+        assert "reading 1" in refused(url, "/api/report", 400, {"readings": [bad]})
+    # the library's own HTML still renders such a reading (a hand-edited file): it is shown, not refused
+    pre = Preimage.from_dict(good)
+    for d in (float("-inf"), float("inf"), float("nan")):
+        pre.samples[-1].distance = d
+        assert "<section" in pre.to_html()
+
+
+def test_payloads_in_every_field_are_escaped_in_reports_and_fragments(url, iv):
+    """Every field of a reading that can hold text (from the dataclasses' type hints: a field added later is
+    covered) carries markup that would run, show or break an attribute; the report and the page's fragment keep
+    it as text."""
+    good = call(url, "/api/query", query(samples=16))[2]["reading"]
+    paths = [p for p, _ in text_fields()]
+    assert {"metric", "mode", "site_short", "tokens", "samples.tokens", "samples.annotation", "summary"} <= set(paths)
+    for path in paths:
+        bad = with_payload(good, path)
+        status, _, report = call(url, "/api/report", {"readings": [bad]})
+        assert status == 200, report
+        assert injected(report) == [], path
+        assert report == Preimage.from_dict(bad).to_html()  # the library's reports are the same
+        status, _, r = call(url, "/api/epsilon", {"reading": bad, "epsilon": 0.3})
+        assert status == 200 and injected(r["html"]) == [], path
+        if path not in ("text", "decoder", "samples.text", "settings"):  # shown (the texts as their tokens; of the
+            # settings, the mix)
+            assert shown_as_text(report, path), path
+
+
+@dataclasses.dataclass
+class Sample2(Sample):  # as the lead may extend them: per-sample checks, per-feature shares with intervals
+    check: dict | None = None
+
+
+@dataclasses.dataclass
+class Preimage2(Preimage):
+    samples: list[Sample2]
+    shares: list[dict] | None = None
+    note: str | None = None
+
+
+def test_fields_a_later_preimage_adds_are_shown_escaped(iv):
+    """A field added to Preimage or Sample (the templates do not name it) is shown as text in "other fields"."""
+    pre = iv.query(TEXT, site="a1.0", position=19, samples=16)
+    d = {**pre.to_dict(), "shares": [{"feature": "count", "share": 0.9, "interval": [0.8, 1.0]}], "note": "n",
+         "samples": [{**s, "check": {"passed": True}} for s in pre.to_dict()["samples"]]}
+    paths = [p for p, _ in text_fields(Preimage2)]
+    assert {"shares", "note", "samples.check"} <= set(paths)
+    for path in paths:
+        bad = with_payload(d, path, Preimage2)
+        html = Preimage2(**{**bad, "samples": [Sample2(**s) for s in bad["samples"]]}).to_html()
+        assert injected(html) == [], path
+        if path in ("shares", "note", "samples.check"):  # shown as their JSON
+            assert json.dumps(payload(path), ensure_ascii=False)[1:-1] in "".join(Markup(html).text), path
+    text = "".join(Markup(Preimage2(**{**d, "samples": [Sample2(**s) for s in d["samples"]]}).to_html()).text)
+    assert "other fields: shares, note" in text and '"interval": [0.8, 1.0]' in text and 'check: {"passed": true}' in text
+
+
 def test_malformed_json_is_400(url):
     assert "not valid JSON" in refused(url, "/api/query", 400, raw=b'{"text": "ab')
     assert "not valid JSON" in refused(url, "/api/query", 400, raw=b"\xff\xfe")
@@ -217,6 +443,12 @@ def test_oversized_body_is_413(url):
     r = conn.getresponse()
     assert r.status == 413 and "unpin some readings" in json.loads(r.read())["error"]
     conn.close()
+    # a client that sends a whole oversized body and asks to close hears why (the body is read first: closing on
+    # unread data would reset the connection and lose the answer)
+    for n in (MAX_BODY + 1, 300_000, 1_000_000):
+        status, _, body = raw(url, b"POST /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                   b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (n, b" " * n))
+        assert status == 413 and f"{n:,} bytes" in json.loads(body)["error"]
 
 
 @pytest.mark.parametrize("body, words", [
@@ -378,25 +610,37 @@ def test_reading_dict_equals_to_dict(iv):
     assert reading_dict(pre) == pre.to_dict()
 
 
+class Lines:
+    """A child process's stdout, line by line, read in a thread: waiting for a line waits for that event (with a
+    safety limit for a hung child, long enough for a loaded machine)."""
+
+    def __init__(self, proc):
+        self.q: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.q.put(x) for x in proc.stdout] + [self.q.put(None)], daemon=True).start()
+
+    def until(self, pattern: str, seconds: float = 600):
+        while (line := self.q.get(timeout=seconds)) is not None:
+            if m := re.search(pattern, line):
+                return m
+        raise AssertionError(f"the output ended before a line matching {pattern!r}")
+
+
 @pytest.mark.slow
 def test_serve_command_serves_until_interrupted():
-    import signal
-    import subprocess
-    import sys
-
     proc = subprocess.Popen([sys.executable, "-m", "inversionview", "serve", "shipped:counting", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        m = re.search(r"at (http://127\.0\.0\.1:\d+)/", line)
-        assert m, f"{line!r} {proc.stderr.read()[-2000:] if proc.poll() is not None else ''}"
-        status, _, info = call(m.group(1), "/api/info")
+        out = Lines(proc)
+        url = out.until(r"at (http://127\.0\.0\.1:\d+)/").group(1)
+        status, _, info = call(url, "/api/info")
         assert status == 200 and info["task"] == "counting"
         proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=30)
+        out.until(r"^viewer stopped")  # the server has shut down: now the process exits
+        rc = proc.wait(timeout=600)
         assert rc == 0, f"exit status {rc}: {proc.stderr.read()[-2000:]}"
     finally:
         proc.kill()
+        proc.wait()
 
 
 def test_requests_from_elsewhere_are_refused(url):
@@ -412,3 +656,152 @@ def test_requests_from_elsewhere_are_refused(url):
     assert r.status == 403 and "evil.example" in json.loads(r.read())["error"]
     conn.close()
     assert call(url.replace("127.0.0.1", "localhost"), "/api/info")[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------- slow and hostile clients
+def answer(s: socket.socket) -> tuple[int, dict, bytes]:
+    """The answer on an open connection, read until the server closes it."""
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    return int(lines[0].split()[1]), {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}, body
+
+
+def test_slow_clients_are_cut_off_while_others_are_served(iv):
+    """A body shorter than its Content-Length, a head sent in drips, an idle connection: each is answered 408 (or
+    closed) when its time is up, and nothing waits for them meanwhile."""
+    server = serving(iv, limits=Limits(head_seconds=1, body_seconds=1, idle_seconds=1))
+    addr = ("127.0.0.1", server.server_address[1])
+    url = f"http://127.0.0.1:{addr[1]}"
+    try:
+        slow_body, slow_head, idle = (socket.create_connection(addr, timeout=60) for _ in range(3))
+        slow_body.sendall(b"POST /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 100\r\n\r\n{\"text\": \"")
+        slow_head.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: ")
+        assert call(url, "/api/info")[0] == 200 and call(url, "/api/tokens", {"text": "ab|a:1"})[0] == 200
+        status, headers, body = answer(slow_body)
+        assert status == 408 and headers["content-type"] == "application/json"
+        assert json.loads(body)["error"] == "the request body did not arrive within 1 s"
+        status, _, body = answer(slow_head)
+        assert status == 408 and "head did not arrive within 1 s" in json.loads(body)["error"]
+        assert idle.recv(100) == b""  # closed without a word: it never asked anything
+        for s in (slow_body, slow_head, idle):
+            s.close()
+        assert call(url, "/api/info")[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+HOSTILE_SERVER = """
+from inversionview import InversionView
+from inversionview.viewer.server import Limits, make_server
+server = make_server(InversionView.load("shipped:counting"), port=0, limits=Limits(head_seconds=2, body_seconds=2))
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
+
+
+def hostile_requests(url: str) -> list[tuple[str, bytes]]:
+    """Requests a careless or hostile client sends: path tricks, nested JSON, huge numbers, non-finite floats,
+    unknown methods, oversized and chunked bodies, garbage."""
+    def post(path, body: bytes, extra=b""):
+        return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n%s"
+                b"Content-Length: %d\r\n\r\n%s" % (path.encode(), extra, len(body), body))
+
+    q = {"text": TEXT, "site": "a1.0", "position": 19, "samples": 8}
+    out = [(f"path {p}", b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % p.encode())
+           for p in ("/static/../server.py", "/static/%2e%2e%2fserver.py", "/static/..%2f..%2fcli.py", "//api/info",
+                     "/static//etc/passwd", "/%00", "/static/%ff%fe", "/api/stored/../../etc/passwd", "/api/info?%zz=&&=",
+                     "/api/stored?position=" + "9" * 5000, "/" + "a" * 8000, "/api/queue?ticket=" + "%00" * 50)]
+    out += [(f"method {m.decode()}", b"%s / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % m)
+            for m in (b"TRACE", b"CONNECT", b"DELETE", b"PUT", b"OPTIONS", b"BREW", b"PROPFIND")]
+    nested = b"[" * 50_000 + b"]" * 50_000
+    out += [(f"nested {p}", post(p, b'{"x": ' + nested + b"}")) for p in ("/api/query", "/api/tokens", "/api/epsilon")]
+    out += [("nested report", post("/api/report", b'{"readings": [' + nested + b"]}"))]
+    for k, v in [("seed", "1" + "0" * 40), ("samples", "1" + "0" * 40), ("position", "1" + "0" * 40), ("seed", "9" * 5000),
+                 ("epsilon", "1e999"), ("epsilon", "NaN"), ("temperature", "Infinity"), ("noise", "-Infinity"),
+                 ("temperature", "1e308"), ("epsilon", "-0.0")]:
+        out.append((f"number {k}={v[:12]}", post("/api/query", json.dumps(q)[:-1].encode() + f', "{k}": {v}}}'.encode())))
+    reading = '{"text": "a", "tokens": ["B", "a"], "position": 1, "site": "s", "site_short": "s", "epsilon": 0.1, ' \
+              '"metric": "m", "mode": "tl", "n_candidates": 1, "fraction_inside": 0.0, "samples": [{"tokens": ["B"], ' \
+              '"text": "", "distance": -Infinity, "position": 0, "distances": [0.1], "delta": [0.0], "count": 1}]}'
+    out += [("-Infinity distance", post("/api/epsilon", b'{"epsilon": 0.2, "reading": %s}' % reading.encode())),
+            ("-Infinity report", post("/api/report", b'{"readings": [%s]}' % reading.encode())),
+            ("huge length", post("/api/report", b"")[:-4].replace(b"Content-Length: 0", b"Content-Length: 99999999999") + b"\r\n\r\n"),
+            ("bad length", post("/api/query", b"{}").replace(b"Content-Length: 2", b"Content-Length: -5")),
+            ("chunked", b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + (b"8000\r\n" + b" " * 0x8000 + b"\r\n") * 3 + b"0\r\n\r\n"),
+            ("not json", post("/api/query", b"\xff\xfe{", b"")), ("form", post("/api/query", b"a=1").replace(
+                b"application/json", b"application/x-www-form-urlencoded")),
+            ("wrong host", b"GET /api/info HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"),
+            ("no host", b"GET /api/info HTTP/1.0\r\n\r\n"),
+            ("tls hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40),
+            ("slow body", b"SLOW" + post("/api/query", json.dumps(q).encode())[:-10]),
+            ("slow head", b"SLOW" + b"GET /api/info HTTP/1.1\r\nHost: 12")]
+    return out
+
+
+def send_hostile(addr, name: str, data: bytes) -> str:
+    """The status line's code of the answer, or what went wrong ("reset", "no answer")."""
+    try:
+        with socket.create_connection(addr, timeout=120) as s:
+            s.sendall(data.removeprefix(b"SLOW"))
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+    except (ConnectionResetError, BrokenPipeError, ConnectionAbortedError):
+        return "reset"
+    m = re.match(rb"HTTP/1\.[01] (\d{3}) ", out)
+    return m.group(1).decode() if m else "no answer"
+
+
+def reading_burst(url: str, n: int, samples: int) -> list[str]:
+    """``n`` readings sent at once: each one's status, or "reset"."""
+    def one(i):
+        try:
+            return str(call(url, "/api/query", {"text": TEXT, "site": "a1.0", "position": 19, "samples": samples,
+                                                "seed": i})[0])
+        except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected, urllib.error.URLError):
+            return "reset"
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+@pytest.mark.slow
+def test_hostile_requests_and_reading_bursts_leave_no_5xx_no_reset_and_flat_memory():
+    proc = subprocess.Popen([sys.executable, "-c", HOSTILE_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(Lines(proc).until(r"^(\d+)$").group(1))
+        url, addr = f"http://127.0.0.1:{port}", ("127.0.0.1", port)
+        assert reading_burst(url, 2, 64) == ["200", "200"]  # warm: the model's first readings allocate its caches
+        start = rss_mib(proc.pid)
+        results = {}
+        for burst in range(2):
+            with ThreadPoolExecutor(8) as pool:  # the hostile requests and 20 readings at once
+                hostile = {name: pool.submit(send_hostile, addr, name, data) for name, data in hostile_requests(url)}
+                readings = reading_burst(url, 20, 64)
+                results.update({name: f.result() for name, f in hostile.items()})
+            assert readings == ["200"] * 20, readings
+        bad = {k: v for k, v in results.items() if not v.isdigit() or int(v) >= 500}
+        assert bad == {}, bad  # every hostile request answered: no 5xx, no reset, no silence
+        assert sum(v.startswith("4") for v in results.values()) >= len(results) - 2  # two harmless GETs get a 200
+        assert results["slow body"] == "408" and results["slow head"] == "408" and results["method TRACE"] == "405"
+        assert results["nested report"] == "400" and results["-Infinity report"] == "400"
+        assert results["huge length"] == "413" and results["chunked"] == "413" and results["nested /api/tokens"] == "413"
+        assert call(url, "/api/info")[0] == 200
+        wait_for(lambda: call(url, "/api/queue")[2]["running"] is False)
+        end = rss_mib(proc.pid)
+        print(f"server RSS {start:.0f} MiB after warming up, {end:.0f} MiB after the bursts")
+        assert end <= 1.2 * start, f"RSS {start:.0f} MiB after warming up, {end:.0f} MiB after the bursts"
+    finally:
+        proc.kill()
+        proc.wait()

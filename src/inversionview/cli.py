@@ -152,15 +152,18 @@ def cmd_serve(args) -> int:
     from .viewer.server import make_server
 
     iv = InversionView.load(args.run, device=args.device)
-    server = make_server(iv, args.host, args.port, db=args.db)
+    server = make_server(iv, args.host, args.port, db=args.db, allow_remote=args.allow_remote,
+                         allowed_hosts=tuple(args.allowed_host))
     host, port = server.server_address[:2]
     try:
-        print(f"InversionView viewer for {iv.run_dir} at http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+        print(f"InversionView viewer for {iv.run_dir} at http://{f'[{host}]' if ':' in host else host}:{port}/  "
+              "(Ctrl-C stops it)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+    print("viewer stopped", flush=True)
     return 0
 
 
@@ -304,7 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="the live web viewer: query, compare and download readings in a browser")
     s.add_argument("run", help="run directory, or shipped:counting")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
+                   "any other needs --allow-remote)")
+    s.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host that other machines can reach (the viewer has no authentication)")
+    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to this host name (repeatable; loopback names and the "
+                        "--host address are always answered, any other is refused against DNS rebinding)")
     s.add_argument("--db", metavar="FILE", help="also browse the readings stored in this SQLite file")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     s.set_defaults(fn=cmd_serve)

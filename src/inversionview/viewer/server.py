@@ -1,14 +1,18 @@
 """The live viewer: ``inversionview serve RUN_DIR`` serves one page that reads any input of the run it was
 started with, shows the readings, pins several side by side and downloads them as one HTML report.
 
-Standard library only (:class:`http.server.ThreadingHTTPServer`). The page and its assets come from the
-package (``static/``); nothing is fetched from the network. The server binds 127.0.0.1 by default, serves only
-the run (and the stored-readings file) it was started with, and takes no file paths from the client.
+An ASGI app (Starlette) served by uvicorn. The page and its assets come from the package (``static/``); nothing
+is fetched from the network. The server binds 127.0.0.1 by default (any other address needs ``allow_remote``,
+and there is no authentication), serves only the run (and the stored-readings file) it was started with, and
+takes no file paths from the client. Whatever the address, it answers only requests addressed (``Host``) to a
+loopback name, the address it is bound to, or a name in ``allowed_hosts``: a web page elsewhere that rebinds its
+own domain name to this machine (DNS rebinding) is refused.
 
 Routes (JSON in and out; a bad request gets a 4xx with ``{"error": "one line"}``, never a traceback: 400 for a
-user error or malformed JSON, 404 for an unknown route or file, 405 for a wrong method, 413 for an oversized
-body, 415 for a POST body not sent as ``application/json`` and, on a loopback address, 403 for a request
-addressed to another host name, which is what a DNS-rebinding page would send):
+user error or malformed JSON, 403 for a request addressed to another host name, 404 for an unknown route or
+file, 405 for a wrong or unknown method, 408 for a request whose head or body does not arrive in time, 413 for
+an oversized body, 415 for a POST body not sent as ``application/json``, 429 when the reading queue is full or
+a reading waited too long; a GET route also answers HEAD):
 
 =======  ======================  ============================================================================
 GET      ``/``                   the page
@@ -17,31 +21,52 @@ GET      ``/api/info``           the run: sites grouped by layer, defaults, caps
 GET      ``/api/random``         a held-out input from the run's task or data, its tokens and task positions
 POST     ``/api/tokens``         ``{"text"}`` -> its tokens and task positions
 POST     ``/api/query``          ``{"text", "site", "position", "samples", "epsilon", "metric", "temperature",
-                                 "noise", "seed"}`` -> ``{"reading": Preimage.to_dict(), "html": fragment}``
+                                 "noise", "seed", "ticket"}`` -> ``{"reading": Preimage.to_dict(), "html":
+                                 fragment, "seconds"}``; ``ticket`` (optional) names the request in ``/api/queue``
+GET      ``/api/queue``          ``?ticket=`` -> ``{"position": 0 reading now, k k-th in line, null unknown,
+                                 "waiting", "running", "done", "cancelled"}``
 POST     ``/api/epsilon``        ``{"reading", "epsilon"}`` -> the reading at another epsilon, as ``/api/query``
 POST     ``/api/report``         ``{"readings": [Preimage dicts]}`` -> the self-contained HTML report
 GET      ``/api/stored``         ``?site=&position=&text=`` -> the first 200 matching stored readings and ``more`` (``--db`` only)
 GET      ``/api/stored/ID``      one stored reading, as ``/api/query`` returns it
 =======  ======================  ============================================================================
 
-Queries run one at a time (the model is guarded by a lock) in the server's threads, so the page, its assets,
-``/api/info``, ``/api/random`` and ``/api/tokens`` stay responsive while a query runs.
+Readings run one at a time, in order of arrival, in one worker thread (:class:`ReadingQueue`); a reading whose
+client goes away while it waits is dropped. Parsing and rendering big bodies (reports, epsilon changes, stored
+readings) run in a second thread, and everything else on the event loop, so the page stays responsive while
+readings run. Every request is bounded in size (:data:`MAX_BODY`, :data:`MAX_REPORT_BODY`, 16 KiB of head) and
+in time (:class:`Limits`). When the queue runs dry the worker hands freed memory back to the system
+(``malloc_trim``): without it the server's RSS doubled over bursts of readings (``benchmarks/bench_serve.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import dataclasses
+import functools
 import json
 import logging
 import math
 import random
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+
+import h11
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+from uvicorn import Config, Server
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import UserError
+from ..preimage import resolve_position
 from .html import render_html, render_reading
 
 log = logging.getLogger(__name__)
@@ -49,10 +74,28 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT = 1000  # characters of a query input
 MAX_SAMPLES = 4096  # candidates of one query in the viewer
+MAX_SEED = 2**63 - 1  # torch's generators take seeds below 2**64; JSON numbers can be any size
+MAX_NOISE = 1e3  # activation noise, in standard deviations of the activation (the paper's mix uses 0.1)
 MAX_BODY = 64 * 1024  # bytes of a request body, except a report's
 MAX_REPORT_BODY = 64 * 1024 * 1024  # a report carries the pinned readings' JSON (~0.5 MB each at 1024 samples)
+DRAIN = 1024 * 1024  # a refused body of up to this many bytes is read (and dropped) before the answer
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
          ".png": "image/png", ".svg": "image/svg+xml"}
+# the page runs only its own script; inline style attributes are the readings' colours
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """How long a request may take and how many readings may wait."""
+
+    head_seconds: float = 10.0  # from a connection's first byte (or the previous response) to a whole request head
+    body_seconds: float = 60.0  # to receive a request's body
+    idle_seconds: float = 5.0  # an idle keep-alive connection is closed
+    queue: int = 64  # readings waiting (beyond the one running); more are refused with 429
+    wait_seconds: float = 900.0  # a reading still waiting after this long is dropped with 429
 
 
 class Reject(Exception):
@@ -85,20 +128,31 @@ def reading_dict(pre) -> dict:
             "samples": [{f.name: getattr(s, f.name) for f in dataclasses.fields(s)} for s in pre.samples]}
 
 
-def _sample_ok(s) -> bool:
-    """Every field of a sample from the client has its type (a report renders them, epsilon sums them)."""
-    def num(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
+
+def _sample_ok(s) -> bool:
+    """Every field of a sample from the client has its type and range (a report renders them, epsilon sums them)."""
     return (isinstance(s.tokens, list) and all(isinstance(t, str) for t in s.tokens) and isinstance(s.text, str)
-            and num(s.distance) and isinstance(s.position, int) and isinstance(s.count, int)
-            and isinstance(s.distances, list) and all(x is None or num(x) for x in s.distances)
-            and isinstance(s.delta, list) and all(num(x) for x in s.delta)
+            and _num(s.distance) and s.distance >= 0 and isinstance(s.position, int) and isinstance(s.count, int)
+            and isinstance(s.distances, list) and all(x is None or (_num(x) and x >= 0) for x in s.distances)
+            and isinstance(s.delta, list) and all(_num(x) for x in s.delta)
             and (s.annotation is None or isinstance(s.annotation, str)))
+
+
+def _reading_ok(p) -> bool:
+    """The reading's own numbers are finite and in range (its strings are escaped wherever they are shown)."""
+    return (isinstance(p.tokens, list) and isinstance(p.position, int) and 0 <= p.position < len(p.tokens)
+            and _num(p.epsilon) and p.epsilon > 0 and _num(p.fraction_inside) and isinstance(p.n_candidates, int)
+            and (p.attention is None or (isinstance(p.attention, list) and all(_num(a) for a in p.attention)))
+            and isinstance(p.settings, dict) and all(_sample_ok(s) for s in p.samples))
 
 
 def preimage_from_dict(d) -> "Preimage":  # noqa: F821
     """A reading from its JSON (``Preimage.to_dict``), refusing anything else with one line."""
+    from jinja2 import TemplateError
+
     from ..preimage import Preimage, Sample
 
     if not isinstance(d, dict):
@@ -110,12 +164,10 @@ def preimage_from_dict(d) -> "Preimage":  # noqa: F821
             raise TypeError("samples must be a list of objects")
         p = Preimage.from_dict({**{k: v for k, v in d.items() if k in keep},
                                 "samples": [{k: v for k, v in s.items() if k in skeep} for s in d["samples"]]})
-        if not 0 <= p.position < len(p.tokens) or not p.epsilon > 0:
-            raise ValueError("position or epsilon out of range")
-        if not isinstance(p.n_candidates, int) or not all(_sample_ok(s) for s in p.samples):
-            raise TypeError("a sample or n_candidates has a field of the wrong type")
-        render_reading(p, limit=1)  # the reading's own fields have the right type
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        if not _reading_ok(p):
+            raise ValueError("a field has the wrong type, or a number is out of range or not finite")
+        render_reading(p, limit=1)  # the fields the checks above do not name render
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, TemplateError) as e:
         raise UserError(f"not a reading's JSON (Preimage.to_dict()): {e}") from None
     return p
 
@@ -131,11 +183,93 @@ def _run_name(run_dir) -> str:
         return str(run_dir)
 
 
-class Viewer:
-    """The state behind the page: one loaded run, a lock around its model, and an optional readings store."""
+def trim_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise); nothing elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
-    def __init__(self, iv, db: str | None = None):
-        self.iv, self.db = iv, db
+
+class ReadingQueue:
+    """Readings run one at a time, in order of arrival, in one worker thread. Each waits under a ticket (the
+    page's, to show its place in line) and can be cancelled until it starts. When the queue runs dry the freed
+    memory is handed back (:func:`trim_memory`)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.done, self.cancelled = limit, 0, 0
+        self.waiting: deque[tuple[str | None, Future, object]] = deque()
+        self.running: str | None | bool = False  # the running job's ticket (None: it has none); False: idle
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._work, name="inversionview-readings", daemon=True)
+        self.thread.start()
+
+    def submit(self, fn, ticket: str | None = None) -> Future:
+        fut: Future = Future()
+        with self.cond:
+            if len(self.waiting) >= self.limit:
+                raise Reject(429, f"{len(self.waiting)} readings are waiting, the most this viewer queues: "
+                                  "try again when some have finished")
+            self.waiting.append((ticket, fut, fn))
+            self.cond.notify()
+        return fut
+
+    def cancel(self, fut: Future) -> bool:
+        """Drop a reading that has not started; False once it runs (it finishes, and nobody reads it)."""
+        with self.cond:
+            for item in self.waiting:
+                if item[1] is fut:
+                    self.waiting.remove(item)
+                    self.cancelled += 1
+                    return fut.cancel()
+        return False
+
+    def state(self, ticket: str | None = None) -> dict:
+        with self.cond:
+            tickets = [t for t, _, _ in self.waiting]
+            running = self.running is not False
+            position = (0 if running and ticket is not None and self.running == ticket else
+                        tickets.index(ticket) + 1 if ticket is not None and ticket in tickets else None)
+            return {"position": position, "waiting": len(tickets), "running": running, "done": self.done,
+                    "cancelled": self.cancelled}
+
+    def close(self) -> None:
+        with self.cond:
+            for _, fut, _ in self.waiting:
+                fut.cancel()
+            self.waiting.clear()
+            self.waiting.append((None, None, None))  # the worker's signal to stop
+            self.cond.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.waiting:
+                    self.cond.wait()
+                ticket, fut, fn = self.waiting.popleft()
+                if fut is None:
+                    return
+                self.running = ticket
+            result = error = None
+            if ran := fut.set_running_or_notify_cancel():
+                try:
+                    result = fn()
+                except BaseException as e:  # noqa: BLE001 - handed to the request that waits for it
+                    error = e
+            with self.cond:
+                self.running, self.done = False, self.done + ran
+                idle = not self.waiting
+            if ran:
+                fut.set_exception(error) if error is not None else fut.set_result(result)
+            if idle:
+                trim_memory()
+
+
+class Viewer:
+    """The state behind the page: one loaded run, the queue its readings wait in, and an optional readings store."""
+
+    def __init__(self, iv, db: str | None = None, limits: Limits = Limits()):
+        self.iv, self.db, self.limits = iv, db, limits
         self.store = None
         if db is not None:
             from ..store import ReadingStore
@@ -144,10 +278,15 @@ class Viewer:
             if other := sorted(set(self.store.decoders()) - {iv.fingerprint}):
                 log.warning("%s holds readings of %d other decoder(s) (%s); they are listed with this run's",
                             db, len(other), ", ".join(other))
-        self.lock = threading.Lock()
+        self.readings = ReadingQueue(limits.queue)
+        self.work = ThreadPoolExecutor(1, thread_name_prefix="inversionview-work")  # big parsing and rendering
         self.rng = random.Random()
         self.files = {p.name: p for p in STATIC.iterdir() if p.is_file()}  # the client can name only these
         self._source = None
+
+    def close(self) -> None:
+        self.readings.close()
+        self.work.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------------ reads
     def info(self) -> dict:
@@ -187,18 +326,24 @@ class Viewer:
             raise Reject(404, "this run has no task or data file to draw inputs from: type an input")
         return self.tokens(self.source().sample(self.rng, "test"))
 
-    def query(self, body: dict) -> dict:
-        allowed = {"text", "site", "position", "samples", "epsilon", "metric", "temperature", "noise", "seed"}
+    def query_job(self, body: dict):
+        """The reading a query asks for, checked here (a bad one never waits in the queue), as ``(ticket, job)``:
+        ``job()`` reads and returns the response's JSON bytes."""
+        allowed = {"text", "site", "position", "samples", "epsilon", "metric", "temperature", "noise", "seed", "ticket"}
         if extra := sorted(set(body) - allowed):
             raise UserError(f"unknown field {extra[0]!r}: expected some of {', '.join(sorted(allowed))}")
         text = _field(body, "text", str, "")
-        self.tokens(text)  # the length cap and the vocabulary, before taking the lock
+        t = self.tokens(text)  # the length cap and the vocabulary
         site = _field(body, "site", str)
         if not site:
             raise UserError("choose a site")
+        self.iv.site_index(site)
         position = body.get("position")
         if not isinstance(position, (int, str)) or isinstance(position, bool):
             raise UserError("position must be a token index or a token: click a token of the query")
+        if isinstance(position, int) and abs(position) >= 10**6 or isinstance(position, str) and len(position) > 100:
+            raise UserError(f"position {str(position)[:12]}... is out of range for an input of {t['n_text']} tokens")
+        resolve_position(t["tokens"], t["n_text"], position)
         samples = _field(body, "samples", int, 1024)
         if not 1 <= samples <= MAX_SAMPLES:
             raise UserError(f"samples must be between 1 and {MAX_SAMPLES} in the viewer, got {samples}")
@@ -206,12 +351,19 @@ class Viewer:
                   metric=_field(body, "metric", str, None, none_ok=True),
                   temperature=_field(body, "temperature", float, None, none_ok=True),
                   noise=_field(body, "noise", float, 0.0), seed=_field(body, "seed", int, 0))
-        with self.lock:
-            t = time.perf_counter()
-            pre = self.iv.query(text, site=site, position=position, **kw)
-            seconds = time.perf_counter() - t
-        log.info("read %s at %s of %r: %d samples in %.2f s", pre.site_short, pre.position, text, samples, seconds)
-        return {"reading": reading_dict(pre), "html": render_reading(pre), "seconds": round(seconds, 3)}
+        if not 0 <= kw["seed"] <= MAX_SEED:
+            raise UserError(f"seed must be between 0 and {MAX_SEED}, got {str(kw['seed'])[:40]}")
+        if not kw["noise"] <= MAX_NOISE:
+            raise UserError(f"noise must be at most {MAX_NOISE:g} (standard deviations of the activation), got {kw['noise']:g}")
+        ticket = _field(body, "ticket", str, None, none_ok=True)
+        return (ticket[:100] if ticket else None), functools.partial(self.read, text, site, position, kw)
+
+    def read(self, text: str, site: str, position, kw: dict) -> bytes:
+        t = time.perf_counter()
+        pre = self.iv.query(text, site=site, position=position, **kw)
+        seconds = time.perf_counter() - t
+        log.info("read %s at %s of %r: %d samples in %.2f s", pre.site_short, pre.position, text, kw["samples"], seconds)
+        return json.dumps({"reading": reading_dict(pre), "html": render_reading(pre), "seconds": round(seconds, 3)}).encode()
 
     def epsilon(self, body: dict) -> dict:
         """The same reading at another epsilon (``Preimage.with_epsilon``): the rule moves, nothing is sampled."""
@@ -248,7 +400,7 @@ class Viewer:
             try:
                 position = int(position)
             except ValueError:
-                raise UserError(f"position must be a whole number, got {position!r}") from None
+                raise UserError(f"position must be a whole number, got {position[:40]!r}") from None
         store = self._store()
         rows = store.find(site=q.get("site") or None, position=position, text=q.get("text") or None, limit=201)
         return {"readings": rows[:200], "more": len(rows) > 200, "sites": list(store.sites())}
@@ -264,131 +416,351 @@ class Viewer:
         return {"reading": reading_dict(pre), "html": render_reading(pre)}
 
 
-class Handler(BaseHTTPRequestHandler):
-    server_version = "inversionview"
-    protocol_version = "HTTP/1.1"
+# ---------------------------------------------------------------------------------------------- HTTP
+def _json(obj, status: int = 200, headers: dict | None = None) -> Response:
+    return _send(json.dumps(obj).encode(), "application/json", status, headers)
 
-    # (method, path or prefix ending in "/") -> the Viewer call
-    def _route(self, method: str, path: str):
-        v: Viewer = self.server.viewer
-        routes = {
-            "/": {"GET": lambda: self._file("index.html")},
-            "/api/info": {"GET": lambda: self._json(v.info())},
-            "/api/random": {"GET": lambda: self._json(v.random())},
-            "/api/tokens": {"POST": lambda: self._json(v.tokens(_field(self._body(), "text", str, "")))},
-            "/api/query": {"POST": lambda: self._json(v.query(self._body()))},
-            "/api/epsilon": {"POST": lambda: self._json(v.epsilon(self._body(MAX_REPORT_BODY)))},
-            "/api/report": {"POST": lambda: self._send(200, v.report(self._body(MAX_REPORT_BODY)).encode(), TYPES[".html"],
-                                                      {"Content-Disposition": 'attachment; filename="inversionview-report.html"'})},
-            "/api/stored": {"GET": lambda: self._json(v.stored(parse_qs(urlsplit(self.path).query)))},
-        }
-        prefixes = {
-            "/static/": {"GET": lambda rest: self._file(rest)},
-            "/api/stored/": {"GET": lambda rest: self._json(v.stored_one(rest))},
-        }
-        if path in routes:
-            table, arg = routes[path], ()
-        else:
-            hit = next((p for p in prefixes if path.startswith(p) and len(path) > len(p)), None)
-            if hit is None:
-                raise Reject(404, f"no such page or endpoint: {path[:100]}")
-            table, arg = prefixes[hit], (path[len(hit):],)
-        fn = table.get("GET" if method == "HEAD" else method)
-        if fn is None:
-            allow = ", ".join(table)
-            raise Reject(405, f"{method} is not allowed on {path}: use {allow}", {"Allow": allow})
-        fn(*arg)
 
-    def _dispatch(self):
-        self._consumed = (self.headers.get("Content-Length") or "0").strip() == "0" and "Transfer-Encoding" not in self.headers
+def _send(data: bytes, ctype: str, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(data, status, {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff", **(headers or {})},
+                    media_type=ctype)
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> Response:
+    return _json({"error": message}, status, headers)
+
+
+def endpoint(fn):
+    """A route's handler whose refusals become a 4xx with one line of JSON (and a bug a 500 with one line)."""
+    @functools.wraps(fn)
+    async def handle(request: Request) -> Response:
         try:
-            self._check_host()
-            self._route(self.command, unquote(urlsplit(self.path).path))
+            return await fn(request, request.app.state.viewer)
         except Reject as e:
-            self._error(e.status, e.message, e.headers)
+            return _error(e.status, e.message, e.headers)
         except UserError as e:
-            self._error(400, str(e))
+            return _error(400, str(e))
+        except RecursionError:
+            return _error(400, "the request is nested too deeply")
+        except ClientDisconnect:
+            return _error(400, "the client went away before its request arrived")
         except Exception as e:  # a bug: log it here, tell the page one line
-            log.exception("viewer request %s %s failed", self.command, self.path)
-            self._error(500, f"internal error ({type(e).__name__}); see the server's log")
+            log.exception("viewer request %s %s failed", request.method, request.url.path)
+            return _error(500, f"internal error ({type(e).__name__}); see the server's log")
+    return handle
 
-    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
-    # ------------------------------------------------------------------------------------------ helpers
-    def _check_host(self):
-        """On a loopback address, answer only requests addressed to this machine by name: a web page elsewhere
-        that rebinds its own domain name to 127.0.0.1 (DNS rebinding) is refused."""
-        if not self.server.server_address[0] in ("127.0.0.1", "::1", "localhost"):
-            return
-        host = (self.headers.get("Host") or "").strip()
+async def _body(request: Request, limit: int = MAX_BODY) -> dict:
+    """The request's JSON object, refused unless sent as JSON, within ``limit`` bytes and in time."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        # a cross-site form or "simple" fetch cannot send this type without the browser asking first (CORS)
+        raise Reject(415, "send the request body as JSON with Content-Type: application/json")
+    announced = int(request.headers.get("content-length") or 0)  # h11 has checked that it is a whole number
+    too_big = Reject(413, f"the request body is {f'{announced:,}' if announced > limit else f'over {limit:,}'} bytes; "
+                          f"at most {limit:,} are accepted" + (" (unpin some readings)" if limit == MAX_REPORT_BODY else ""))
+    if announced > limit:
+        raise too_big
+    chunks, size = [], 0
+    seconds = request.app.state.viewer.limits.body_seconds
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise too_big
+                chunks.append(chunk)
+    except TimeoutError:
+        raise Reject(408, f"the request body did not arrive within {seconds:g} s", {"Connection": "close"}) from None
+    try:
+        body = json.loads(b"".join(chunks) or b"null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Reject(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise Reject(400, "the request body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise Reject(400, "the request body must be a JSON object")
+    return body
+
+
+async def _in_thread(request: Request, fn, *args):
+    """``fn(*args)`` in the thread for big parsing and rendering, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(request.app.state.viewer.work, fn, *args)
+
+
+async def _until_gone(receive) -> None:
+    """Returns when the client has closed its connection (its body already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _wait_reading(request: Request, queue: ReadingQueue, fut: Future, seconds: float) -> bytes:
+    """The queued reading's result; the reading is dropped if its client goes away or it waits too long."""
+    job, gone = asyncio.wrap_future(fut), asyncio.ensure_future(_until_gone(request.receive))
+    try:
+        done, _ = await asyncio.wait({job, gone}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        if job not in done and gone not in done and queue.cancel(fut):
+            raise Reject(429, f"the reading waited {seconds:g} s in line and was dropped: try again later")
+        if job not in done and gone not in done:  # it has started: it finishes soon
+            done, _ = await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if job not in done:
+            queue.cancel(fut)
+            log.info("a reading's client went away; %s", "dropped it" if fut.cancelled() else "it runs on")
+            raise ClientDisconnect()
+        return job.result()
+    finally:
+        gone.cancel()
+
+
+@endpoint
+async def page(request, v):
+    return _send(v.files["index.html"].read_bytes(), TYPES[".html"], headers={"Content-Security-Policy": PAGE_POLICY})
+
+
+@endpoint
+async def static(request, v):
+    name = request.path_params["name"]
+    if (path := v.files.get(name)) is None:
+        raise Reject(404, f"no such file: {name[:100]}")
+    return _send(path.read_bytes(), TYPES.get(path.suffix, "application/octet-stream"))
+
+
+@endpoint
+async def info(request, v):
+    return _json(v.info())
+
+
+@endpoint
+async def random_input(request, v):
+    return _json(v.random())
+
+
+@endpoint
+async def tokens(request, v):
+    return _json(v.tokens(_field(await _body(request), "text", str, "")))
+
+
+@endpoint
+async def query(request, v):
+    ticket, job = v.query_job(await _body(request))
+    fut = v.readings.submit(job, ticket)
+    return _send(await _wait_reading(request, v.readings, fut, v.limits.wait_seconds), "application/json")
+
+
+@endpoint
+async def queue(request, v):
+    return _json(v.readings.state(request.query_params.get("ticket")))
+
+
+@endpoint
+async def epsilon(request, v):
+    return _json(await _in_thread(request, v.epsilon, await _body(request, MAX_REPORT_BODY)))
+
+
+@endpoint
+async def report(request, v):
+    html = await _in_thread(request, v.report, await _body(request, MAX_REPORT_BODY))
+    return _send(html.encode(), TYPES[".html"], headers={"Content-Disposition": 'attachment; filename="inversionview-report.html"'})
+
+
+@endpoint
+async def stored(request, v):
+    q: dict[str, list[str]] = {}
+    for k, x in request.query_params.multi_items():
+        q.setdefault(k, []).append(x)
+    return _json(await _in_thread(request, v.stored, q))
+
+
+@endpoint
+async def stored_one(request, v):
+    return _json(await _in_thread(request, v.stored_one, request.path_params["reading_id"]))
+
+
+ROUTES = [Route("/", page, methods=["GET"]), Route("/static/{name}", static, methods=["GET"]),
+          Route("/api/info", info, methods=["GET"]), Route("/api/random", random_input, methods=["GET"]),
+          Route("/api/tokens", tokens, methods=["POST"]), Route("/api/query", query, methods=["POST"]),
+          Route("/api/queue", queue, methods=["GET"]), Route("/api/epsilon", epsilon, methods=["POST"]),
+          Route("/api/report", report, methods=["POST"]), Route("/api/stored", stored, methods=["GET"]),
+          Route("/api/stored/{reading_id}", stored_one, methods=["GET"])]
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """The router's refusals (an unknown route, a wrong method) as one line of JSON."""
+    path = request.url.path[:100]
+    if exc.status_code == 405:
+        order = ["GET", "HEAD", "POST"]
+        allow = ", ".join(sorted((m.strip() for m in (exc.headers or {}).get("Allow", "").split(",")), key=order.index))
+        return _error(405, f"{request.method} is not allowed on {path}: use {allow}", {"Allow": allow})
+    message = f"no such page or endpoint: {path}" if exc.status_code == 404 else str(exc.detail)
+    return _error(exc.status_code, message, dict(exc.headers or {}))
+
+
+class Guard:
+    """The first and last look at every request. Methods other than GET, HEAD and POST are refused with 405, and a
+    request addressed (``Host``) to a name this viewer does not answer to with 403 (DNS rebinding). A body that a
+    refusal leaves unread is read to its end (up to :data:`DRAIN` bytes, in the body's time) before the answer
+    goes out: closing a connection with unread data resets it, and the client would never hear why."""
+
+    def __init__(self, app, names: frozenset[str], seconds: float):
+        self.app, self.names, self.seconds = app, names, seconds
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        rest = [int(headers.get(b"content-length", b"0")) if b"transfer-encoding" not in headers else DRAIN]
+
+        async def read():
+            msg = await receive()
+            rest[0] = 0 if msg["type"] == "http.disconnect" or not msg.get("more_body") else rest[0]
+            return msg
+
+        async def answer(msg):
+            if msg["type"] == "http.response.start" and 0 < rest[0] <= DRAIN and msg["status"] != 408:
+                await self.drain(read, rest)
+            await send(msg)
+
+        await (self.refusal(scope, headers) or self.app)(scope, read, answer)
+
+    def refusal(self, scope, headers) -> Response | None:
+        host = headers.get(b"host", b"").decode("latin-1").strip()
         name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-        if name.lower() not in ("127.0.0.1", "localhost", "::1"):
-            raise Reject(403, f"this viewer answers requests for 127.0.0.1 or localhost, not {host[:60]!r}")
+        if name.lower() not in self.names:
+            return _error(403, f"this viewer answers requests for {', '.join(sorted(self.names))}, not {host[:60]!r}")
+        if scope["method"] not in ("GET", "HEAD", "POST"):
+            return _error(405, f"{scope['method'][:20]} is not a method this viewer answers: use GET or POST",
+                          {"Allow": "GET, HEAD, POST"})
+        return None
 
-    def _body(self, limit: int = MAX_BODY) -> dict:
-        if (self.headers.get("Content-Type") or "").split(";")[0].strip().lower() != "application/json":
-            # a cross-site form or "simple" fetch cannot send this type without the browser asking first (CORS)
-            raise Reject(415, "send the request body as JSON with Content-Type: application/json")
+    async def drain(self, read, rest: list[int]) -> None:
+        got = 0
         try:
-            n = int(self.headers.get("Content-Length") or 0)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            raise Reject(400, "Content-Length must be a whole number of bytes") from None
-        if n > limit:
-            raise Reject(413, f"the request body is {n:,} bytes; at most {limit:,} are accepted"
-                         + (" (unpin some readings)" if limit == MAX_REPORT_BODY else ""))
-        raw = self.rfile.read(n) if n > 0 else b""
-        self._consumed = True
+            async with asyncio.timeout(self.seconds):
+                while rest[0] and got <= DRAIN:
+                    got += len((await read()).get("body", b""))
+        except TimeoutError:
+            pass
+
+
+def make_app(viewer: Viewer, names: frozenset[str]) -> Starlette:
+    app = Starlette(routes=ROUTES, exception_handlers={HTTPException: _http_error})
+    app.router.redirect_slashes = False  # /api/info/ is no route (a redirect would answer a typo)
+    app.state.viewer = viewer
+    return Guard(app, names, viewer.limits.body_seconds)
+
+
+class Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head: a connection that sends nothing, or
+    trickles its request line and headers, for ``head_seconds`` after it opened (or after the last response) is
+    answered 408 (if it sent part of a head) and closed. The same deadline ends a refused body's draining."""
+
+    head_seconds = 10.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self):
+        self._armed_cycle, self._got = self.cycle, False
+        self._deadline = self.loop.call_later(self.head_seconds, self._head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        self._got = True
+        super().data_received(data)
+        if self.cycle is not self._armed_cycle:  # a whole head arrived: the app's own limits take over
+            self._deadline.cancel()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._deadline.cancel()
+        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
+            self._arm()
+
+    def connection_lost(self, exc) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _head_timeout(self) -> None:
+        if self.transport.is_closing() or self.cycle is not self._armed_cycle:
+            return
+        if self._got and self.conn.our_state is h11.IDLE:
+            body = json.dumps({"error": f"the request's head did not arrive within {self.head_seconds:g} s"}).encode()
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+        self.transport.close()
+
+
+class ViewerServer:
+    """The viewer's server on a bound socket: :meth:`serve_forever` (in any thread; in the main thread SIGINT and
+    SIGTERM stop it gracefully), :meth:`shutdown` from another thread, :meth:`server_close` when done."""
+
+    def __init__(self, viewer: Viewer, sock: socket.socket, names: frozenset[str]):
+        self.viewer, self.socket, self.names = viewer, sock, names
+        self.server_address = sock.getsockname()
+        limits = viewer.limits
+        protocol = type("Protocol", (Protocol,), {"head_seconds": limits.head_seconds})
+        config = Config(make_app(viewer, names), http=protocol, lifespan="off", log_config=None, access_log=False,
+                        timeout_keep_alive=max(1, round(limits.idle_seconds)), timeout_graceful_shutdown=5,
+                        server_header=False)
+        self.uvicorn = Server(config)
+        self.serving, self.stopped = threading.Event(), threading.Event()
+
+    def serve_forever(self) -> None:
+        self.serving.set()
         try:
-            body = json.loads(raw or b"null")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise Reject(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise Reject(400, "the request body must be a JSON object")
-        return body
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self.stopped.set()
 
-    def _file(self, name: str):
-        path = self.server.viewer.files.get(name)
-        if path is None:
-            raise Reject(404, f"no such file: {name[:100]}")
-        self._send(200, path.read_bytes(), TYPES.get(path.suffix, "application/octet-stream"))
+    def shutdown(self) -> None:
+        """Stops :meth:`serve_forever` (running in another thread) and waits until it has returned."""
+        self.uvicorn.should_exit = True
+        if self.serving.is_set():
+            self.stopped.wait()
 
-    def _json(self, obj, status: int = 200):
-        self._send(status, json.dumps(obj).encode(), "application/json")
-
-    def _error(self, status: int, message: str, headers: dict | None = None):
-        if status >= 500 or not self._consumed:  # an unread body would be taken for the next request
-            self.close_connection = True
-        self._send(status, json.dumps({"error": message}).encode(), "application/json", headers)
-
-    def _send(self, status: int, data: bytes, ctype: str, headers: dict | None = None):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def log_message(self, format, *args):
-        log.debug("%s - %s", self.address_string(), format % args)
+    def server_close(self) -> None:
+        self.socket.close()
+        self.viewer.close()
 
 
-def make_server(iv, host: str = "127.0.0.1", port: int = 8000, db: str | None = None) -> ThreadingHTTPServer:
-    """A viewer server for the loaded run ``iv`` (not started: call ``serve_forever``). Port 0 picks a free one."""
+def make_server(iv, host: str = "127.0.0.1", port: int = 8000, db: str | None = None, allow_remote: bool = False,
+                allowed_hosts: tuple[str, ...] = (), limits: Limits = Limits()) -> ViewerServer:
+    """A viewer server for the loaded run ``iv``, listening but not serving yet (call ``serve_forever``). Port 0
+    picks a free one. An address other than loopback needs ``allow_remote`` (anyone who reaches it can use the
+    viewer: there is no authentication). Requests must be addressed to a loopback name, ``host`` (unless it is a
+    wildcard such as 0.0.0.0) or one of ``allowed_hosts``."""
     if not 0 <= port <= 65535:
         raise UserError(f"port must be between 0 and 65535 (0 picks a free one), got {port}")
-    viewer = Viewer(iv, db=db)
     try:
-        server = ThreadingHTTPServer((host, port), Handler)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    family, _, _, _, addr = infos[0]
+    loopback = all(_is_loopback(i[4][0]) for i in infos)
+    if not loopback and not allow_remote:
+        raise UserError(f"--host {host} would let other machines use this viewer, which has no authentication: "
+                        "add --allow-remote to do so anyway (and --allowed-host NAME for the name they will use)")
+    names = frozenset([*LOOPBACK, *(n.strip().lower() for n in allowed_hosts if n.strip()),
+                       *([] if host in ("0.0.0.0", "::", "") else [host.strip("[]").lower()])])
+    viewer = Viewer(iv, db=db, limits=limits)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
     except OSError as e:
+        sock.close()
+        viewer.close()
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-    server.daemon_threads = True
-    server.viewer = viewer
-    return server
+    if not loopback:
+        log.warning("warning: the viewer at %s:%d has no authentication: anyone who can reach it can use it; it "
+                    "answers requests addressed to %s", host, sock.getsockname()[1], ", ".join(sorted(names)))
+    return ViewerServer(viewer, sock, names)
+
+
+def _is_loopback(address: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False

@@ -62,7 +62,7 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
     else:
         lines.append("[x]: the position closest to the query activation")
     lines.append(f"{'distance':>9} {'n':>5}  sample")
-    shown = _pick(pre, limit)
+    shown = pick_samples(pre, limit)
     ruled = False
     for s in shown:
         if not ruled and s.distance > pre.epsilon:
@@ -78,7 +78,7 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
     return "\n".join(lines)
 
 
-def _pick(pre, limit: int):
+def pick_samples(pre, limit: int):
     """Samples spread evenly over the whole range inside epsilon (the closest and the farthest included,
     so that what varies inside the preimage shows), then the closest ones outside; about 2:1."""
     inside = [s for s in pre.samples if s.distance <= pre.epsilon]

@@ -1,13 +1,15 @@
 // The live viewer's page (served by inversionview.viewer.server). Vanilla JS, no build step, nothing from the
-// network: the server renders each reading's HTML with the same code as the reports (viewer/html.py).
+// network: the server renders each reading's HTML with the same code as the reports (viewer/html.py, escaped
+// templates), and the page still inserts that HTML only through safeFragment (an allow-list of elements and
+// attributes), never as innerHTML. Everything else goes in as text.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { info: null, tok: null, position: null, current: null, pins: [], seq: 0, reads: 0 };
+const state = { info: null, tok: null, position: null, current: null, pins: [], seq: 0, reads: 0, reading: null };
 
-async function api(path, body) {
-  const opt = body === undefined ? {} :
-    { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+async function api(path, body, signal) {
+  const opt = body === undefined ? { signal } :
+    { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal };
   const r = await fetch(path, opt);
   if (!r.ok) {
     let msg = `${r.status} ${r.statusText}`;
@@ -20,6 +22,34 @@ async function api(path, body) {
 function say(text, isError) {
   $("msg").textContent = text || "";
   $("msg").className = isError ? "error" : "";
+}
+
+// A reading's HTML as DOM nodes, keeping only the elements and attributes the reading templates write (no
+// scripts, no event handlers, no links, no styles beyond colours and widths): parsed inert, then rebuilt. Another
+// element leaves only its text, and scripts, styles and embedded documents leave nothing.
+const TAGS = new Set(["SECTION", "H2", "SPAN", "DIV", "UL", "LI", "P", "B", "TABLE", "TBODY", "TR", "TD", "DETAILS",
+  "SUMMARY", "CODE"]);
+const DROP = new Set(["SCRIPT", "STYLE", "TEMPLATE", "NOSCRIPT", "IFRAME", "OBJECT", "EMBED", "SVG", "MATH", "TEXTAREA"]);
+const ATTRS = new Set(["class", "title", "colspan", "data-site", "data-position", "data-i", "data-distance"]);
+const STYLE = /^(background:rgba\([\d.,]+\)|width:\d+px)$/;
+
+function safeFragment(html) {
+  const doc = new DOMParser().parseFromString(`<body>${html}</body>`, "text/html");  // inert: nothing loads or runs
+  const clean = (node) => {
+    for (const c of [...node.children]) {
+      const tag = c.tagName.toUpperCase();
+      if (DROP.has(tag)) { c.remove(); continue; }
+      clean(c);
+      if (!TAGS.has(tag)) { c.replaceWith(...c.childNodes); continue; }
+      for (const a of [...c.attributes]) {
+        if (!ATTRS.has(a.name) && !(a.name === "style" && STYLE.test(a.value))) c.removeAttribute(a.name);
+      }
+    }
+  };
+  clean(doc.body);
+  const out = document.createDocumentFragment();
+  out.append(...[...doc.body.childNodes].map((n) => document.adoptNode(n)));
+  return out;
 }
 
 function el(tag, attrs, text) {
@@ -140,11 +170,15 @@ async function read() {
   }
   const seq = ++state.seq;
   const t0 = performance.now();
+  if (state.reading) state.reading.abort();  // the server drops the earlier query if it is still waiting
+  const ctl = state.reading = new AbortController();
+  body.ticket = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
   document.body.classList.add("busy");
   $("status").textContent = "reading…";
   say("");
+  const poll = setInterval(() => showQueue(body.ticket, seq), 500);
   try {
-    const r = await api("/api/query", body);
+    const r = await api("/api/query", body, ctl.signal);
     if (seq !== state.seq) return;  // a later query was started
     show(r);
     const ms = performance.now() - t0;
@@ -155,13 +189,26 @@ async function read() {
   } catch (e) {
     if (seq === state.seq) { say(e.message, true); $("status").textContent = ""; }
   } finally {
-    if (seq === state.seq) document.body.classList.remove("busy");
+    clearInterval(poll);
+    if (seq === state.seq) { document.body.classList.remove("busy"); state.reading = null; }
   }
+}
+
+// Where the query waits: other readings run first, one at a time.
+async function showQueue(ticket, seq) {
+  try {
+    const q = await api(`/api/queue?ticket=${encodeURIComponent(ticket)}`);
+    if (seq !== state.seq || !state.reading || q.position === null) return;
+    const ahead = q.position - 1 + (q.running ? 1 : 0);  // waiting before it, and the one being read
+    $("status").textContent = q.position === 0 ? "reading…" :
+      `queued: ${ahead} reading${ahead === 1 ? "" : "s"} ahead of this one`;
+    document.body.dataset.queued = q.position;
+  } catch (e) { /* the reading itself reports errors */ }
 }
 
 function show(r) {
   state.current = r;
-  $("current").innerHTML = r.html;
+  $("current").replaceChildren(safeFragment(r.html));
   $("pin").disabled = state.pins.includes(r);
   $("download").disabled = false;
 }
@@ -188,7 +235,7 @@ function renderPins() {
   box.textContent = "";
   state.pins.forEach((r, k) => {
     const d = el("div", { class: "pin" });
-    d.innerHTML = r.html;
+    d.appendChild(safeFragment(r.html));
     const x = el("button", { type: "button", class: "unpin", title: "unpin" }, "×");
     x.addEventListener("click", () => { state.pins.splice(k, 1); renderPins(); });
     d.appendChild(x);
