@@ -140,7 +140,8 @@ def run_task(name: str, args) -> dict:
     feats = builtin_features(task)
     sites = args.sites.split(",") if args.sites else list(iv.spec.sites)
     rng = random.Random(args.seed)
-    qs = {s: [task.sample(rng, "test") for _ in range(args.queries)] for s in sites}
+    qs = {s: [task.sample(r, "test") for r in [random.Random(f"{args.seed}:{s}")] for _ in range(args.queries)]
+          for s in sites}  # each site's queries depend on the site alone, so runs on a subset of sites compare
     lengths = [len(t.partition("|")[0]) for v in qs.values() for t in v] if name == "counting" else []
     t0 = time.perf_counter()
     texts, weights = pool(task, args.pool, args.stratum, lengths)

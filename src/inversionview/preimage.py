@@ -213,8 +213,52 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     members and the query (:mod:`inversionview.explore`): the summary's shares are estimates over the preimage
     under the task's input distribution, and up to :data:`CHAIN_SAMPLES` members they met join the samples
     (``source="chain"``). ``chains=0`` reads the decoder's samples alone."""
-    probed, dec, tok = iv.probed, iv.decoder, iv.probed.tokenizer
+    probed, tok = iv.probed, iv.probed.tokenizer
     s, si = iv.site_index(site)
+    eps, metric, mix = _settings(iv, text, samples, temperature, noise, epsilon, metric, chains)
+    ids = probed.encode(text)
+    n_text = len(ids) - (1 if tok.eos_id is not None and ids[-1] == tok.eos_id and tok.eos_id != tok.bos_id else 0)
+    tokens = tok.tokens_of(ids)
+    pos = resolve_position(tokens, n_text, position)
+    act = probed.run(torch.tensor([ids]), [s])[s][0].float()
+    zq, zbos = act[pos], act[0]
+
+    seqs = propose(iv, zq, si, mix, samples, torch.Generator().manual_seed(seed))
+    special = set(probed.non_input_ids)
+    kept = [x for x in seqs if not special.intersection(x[1:-1] if x[-1] == tok.eos_id else x[1:])]
+    counts = Counter(tuple(x) for x in kept)  # a sample with PAD or EOS inside is no input: dropped and counted
+    uniq = [list(u) for u in counts]
+    checked = verify(probed, s, uniq, zq, metric)
+    n_in = sum(counts[tuple(u)] for u, d in zip(uniq, checked[0]) if d <= eps)
+    texts = [tok.text(u) for u in uniq]
+    w = None
+    if chains and can_explore(iv.task):
+        w = walk(probed, iv.task, s, zq[None], [[t for t, d in zip(texts, checked[0]) if d <= eps] + [text]], eps,
+                 metric, chains=chains, seed=seed)[0]
+        uniq, texts, checked = _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed)
+    out = _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas)
+    attention = None
+    if s.kind == "result":
+        attention = [round(float(a), 5) for a in probed.attention(torch.tensor([ids]), s.layer, s.head)[0, pos, :pos + 1]]
+    pre = Preimage(text=text, tokens=tokens, position=pos, site=s.name, site_short=s.short, epsilon=eps,
+                   metric=metric, mode=probed.mode, samples=out, n_candidates=samples,
+                   fraction_inside=n_in / samples, attention=attention,
+                   settings={"mix": [list(m) for m in mix], "samples": samples, "seed": seed, "chains": chains,
+                             "dropped": len(seqs) - len(kept), "task": iv.task.name if iv.task else None},
+                   annotation=iv.task.annotate(text) if iv.task else None,
+                   decoder=str(iv.run_dir) if iv.run_dir else None)
+    if w is not None:
+        pre.chains = chains_record(w, eps, lambda x: tok.tokens_of(probed.encode(x)))
+    from .summary import feature_shares, summarize
+
+    pre.shares = feature_shares(pre, iv.task)
+    pre.checks = _checks(iv, s, zq, pre, w, metric, seed)
+    pre.summary = summarize(pre, iv.task)
+    return pre
+
+
+def _settings(iv, text, samples, temperature, noise, epsilon, metric, chains):
+    """The reading's settings checked, each bad one a one-line UserError: ``(epsilon, metric, mix)``."""
     eps = iv.spec.epsilon if epsilon is None else float(epsilon)
     metric = metric or iv.spec.metric
     if metric not in ("euclidean", "cosine"):
@@ -227,14 +271,6 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
         raise UserError(f"epsilon must be positive and finite, got {eps}")
     if not text:
         raise UserError("the query text is empty: give the input to read (without BOS/EOS)")
-    ids = probed.encode(text)
-    n_text = len(ids) - (1 if tok.eos_id is not None and ids[-1] == tok.eos_id and tok.eos_id != tok.bos_id else 0)
-    tokens = tok.tokens_of(ids)
-    pos = resolve_position(tokens, n_text, position)
-    act = probed.run(torch.tensor([ids]), [s])[s][0].float()
-    zq, zbos = act[pos], act[0]
-
-    g = torch.Generator().manual_seed(seed)
     if temperature is None and noise:
         raise UserError("noise applies to one sampling temperature: give a temperature too (the Auto mix sets its own noise)")
     mix = AUTO_MIX if temperature is None else ((float(temperature), float(noise)),)
@@ -242,36 +278,41 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
         raise UserError(f"temperature must be positive and at most 1e6, got {temperature}")
     if not all(0 <= eta < math.inf for _, eta in mix):
         raise UserError(f"noise must be a finite number of at least 0, got {noise}")
+    return eps, metric, mix
+
+
+def propose(iv, zq: torch.Tensor, si: int, mix, samples: int, g: torch.Generator) -> list[list[int]]:
+    """``samples`` decoder candidates for ``zq``, spread over the (temperature, noise) pairs of ``mix``."""
+    probed, tok = iv.probed, iv.probed.tokenizer
     per = [samples // len(mix) + (k < samples % len(mix)) for k in range(len(mix))]
     z = torch.cat([zq.expand(n, -1) + torch.randn(n, zq.shape[0], generator=g).to(zq.device) * zq.std() * eta
                    for n, (_, eta) in zip(per, mix)])
     tau = torch.cat([torch.full((n,), t) for n, (t, _) in zip(per, mix)])
-    seqs = as_inputs(dec.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g), tok)
+    return as_inputs(iv.decoder.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g),
+                     tok)
 
-    special = set(probed.non_input_ids)
-    kept = [x for x in seqs if not special.intersection(x[1:-1] if x[-1] == tok.eos_id else x[1:])]
-    counts = Counter(tuple(x) for x in kept)  # a sample with PAD or EOS inside is no input: dropped and counted
-    uniq = [list(u) for u in counts]
-    dmin, amin, dist = verify(probed, s, uniq, zq, metric)
-    n_in = sum(counts[tuple(u)] for u, d in zip(uniq, dmin) if d <= eps)
-    texts = [tok.text(u) for u in uniq]
-    w = None
-    if chains and can_explore(iv.task):
-        w = walk(probed, iv.task, s, zq[None], [[t for t, d in zip(texts, dmin) if d <= eps] + [text]], eps, metric,
-                 chains=chains, seed=seed)[0]
-        extra = [x for x in random.Random(seed).sample(sorted(w.members), min(len(w.members), CHAIN_SAMPLES))
-                 if x not in set(texts)]
-        if extra:
-            more = [probed.encode(x) for x in extra]
-            d2, a2, t2 = verify(probed, s, more, zq, metric)
-            uniq, texts = uniq + more, texts + extra
-            width = max(dist.shape[1], t2.shape[1])
-            pad = (lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("inf")))
-            dmin, amin, dist = torch.cat([dmin, d2]), torch.cat([amin, a2]), torch.cat([pad(dist), pad(t2)])
+
+def _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed):
+    """The decoder's distinct samples plus up to :data:`CHAIN_SAMPLES` members the chains met (verified)."""
+    extra = [x for x in random.Random(seed).sample(sorted(w.members), min(len(w.members), CHAIN_SAMPLES))
+             if x not in set(texts)]
+    if not extra:
+        return uniq, texts, checked
+    more = [probed.encode(x) for x in extra]
+    d2, a2, t2 = verify(probed, s, more, zq, metric)
+    dmin, amin, dist = checked
+    width = max(dist.shape[1], t2.shape[1])
+    pad = (lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("inf")))
+    return uniq + more, texts + extra, (torch.cat([dmin, d2]), torch.cat([amin, a2]), torch.cat([pad(dist), pad(t2)]))
+
+
+def _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas: int) -> list[Sample]:
+    """The samples sorted by distance, with delta colours for the ``deltas`` closest."""
+    tok = iv.probed.tokenizer
+    dmin, amin, dist = checked
     order = dmin.argsort(stable=True).tolist()
-
     top = order[:deltas]
-    delta = _deltas(dec, probed, [uniq[i] for i in top], zq, zbos, si) if top else []
+    delta = _deltas(iv.decoder, iv.probed, [uniq[i] for i in top], zq, zbos, si) if top else []
     out = []
     for rank, i in enumerate(order):
         seq = uniq[i]
@@ -280,25 +321,7 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
                           delta=delta[rank] if rank < len(delta) else [], count=counts.get(tuple(seq), 0),
                           annotation=iv.task.annotate(texts[i]) if iv.task else None,
                           source="decoder" if tuple(seq) in counts else "chain"))
-    attention = None
-    if s.kind == "result":
-        attention = [round(float(a), 5) for a in probed.attention(torch.tensor([ids]), s.layer, s.head)[0, pos, :pos + 1]]
-    pre = Preimage(text=text, tokens=tokens, position=pos, site=s.name, site_short=s.short, epsilon=eps,
-                   metric=metric, mode=probed.mode, samples=out, n_candidates=samples,
-                   fraction_inside=n_in / samples, attention=attention,
-                   settings={"mix": [list(m) for m in mix], "samples": samples, "seed": seed, "chains": chains,
-                             "dropped": len(seqs) - len(kept),
-                             "task": iv.task.name if iv.task else None},
-                   annotation=iv.task.annotate(text) if iv.task else None,
-                   decoder=str(iv.run_dir) if iv.run_dir else None)
-    if w is not None:
-        pre.chains = chains_record(w, eps, lambda x: tok.tokens_of(probed.encode(x)))
-    from .summary import feature_shares, summarize
-
-    pre.shares = feature_shares(pre, iv.task)
-    pre.checks = _checks(iv, s, zq, pre, w, metric, seed)
-    pre.summary = summarize(pre, iv.task)
-    return pre
+    return out
 
 
 def chains_record(w, epsilon: float, tokens_of) -> dict:
