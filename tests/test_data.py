@@ -1,6 +1,6 @@
 """Training on the user's own model and data (issue 3, part 2): inputs from a text file, a JSONL file or a
 saved HF dataset; position rules (all, fixed indices, marker + offset); the held-out hash split; run.json
-recording the data so ``evaluate`` works later; one-line errors for bad data; and the README's example,
+recording the data so ``evaluate`` works later; one-line errors for bad data; and the docs' example (docs/own-model.md),
 written as it stands and trained through the command line."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from inversionview.tasks import get_task
 from inversionview.tasks.counting import Counting
 from inversionview.train import DataSpec, TrainConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+OWN_MODEL = Path(__file__).resolve().parents[1] / "docs" / "own-model.md"  # the docs' page "Your own model"
 VOCAB = get_task("counting").vocab
 SITES = ["x0.pre", "a0.1", "x1.mid"]
 
@@ -363,7 +363,7 @@ def test_a_later_input_that_breaks_the_rule_stops_training_with_one_line(tmp_pat
 
 # ---------------------------------------------------------------------------------------------- the README example
 def _readme_example() -> str:
-    section = README.read_text().split("## Your own model and data", 1)[1].split("\n## ", 1)[0]
+    section = OWN_MODEL.read_text().split("## A checkpoint and a data file", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```toml\n(.*?)```", section, re.S)
     assert len(blocks) == 1, "the section should have exactly one TOML example"
     return blocks[0]

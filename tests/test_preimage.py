@@ -213,7 +213,7 @@ def test_reading_basics(iv, reading):
     assert pre.tokens[pre.position] == ":" and pre.position == QUERY.index(":") + 1
     assert pre.mode == iv.probed.mode and pre.metric == iv.spec.metric and pre.epsilon == iv.spec.epsilon
     assert pre.n_candidates == 24
-    assert sum(s.count for s in pre.samples) == 24
+    assert sum(s.count for s in pre.samples) + pre.settings["dropped"] == 24  # dropped: a PAD or EOS inside
     assert len({tuple(s.tokens) for s in pre.samples}) == len(pre.samples)  # distinct
     assert pre.settings["samples"] == 24 and len(pre.settings["mix"]) == 4  # the Auto mix
     # head site: the attention pattern from the query position over the prefix
@@ -268,7 +268,7 @@ def test_fraction_inside_and_with_epsilon(reading):
     assert wider.fraction_inside == pytest.approx(_fraction(pre, mid))
     assert 0 < wider.fraction_inside < 1
     assert [s.distance for s in wider.inside] == [d for d in (s.distance for s in pre.samples) if d <= mid]
-    assert pre.with_epsilon(ds[-1] + 1).fraction_inside == 1.0
+    assert pre.with_epsilon(ds[-1] + 1).fraction_inside == 1 - pre.settings["dropped"] / pre.n_candidates
     if ds[0] > 0:
         assert pre.with_epsilon(ds[0] / 2).fraction_inside == 0.0
     # the original is untouched
@@ -331,7 +331,7 @@ def test_query_at_bos_is_all_inside(iv):
     """x0.pre at BOS is the same vector for every input starting with BOS: every candidate is at distance 0."""
     pre = iv.query(QUERY, site="x0.pre", position=0, samples=6, temperature=1.0)
     assert pre.position == 0 and pre.settings["mix"] == [[1.0, 0.0]]
-    assert pre.fraction_inside == 1.0
+    assert pre.fraction_inside == 1 - pre.settings["dropped"] / 6  # a dropped candidate is no input: not inside
     assert all(s.distance < 1e-5 for s in pre.samples)
     assert pre.attention is None
 

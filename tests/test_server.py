@@ -391,8 +391,8 @@ def test_payloads_in_every_field_are_escaped_in_reports_and_fragments(url, iv):
         assert report == Preimage.from_dict(bad).to_html()  # the library's reports are the same
         status, _, r = call(url, "/api/epsilon", {"reading": bad, "epsilon": 0.3})
         assert status == 200 and injected(r["html"]) == [], path
-        if path not in ("text", "decoder", "samples.text", "settings"):  # shown (the texts as their tokens; of the
-            # settings, the mix)
+        if path not in ("text", "decoder", "samples.text", "settings", "shares", "checks", "chains"):  # shown (the
+            # texts as their tokens; of the settings, the mix; the estimate through the summary's lines)
             assert shown_as_text(report, path), path
 
 
@@ -404,25 +404,25 @@ class Sample2(Sample):  # as the lead may extend them: per-sample checks, per-fe
 @dataclasses.dataclass
 class Preimage2(Preimage):
     samples: list[Sample2]
-    shares: list[dict] | None = None
+    verdicts: list[dict] | None = None
     note: str | None = None
 
 
 def test_fields_a_later_preimage_adds_are_shown_escaped(iv):
     """A field added to Preimage or Sample (the templates do not name it) is shown as text in "other fields"."""
     pre = iv.query(TEXT, site="a1.0", position=19, samples=16)
-    d = {**pre.to_dict(), "shares": [{"feature": "count", "share": 0.9, "interval": [0.8, 1.0]}], "note": "n",
+    d = {**pre.to_dict(), "verdicts": [{"feature": "count", "share": 0.9, "interval": [0.8, 1.0]}], "note": "n",
          "samples": [{**s, "check": {"passed": True}} for s in pre.to_dict()["samples"]]}
     paths = [p for p, _ in text_fields(Preimage2)]
-    assert {"shares", "note", "samples.check"} <= set(paths)
+    assert {"verdicts", "note", "samples.check"} <= set(paths)
     for path in paths:
         bad = with_payload(d, path, Preimage2)
         html = Preimage2(**{**bad, "samples": [Sample2(**s) for s in bad["samples"]]}).to_html()
         assert injected(html) == [], path
-        if path in ("shares", "note", "samples.check"):  # shown as their JSON
+        if path in ("verdicts", "note", "samples.check"):  # shown as their JSON
             assert json.dumps(payload(path), ensure_ascii=False)[1:-1] in "".join(Markup(html).text), path
     text = "".join(Markup(Preimage2(**{**d, "samples": [Sample2(**s) for s in d["samples"]]}).to_html()).text)
-    assert "other fields: shares, note" in text and '"interval": [0.8, 1.0]' in text and 'check: {"passed": true}' in text
+    assert "other fields: verdicts, note" in text and '"interval": [0.8, 1.0]' in text and 'check: {"passed": true}' in text
 
 
 def test_malformed_json_is_400(url):

@@ -48,7 +48,7 @@ def test_reading_states_the_count_as_shared(colon):
     # head 1.0 at ':' keeps the count (the paper's C2); the share is the chains' estimate over the preimage
     s = colon.summary
     assert s == summarize(colon, "counting")
-    assert s[0].startswith("estimated over the preimage under the input distribution: 768 states of 32 chains")
+    assert s[0].startswith("estimated over the preimage under the input distribution: 1536 states of 64 chains")
     f = builtin_features("counting")["count"]
     line = [x for x in s if x.endswith(": count = 8")][0]
     share, low, high = _share(line)

@@ -24,7 +24,7 @@ from .probed import ProbedModel, distances
 # The paper's Auto mix: (temperature, noise) pairs, 64 candidates each, repeated 4 times -> 1024.
 AUTO_MIX = ((0.5, 0.0), (1.0, 0.0), (2.0, 0.0), (2.0, 0.1))
 MAX_SAMPLES = 8192
-CHAIN_SAMPLES = 200  # members met by the chains that a reading shows beside the decoder's samples
+CHAIN_SAMPLES = 32  # members met by the chains that a reading shows beside the decoder's samples
 CHECKS = 40  # members changed in each counterfactual check
 MAX_CHAINS = 1024
 

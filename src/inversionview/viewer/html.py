@@ -29,8 +29,9 @@ CSS = (HERE / "static" / "report.css").read_text()
 # Preimage fields the reading template shows (or leaves out on purpose: the query text is shown as its tokens,
 # the decoder's path and the settings other than the mix are in the JSON); any other field goes to "other fields"
 SHOWN = {"text", "tokens", "position", "site", "site_short", "epsilon", "metric", "mode", "samples", "n_candidates",
-         "fraction_inside", "settings", "attention", "annotation", "decoder", "summary"}
-SAMPLE_SHOWN = {"tokens", "text", "distance", "position", "distances", "delta", "count", "annotation"}
+         "fraction_inside", "settings", "attention", "annotation", "decoder", "summary",
+         "shares", "checks", "chains"}  # the estimate: shown through the summary's lines, whole in the JSON
+SAMPLE_SHOWN = {"tokens", "text", "distance", "position", "distances", "delta", "count", "annotation", "source"}
 
 
 def delta_bg(d: float) -> str:
