@@ -162,7 +162,7 @@ def run_task(name: str, args) -> dict:
             chains = preimages(iv, qs[site], s, poss, samples=args.samples, chains=args.chains if mode == "chains" else 0,
                                seed=args.seed)
             t_batch = (time.perf_counter() - t0) / len(poss)
-            for q, (text, pos) in enumerate(zip(qs[site], poss)):
+            for q, text in enumerate(qs[site]):
                 L = len(text.partition("|")[0]) if name == "counting" else None
                 for k, f in feats.items():
                     vq = f(text)

@@ -51,7 +51,7 @@ def test_embeddings_everywhere_give_the_contrast(probed):
     got = run_patched(probed, ids, con, comps, [_all(T, 2)] * 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # every head at every position as well: still the contrast (each head's value is the contrast's)
-    heads = [parse_component(probed, f"a{l}.{h}@0") for l in range(2) for h in range(2)]
+    heads = [parse_component(probed, f"a{layer}.{h}@0") for layer in range(2) for h in range(2)]
     got = run_patched(probed, ids, con, comps + heads, [_all(T, 2)] * 6)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the token embedding alone differs from the contrast only where the inputs differ, so it is enough too

@@ -313,8 +313,8 @@ def test_terminal_render(reading):
     # the epsilon rule sits between the samples inside and outside epsilon
     wide = reading.with_epsilon(sorted(s.distance for s in reading.samples)[len(reading.samples) // 2])
     lines = render(wide, limit=40, colour=False).splitlines()
-    rule = next(i for i, l in enumerate(lines) if f"epsilon = {wide.epsilon:g}" in l and l.startswith("-"))
-    rows = [(i, float(l.split()[0])) for i, l in enumerate(lines) if re.match(r"^\s*\d+\.\d{4}\s+\d+\s", l)]
+    rule = next(i for i, ln in enumerate(lines) if f"epsilon = {wide.epsilon:g}" in ln and ln.startswith("-"))
+    rows = [(i, float(ln.split()[0])) for i, ln in enumerate(lines) if re.match(r"^\s*\d+\.\d{4}\s+\d+\s", ln)]
     assert rows
     tol = 5e-5  # distances are printed with 4 decimals
     assert all(d <= wide.epsilon + tol for i, d in rows if i < rule)

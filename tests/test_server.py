@@ -785,7 +785,7 @@ def test_hostile_requests_and_reading_bursts_leave_no_5xx_no_reset_and_flat_memo
         assert reading_burst(url, 2, 64) == ["200", "200"]  # warm: the model's first readings allocate its caches
         start = rss_mib(proc.pid)
         results = {}
-        for burst in range(2):
+        for _ in range(2):
             with ThreadPoolExecutor(8) as pool:  # the hostile requests and 20 readings at once
                 hostile = {name: pool.submit(send_hostile, addr, name, data) for name, data in hostile_requests(url)}
                 readings = reading_burst(url, 20, 64)

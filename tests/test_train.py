@@ -586,7 +586,7 @@ def test_artifacts_with_unknown_fields_are_refused(name, where, run_dir, tmp_pat
         (run / name).write_text(json.dumps({**d, "momentum": 0.5}))
         cmd = ["query", run, "--text", "abcab|c:1", "--site", "x0.pre", "--position", "-2", "--samples", "4"]
     msg = user_error(capsys, *cmd)
-    assert f"has unknown field 'momentum': it was edited or written by another version of inversionview" in msg
+    assert "has unknown field 'momentum': it was edited or written by another version of inversionview" in msg
     assert _ckpt_step(run) == 6
 
 

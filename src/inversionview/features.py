@@ -300,6 +300,10 @@ def random_values(task, features: dict[str, Feature], n: int = BASELINE_INPUTS, 
     return {k: Counter(value(k, f, t) for t in texts) for k, f in features.items()}
 
 
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def consistency(features: dict[str, Feature], queries: list[str], inside: list, reference: dict[str, Counter],
                 site: str = "", position: str = "") -> list[Consistency]:
     """FCR and baseline of each feature over ``queries`` with their members ``inside``: per query, chains of states
@@ -322,10 +326,9 @@ def consistency(features: dict[str, Feature], queries: list[str], inside: list, 
             var += ((sh.high - sh.low) / (2 * Z)) ** 2
             base.append(reference[k][vq] / total)
             n += len({x for c in chains for x in c})
-        mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-        fcr = mean(rates)
+        fcr = _mean(rates)
         half = Z * math.sqrt(var) / len(rates) if rates else None
-        out.append(Consistency(k, site, position, fcr, mean(base), len(rates), empty, n,
+        out.append(Consistency(k, site, position, fcr, _mean(base), len(rates), empty, n,
                                None if fcr is None else max(0.0, fcr - half), None if fcr is None else min(1.0, fcr + half)))
     return out
 

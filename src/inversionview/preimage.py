@@ -302,7 +302,9 @@ def _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed):
     d2, a2, t2 = verify(probed, s, more, zq, metric)
     dmin, amin, dist = checked
     width = max(dist.shape[1], t2.shape[1])
-    pad = (lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("inf")))
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("inf"))
     return uniq + more, texts + extra, (torch.cat([dmin, d2]), torch.cat([amin, a2]), torch.cat([pad(dist), pad(t2)]))
 
 

@@ -137,7 +137,9 @@ class Reproduction:
                              c.verdict if i == 0 else ""])
             rows += [["", line] + [""] * 8 for line in paper[len(c.checks):]]
         w = [max(len(str(r[j])) for r in [head, *rows]) for j in range(len(head))]
-        fmt = lambda r: "  ".join(str(x).ljust(w[j]) for j, x in enumerate(r)).rstrip()
+
+        def fmt(r):
+            return "  ".join(str(x).ljust(w[j]) for j, x in enumerate(r)).rstrip()
         out = [fmt(head), fmt(["-" * x for x in w])] + [fmt(r) for r in rows]
         notes = [f"measured: FCR = mean over {self.queries} held-out queries of the share of the preimage's members "
                  f"whose feature equals the query's, estimated under the task's input distribution by chains started "
