@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 from .errors import UserError
 
@@ -66,3 +67,10 @@ def weights_fingerprint(tensors: Mapping, context: list | None = None) -> str:
 def probed_fingerprint(weights: str, mode: str, dtype: str) -> str:
     """What a decoder reads: the probed model's weights fingerprint, its activation mode and its dtype."""
     return hashlib.sha256(json.dumps(["probed", weights, mode, dtype]).encode()).hexdigest()[:16]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old file or the new one."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import DECODER_FORMAT, check_fields, check_version
+from .artifacts import DECODER_FORMAT, atomic_write_text, check_fields, check_version
 from .errors import UserError
 
 
@@ -43,7 +43,7 @@ class DecoderConfig:
     n_act_blocks: int = 6
 
     def save(self, path: Path) -> None:
-        _atomic_write_text(Path(path), json.dumps({"format_version": DECODER_FORMAT, **asdict(self)}, indent=1))
+        atomic_write_text(Path(path), json.dumps({"format_version": DECODER_FORMAT, **asdict(self)}, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> "DecoderConfig":
@@ -239,8 +239,3 @@ class Decoder(nn.Module):
             raise UserError(f"{path} is corrupt or does not match config.json ({str(e).splitlines()[0][:120]})") from None
         return dec.eval()
 
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

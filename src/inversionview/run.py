@@ -24,8 +24,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .artifacts import RUN_FORMAT, check_fields, check_version, probed_fingerprint, weights_fingerprint
-from .decoder import Decoder, _atomic_write_text
+from .artifacts import RUN_FORMAT, atomic_write_text, check_fields, check_version, probed_fingerprint, weights_fingerprint
+from .decoder import Decoder
 from .errors import UserError
 from .probed import ProbedModel
 from .sites import Site
@@ -87,7 +87,7 @@ class RunSpec:
             d["model"] = os.path.relpath(Path(m).resolve(), Path(run_dir).resolve())
         if self.data and self.data.get("path") and Path(self.data["path"]).exists():  # and with its data
             d["data"] = {**self.data, "path": os.path.relpath(Path(self.data["path"]).resolve(), Path(run_dir).resolve())}
-        _atomic_write_text(Path(run_dir) / "run.json", json.dumps(d, indent=1))
+        atomic_write_text(Path(run_dir) / "run.json", json.dumps(d, indent=1))
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunSpec":

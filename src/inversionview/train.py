@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .artifacts import CHECKPOINT_FORMAT, check_fields, check_version
-from .decoder import Decoder, DecoderConfig, _atomic_write_text
+from .artifacts import CHECKPOINT_FORMAT, atomic_write_text, check_fields, check_version
+from .decoder import Decoder, DecoderConfig
 from .distributed import Dist
 from .errors import UserError
 from .preimage import hit_rates, make_queries
@@ -452,7 +452,7 @@ class Trainer:
         check_writable(self.out)
         with _writing(self.out):
             self.spec.save(self.out)
-            _atomic_write_text(self.out / "train.json", json.dumps(cfg.to_dict(relative_to=self.out), indent=1))
+            atomic_write_text(self.out / "train.json", json.dumps(cfg.to_dict(relative_to=self.out), indent=1))
             (self.out / "metrics.jsonl").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ the loop
@@ -774,4 +774,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 rows.append(ln)
         except (ValueError, KeyError, TypeError):  # a line cut short by a kill mid-write
             continue
-    _atomic_write_text(path, "".join(r + "\n" for r in rows))
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
