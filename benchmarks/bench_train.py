@@ -84,6 +84,25 @@ def trainer_step(t: Trainer):
     return step
 
 
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    """This machine's practical fp32 peak: GFLOP/s of a large square matmul at the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def useful_flops_per_token(d: int, layers: int, vocab: int, mean_len: float, probed: ProbedModel) -> float:
+    """Forward + backward FLOPs of the decoder per predicted token (3x the forward: 24 d^2 per layer for the
+    projections and MLP, 4 d per attended slot, 2 d V for the logits), plus the probed model's forward over the
+    same token (24 d_p^2 per layer). The per-sample conditioning MLP is left out (under 1 %)."""
+    slots = mean_len / 2 + 1  # causal attention: on average half the input, plus the prefix slot
+    decoder = 24 * d * d * layers + 4 * d * slots * layers + 2 * d * vocab
+    return 3 * decoder + 24 * probed.d_model ** 2 * probed.n_layers
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
@@ -129,6 +148,13 @@ def main():
     chosen = bf16 if auto else fp32
     print(f"bf16 / float32 tokens/s: {bf16 / fp32:.2f}x   auto's choice / naive: {chosen / base:.2f}x   "
           "(the authors' code on this machine class: 0.93 steps/s, ~5,000 tokens/s)")
+    peak = matmul_gflops()
+    steps, dt, tokens = res["inversionview float32"]
+    per_tok = useful_flops_per_token(a.d_model, 2, probed.tokenizer.vocab_size, tokens / (steps * a.batch), probed)
+    useful = tokens / dt * per_tok / 1e9
+    print(f"fp32 matmul peak (1024^3, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s; decoder training "
+          f"(float32): {per_tok / 1e6:.2f} MFLOP per token x {tokens / dt:.0f} tokens/s = {useful:.1f} GFLOP/s "
+          f"useful, {useful / peak:.1%} of the peak")
     print(f"peak memory (RSS): {peak_rss_mib():.0f} MiB")
 
 

@@ -27,14 +27,16 @@ def chi2(a: Counter, b: Counter) -> tuple[float, int]:
     return stat, df
 
 
-def _stationary(task, stats, n=20_000, steps=4, seed=0):
-    """Draw x from the generator, apply ``steps`` moves, and compare each statistic's histogram before and after:
-    a kernel that keeps the generator's distribution leaves them equal up to sampling noise."""
+def _stationary(task, stats, n=20_000, steps=4, seed=0, kernel=None):
+    """Draw x from the generator, apply ``steps`` moves (``kernel(task, x, rng)``, by default the task's local move),
+    and compare each statistic's histogram before and after: a kernel that keeps the generator's distribution leaves
+    them equal up to sampling noise."""
     rng = random.Random(seed)
+    kernel = kernel or (lambda t, x, r: t.propose(x, r))
     xs = [task.generate(rng) for _ in range(n)]
     ys = xs
     for _ in range(steps):
-        ys = [task.propose(y, rng) for y in ys]
+        ys = [kernel(task, y, rng) for y in ys]
     ref = [task.generate(rng) for _ in range(n)]  # an independent prior sample: the same test against itself
     out = {}
     for name, g in stats.items():
@@ -69,6 +71,43 @@ def test_moves_keep_the_generators_distribution(name, stats):
     task = get_task(name)
     for stat, v in _stationary(task, stats).items():
         assert v < 2.0, (stat, v)
+
+
+def _gibbs(task, x, rng):  # the chains' block move with every alternative inside: uniform over the block
+    return rng.choice(task.block(x, rng))
+
+
+@pytest.mark.parametrize("name,stats", [("counting", COUNTING_STATS), ("addition", ADDITION_STATS)])
+def test_gibbs_blocks_keep_the_generators_distribution(name, stats):
+    # as above (a lopsided block gives tens: see below); 3.0 leaves room for a 1-in-500 statistic among the twelve
+    task = get_task(name)
+    for stat, v in _stationary(task, stats, kernel=_gibbs).items():
+        assert v < 3.0, (stat, v)
+
+
+def test_gibbs_blocks_are_closed_and_a_lopsided_block_is_caught():
+    # a block drawn from any of its members is the same block (so the uniform choice is reversible)
+    for name in ("counting", "addition"):
+        task = get_task(name)
+        rng = random.Random(2)
+        for _ in range(200):
+            x = task.generate(rng)
+            b = task.block(x, rng)
+            assert x in b and all(task.parse(y) is not None for y in b)
+            y = rng.choice(b)
+            assert any(set(task.block(y, random.Random(k))) == set(b) for k in range(200)), (x, y)
+    # a wrong block: a letter may only be renamed to a later letter of the alphabet (not closed: drifts to 'z')
+    task = get_task("counting")
+
+    class Lopsided(type(task)):
+        def block(self, text, rng):
+            head, target = self.parse(text)
+            old = rng.choice(sorted(set(head)))
+            names = [c for c in "abcdefghijklmnopqrstuvwxyz" if c == old or (c > old and c not in head)]
+            return [f"{head.replace(old, c)}|{c if target == old else target}:{head.count(target)}" for c in names]
+
+    assert max(_stationary(Lopsided(), COUNTING_STATS, kernel=_gibbs).values()) > 10
+    assert get_task("ioi").block("x", random.Random(0)) is None
 
 
 def test_a_drifting_move_is_caught():

@@ -61,7 +61,8 @@ def input_set(task) -> tuple[list[str], str]:
         texts = list(task.all_inputs())
         return texts, f"all {len(texts):,} addition inputs a+b=c with 100 <= a, b <= 999 (the whole input space)"
     if name == "counting":
-        rng, seen = random.Random(COUNTING_SEED), {}
+        rng = random.Random(COUNTING_SEED)
+        seen: dict[str, None] = {}  # an ordered set
         while len(seen) < COUNTING_POOL:
             seen.setdefault(task.generate(rng), None)
         return list(seen), (f"a fixed pool of {COUNTING_POOL:,} distinct counting inputs, the first the task's "
@@ -80,7 +81,7 @@ RECALL_FEATURES = {"addition": ("F1S1", "F2S2", "F3S3", "carry_ones", "carry_ten
 def _recall_features(task) -> dict:
     from .features import builtin_features
 
-    name = getattr(task, "name", None)
+    name = getattr(task, "name", None) or ""  # "": no built-in task, so no features
     builtin = builtin_features(name)
     return {k: builtin[k] for k in RECALL_FEATURES.get(name, ())}
 
@@ -240,9 +241,9 @@ class Completeness:
     outside_above: float | None  # share of inputs outside epsilon more likely than the least likely input inside
     seconds: dict  # wall time of each pass
     texts: list = field(repr=False, default_factory=list)
-    distance: np.ndarray = field(repr=False, default=None)
-    logp: np.ndarray = field(repr=False, default=None)
-    sampled: np.ndarray = field(repr=False, default=None)  # bool: drawn by the decoder
+    distance: np.ndarray | None = field(repr=False, default=None)
+    logp: np.ndarray | None = field(repr=False, default=None)
+    sampled: np.ndarray | None = field(repr=False, default=None)  # bool: drawn by the decoder
 
     def to_dict(self) -> dict:
         keep = ("texts", "distance", "logp", "sampled")
@@ -272,6 +273,7 @@ class Completeness:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
+        assert self.distance is not None and self.logp is not None  # set by scan, which makes every Completeness
         inside = self.distance <= self.epsilon
         out_idx = np.nonzero(~inside)[0]
         if len(out_idx) > PLOT_OUTSIDE:
@@ -326,19 +328,7 @@ def scan(iv, text: str, site, position: int | str, samples: int = 1024, epsilon:
     pos = resolve_position(tok.tokens_of(ids), len(ids) - 1, position)
     zq = probed.run(torch.tensor([ids]), [s])[s][0, pos].float()
 
-    buckets = _encode_all(tok, texts)
-    dist, logp = np.empty(len(texts)), np.empty(len(texts))
-    sec = {"distances": 0.0, "logprobs": 0.0}
-    from tqdm.auto import tqdm
-
-    with tqdm(total=2 * len(texts), desc="completeness scan", unit="input", unit_scale=True, leave=False) as bar:
-        for idx, b in buckets.values():
-            t0 = time.perf_counter()
-            dist[idx] = scan_distances(probed, s, b, zq, metric, progress=bar.update).numpy()
-            t1 = time.perf_counter()
-            logp[idx] = scan_logprobs(iv.decoder, si, zq, b, progress=bar.update).numpy()
-            sec["distances"] += t1 - t0
-            sec["logprobs"] += time.perf_counter() - t1
+    dist, logp, sec = _scan_set(iv, s, si, zq, metric, texts)
 
     t0 = time.perf_counter()
     pre = iv.query(text, site=s, position=pos, samples=samples, epsilon=eps, metric=metric, seed=seed, deltas=0)
@@ -350,15 +340,8 @@ def scan(iv, text: str, site, position: int | str, samples: int = 1024, epsilon:
     n_in = int(inside.sum())
     hit = int((sampled & inside).sum())
 
-    frec = {}
-    inside_texts = [texts[i] for i in np.nonzero(inside)[0]]
-    for k, f in _recall_features(iv.task).items():
-        vals = {f(t) for t in inside_texts} - {None}
-        if vals:
-            found = len(vals & {f(x.text) for x in pre.inside})
-            frec[k] = {"found": found, "total": len(vals), "recall": found / len(vals)}
-    min_in = float(logp[inside].min()) if n_in else None
-    above = float((logp[~inside] > min_in).mean()) if n_in and n_in < len(texts) else None
+    frec = _feature_recall(iv.task, [texts[i] for i in np.nonzero(inside)[0]], pre)
+    min_in, above = _least_likely_inside(logp, inside)
     sec["total"] = time.perf_counter() - t_start
     log.info("scanned %d inputs in %.1f s", len(texts), sec["total"])
     return Completeness(text=text, site=s.name, site_short=s.short, position=pos, epsilon=eps, metric=metric,
@@ -367,3 +350,47 @@ def scan(iv, text: str, site, position: int | str, samples: int = 1024, epsilon:
                         feature_recall=frec, min_inside_logp=min_in, outside_above=above,
                         seconds={k: round(v, 3) for k, v in sec.items()}, texts=texts, distance=dist, logp=logp,
                         sampled=sampled)
+
+
+def _scan_set(iv, s, si: int, zq: torch.Tensor, metric: str,
+              texts: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """The distance to ``zq`` and the decoder's log-probability given ``zq`` of every input in ``texts``, with the
+    seconds each pass took."""
+    from tqdm.auto import tqdm
+
+    probed = iv.probed
+    buckets = _encode_all(probed.tokenizer, texts)
+    dist, logp = np.empty(len(texts)), np.empty(len(texts))
+    sec = {"distances": 0.0, "logprobs": 0.0}
+    with tqdm(total=2 * len(texts), desc="completeness scan", unit="input", unit_scale=True, leave=False) as bar:
+        for idx, b in buckets.values():
+            t0 = time.perf_counter()
+            dist[idx] = scan_distances(probed, s, b, zq, metric, progress=bar.update).numpy()
+            t1 = time.perf_counter()
+            logp[idx] = scan_logprobs(iv.decoder, si, zq, b, progress=bar.update).numpy()
+            sec["distances"] += t1 - t0
+            sec["logprobs"] += time.perf_counter() - t1
+    return dist, logp, sec
+
+
+def _feature_recall(task, inside_texts: list[str], pre) -> dict[str, dict]:
+    """Per recall feature of the task: how many of its distinct values over the true preimage ``inside_texts`` the
+    reading ``pre``'s in-epsilon samples have."""
+    frec = {}
+    for k, f in _recall_features(task).items():
+        vals = {f(t) for t in inside_texts} - {None}
+        if vals:
+            found = len(vals & {f(x.text) for x in pre.inside})
+            frec[k] = {"found": found, "total": len(vals), "recall": found / len(vals)}
+    return frec
+
+
+def _least_likely_inside(logp: np.ndarray, inside: np.ndarray) -> tuple[float | None, float | None]:
+    """The log-probability of the least likely input inside epsilon, and the share of inputs outside epsilon more
+    likely than it (None where there is no input inside, or none outside)."""
+    n_in = int(inside.sum())
+    if not n_in:
+        return None, None
+    min_in = float(logp[inside].min())
+    above = float((logp[~inside] > min_in).mean()) if n_in < len(logp) else None
+    return min_in, above

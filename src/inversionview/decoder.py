@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -125,12 +126,13 @@ class Decoder(nn.Module):
                                      for _ in range(c.n_layers)])
         self.tok = nn.Embedding(c.vocab_size, c.d_model)
         self.pos = nn.Embedding(c.max_len, c.d_model)
-        self.blocks = nn.ModuleList([_Block(c.d_model, c.n_heads) for _ in range(c.n_layers)])
+        blocks = [_Block(c.d_model, c.n_heads) for _ in range(c.n_layers)]
+        self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(c.d_model)
         self.apply(self._init)
         with torch.no_grad():
             self.site_emb.weight.copy_(torch.eye(c.n_sites))
-            for b in self.blocks:  # GPT-2's scaled init of residual projections
+            for b in blocks:  # GPT-2's scaled init of residual projections
                 for lin in (b.proj, b.out):
                     lin.weight.mul_(1 / math.sqrt(2 * c.n_layers))
 
@@ -147,12 +149,14 @@ class Decoder(nn.Module):
         self.site_mean[site] = acts.mean(0)
         self.site_scale[site] = (acts - acts.mean(0)).pow(2).sum(-1).mean().sqrt().clamp_min(1e-6) / math.sqrt(acts.shape[1])
 
-    def condition(self, z: torch.Tensor, site: torch.Tensor) -> list[torch.Tensor]:
+    def condition(self, z: torch.Tensor, site: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per-layer prefix caches ``[K, V]`` for activations ``z`` (B, d_act) at site ids ``site`` (B,)."""
         z, site = z.to(self.site_mean), site.to(self.site_mean.device)  # inputs may come from another device
         x = (z - self.site_mean[site]) / self.site_scale[site, None]
         h = self.act_blocks(torch.cat([x, self.site_emb(site)], -1))
-        return [list(b.prefix_kv(p(h))) for b, p in zip(self.blocks, self.prefix)]
+        # ModuleList's stub yields plain Modules; these are the _Blocks __init__ put there
+        blocks = cast(list[_Block], list(self.blocks))
+        return [list(b.prefix_kv(p(h))) for b, p in zip(blocks, self.prefix)]
 
     def forward(self, ids: torch.Tensor, z: torch.Tensor, site: torch.Tensor, caches=None) -> torch.Tensor:
         """Logits ``(B, T, vocab)`` for token ids ``(B, T)``. With ``caches`` from :meth:`condition` (and any

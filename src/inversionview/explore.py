@@ -9,7 +9,11 @@ Metropolis-Hastings chains walk the preimage with target
 where p is the task's input distribution (its generator). Every move is reversible with respect to p: the
 task's :meth:`~inversionview.tasks.Task.propose` (re-draw one part of the input given the rest, or swap parts of
 equal probability) or a fresh draw from the generator. So the Hastings ratio is 1 and a move is accepted exactly
-when the probed model puts the proposal inside epsilon: every state of every chain is a verified member.
+when the probed model puts the proposal inside epsilon: every state of every chain is a verified member. A share
+of the moves are Gibbs blocks (:meth:`~inversionview.tasks.Task.block`): every alternative of one part of the
+input (the target letter's name, one digit) is verified at once, and the chain moves to one of those inside,
+drawn uniformly; a part the activation barely keeps then mixes in one step instead of waiting for a rare accepted
+local move.
 
 Shares are averaged over the chains' states after burn-in (:func:`share`), with a 95% interval whose effective
 size comes from the spread between chains. Counterfactual checks (:func:`counterfactuals`) change one feature of
@@ -22,16 +26,22 @@ import logging
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")  # a chain's state
+
 CHAINS = 64  # chains per query
 STEPS = 48  # moves per chain; the first half is burn-in
 GLOBAL = 0.15  # share of moves that are fresh draws from the generator
-DRAWS = 256  # inputs drawn from the generator per query before the chains start
+BLOCK = 0.1  # share of moves that are Gibbs blocks (Task.block): every alternative verified, one inside taken
+DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
+MAX_DRAWS = 2048  # draws per query at most; they stop once half the chains can start inside
+EXACT = 8  # with this many distinct draws inside, only they start chains (the decoder's members are look-alikes)
 Z = 1.96  # 95% intervals
 
 
@@ -77,26 +87,29 @@ def walk(probed, task, site, zq: torch.Tensor, starts: list[list[str]], epsilon:
     from: the first half of the moves is burn-in). A query left with no member gets an empty walk. All queries'
     proposals are verified together, in batches."""
     rng = random.Random(seed)
-    seen = [{} for _ in starts]  # per query: every text verified -> (distance, arg-min position)
-    fresh = [[task.generate(rng) for _ in range(draws)] for _ in starts]
+    # per query: every text verified -> (distance, arg-min position)
+    seen: list[dict[str, tuple[float, int]]] = [{} for _ in starts]
     starts = [[x for x in dict.fromkeys(st) if task.propose(x, random.Random(0))] for st in starts]  # valid inputs
-    _check(probed, site, zq, seen, [(q, x) for q, st in enumerate(starts) for x in dict.fromkeys(st + fresh[q])], metric)
+    _check(probed, site, zq, seen, [(q, x) for q, st in enumerate(starts) for x in st], metric)
+    inside = _draw_inside(probed, task, site, zq, seen, epsilon, metric, rng, draws, chains)
     walks, state = [Walk() for _ in starts], []
     for q, st in enumerate(starts):
-        inside = [x for x in dict.fromkeys(fresh[q]) if seen[q][x][0] <= epsilon]
-        rest = [x for x in st if seen[q][x][0] <= epsilon and x not in inside]
-        st = rng.sample(inside, min(len(inside), chains))
+        rest = [] if len(inside[q]) >= EXACT else [x for x in st if seen[q][x][0] <= epsilon and x not in inside[q]]
+        st = rng.sample(inside[q], min(len(inside[q]), chains))
         st += rng.sample(rest, min(len(rest), chains - len(st)))
         state.append((st * chains)[:chains])
         walks[q].states = [[] for _ in state[q]]
     for step in range(steps):
-        props = [[task.generate(rng) if rng.random() < GLOBAL else task.propose(x, rng) for x in st] for st in state]
-        _check(probed, site, zq, seen, [(q, x) for q, ps in enumerate(props) for x in ps if x not in seen[q]], metric)
+        props = [[_proposal(task, x, rng) for x in st] for st in state]  # each a list: one text, or a Gibbs block
+        _check(probed, site, zq, seen, [(q, y) for q, ps in enumerate(props) for p in ps for y in p if y not in seen[q]],
+               metric)
         for q, (st, ps) in enumerate(zip(state, props)):
             w = walks[q]
             w.proposed += len(ps)
-            for c, y in enumerate(ps):
-                if seen[q][y][0] <= epsilon:
+            for c, p in enumerate(ps):
+                ok = [y for y in p if seen[q][y][0] <= epsilon]
+                if ok:  # a Metropolis move is accepted iff inside; a Gibbs block moves uniformly among its inside
+                    y = rng.choice(ok)
                     w.accepted += y != st[c]
                     st[c] = y
                 if step >= steps // 2:
@@ -104,6 +117,37 @@ def walk(probed, task, site, zq: torch.Tensor, starts: list[list[str]], epsilon:
     for w, sq in zip(walks, seen):
         w.members = {x: v for x, v in sq.items() if v[0] <= epsilon}
     return walks
+
+
+def _draw_inside(probed, task, site, zq, seen, epsilon: float, metric: str, rng: random.Random, draws: int,
+                 chains: int) -> list[list[str]]:
+    """Per query, the distinct generator draws that land inside epsilon: exact draws from its preimage. Draws come
+    in rounds of ``draws`` per query, until half the chains can start at one or MAX_DRAWS are spent."""
+    fresh: list[list[str]] = [[] for _ in seen]
+    inside: list[list[str]] = [[] for _ in seen]
+    need = list(range(len(seen))) if draws > 0 else []
+    while need:
+        new = [(q, task.generate(rng)) for q in need for _ in range(draws)]
+        _check(probed, site, zq, seen, [(q, x) for q, x in new if x not in seen[q]], metric)
+        for q, x in new:
+            fresh[q].append(x)
+        for q in need:
+            inside[q] = [x for x in dict.fromkeys(fresh[q]) if seen[q][x][0] <= epsilon]
+        need = [q for q in need if len(fresh[q]) < max(draws, MAX_DRAWS) and len(inside[q]) < chains // 2]
+    return inside
+
+
+def _proposal(task, x: str, rng: random.Random) -> list[str]:
+    """One move of a chain at ``x``: a fresh generator draw (probability GLOBAL), a Gibbs block (BLOCK), or the
+    task's local move."""
+    u = rng.random()
+    if u < GLOBAL:
+        return [task.generate(rng)]
+    if u < GLOBAL + BLOCK:
+        b = task.block(x, rng)
+        if b:
+            return b
+    return [task.propose(x, rng)]
 
 
 def _check(probed, site, zq, seen: list[dict], todo: list[tuple[int, str]], metric: str) -> None:
@@ -127,7 +171,7 @@ def wilson(p: float, n: float) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
-def share(states: list[list], hit: Callable[[object], bool]) -> Share | None:
+def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool]) -> Share | None:
     """The share of states for which ``hit`` holds, averaged per chain and then over chains (None without
     states). The interval's effective size is p(1-p) over the between-chain variance of the mean, between the
     number of chains and the number of states; where every state agrees it is the number of chains."""

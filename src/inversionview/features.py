@@ -150,8 +150,10 @@ BUILTIN: dict[str, dict[str, tuple[Feature, str]]] = {
 POSITION_NAMES = {"counting": ("target", ":"), "addition": ("=", "A1", "A2", "A3"), "ioi": ("end", "S2")}
 
 
-def _task_name(task) -> str | None:
-    return task if isinstance(task, str) or task is None else getattr(task, "name", None)
+def _task_name(task) -> str:
+    """A task's name (a Task or its name); "" for none, which no built-in task has."""
+    name = task if isinstance(task, str) else getattr(task, "name", None)
+    return name or ""
 
 
 def builtin_features(task) -> dict[str, Feature]:
@@ -254,7 +256,7 @@ def preimages(iv, texts: list[str], site, positions: list[int], samples: int = 2
     seqs = as_inputs(seqs, tok)
     uniq = list(dict.fromkeys((owner[i], tuple(x)) for i, x in enumerate(seqs)))
     dmin, _, _ = verify(probed, s, [list(x) for _, x in uniq], zq[torch.tensor([q for q, _ in uniq])], iv.spec.metric)
-    inside = [[] for _ in texts]
+    inside: list[list[str]] = [[] for _ in texts]
     for (q, x), d in zip(uniq, dmin.tolist()):
         if d <= eps:
             inside[q].append(tok.text(list(x)))
@@ -285,7 +287,10 @@ class Consistency:
     @property
     def verdict(self) -> str:
         """'carries', 'partly' or '' by the rule :data:`RULE`."""
-        if self.fcr is None or self.fcr - self.baseline < MARGIN - 1e-9:
+        if self.fcr is None:
+            return ""
+        assert self.baseline is not None  # measured with the FCR, over the same queries
+        if self.fcr - self.baseline < MARGIN - 1e-9:
             return ""
         return "carries" if self.fcr >= CARRIES else "partly" if self.fcr >= PARTLY else ""
 
@@ -322,14 +327,17 @@ def consistency(features: dict[str, Feature], queries: list[str], inside: list, 
             if vq is None or not any(chains):
                 continue
             sh = share(chains, lambda x: value(k, f, x) == vq)
+            assert sh is not None  # some chain has a state
             rates.append(sh.share)
             var += ((sh.high - sh.low) / (2 * Z)) ** 2
             base.append(reference[k][vq] / total)
             n += len({x for c in chains for x in c})
         fcr = _mean(rates)
-        half = Z * math.sqrt(var) / len(rates) if rates else None
-        out.append(Consistency(k, site, position, fcr, _mean(base), len(rates), empty, n,
-                               None if fcr is None else max(0.0, fcr - half), None if fcr is None else min(1.0, fcr + half)))
+        low = high = None
+        if fcr is not None:
+            half = Z * math.sqrt(var) / len(rates)
+            low, high = max(0.0, fcr - half), min(1.0, fcr + half)
+        out.append(Consistency(k, site, position, fcr, _mean(base), len(rates), empty, n, low, high))
     return out
 
 
@@ -378,11 +386,12 @@ class Explanation:
         """Site x position: the features each site carries, with FCR (baseline); long cells wrap."""
         import textwrap
 
-        cells = {}
+        cells: dict[tuple[str, str], list[str]] = {}
         for r in self.rows:
             key = (r.site, r.position)
             cells.setdefault(key, [])
             if r.verdict:
+                assert r.high is not None and r.low is not None  # an FCR comes with its interval
                 mark = "" if r.verdict == "carries" else "~"
                 cells[key].append(f"{mark}{r.feature} {r.fcr:.2f}±{(r.high - r.low) / 2:.2f} ({r.baseline:.2f})")
             if r.empty and f"[{r.empty} empty]" not in cells[key]:
@@ -407,7 +416,7 @@ class Explanation:
 
 def _wrap_items(items: list[str], width: int) -> list[str]:
     """Items joined with ', ' into lines of at most ``width`` characters, never splitting an item."""
-    lines = []
+    lines: list[str] = []
     for it in items:
         if lines and len(lines[-1]) + 2 + len(it) <= width:
             lines[-1] += ", " + it

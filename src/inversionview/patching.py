@@ -104,6 +104,7 @@ def _hooks(probed: ProbedModel, comps: list[Component], masks: list[torch.Tensor
     heads: dict[int, list] = {}
     for c, m in zip(comps, masks):
         if c.kind == "head":
+            assert c.layer is not None  # a head component names its layer
             heads.setdefault(c.layer, []).append((c.head, m))
         else:
             mod = probed.model.get_input_embeddings() if c.kind == "embed" else probed.model.transformer.wpe
@@ -218,8 +219,8 @@ def make_pairs(task, n: int, seed: int = 0, places: tuple[str, ...] | None = Non
         raise UserError(f"no contrast generator for task {name!r}: expected counting or addition")
     if n < 1:
         raise UserError(f"pairs must be at least 1, got {n}")
+    places = tuple(places or PLACES)  # used by addition only
     if name == "addition":
-        places = tuple(places or PLACES)
         bad = [p for p in places if p not in PLACES]
         if bad:
             raise UserError(f"unknown digit place {bad[0]!r}: expected some of {', '.join(PLACES)}")
@@ -303,10 +304,10 @@ def cumulative(probed: ProbedModel, pairs: list[Pair], path: list[str] | tuple[s
     if not pairs:
         raise UserError("give at least one contrast pair")
     k = len(comps)
-    sets = {"none": []}
+    sets: dict[str, list[int]] = {"none": []}
     sets.update({f"l2r{i}": list(range(i + 1)) for i in range(k)})
     sets.update({f"r2l{i}": list(range(k - 1 - i, k)) for i in range(k)})
-    lds = {key: [] for key in [*sets, "contrast"]}
+    parts: dict[str, list[torch.Tensor]] = {key: [] for key in [*sets, "contrast"]}  # per batch
     tok = probed.tokenizer
     for s in range(0, len(pairs), batch):
         chunk = pairs[s:s + batch]
@@ -335,9 +336,9 @@ def cumulative(probed: ProbedModel, pairs: list[Pair], path: list[str] | tuple[s
 
         for key, idx in sets.items():
             logits = run_patched(probed, bo.ids, bc.ids, [comps[i] for i in idx], [masks[i] for i in idx])
-            lds[key].append(ld(logits))
-        lds["contrast"].append(ld(run_patched(probed, bc.ids, bc.ids, [], [])))
-    lds = {key: torch.cat(v) for key, v in lds.items()}
+            parts[key].append(ld(logits))
+        parts["contrast"].append(ld(run_patched(probed, bc.ids, bc.ids, [], [])))
+    lds = {key: torch.cat(v) for key, v in parts.items()}
     names = [c.name for c in comps]
     return PatchResult(path=tuple(names), pairs=len(pairs), before=_step((), lds["none"]),
                        contrast=_step(("contrast",), lds["contrast"]),

@@ -30,8 +30,10 @@ RULES = (f"carries: FCR >= {CARRIES} and FCR - baseline >= {MARGIN}; approx.: FC
          f">= {MARGIN}; varies: neither rule holds; flips: mean LD > 0 before patching and < 0 after. A claim is "
          "supported when all its checks hold, partly supported when some do, not supported when none do.")
 
-# claim -> (the paper's statement, [(site, index into the task's positions, feature, expectation)])
-CLAIMS = {
+# claim -> (the paper's statement, [(site, index into the task's positions, feature, expectation)]); the index is
+# None for a patching check
+ClaimCheck = tuple[str, int | None, str, str]
+CLAIMS: dict[str, dict[str, tuple[str, list[ClaimCheck]]]] = {
     "counting": {
         "C1": ("after the layer-0 MLP (x0.post), at the target character, in-preimage samples have the query's count",
                [("x0.post", 0, "count", "carries")]),
@@ -216,6 +218,6 @@ def reproduce(task: str, queries: int = 64, samples: int = 256, pairs: int = 200
         out.append(Claim(name, paper, tuple(rows)))
     roles = {}
     for f in ROLES.get(task, ()):
-        hs = [(h, measured[(h, 0, f)].fcr) for h in HEADS[task] if measured[(h, 0, f)].fcr is not None]
+        hs = [(h, fcr) for h in HEADS[task] if (fcr := measured[(h, 0, f)].fcr) is not None]
         roles[f] = sorted(hs, key=lambda x: -x[1])
     return Reproduction(task, tuple(out), queries, samples, roles)

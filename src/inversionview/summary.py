@@ -14,6 +14,7 @@ the interval's low end is at least :data:`SURE`; otherwise it *varies*, shown wi
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .explore import Share, share
@@ -42,7 +43,7 @@ class Population:
     distinct: int
     estimate: bool
 
-    def share(self, f) -> Share | None:
+    def share(self, f: Callable[[Member], bool]) -> Share | None:
         return share(self.chains, f)
 
 
@@ -95,7 +96,7 @@ def _aligned(pre, pop: Population, matched: bool) -> str | None:
             i = m.offset + o if matched else o
             return m.full[i] if 0 < i < len(m.full) and m.full[i] in m.tokens else None
         top = Counter(at(m) for c in pop.chains for m in c).most_common(1)[0][0]
-        s = pop.share(lambda m, o=o, top=top: at(m, o) == top)
+        s = pop.share(lambda m: at(m, o) == top)  # called at once: no need to bind o and top
         if top is not None and s and is_shared(s):
             items.append((f"{o:+d}" if matched else f"{o}") + f"={top!r} {_pct(s)}")
     if not items:
@@ -107,14 +108,16 @@ def _aligned(pre, pop: Population, matched: bool) -> str | None:
 def items(pop: Population, task) -> list[tuple[str, object, Share, Counter]]:
     """Each item's most common value, its share and the value counts: the task's features, then the multiset of
     tokens and the number of tokens."""
-    getters = {name: (lambda m, f=f: _safe(f, m.text)) for name, f in builtin_features(task).items()}
+    getters = {name: _feature_getter(f) for name, f in builtin_features(task).items()}
     getters["multiset of tokens"] = lambda m: _multiset(m.tokens)
     getters["number of tokens"] = lambda m: len(m.tokens)
     out = []
     for name, g in getters.items():
         values = Counter(g(m) for c in pop.chains for m in c)
         top = values.most_common(1)[0][0]
-        out.append((name, top, pop.share(lambda m, g=g, top=top: g(m) == top), values))
+        s = pop.share(lambda m: g(m) == top)  # called at once
+        assert s is not None  # top exists, so some chain has a member
+        out.append((name, top, s, values))
     return out
 
 
@@ -173,10 +176,15 @@ def feature_shares(pre, task=None) -> list[dict]:
             v = f(pre.text)
         except Exception:
             v = None
-        s = None if v is None else pop.share(lambda m, f=f, v=v: _safe(f, m.text) == v)
+        s = None if v is None else pop.share(lambda m: _safe(f, m.text) == v)  # called at once
         out.append({"feature": name, "value": v, "share": s and s.share, "low": s and s.low, "high": s and s.high,
                     "n": s and round(s.n, 1), "estimate": pop.estimate})
     return out
+
+
+def _feature_getter(f) -> Callable[[Member], object]:
+    """A member's value of the feature ``f`` (None where it raises)."""
+    return lambda m: _safe(f, m.text)
 
 
 def _safe(f, text):

@@ -11,13 +11,14 @@ sample (see :mod:`inversionview.train` and :mod:`inversionview.preimage`).
 
 Named tokenizers (``[probed] tokenizer = "gpt2"`` in a config) are built offline from files shipped in this
 package: ``"gpt2"`` is GPT-2's byte-level BPE (50,257 tokens, ``<|endoftext|>`` = 50256 as BOS, EOS and PAD),
-``transformers.GPT2TokenizerFast`` over GPT-2's ``vocab.json`` and ``merges.txt`` (in ``tokenizer_data/gpt2``).
+``transformers.GPT2Tokenizer`` (the fast tokenizer, which transformers 5 also names ``GPT2TokenizerFast``) over
+GPT-2's ``vocab.json`` and ``merges.txt`` (in ``tokenizer_data/gpt2``).
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import UserError
@@ -34,6 +35,7 @@ class CharVocab:
     bos: str
     eos: str
     pad: str
+    _index: dict[str, int] = field(init=False, repr=False, compare=False)  # token -> id, set by __post_init__
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(self.tokens))
@@ -133,13 +135,13 @@ GPT2_EOT = "<|endoftext|>"
 
 @functools.lru_cache(maxsize=None)
 def gpt2_tokenizer() -> HFTokenizer:
-    """GPT-2's real byte-level BPE tokenizer: ``transformers.GPT2TokenizerFast`` built offline from the
-    ``vocab.json`` and ``merges.txt`` in :data:`GPT2_FILES`. ``<|endoftext|>`` (50256) is BOS, EOS and PAD;
-    ``encode`` prepends it and appends nothing, as GPT-2's HF tokenizer with a BOS does."""
-    from transformers import GPT2TokenizerFast
+    """GPT-2's real byte-level BPE tokenizer: ``transformers.GPT2Tokenizer`` (= ``GPT2TokenizerFast``) built
+    offline from the ``vocab.json`` and ``merges.txt`` in :data:`GPT2_FILES`. ``<|endoftext|>`` (50256) is BOS, EOS
+    and PAD; ``encode`` prepends it and appends nothing, as GPT-2's HF tokenizer with a BOS does."""
+    from transformers import GPT2Tokenizer  # transformers 5 resolves GPT2TokenizerFast to this same class
 
     try:
-        tok = GPT2TokenizerFast.from_pretrained(str(GPT2_FILES), model_max_length=1024)
+        tok = GPT2Tokenizer.from_pretrained(str(GPT2_FILES), model_max_length=1024)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"could not read GPT-2's vocabulary from {GPT2_FILES}: {str(e).splitlines()[0]} "
                         "(reinstall inversionview)") from None

@@ -23,7 +23,11 @@ class Task:
     sites: tuple[str, ...]  # the paper's sites for this task
     model: dict  # GPT2Config fields of the paper's probed model
     test_fraction = 0.1
-    recipe: dict = {}  # train_probed settings that reach the paper's accuracy on CPU
+
+    @property
+    def recipe(self) -> dict:
+        """train_probed settings that reach the paper's accuracy on CPU (a task sets its own; none by default)."""
+        return {}
 
     def tokenizer(self):
         """The tokenizer the task's positions are counted in: its named tokenizer, else its character vocabulary."""
@@ -65,6 +69,14 @@ class Task:
         rest) or swaps parts of equal probability, so a Metropolis-Hastings chain whose target is p restricted to
         a preimage accepts a move exactly when the probed model puts it inside (:mod:`inversionview.explore`).
         None where the text is not an input the generator can produce, or the task defines no moves."""
+        return None
+
+    def block(self, text: str, rng: random.Random) -> list[str] | None:
+        """A random Gibbs block around a valid input: ``text`` and its alternatives in one part of the input (e.g.
+        every letter one letter could be renamed to), all equally probable under the generator, and such that from
+        any member of the block the same block is drawn with the same probability. A chain that moves to a member
+        of the block drawn uniformly among those inside epsilon then keeps its target distribution, and mixes along
+        that part in one step (:mod:`inversionview.explore`). None where the task defines no blocks."""
         return None
 
 

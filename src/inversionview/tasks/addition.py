@@ -81,6 +81,18 @@ class Addition(Task):
             a, b = (a + d, b - d) if 100 <= a + d <= 999 and 100 <= b - d <= 999 else (a, b)
         return f"{a}+{b}={a + b}"
 
+    def block(self, text: str, rng: random.Random) -> list[str] | None:
+        """One of the six digits under each of its values (1-9 for a leading digit, else 0-9)."""
+        p = self.parse(text)
+        if p is None:
+            return None
+        s, i = f"{p[0]}{p[1]}", rng.randrange(6)
+        out = []
+        for v in range(1 if i % 3 == 0 else 0, 10):
+            t = f"{s[:i]}{v}{s[i + 1:]}"
+            out.append(f"{t[:3]}+{t[3:]}={int(t[:3]) + int(t[3:])}")
+        return out
+
     def all_inputs(self):
         """Every input of the task, in order (810,000)."""
         for a in range(100, 1000):

@@ -80,6 +80,20 @@ class Counting(Task):
             head = "".join(c if i in at else next(it) for i in range(len(rest) + k))
         return f"{head}|{target}:{head.count(target)}"
 
+    def block(self, text: str, rng: random.Random) -> list[str] | None:
+        """Half the time the three choices of the target letter; otherwise one letter (of three) under each of
+        its 24 possible names (itself and every letter that is not one of the other two)."""
+        p = self.parse(text)
+        if p is None:
+            return None
+        head, target = p
+        letters = sorted(set(head))
+        if rng.random() < 0.5:
+            return [f"{head}|{t}:{head.count(t)}" for t in letters]
+        old = rng.choice(letters)
+        names = [c for c in LETTERS if c == old or c not in letters]
+        return [f"{head.replace(old, c)}|{c if target == old else target}:{head.count(target)}" for c in names]
+
     def annotate(self, text: str) -> str | None:
         """The true count of the target letter, e.g. ``count=8``."""
         head, sep, tail = text.partition("|")

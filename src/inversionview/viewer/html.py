@@ -42,7 +42,7 @@ def delta_bg(d: float) -> str:
 
 def show_value(v) -> str:
     """A field the templates do not name, as one line of JSON (escaped by the template like any string)."""
-    if v is not None and dataclasses.is_dataclass(v):
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):  # an instance (asdict refuses a class)
         v = dataclasses.asdict(v)
     return json.dumps(v, default=str, ensure_ascii=False)
 
