@@ -1,11 +1,12 @@
 """Hit rate against wall time on this machine.
 
-By default prints the curve recorded in a run's metrics.jsonl (the shipped counting decoder's, measured on
-a 2-core CPU while it trained), then re-evaluates the final decoder on fresh held-out queries. With
+By default prints the curves recorded in the shipped decoders' metrics.jsonl (counting and addition, as they
+trained), then re-evaluates each final decoder on fresh held-out queries on this machine, whose CPU capability is
+printed. A run directory instead shows that run. With
 ``--train MINUTES`` it first trains a fresh decoder for that long with the shipped config (and a naive
 baseline config: the authors' settings, lr 1e-4 constant, fp32) and prints both curves.
 
-    python benchmarks/bench_hit_curve.py [RUN_DIR] [--train MINUTES] [--queries N]
+    python benchmarks/bench_hit_curve.py [RUN_DIR ...] [--train MINUTES] [--queries N]
 """
 
 import argparse
@@ -21,6 +22,10 @@ from inversionview.run import SHIPPED
 
 def curve(run_dir: Path) -> None:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    spec = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").exists() else {}
+    if spec:
+        print(f"trained with bf16 = {spec['train'].get('bf16')}, batch {spec['train'].get('batch_size')}, "
+              f"d_model {spec['decoder'].get('d_model')}, budget {spec['train'].get('max_minutes')} min")
     sites = list(rows[0]["hit"])
     print(f"{'step':>6} {'minutes':>8} {'mean':>6}  " + " ".join(f"{s:>7}" for s in sites))
     for r in rows:
@@ -46,11 +51,17 @@ def train_for(minutes: float, naive: bool, out: Path) -> Path:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("run", nargs="?", default=str(SHIPPED / "counting" / "decoder"))
+    ap.add_argument("run", nargs="*", default=[str(SHIPPED / t / "decoder") for t in ("counting", "addition")])
     ap.add_argument("--train", type=float, default=0.0, help="minutes to train fresh decoders for")
     ap.add_argument("--queries", type=int, default=256)
     a = ap.parse_args()
-    runs = [Path(a.run)]
+    import torch
+
+    from inversionview.distributed import cpu_bf16_flags
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}")
+    runs = [Path(r) for r in a.run]
     if a.train:
         tmp = Path(tempfile.mkdtemp())
         runs = [train_for(a.train, False, tmp / "ours"), train_for(a.train, True, tmp / "naive")]

@@ -172,8 +172,8 @@ def test_subprocess_query(run_dir):
 @pytest.mark.parametrize("extra, message", [
     (["--temperature", "1e308"], "temperature must be positive and at most 1e6"),  # float32 would overflow
     (["--temperature", "nan"], "temperature must be positive and at most 1e6"),
-    (["--temperature", "1", "--noise", "inf"], "noise must be a finite number of at least 0"),
-    (["--temperature", "1", "--noise", "-0.1"], "noise must be a finite number of at least 0"),
+    (["--temperature", "1", "--noise", "inf"], "noise must be between 0 and 1000, got inf"),
+    (["--temperature", "1", "--noise", "-0.1"], "noise must be between 0 and 1000, got -0.1"),
     (["--epsilon", "inf"], "epsilon must be positive and finite"),
     (["--limit", "-1"], "--limit must be 0 or more"),
 ])

@@ -257,7 +257,7 @@ CONFIG_ERRORS = {
     "zero eval interval": ({"eval": {"every": 0}}, "eval.every must be positive, got 0"),
     "zero checkpoint interval": ({"eval": {"checkpoint_every": 0}}, "eval.checkpoint_every must be positive"),
     "zero queries": ({"eval": {"queries": 0}}, "eval.queries must be positive"),
-    "negative epsilon": ({"eval": {"epsilon": -0.1}}, "eval.epsilon must be positive, got -0.1"),
+    "negative epsilon": ({"eval": {"epsilon": -0.1}}, "eval.epsilon must be positive and finite, got -0.1"),
     "bos_prob above 1": ({"data": {"bos_prob": 2.0}}, "data.bos_prob must be between 0 and 1, got 2.0"),
     "floor above 1": ({"eval": {"rebalance_floor": 2.0}}, "eval.rebalance_floor must be between 0 and 1"),
     "heads do not divide d_model": ({"decoder": {"d_model": 33}}, "decoder.d_model (33) must be a multiple of decoder.n_heads (2)"),

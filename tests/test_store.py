@@ -257,7 +257,7 @@ BAD_LINES = [
     ('{"text": "abcab|a:2", "site": "a0.1", "position": 1.5}', "position must be an integer or a token"),
     ('{"text": "abcab|a:2", "site": "a0.1", "position": 1, "samples": 0}', "samples must be between 1"),
     ('{"text": "abcab|a:2", "site": "a0.1", "position": 1, "noise": 0.1}', "noise applies to one sampling temperature"),
-    ('{"text": "abcab|a:2", "site": "a0.1", "position": 1, "seed": "x"}', "seed has the wrong type"),
+    ('{"text": "abcab|a:2", "site": "a0.1", "position": 1, "seed": "x"}', "field 'seed' must be an int, got 'x'"),
 ]
 
 

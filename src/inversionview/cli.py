@@ -7,6 +7,7 @@ modules) when it runs, so that ``--help`` and argument errors answer at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -14,9 +15,16 @@ import shlex
 import sys
 from pathlib import Path
 
+from . import settings
 from .errors import UserError
+from .settings import ReadSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
+
+SAMPLING = tuple(f.name for f in dataclasses.fields(SamplingSettings))
+"""The reading settings that every reading command takes (``--samples`` ... ``--seed``)."""
+READING = tuple(f.name for f in dataclasses.fields(ReadSettings))
+"""Those of one reading (``query``, ``demo``): ``--chains`` too."""
 
 EXAMPLES = Path(__file__).parent / "configs"
 """Example training configs (TOML) and data files shipped in the package, printed by ``inversionview init``."""
@@ -73,6 +81,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    _settings(args)
     from .run import InversionView
 
     res = InversionView.load(args.run, device=args.device).evaluate(args.queries, args.epsilon, args.metric, args.seed)
@@ -93,12 +102,12 @@ def check_limit(args) -> None:
 
 
 def _read(args, iv, site, position):
-    return iv.query(args.text, site=site, position=position, samples=args.samples, temperature=args.temperature,
-                    noise=args.noise, epsilon=args.epsilon, metric=args.metric, seed=args.seed, chains=args.chains)
+    return iv.query(args.text, site=site, position=position, **dataclasses.asdict(_settings(args, ReadSettings)))
 
 
 def cmd_query(args) -> int:
     check_limit(args)
+    _settings(args, ReadSettings)
     from .run import InversionView
 
     iv = InversionView.load(args.run, device=args.device)
@@ -129,6 +138,7 @@ def cmd_demo(args) -> int:
     import time
 
     check_limit(args)
+    _settings(args, ReadSettings)
     from .run import InversionView
 
     t0 = time.time()
@@ -168,12 +178,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_query_batch(args) -> int:
+    defaults = _settings(args)
     from .run import InversionView
     from .store import ReadingStore, query_batch, read_queries
 
     iv = InversionView.load(args.run, device=args.device)
-    queries = read_queries(args.queries, iv, samples=args.samples, temperature=args.temperature, noise=args.noise,
-                           epsilon=args.epsilon, metric=args.metric, seed=args.seed)
+    queries = read_queries(args.queries, iv, **dataclasses.asdict(defaults))
     with ReadingStore(args.db, create=True) as store:
         query_batch(iv, store, queries)  # logs the summary
     return 0
@@ -206,8 +216,7 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_completeness(args) -> int:
-    if not 1 <= args.samples <= 8192:  # before the imports (torch): bad values answer at once
-        raise UserError(f"--samples must be between 1 and 8192, got {args.samples}")
+    _settings(args)  # before the imports (torch): bad values answer at once
     from .completeness import scan
     from .run import InversionView
     res = scan(InversionView.load(args.run), args.text, args.site, args.position, samples=args.samples,
@@ -231,26 +240,6 @@ def cmd_patch(args) -> int:
     return 0
 
 
-def _reading_args(s, text_required: bool = True) -> None:
-    if text_required:
-        s.add_argument("--text", required=True, help="the query input (without BOS/EOS)")
-        s.add_argument("--site", required=True, help="site: TransformerLens name or short name (a1.0, x0.mid, m1)")
-        s.add_argument("--position", required=True,
-                       help="token index (BOS = 0; negative counts back from the last text token) or a token like ':'")
-    s.add_argument("--samples", type=int, default=1024, help="candidates to sample (default 1024)")
-    s.add_argument("--temperature", type=float, default=None, help="one sampling temperature (default: the Auto mix)")
-    s.add_argument("--noise", type=float, default=0.0, help="activation noise eta with --temperature")
-    s.add_argument("--epsilon", type=float, default=None, help="preimage radius (default: the run's, 0.1)")
-    s.add_argument("--metric", choices=["euclidean", "cosine"], default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--chains", type=int, default=64,
-                   help="chains that walk the preimage to estimate its shares (default 64; 0: the decoder's samples alone)")
-    s.add_argument("--limit", type=int, default=20, help="samples shown in the terminal")
-    s.add_argument("--json", action="store_true", help="print the reading as JSON")
-    s.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
-
-
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the command line's one-line errors: ``error: ...`` and where to look, exit status 2 (argparse
     itself prints the whole usage first). Subcommands' parsers are made with this class too."""
@@ -266,17 +255,55 @@ def add_init(sub) -> None:
     s.set_defaults(fn=cmd_init)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="inversionview", description="Read the information in a neural network's activations.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_init(sub)
+def _settings_args(s, names: tuple[str, ...] = SAMPLING) -> None:
+    """``--NAME`` for each reading setting in ``names``: its type, choices, default and help from the schema
+    (:class:`inversionview.settings.ReadSettings`), which checks the values too (:func:`_settings`)."""
+    fields = {f.name: f for f in dataclasses.fields(ReadSettings)}
+    for name in names:
+        f, t = fields[name], settings.hints(ReadSettings)[name]
+        rule = f.metadata.get("rule")
+        default = "" if f.default is None else f" (default {f.default})"
+        s.add_argument(f"--{name}", type=float if settings.fits(0.5, t) else int if settings.fits(1, t) else str,
+                       default=f.default, choices=rule.choices if rule and rule.choices else None,
+                       help=settings.summary(ReadSettings, name) + default)
 
+
+def _settings(args, cls=SamplingSettings):
+    """The reading settings among the command's options, checked by the schema (as the Python API checks them),
+    before anything loads: a bad value answers at once."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}).checked()
+
+
+def _query_args(s, text_required: bool = True) -> None:
+    """The options of one reading (``query``, ``demo``): the query, the settings, and how to show it."""
+    if text_required:
+        s.add_argument("--text", required=True, help="the query input (without BOS/EOS)")
+        s.add_argument("--site", required=True, help="site: TransformerLens name or short name (a1.0, x0.mid, m1)")
+        s.add_argument("--position", required=True,
+                       help="token index (BOS = 0; negative counts back from the last text token) or a token like ':'")
+    _settings_args(s, READING)
+    s.add_argument("--limit", type=int, default=20, help="samples shown in the terminal")
+    s.add_argument("--json", action="store_true", help="print the reading as JSON")
+    s.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
+    _device_arg(s)
+
+
+def _device_arg(s) -> None:
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+
+
+def _run_arg(s) -> None:
+    s.add_argument("run", help="run directory, or shipped:counting")
+
+
+def add_demo(sub) -> None:
     s = sub.add_parser("demo", help="read counting-model activations with the shipped models")
     s.add_argument("task", nargs="?", default="counting", choices=sorted(DEMO_QUERIES))
-    _reading_args(s, text_required=False)
+    _query_args(s, text_required=False)
     s.set_defaults(fn=cmd_demo)
 
+
+def add_train_probed(sub) -> None:
     s = sub.add_parser("train-probed", help="train a built-in task's probed model")
     s.add_argument("task", help="the task: counting or addition")
     s.add_argument("--out", required=True, help="directory to write the model to")
@@ -284,28 +311,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(fn=cmd_train_probed)
 
+
+def add_train(sub) -> None:
     s = sub.add_parser("train", help="train a decoder from a TOML config (resumes if interrupted)")
-    s.add_argument("config", help="the TOML config file")
+    s.add_argument("config", help="the TOML config file (every key: docs/config.md)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=cmd_train)
 
+
+def add_evaluate(sub) -> None:
     s = sub.add_parser("evaluate", help="hit rate per site of a trained decoder")
-    s.add_argument("run", help="run directory, or shipped:counting")
+    _run_arg(s)
     s.add_argument("--queries", type=int, default=256, help="held-out queries per site")
-    s.add_argument("--epsilon", type=float, default=None)
-    s.add_argument("--metric", choices=["euclidean", "cosine"], default=None)
-    s.add_argument("--seed", type=int, default=0)
+    _settings_args(s, ("epsilon", "metric", "seed"))
     s.add_argument("--json", action="store_true")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    _device_arg(s)
     s.set_defaults(fn=cmd_evaluate)
 
+
+def add_query(sub) -> None:
     s = sub.add_parser("query", help="read one activation")
-    s.add_argument("run", help="run directory, or shipped:counting")
-    _reading_args(s)
+    _run_arg(s)
+    _query_args(s)
     s.set_defaults(fn=cmd_query)
 
+
+def add_serve(sub) -> None:
     s = sub.add_parser("serve", help="the live web viewer: query, compare and download readings in a browser")
-    s.add_argument("run", help="run directory, or shipped:counting")
+    _run_arg(s)
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
                    "any other needs --allow-remote)")
@@ -315,23 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also answer requests addressed to this host name (repeatable; loopback names and the "
                         "--host address are always answered, any other is refused against DNS rebinding)")
     s.add_argument("--db", metavar="FILE", help="also browse the readings stored in this SQLite file")
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    _device_arg(s)
     s.set_defaults(fn=cmd_serve)
 
+
+def add_query_batch(sub) -> None:
     s = sub.add_parser("query-batch", help="read many queries (JSONL) into a SQLite readings DB; resumes if interrupted")
-    s.add_argument("run", help="run directory, or shipped:counting")
+    _run_arg(s)
     s.add_argument("queries", help='JSONL file, one query a line: {"text": ..., "site": ..., "position": ...}')
     s.add_argument("--db", required=True, metavar="FILE", help="the SQLite readings DB (created if missing)")
-    s.add_argument("--samples", type=int, default=1024, help="candidates to sample per reading (default 1024)")
-    s.add_argument("--temperature", type=float, default=None, help="one sampling temperature (default: the Auto mix)")
-    s.add_argument("--noise", type=float, default=0.0, help="activation noise eta with --temperature")
-    s.add_argument("--epsilon", type=float, default=None, help="preimage radius (default: the run's)")
-    s.add_argument("--metric", choices=["euclidean", "cosine"], default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    _settings_args(s)
+    _device_arg(s)
     s.set_defaults(fn=cmd_query_batch)
+
+
+def add_explain(sub) -> None:
     s = sub.add_parser("explain", help="which features each site carries: FCRs per site and position (Table 3)")
-    s.add_argument("run", help="run directory, or shipped:counting")
+    _run_arg(s)
     s.add_argument("--site", help="sites, separated by commas (default: all the decoder's sites)")
     s.add_argument("--queries", type=int, default=16, help="held-out queries per site and position (default 16)")
     s.add_argument("--samples", type=int, default=256, help="candidates per query (default 256)")
@@ -341,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print every FCR as JSON")
     s.set_defaults(fn=cmd_explain)
 
+
+def add_reproduce(sub) -> None:
     s = sub.add_parser("reproduce", help="check the paper's claims (C1-C3, A1-A3) on a shipped model")
     s.add_argument("task", help="counting or addition")
     s.add_argument("--queries", type=int, default=64, help="held-out queries per check (default 64)")
@@ -350,19 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_reproduce)
 
+
+def add_completeness(sub) -> None:
     s = sub.add_parser("completeness", help="scan every input of the task: true preimage, decoder recall, Fig. 11")
     s.add_argument("run", help="run directory, or shipped:addition (addition: all 810,000 inputs; counting: a fixed pool)")
     s.add_argument("--text", required=True, help="the query input (without BOS/EOS)")
     s.add_argument("--site", required=True, help="site: TransformerLens name or short name (a0.0, x0.mid)")
     s.add_argument("--position", required=True, help="token index (BOS = 0; negative from the end) or a token like '='")
-    s.add_argument("--samples", type=int, default=1024, help="decoder samples checked against the preimage (default 1024)")
-    s.add_argument("--epsilon", type=float, default=None, help="preimage radius (default: the run's)")
-    s.add_argument("--metric", choices=["euclidean", "cosine"], default=None)
-    s.add_argument("--seed", type=int, default=0)
+    _settings_args(s, ("samples", "epsilon", "metric", "seed"))
     s.add_argument("--png", metavar="FILE", help="write the distance / log-probability scatter (Fig. 11) as a PNG")
     s.add_argument("--json", action="store_true", help="print the figures as JSON")
     s.set_defaults(fn=cmd_completeness)
 
+
+def add_patch(sub) -> None:
     s = sub.add_parser("patch", help="cumulative activation patching along a path of components (logit difference)")
     s.add_argument("model", help="shipped:counting, a run directory, or a probed model directory (with --task)")
     s.add_argument("--path", required=True,
@@ -376,6 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(fn=cmd_patch)
+
+
+SUBCOMMANDS = (add_init, add_demo, add_train_probed, add_train, add_evaluate, add_query, add_serve, add_query_batch,
+               add_explain, add_reproduce, add_completeness, add_patch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="inversionview", description="Read the information in a neural network's activations.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return p
 
 

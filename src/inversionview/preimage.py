@@ -10,7 +10,6 @@ JSON and HTML views all render.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -20,13 +19,12 @@ import torch
 from .errors import UserError
 from .explore import CHAINS, can_explore, counterfactuals, walk
 from .probed import ProbedModel, distances
+from .settings import ReadSettings
 
 # The paper's Auto mix: (temperature, noise) pairs, 64 candidates each, repeated 4 times -> 1024.
 AUTO_MIX = ((0.5, 0.0), (1.0, 0.0), (2.0, 0.0), (2.0, 0.1))
-MAX_SAMPLES = 8192
 CHAIN_SAMPLES = 32  # members met by the chains that a reading shows beside the decoder's samples
 CHECKS = 40  # members changed in each counterfactual check
-MAX_CHAINS = 1024
 
 
 @torch.no_grad()
@@ -215,7 +213,7 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     (``source="chain"``). ``chains=0`` reads the decoder's samples alone."""
     probed, tok = iv.probed, iv.probed.tokenizer
     s, si = iv.site_index(site)
-    eps, metric, mix = _settings(iv, text, samples, temperature, noise, epsilon, metric, chains)
+    eps, metric, mix = _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chains)
     ids = probed.encode(text)
     n_text = len(ids) - (1 if tok.eos_id is not None and ids[-1] == tok.eos_id and tok.eos_id != tok.bos_id else 0)
     tokens = tok.tokens_of(ids)
@@ -257,28 +255,15 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     return pre
 
 
-def _settings(iv, text, samples, temperature, noise, epsilon, metric, chains):
-    """The reading's settings checked, each bad one a one-line UserError: ``(epsilon, metric, mix)``."""
-    eps = iv.spec.epsilon if epsilon is None else float(epsilon)
-    metric = metric or iv.spec.metric
-    if metric not in ("euclidean", "cosine"):
-        raise UserError(f"unknown metric {metric!r}: expected 'euclidean' or 'cosine'")
-    if not (isinstance(chains, int) and 0 <= chains <= MAX_CHAINS):
-        raise UserError(f"chains must be a whole number between 0 and {MAX_CHAINS}, got {chains}")
-    if not 1 <= samples <= MAX_SAMPLES:
-        raise UserError(f"samples must be between 1 and {MAX_SAMPLES}, got {samples}")
-    if not 0 < eps < math.inf:
-        raise UserError(f"epsilon must be positive and finite, got {eps}")
+def _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chains):
+    """The reading's settings checked by the schema (:class:`~inversionview.settings.ReadSettings`), each bad one a
+    one-line UserError: ``(epsilon, metric, mix)``."""
+    s = ReadSettings(samples=samples, temperature=temperature, noise=noise, epsilon=epsilon, metric=metric, seed=seed,
+                     chains=chains).checked()
     if not text:
         raise UserError("the query text is empty: give the input to read (without BOS/EOS)")
-    if temperature is None and noise:
-        raise UserError("noise applies to one sampling temperature: give a temperature too (the Auto mix sets its own noise)")
-    mix = AUTO_MIX if temperature is None else ((float(temperature), float(noise)),)
-    if not all(0 < t <= 1e6 for t, _ in mix):  # beyond 1e6 sampling is uniform (and float32 overflows near 3e38)
-        raise UserError(f"temperature must be positive and at most 1e6, got {temperature}")
-    if not all(0 <= eta < math.inf for _, eta in mix):
-        raise UserError(f"noise must be a finite number of at least 0, got {noise}")
-    return eps, metric, mix
+    mix = AUTO_MIX if s.temperature is None else ((float(s.temperature), float(s.noise)),)
+    return iv.spec.epsilon if s.epsilon is None else float(s.epsilon), s.metric or iv.spec.metric, mix
 
 
 def propose(iv, zq: torch.Tensor, si: int, mix, samples: int, g: torch.Generator) -> list[list[int]]:

@@ -28,6 +28,7 @@ from .artifacts import RUN_FORMAT, atomic_write_text, check_fields, check_versio
 from .decoder import Decoder
 from .errors import UserError
 from .probed import ProbedModel
+from .settings import SamplingSettings
 from .sites import Site
 
 log = logging.getLogger(__name__)
@@ -222,13 +223,10 @@ class InversionView:
         """Hit rate per site (one sample at temperature 1 per held-out query) and the mean."""
         from .preimage import hit_rates, make_queries
 
-        eps, met = epsilon if epsilon is not None else self.spec.epsilon, metric or self.spec.metric
         if queries_per_site < 1:
             raise UserError(f"queries per site must be at least 1, got {queries_per_site}")
-        if not eps > 0:
-            raise UserError(f"epsilon must be positive, got {eps}")
-        if met not in ("euclidean", "cosine"):
-            raise UserError(f"unknown metric {met!r}: expected 'euclidean' or 'cosine'")
+        given = SamplingSettings(epsilon=epsilon, metric=metric, seed=seed).checked()
+        eps, met = given.epsilon if given.epsilon is not None else self.spec.epsilon, given.metric or self.spec.metric
         queries = make_queries(self.probed, self.data_source(), self.sites, queries_per_site, seed=seed + 20_000)
         hits = hit_rates(self.decoder, self.probed, queries, eps, met, seed=seed)
         per = {s.short: h for s, h in zip(self.sites, hits)}

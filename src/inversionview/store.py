@@ -32,18 +32,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sqlite3
 import threading
 import time
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .artifacts import check_fields
 from .errors import UserError
 from .preimage import AUTO_MIX, Preimage, Sample
+from .settings import SamplingSettings, build
 
 log = logging.getLogger(__name__)
 
@@ -368,8 +368,6 @@ class ReadingStore:
 
 # ---------------------------------------------------------------------------------------------- batches
 QUERY_FIELDS = ("text", "site", "position")
-SETTING_FIELDS = {"samples": int, "temperature": (int, float, type(None)), "noise": (int, float),
-                  "epsilon": (int, float, type(None)), "metric": (str, type(None)), "seed": int}
 
 
 @dataclass(frozen=True)
@@ -393,23 +391,6 @@ class BatchSummary:
     seconds: float
 
 
-def _check_settings(s: dict) -> None:
-    from .preimage import MAX_SAMPLES
-
-    if not 1 <= s["samples"] <= MAX_SAMPLES:
-        raise UserError(f"samples must be between 1 and {MAX_SAMPLES}, got {s['samples']}")
-    if s["temperature"] is not None and not 0 < s["temperature"] <= 1e6:
-        raise UserError(f"temperature must be positive and at most 1e6, got {s['temperature']}")
-    if s["temperature"] is None and s["noise"]:
-        raise UserError("noise applies to one sampling temperature: give a temperature too (the Auto mix sets its own noise)")
-    if not 0 <= s["noise"] < math.inf:
-        raise UserError(f"noise must be a finite number of at least 0, got {s['noise']}")
-    if s["epsilon"] is not None and not 0 < s["epsilon"] < math.inf:
-        raise UserError(f"epsilon must be positive and finite, got {s['epsilon']}")
-    if s["metric"] not in (None, "euclidean", "cosine"):
-        raise UserError(f"unknown metric {s['metric']!r}: expected 'euclidean' or 'cosine'")
-
-
 def read_queries(path: str | os.PathLike, iv, samples: int = 1024, temperature: float | None = None, noise: float = 0.0,
                  epsilon: float | None = None, metric: str | None = None, seed: int = 0) -> list[Query]:
     """Parse and check every line of a JSONL queries file before anything is read: one JSON object per line,
@@ -424,8 +405,8 @@ def read_queries(path: str | os.PathLike, iv, samples: int = 1024, temperature: 
         raise UserError(f"queries file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read the queries file {path}: {e}") from None
-    defaults = {"samples": samples, "temperature": temperature, "noise": noise, "epsilon": epsilon, "metric": metric,
-                "seed": seed}
+    defaults = SamplingSettings(samples=samples, temperature=temperature, noise=noise, epsilon=epsilon, metric=metric,
+                                seed=seed)
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -441,20 +422,13 @@ def read_queries(path: str | os.PathLike, iv, samples: int = 1024, temperature: 
         missing = [k for k in QUERY_FIELDS if k not in d]
         if missing:
             raise UserError(f"{where} has no {', '.join(map(repr, missing))}: each line needs text, site and position")
-        unknown = sorted(set(d) - set(QUERY_FIELDS) - set(SETTING_FIELDS))
-        if unknown:
-            raise UserError(f"{where} has unknown field {unknown[0]!r}: expected text, site, position and optionally "
-                            f"{', '.join(SETTING_FIELDS)}")
-        if not isinstance(d["text"], str) or not isinstance(d["site"], str):
-            raise UserError(f"{where}: text and site must be strings")
-        if isinstance(d["position"], bool) or not isinstance(d["position"], (int, str)):
-            raise UserError(f"{where}: position must be an integer or a token string, got {d['position']!r}")
-        for k, t in SETTING_FIELDS.items():
-            if k in d and (isinstance(d[k], bool) or not isinstance(d[k], t)):
-                raise UserError(f"{where}: {k} has the wrong type ({d[k]!r})")
-        settings = {k: d.get(k, defaults[k]) for k in SETTING_FIELDS}
         try:
-            _check_settings(settings)
+            # the line's settings over the defaults, by the schema: unknown fields, types and bounds
+            settings = asdict(build(defaults, d, noun="field", other=QUERY_FIELDS).checked(noun="field"))
+            if not isinstance(d["text"], str) or not isinstance(d["site"], str):
+                raise UserError("text and site must be strings")
+            if isinstance(d["position"], bool) or not isinstance(d["position"], (int, str)):
+                raise UserError(f"position must be an integer or a token string, got {d['position']!r}")
             key = reading_key(iv, d["text"], d["site"], d["position"], **settings)
         except UserError as e:
             raise UserError(f"{where}: {e}") from None

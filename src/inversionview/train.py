@@ -35,12 +35,13 @@ import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, settings
 from .artifacts import CHECKPOINT_FORMAT, atomic_write_text, check_fields, check_version
 from .decoder import Decoder, DecoderConfig
 from .distributed import Dist
@@ -48,6 +49,7 @@ from .errors import UserError
 from .preimage import hit_rates, make_queries
 from .probed import ProbedModel
 from .run import InversionView, RunSpec, resolve_model
+from .settings import setting
 from .tokenizer import CharVocab
 from .data import check_spec as check_data_spec
 from .data import open_source
@@ -58,6 +60,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ProbedSpec:
+    """The probed model: the network whose activations are read."""
+
     model: str = "shipped:counting"
     """Probed model: a local directory, a hub id, or ``shipped:TASK``."""
     mode: str = "tl"
@@ -66,13 +70,15 @@ class ProbedSpec:
     """Character vocabulary ``{tokens = [...], bos = .., eos = .., pad = ..}`` if the model has no tokenizer files."""
     tokenizer: str = ""
     """A built-in tokenizer by name instead of the model's files: ``"gpt2"`` (GPT-2's BPE, offline)."""
-    dtype: str = "float32"
+    dtype: str = setting("float32", choices=settings.DTYPES, what="dtype")
     """The probed model's weights: ``"float32"``, or ``"float16"`` / ``"bfloat16"`` to halve its memory (the
     decoder reads its activations in float32 either way; a run reads with the dtype it was trained with)."""
 
 
 @dataclass(frozen=True)
 class DataSpec:
+    """The inputs: a built-in task or the user's own data file, the query positions and the sites."""
+
     task: str | None = None
     """Built-in task whose generator and position rules supply the inputs; "counting" when no path is given."""
     path: str = ""
@@ -86,7 +92,7 @@ class DataSpec:
     task's rule, or "all" for a data file."""
     sites: tuple[str, ...] = ()
     """Sites to train on (TransformerLens or short names); empty means the task's paper sites."""
-    bos_prob: float = 0.01
+    bos_prob: float = setting(0.01, lo=0, hi=1)
     """Probability of querying the BOS position, so that the decoder learns what "no information" looks like."""
 
     def __post_init__(self):
@@ -100,55 +106,76 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    d_model: int = 256
-    n_layers: int = 2
-    n_heads: int = 4
-    n_act_blocks: int = 6
+    """The decoder's architecture."""
+
+    d_model: int = setting(256, above=0)
+    """Width of the decoder's transformer; a multiple of n_heads."""
+    n_layers: int = setting(2, above=0)
+    """Transformer layers of the decoder."""
+    n_heads: int = setting(4, above=0)
+    """Attention heads per layer."""
+    n_act_blocks: int = setting(6, lo=0)
+    """Residual MLP blocks that read the query activation before the transformer."""
 
 
 @dataclass(frozen=True)
 class OptimSpec:
-    steps: int = 2000
+    """The optimizer, its schedule and where training runs."""
+
+    steps: int = setting(2000, above=0)
     """Total optimizer steps (the schedule's length)."""
-    max_minutes: float = 0.0
+    max_minutes: float = setting(0.0, lo=0)
     """Wall-time budget across resumes; 0 means none. The schedule ends when the budget or the steps run out,
     whichever comes first (see :func:`lr_factor`); training then evaluates, saves and stops. (With a budget the
     learning rate depends on the wall time, so two budgeted runs are not bit-identical.)"""
-    batch_size: int = 256
-    chunk: int = 64
+    batch_size: int = setting(256, above=0)
+    """Inputs per optimizer step (all processes together); a multiple of chunk."""
+    chunk: int = setting(64, above=0)
     """Inputs per site: each chunk of the batch reads one site."""
-    lr: float = 1e-3
-    warmup: int = 100
-    min_lr: float = 0.1
+    lr: float = setting(1e-3, above=0)
+    """Peak learning rate of AdamW."""
+    warmup: int = setting(100, lo=0)
+    """Steps of linear learning-rate warm-up."""
+    min_lr: float = setting(0.1, lo=0, hi=1)
     """Final learning rate of the cosine schedule, as a fraction of lr."""
-    weight_decay: float = 0.01
-    bf16: bool | str = "auto"
+    weight_decay: float = setting(0.01, lo=0)
+    """AdamW's weight decay."""
+    bf16: Literal[True, False, "auto"] = "auto"
     """bf16 autocast for the decoder's forward pass: "auto" (where the device runs bf16 fast: a CUDA GPU with native
     bf16, a CPU with AVX512-BF16, AMX or Arm BF16; else float32), true or false. The choice is logged and recorded
     in run.json's provenance."""
     seed: int = 0
+    """Seed of the decoder's initialisation and of every step's inputs."""
     device: str = "auto"
     """"auto" (CUDA if available), "cpu", "cuda" or "cuda:N"; under torchrun, process k uses cuda:k."""
 
 
 @dataclass(frozen=True)
 class EvalSpec:
-    every: int = 200
+    """The periodic evaluation and checkpoints, the site rebalancing, and the run's reading defaults."""
+
+    every: int = setting(200, above=0)
     """Steps between hit-rate evaluations (appended to metrics.jsonl)."""
-    queries: int = 64
+    queries: int = setting(64, above=0)
     """Held-out query activations per site for the periodic evaluation."""
-    epsilon: float = 0.1
-    metric: str = "euclidean"
+    epsilon: float = setting(0.1, above=0)
+    """Preimage radius of the hit rate; readings of the run default to it."""
+    metric: str = setting("euclidean", choices=settings.METRICS, what="metric")
+    """Distance between activations, "euclidean" or "cosine"; readings of the run default to it."""
     rebalance: bool = True
     """Sample sites with weights softmax((mean_hit - hit_site) * 6)."""
-    rebalance_floor: float = 0.5
+    rebalance_floor: float = setting(0.5, lo=0, hi=1)
     """Each site keeps at least this fraction of its uniform share."""
-    checkpoint_every: int = 200
+    checkpoint_every: int = setting(200, above=0)
+    """Steps between checkpoints (checkpoint.pt)."""
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """A training config (``inversionview train CONFIG.toml``): the run directory and one table per section."""
+
     out: str
+    """The run directory to write, relative to the config file."""
     probed: ProbedSpec = field(default_factory=ProbedSpec)
     data: DataSpec = field(default_factory=DataSpec)
     decoder: ModelSpec = field(default_factory=ModelSpec)
@@ -167,7 +194,7 @@ class TrainConfig:
             raise UserError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
-        cfg = _build(cls, raw, "")
+        cfg = settings.build(cls, raw)
         base = path.resolve().parent
         out = str(base / cfg.out)
         model = cfg.probed.model
@@ -191,67 +218,14 @@ class TrainConfig:
         return d
 
 
-def _build(cls, raw: dict, where: str):
-    if not isinstance(raw, dict):
-        raise UserError(f"config section [{where}] must be a table")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in known:
-            raise UserError(f"unknown config key {k!r}{' in [' + where + ']' if where else ''}: expected one of {', '.join(known)}")
-    sub = {"probed": ProbedSpec, "data": DataSpec, "decoder": ModelSpec, "train": OptimSpec, "eval": EvalSpec}
-    kw = {}
-    for k, v in raw.items():
-        f = known[k]
-        if cls is TrainConfig and k in sub:
-            kw[k] = _build(sub[k], v, k)
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else ("" if k == "out" else None)
-        want = _wrong_type(k, default, v)
-        if want:
-            raise UserError(f"config key {k!r}{' in [' + where + ']' if where else ''} must be {want}, got {v!r}")
-        kw[k] = tuple(v) if isinstance(default, tuple) else v
-    if "out" in known and "out" not in kw:
-        raise UserError("config is missing the key 'out': the run directory to write")
-    return cls(**kw)
-
-
-def _wrong_type(key: str, default, v) -> str | None:
-    """What a config value should be, if ``v`` is not of the type of its key's ``default``; None if it fits."""
-    if key == "bf16":
-        return None if isinstance(v, bool) or v == "auto" else 'true, false or "auto"'
-    if isinstance(default, bool) and not isinstance(v, bool) or \
-       isinstance(default, (int, float)) and not isinstance(default, bool) and (not isinstance(v, (int, float)) or isinstance(v, bool)) or \
-       type(default) is int and isinstance(v, float) or \
-       isinstance(default, str) and not isinstance(v, str) or \
-       isinstance(default, tuple) and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
-        return {bool: "a bool", int: "an int", float: "a number", str: "a string", tuple: "a list of strings"}[type(default)]
-    return None
-
-
 def _check(cfg: TrainConfig) -> None:
     """Refuse values that would crash or silently misbehave later in training."""
-    o, e, m = cfg.train, cfg.eval, cfg.decoder
-    for k, v in {"train.steps": o.steps, "train.batch_size": o.batch_size, "train.chunk": o.chunk, "train.lr": o.lr,
-                 "eval.every": e.every, "eval.queries": e.queries, "eval.checkpoint_every": e.checkpoint_every,
-                 "eval.epsilon": e.epsilon, "decoder.d_model": m.d_model, "decoder.n_layers": m.n_layers,
-                 "decoder.n_heads": m.n_heads}.items():
-        if not v > 0:
-            raise UserError(f"{k} must be positive, got {v}")
-    for k, v in {"data.bos_prob": cfg.data.bos_prob, "train.min_lr": o.min_lr, "eval.rebalance_floor": e.rebalance_floor}.items():
-        if not 0 <= v <= 1:
-            raise UserError(f"{k} must be between 0 and 1, got {v}")
-    if o.bf16 not in (True, False, "auto"):
-        raise UserError(f'train.bf16 must be true, false or "auto", got {o.bf16!r}')
-    if o.warmup < 0 or o.max_minutes < 0 or m.n_act_blocks < 0:
-        raise UserError("train.warmup, train.max_minutes and decoder.n_act_blocks must not be negative")
+    settings.check(cfg)
+    o, m = cfg.train, cfg.decoder
     if m.d_model % m.n_heads:
         raise UserError(f"decoder.d_model ({m.d_model}) must be a multiple of decoder.n_heads ({m.n_heads})")
     if o.batch_size % o.chunk:
         raise UserError(f"train.batch_size ({o.batch_size}) must be a multiple of train.chunk ({o.chunk})")
-    if e.metric not in ("euclidean", "cosine"):
-        raise UserError(f"unknown metric {e.metric!r} in [eval]: expected 'euclidean' or 'cosine'")
-    if cfg.probed.dtype not in DTYPES:
-        raise UserError(f"unknown dtype {cfg.probed.dtype!r} in [probed]: expected one of {', '.join(map(repr, DTYPES))}")
     if not distributed.DEVICE.fullmatch(o.device):
         raise UserError(f"unknown device {o.device!r} in [train]: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if cfg.probed.tokenizer:
@@ -688,7 +662,13 @@ def _log_step(path: Path, step: int, loss: float, decoder: Decoder) -> None:
 
 
 def _optimizer(decoder: Decoder, o: OptimSpec) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(decoder.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.98))
+    """AdamW with weight decay on the weight matrices only: LayerNorms, biases, the site normalisers and the site
+    embedding are not pulled towards zero (the normalisers start at each site's statistics)."""
+    decay, rest = [], []
+    for name, p in decoder.named_parameters():
+        (decay if p.dim() >= 2 and not name.startswith("site_") else rest).append(p)
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=(0.9, 0.98))
 
 
 def _init_stats(decoder: Decoder, probed, task, sites, rng: random.Random, n: int = 1024) -> None:

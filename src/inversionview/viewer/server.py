@@ -67,15 +67,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import UserError
 from ..preimage import resolve_position
+from ..settings import MAX_SAMPLES, SamplingSettings, build, check
 from .html import render_html, render_reading
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 MAX_TEXT = 1000  # characters of a query input
-MAX_SAMPLES = 4096  # candidates of one query in the viewer
-MAX_SEED = 2**63 - 1  # torch's generators take seeds below 2**64; JSON numbers can be any size
-MAX_NOISE = 1e3  # activation noise, in standard deviations of the activation (the paper's mix uses 0.1)
+QUERY_FIELDS = ("text", "site", "position", "ticket")  # a query's fields besides its settings (SamplingSettings)
 MAX_BODY = 64 * 1024  # bytes of a request body, except a report's
 MAX_REPORT_BODY = 64 * 1024 * 1024  # a report carries the pinned readings' JSON (~0.5 MB each at 1024 samples)
 DRAIN = 1024 * 1024  # a refused body of up to this many bytes is read (and dropped) before the answer
@@ -106,20 +105,17 @@ class Reject(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-def _field(body: dict, key: str, kind, default=None, none_ok: bool = False):
-    """``body[key]`` checked against ``kind`` (int, float or str), or ``default`` when absent."""
+def _text(body: dict, key: str, default=None, none_ok: bool = False):
+    """``body[key]``, which must be a string, or ``default`` when absent (the reading settings are checked by the
+    schema: :mod:`inversionview.settings`)."""
     if key not in body:
         return default
     v = body[key]
     if v is None and none_ok:
         return None
-    ok = (isinstance(v, int) and not isinstance(v, bool)) if kind is int else \
-        (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) if kind is float else \
-        isinstance(v, kind)  # JSON may carry NaN or Infinity (Python's json sends them)
-    if not ok:
-        want = {int: "a whole number", float: "a finite number", str: "a string"}[kind]
-        raise UserError(f"{key} must be {want}{' or null' if none_ok else ''}, got {json.dumps(v)[:40]}")
-    return float(v) if kind is float else v
+    if not isinstance(v, str):
+        raise UserError(f"{key} must be a string{' or null' if none_ok else ''}, got {json.dumps(v)[:40]}")
+    return v
 
 
 def reading_dict(pre) -> dict:
@@ -297,7 +293,7 @@ class Viewer:
         spec = self.iv.spec
         return {"run": _run_name(self.iv.run_dir), "task": spec.task, "mode": spec.mode,
                 "groups": [{"label": k, "sites": v} for k, v in groups.items()],
-                "epsilon": spec.epsilon, "metric": spec.metric, "samples": 1024,
+                "epsilon": spec.epsilon, "metric": spec.metric, "samples": SamplingSettings.samples,
                 "max_samples": MAX_SAMPLES, "max_text": MAX_TEXT, "stored": self.db is not None,
                 "random": self.iv.task is not None or spec.data is not None}
 
@@ -329,12 +325,10 @@ class Viewer:
     def query_job(self, body: dict):
         """The reading a query asks for, checked here (a bad one never waits in the queue), as ``(ticket, job)``:
         ``job()`` reads and returns the response's JSON bytes."""
-        allowed = {"text", "site", "position", "samples", "epsilon", "metric", "temperature", "noise", "seed", "ticket"}
-        if extra := sorted(set(body) - allowed):
-            raise UserError(f"unknown field {extra[0]!r}: expected some of {', '.join(sorted(allowed))}")
-        text = _field(body, "text", str, "")
+        kw = dataclasses.asdict(build(SamplingSettings, body, noun="field", other=QUERY_FIELDS).checked(noun="field"))
+        text = _text(body, "text", "")
         t = self.tokens(text)  # the length cap and the vocabulary
-        site = _field(body, "site", str)
+        site = _text(body, "site")
         if not site:
             raise UserError("choose a site")
         self.iv.site_index(site)
@@ -344,18 +338,7 @@ class Viewer:
         if isinstance(position, int) and abs(position) >= 10**6 or isinstance(position, str) and len(position) > 100:
             raise UserError(f"position {str(position)[:12]}... is out of range for an input of {t['n_text']} tokens")
         resolve_position(t["tokens"], t["n_text"], position)
-        samples = _field(body, "samples", int, 1024)
-        if not 1 <= samples <= MAX_SAMPLES:
-            raise UserError(f"samples must be between 1 and {MAX_SAMPLES} in the viewer, got {samples}")
-        kw = dict(samples=samples, epsilon=_field(body, "epsilon", float, None, none_ok=True),
-                  metric=_field(body, "metric", str, None, none_ok=True),
-                  temperature=_field(body, "temperature", float, None, none_ok=True),
-                  noise=_field(body, "noise", float, 0.0), seed=_field(body, "seed", int, 0))
-        if not 0 <= kw["seed"] <= MAX_SEED:
-            raise UserError(f"seed must be between 0 and {MAX_SEED}, got {str(kw['seed'])[:40]}")
-        if not kw["noise"] <= MAX_NOISE:
-            raise UserError(f"noise must be at most {MAX_NOISE:g} (standard deviations of the activation), got {kw['noise']:g}")
-        ticket = _field(body, "ticket", str, None, none_ok=True)
+        ticket = _text(body, "ticket", None, none_ok=True)
         return (ticket[:100] if ticket else None), functools.partial(self.read, text, site, position, kw)
 
     def read(self, text: str, site: str, position, kw: dict) -> bytes:
@@ -367,9 +350,11 @@ class Viewer:
 
     def epsilon(self, body: dict) -> dict:
         """The same reading at another epsilon (``Preimage.with_epsilon``): the rule moves, nothing is sampled."""
-        eps = _field(body, "epsilon", float)
-        if eps is None or not eps > 0:
-            raise UserError(f"epsilon must be positive, got {eps}")
+        given = build(SamplingSettings, {"epsilon": body.get("epsilon")}, noun="field")
+        check(given, noun="field")
+        if given.epsilon is None:
+            raise UserError("give the epsilon to read the reading at")
+        eps = float(given.epsilon)
         pre = preimage_from_dict(body.get("reading")).with_epsilon(eps)
         return {"reading": reading_dict(pre), "html": render_reading(pre)}
 
@@ -536,7 +521,7 @@ async def random_input(request, v):
 
 @endpoint
 async def tokens(request, v):
-    return _json(v.tokens(_field(await _body(request), "text", str, "")))
+    return _json(v.tokens(_text(await _body(request), "text", "")))
 
 
 @endpoint
