@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import user_error
 from inversionview import explore, settings, train
@@ -159,6 +160,8 @@ def test_every_setting_is_documented():
 def test_the_constants_other_modules_keep_agree_with_the_schema():
     assert explore.CHAINS == settings.CHAINS == ReadSettings.chains
     assert tuple(train.DTYPES) == settings.DTYPES
+    for name, dtype in train.DTYPES.items():  # each name is torch's own dtype of that name (not an alias, nor absent)
+        assert isinstance(dtype, torch.dtype) and str(dtype) == f"torch.{name}", name
     assert server.MAX_SAMPLES is settings.MAX_SAMPLES
 
 

@@ -31,7 +31,8 @@ EXAMPLES = Path(__file__).parent / "configs"
 
 # The paper's counting findings: C1 (after the layer-0 MLP at the target character the count is there),
 # C3 (head 0.0 at the target character starts the path) and C2 (head 1.0 at ':' keeps the count, not the letter).
-DEMO_QUERIES = {"counting": [("vvzccvczvvvzvcvc|v:8", "x0.post", 18), ("vvzccvczvvvzvcvc|v:8", "a0.0", 18),
+DEMO_QUERIES: dict[str, list[tuple[str, str, int | str]]] = {  # (text, site, position: an index or a token)
+                "counting": [("vvzccvczvvvzvcvc|v:8", "x0.post", 18), ("vvzccvczvvvzvcvc|v:8", "a0.0", 18),
                              ("vvzccvczvvvzvcvc|v:8", "a1.0", ":")],
                 # A1: heads 0.0-0.2 at '=' carry the hundreds digits as a pair; A2: head 0.3 the tens digits;
                 # A3: x0.mid at '=' carries the hundreds pair plus the carry from the tens.

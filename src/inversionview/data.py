@@ -35,8 +35,12 @@ import json
 import logging
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .probed import ProbedModel
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,12 @@ class PositionRule:
             return cls("fixed", indices=tuple(value))
         if isinstance(value, (list, tuple)) and value and all(ints(v) or isinstance(v, dict) for v in value):
             fixed = [v for v in value if ints(v)]
-            parts = ([cls("fixed", indices=tuple(fixed))] if fixed else []) + \
-                [cls.parse(v, where) for v in value if isinstance(v, dict)]
+            parts = [cls("fixed", indices=tuple(fixed))] if fixed else []
+            for v in value:
+                if isinstance(v, dict):
+                    part = cls.parse(v, where)
+                    assert part is not None  # a table is a rule, never the default
+                    parts.append(part)
             return parts[0] if len(parts) == 1 else cls("union", parts=tuple(parts))
         if isinstance(value, dict):
             kind = "span" if "span" in value else "marker"
@@ -153,7 +161,7 @@ class PositionRule:
         tokens = tok.tokens_of(ids[:n_text])
         return [i for i in range(start, n_text) if self._matches(tokens[i])]
 
-    def span_end(self, text: str, ids: list[int], tok, record: dict | None) -> int | None:
+    def span_end(self, text: str | None, ids: list[int], tok, record: dict | None) -> int | None:
         """Position of the last token of the record's span in ``ids`` (the encoded ``text``); None if the record has
         no such field or the span does not occur in the text. It is the last token of the span's first
         occurrence: the token of ``ids`` that holds the span's last character."""
@@ -233,27 +241,34 @@ class _Ruled(DataSource):
     """Positions from a :class:`PositionRule` over the probed model's tokenization."""
 
     rule: PositionRule
-    probed = None
+    probed: ProbedModel | None = None
+
+    def _probed(self) -> ProbedModel:
+        """The probed model, whose tokenization the rule reads."""
+        assert self.probed is not None, "a source with a position rule needs the probed model"
+        return self.probed
 
     def record(self, text: str) -> dict | None:
         """The fields read with an input (for span rules); None where there are none."""
         return None
 
     def positions(self, text: str) -> list[int]:
-        ids = self.probed.encode(text)
+        probed = self._probed()
+        ids = probed.encode(text)
         record = self.record(text)
-        pos = self.rule.apply(ids, self.probed.tokenizer, text, record)
+        pos = self.rule.apply(ids, probed.tokenizer, text, record)
         if not pos:
-            raise UserError(f"{self.name}: {self.rule.why_empty(text, ids, self.probed.tokenizer, record)}")
+            raise UserError(f"{self.name}: {self.rule.why_empty(text, ids, probed.tokenizer, record)}")
         return pos
 
     def _check(self, texts: list[str], where, records: list[dict] | None = None) -> None:
         """Encode ``texts`` and apply the rule to each; the first problem is a one-line error."""
-        tok = self.probed.tokenizer
+        probed = self._probed()
+        tok = probed.tokenizer
         seen_marker, bad = False, None
         for k, text in enumerate(texts):
             try:
-                ids = self.probed.encode(text)
+                ids = probed.encode(text)
             except UserError as e:
                 raise UserError(f"{where(k)}: {e}") from None
             if self.rule.kind == "marker" and not seen_marker:
@@ -306,7 +321,7 @@ class FileSource(_Ruled):
         self.lines = lines or list(range(1, len(texts) + 1))
         self.unit = unit
         self.records = records  # the fields read with each input (span rules), parallel to texts
-        self._records = {}
+        self._records: dict[str, dict] = {}
         for t, r in zip(texts, records or ()):
             self._records.setdefault(t, r)
         if check:

@@ -31,11 +31,11 @@ from typing import TypeVar
 
 import torch
 
+from .settings import CHAINS  # chains per query, a reading's default (defined once, in settings)
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")  # a chain's state
-
-CHAINS = 64  # chains per query
 STEPS = 48  # moves per chain; the first half is burn-in
 GLOBAL = 0.15  # share of moves that are fresh draws from the generator
 BLOCK = 0.1  # share of moves that are Gibbs blocks (Task.block): every alternative verified, one inside taken

@@ -44,7 +44,9 @@ def verify(probed: ProbedModel, site, seqs: list[list[int]], zq: torch.Tensor, m
         d = distances(zz, act, metric).masked_fill(~b.valid.to(act.device), float("inf")).cpu()
         d = torch.nn.functional.pad(d, (0, T - d.shape[1]), value=float("inf"))
         m, a = d.min(-1)
-        dmins.append(m), args.append(a), dists.append(d)
+        dmins.append(m)
+        args.append(a)
+        dists.append(d)
     return torch.cat(dmins), torch.cat(args), torch.cat(dists)
 
 

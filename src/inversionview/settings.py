@@ -121,7 +121,7 @@ def _in(where: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- types
 @cache
-def hints(cls) -> dict:
+def hints(cls: type) -> dict:
     """The fields' annotations as types."""
     return typing.get_type_hints(cls)
 
@@ -209,8 +209,9 @@ def build(schema, raw, where: str = "", noun: str = "config key", other: tuple =
 def check(obj, where: str = "", noun: str = "config key") -> None:
     """Refuse a field of the dataclass ``obj`` (and of its sections) whose value is not of its type or breaks its
     rule: ``samples must be between 1 and 8192, got 0``; in a section, ``eval.epsilon must be positive ...``."""
+    cls: type = type(obj)  # as a plain type: mypy refuses type[Any] as Hashable, which the cached hints() takes
     for f in dataclasses.fields(obj):
-        v, t = getattr(obj, f.name), hints(type(obj))[f.name]
+        v, t = getattr(obj, f.name), hints(cls)[f.name]
         if _is_section(t) and isinstance(v, t):
             check(v, f.name, noun)
             continue
@@ -227,15 +228,18 @@ def check(obj, where: str = "", noun: str = "config key") -> None:
 
 # ---------------------------------------------------------------------------------------------- documentation
 @cache
-def field_docs(cls) -> dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """Each field's documentation: the string literal right after it in the class body (inherited ones too),
     read from the source with ``ast``; ``{}`` where the source cannot be read."""
     docs: dict[str, str] = {}
     for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
         try:
-            body = ast.parse(textwrap.dedent(inspect.getsource(c))).body[0].body
+            stmt = ast.parse(textwrap.dedent(inspect.getsource(c))).body[0]
         except (OSError, TypeError):
             continue
+        if not isinstance(stmt, ast.ClassDef):  # the source of a class is its class statement
+            continue
+        body = stmt.body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
                     and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):

@@ -217,7 +217,8 @@ class ReadingStore:
 
         found = meta.get("schema_version")
         if found != str(SCHEMA_VERSION):
-            newer = str(found).isdigit() and int(found) > SCHEMA_VERSION
+            shown = str(found)
+            newer = shown.isdigit() and int(shown) > SCHEMA_VERSION
             hint = (f"newer than this inversionview ({__version__}) reads ({SCHEMA_VERSION}): upgrade inversionview to "
                     "read it, or use" if newer else f"but this inversionview reads version {SCHEMA_VERSION}: use the "
                     "version that wrote it, or")
@@ -254,9 +255,11 @@ class ReadingStore:
                 if cur.rowcount == 0:
                     db.execute("ROLLBACK")
                     rid = self._id(fingerprint, pre.text, pre.site, pre.position, skey)
+                    assert rid is not None  # the row whose key the insert conflicted with
                     log.debug("reading %d is already stored; not storing it again", rid)
                     return rid
                 rid = cur.lastrowid
+                assert rid is not None  # the row just inserted
                 db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)", [(rid, *r) for r in rows])
                 db.execute("INSERT INTO sample_data VALUES (?, ?)", (rid, data))
                 db.execute("COMMIT")
@@ -302,7 +305,8 @@ class ReadingStore:
         n_candidates, n_samples (distinct samples), n_inside (distinct samples inside epsilon), fraction_inside
         (of all candidates), settings, fingerprint, created. ``site``: TransformerLens or short name; ``text``:
         a substring of the query text; ``limit``: at most this many rows (None: all)."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[str | int] = []
         if site is not None:
             where.append("(site = ? OR site_short = ?)")
             args += [str(site).strip()] * 2
@@ -456,7 +460,8 @@ def query_batch(iv, store: ReadingStore, queries: list[Query], progress: bool = 
     skipped = len(queries) - len(todo)
     log.info("%d queries: %d already stored, %d repeat an earlier line, %d to read", len(queries), skipped - repeats,
              repeats, len(todo))
-    done, stopped = 0, "stopped"
+    done = 0
+    stopped: str | None = "stopped"  # why the batch ended early; None once every query is read
     try:
         with tqdm(todo, desc="query-batch", unit="reading", disable=not progress or None, dynamic_ncols=True) as bar:
             for q in bar:

@@ -291,7 +291,8 @@ class _Interrupt:
             signal.signal(s, h)
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in settings.DTYPES}
+"""The probed model's weight dtypes by name ([probed] dtype); the names are :data:`settings.DTYPES`."""
 STEP_LOG = "INVERSIONVIEW_STEP_LOG"
 """Debugging aid: a directory where every process appends, per step, the global loss and a hash of its decoder
 weights to ``rank{RANK}.jsonl`` (the distributed test checks that all processes hold the same weights)."""
@@ -352,7 +353,7 @@ class Trainer:
             self._resume(session)
         else:
             self._start(session)
-        self.model = self.decoder
+        self.model: Decoder | torch.nn.parallel.DistributedDataParallel = self.decoder
         if self.d.world > 1:  # rank 0's weights are broadcast here; gradients are averaged in backward()
             self.model = torch.nn.parallel.DistributedDataParallel(
                 self.decoder, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
@@ -408,8 +409,10 @@ class Trainer:
     def _start(self, session: dict) -> None:
         cfg, o = self.cfg, self.cfg.train
         torch.manual_seed(o.seed)
-        self.decoder = Decoder(DecoderConfig(vocab_size=self.probed.tokenizer.vocab_size, max_len=self.probed.max_len,
-                                             d_act=self.probed.d_model, n_sites=len(self.sites),
+        max_len, d_act = self.probed.max_len, self.probed.d_model
+        assert max_len is not None and d_act is not None, "the probed model's config gives no context length or width"
+        self.decoder = Decoder(DecoderConfig(vocab_size=self.probed.tokenizer.vocab_size, max_len=max_len,
+                                             d_act=d_act, n_sites=len(self.sites),
                                              **dataclasses.asdict(cfg.decoder)))
         self.decoder.to(self.dev)
         _init_stats(self.decoder, self.probed, self.source, self.sites, random.Random(o.seed))
@@ -494,6 +497,7 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), 1.0)
         self.opt.step()
         st.step += 1
+        assert st.site_counts is not None  # set when the run starts or resumes
         for si in batch.chunk_sites:
             st.site_counts[si] += o.chunk
         st.elapsed = clocks / d.world
@@ -515,7 +519,12 @@ class Trainer:
             self.decoder.train()
             row = self._row(loss, hits)
         if rebalance and e.rebalance:
-            probs = site_weights(hits, e.rebalance_floor) if self.d.main else st.site_probs
+            if self.d.main:
+                assert hits is not None  # rank 0 measured them above
+                probs = site_weights(hits, e.rebalance_floor)
+            else:  # replaced by rank 0's in the broadcast
+                assert st.site_probs is not None  # set when the run starts or resumes
+                probs = st.site_probs
             st.site_probs = self.d.broadcast(torch.tensor(probs, dtype=torch.float64, device=self.dev)).tolist()
         self._t_rate, self.tokens, self.samples = time.time(), 0, 0
         if row is not None:
@@ -527,6 +536,7 @@ class Trainer:
 
     def _row(self, loss: float, hits: list[float]) -> dict:
         st, dt = self.state, time.time() - self._t_rate
+        assert st.site_probs is not None and st.site_counts is not None  # set when the run starts or resumes
         row = {"step": st.step, "elapsed_s": round(st.elapsed, 1), "loss": round(loss, 4),
                "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": round(self.tokens / dt),
                "samples_per_s": round(self.samples / dt, 1),
@@ -664,7 +674,8 @@ def _log_step(path: Path, step: int, loss: float, decoder: Decoder) -> None:
 def _optimizer(decoder: Decoder, o: OptimSpec) -> torch.optim.Optimizer:
     """AdamW with weight decay on the weight matrices only: LayerNorms, biases, the site normalisers and the site
     embedding are not pulled towards zero (the normalisers start at each site's statistics)."""
-    decay, rest = [], []
+    decay: list[torch.nn.Parameter] = []
+    rest: list[torch.nn.Parameter] = []
     for name, p in decoder.named_parameters():
         (decay if p.dim() >= 2 and not name.startswith("site_") else rest).append(p)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}]

@@ -53,8 +53,10 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h11
 from starlette.applications import Starlette
@@ -69,6 +71,9 @@ from ..errors import UserError
 from ..preimage import resolve_position
 from ..settings import MAX_SAMPLES, SamplingSettings, build, check
 from .html import render_html, render_reading
+
+if TYPE_CHECKING:
+    from ..preimage import Preimage
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +150,7 @@ def _reading_ok(p) -> bool:
             and isinstance(p.settings, dict) and all(_sample_ok(s) for s in p.samples))
 
 
-def preimage_from_dict(d) -> "Preimage":  # noqa: F821
+def preimage_from_dict(d) -> Preimage:
     """A reading from its JSON (``Preimage.to_dict``), refusing anything else with one line."""
     from jinja2 import TemplateError
 
@@ -194,7 +199,8 @@ class ReadingQueue:
 
     def __init__(self, limit: int):
         self.limit, self.done, self.cancelled = limit, 0, 0
-        self.waiting: deque[tuple[str | None, Future, object]] = deque()
+        # (ticket, future, job); (None, None, None) tells the worker to stop
+        self.waiting: deque[tuple[str | None, Future | None, Callable[[], object] | None]] = deque()
         self.running: str | None | bool = False  # the running job's ticket (None: it has none); False: idle
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._work, name="inversionview-readings", daemon=True)
@@ -232,7 +238,8 @@ class ReadingQueue:
     def close(self) -> None:
         with self.cond:
             for _, fut, _ in self.waiting:
-                fut.cancel()
+                if fut is not None:  # a stop signal left by an earlier close
+                    fut.cancel()
             self.waiting.clear()
             self.waiting.append((None, None, None))  # the worker's signal to stop
             self.cond.notify()
@@ -245,6 +252,7 @@ class ReadingQueue:
                 ticket, fut, fn = self.waiting.popleft()
                 if fut is None:
                     return
+                assert fn is not None  # a job has its function; only the stop signal has none
                 self.running = ticket
             result = error = None
             if ran := fut.set_running_or_notify_cancel():
@@ -380,12 +388,13 @@ class Viewer:
         q = {k: v[-1] for k, v in query.items()}
         if extra := sorted(set(q) - {"site", "position", "text"}):
             raise UserError(f"unknown filter {extra[0]!r}: expected site, position or text")
-        position = q.get("position") or None
-        if position is not None:
+        given = q.get("position") or None
+        position: int | None = None
+        if given is not None:
             try:
-                position = int(position)
+                position = int(given)
             except ValueError:
-                raise UserError(f"position must be a whole number, got {position[:40]!r}") from None
+                raise UserError(f"position must be a whole number, got {given[:40]!r}") from None
         store = self._store()
         rows = store.find(site=q.get("site") or None, position=position, text=q.get("text") or None, limit=201)
         return {"readings": rows[:200], "more": len(rows) > 200, "sites": list(store.sites())}
@@ -626,8 +635,9 @@ class Guard:
             pass
 
 
-def make_app(viewer: Viewer, names: frozenset[str]) -> Starlette:
-    app = Starlette(routes=ROUTES, exception_handlers={HTTPException: _http_error})
+def make_app(viewer: Viewer, names: frozenset[str]) -> Guard:
+    # starlette types each handler as taking any Exception, though it calls one only with its exception class
+    app = Starlette(routes=ROUTES, exception_handlers={HTTPException: _http_error})  # type: ignore[dict-item]
     app.router.redirect_slashes = False  # /api/info/ is no route (a redirect would answer a typo)
     app.state.viewer = viewer
     return Guard(app, names, viewer.limits.body_seconds)
@@ -720,7 +730,7 @@ def make_server(iv, host: str = "127.0.0.1", port: int = 8000, db: str | None = 
     except (socket.gaierror, UnicodeError) as e:
         raise UserError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
     family, _, _, _, addr = infos[0]
-    loopback = all(_is_loopback(i[4][0]) for i in infos)
+    loopback = all(_is_loopback(str(i[4][0])) for i in infos)  # an IPv4 or IPv6 address: its host is a str
     if not loopback and not allow_remote:
         raise UserError(f"--host {host} would let other machines use this viewer, which has no authentication: "
                         "add --allow-remote to do so anyway (and --allowed-host NAME for the name they will use)")
