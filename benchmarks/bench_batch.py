@@ -30,8 +30,15 @@ def write_queries(iv, path: Path, n: int, seed: int) -> None:
     lines = []
     for i in range(n):
         text = iv.task.sample(rng, "test")
-        lines.append(json.dumps({"text": text, "site": iv.sites[i % len(iv.sites)].short,
-                                 "position": rng.choice(iv.task.positions(text))}))
+        lines.append(
+            json.dumps(
+                {
+                    "text": text,
+                    "site": iv.sites[i % len(iv.sites)].short,
+                    "position": rng.choice(iv.task.positions(text)),
+                }
+            )
+        )
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -65,8 +72,10 @@ def bench(iv, tmp: Path, n: int, samples: int) -> None:
     size = db_bytes(db)
     distinct = sum(len(p.samples) for p in readings) / n
     print(f"Auto mix, {samples} candidates, {n} queries ({distinct:.0f} distinct samples per reading):")
-    print(f"  query-batch  {n / t_batch:5.2f} readings/s ({1000 * t_batch / n:.0f} ms per reading); the store's share: "
-          f"put {1000 * t_put / n:.1f} ms = {t_put / t_batch:.1%} of it (get {1000 * t_get / n:.1f} ms)")
+    print(
+        f"  query-batch  {n / t_batch:5.2f} readings/s ({1000 * t_batch / n:.0f} ms per reading); the store's share: "
+        f"put {1000 * t_put / n:.1f} ms = {t_put / t_batch:.1%} of it (get {1000 * t_get / n:.1f} ms)"
+    )
     print(f"  DB size      {size / n / 1024:.0f} KiB per reading ({size / 2**20:.1f} MiB for {n}, WAL checkpointed)")
 
 

@@ -30,7 +30,7 @@ def naive_logprobs(iv, site, texts, batch=4096):
     zq = p.run(torch.tensor([p.encode(TEXT)]), [s])[s][0, 8].float()
     for _, ids in _encode_all(p.tokenizer, texts).values():
         for i in range(0, len(ids), batch):
-            b = ids[i:i + batch]
+            b = ids[i : i + batch]
             logp = dec(b[:, :-1], zq.expand(len(b), -1), torch.full((len(b),), si)).float().log_softmax(-1)
             logp.gather(-1, b[:, 1:, None]).sum((1, 2))
 
@@ -57,17 +57,25 @@ def main():
     wall, r1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     n = res.n_inputs
-    print(f"Scan of the shipped addition model: {TEXT!r} at {site} on {POS!r}, {torch.get_num_threads()} threads "
-          f"(load average {load:.1f} before the run; the machine has {os.cpu_count()} cores)")
-    print(f"  {n:,} inputs in {wall:.1f} s wall = {n / wall:,.0f} inputs/s; target {TARGET:.0f} s: "
-          f"{wall / TARGET:.2f}x the target ({'met' if wall <= TARGET else 'NOT met'})")
-    print(f"  CPU time {cpu:.1f} s (user + sys) = {cpu / 2:.1f} s on 2 otherwise idle cores "
-          f"({cpu / 2 / TARGET:.2f}x the target)")
+    print(
+        f"Scan of the shipped addition model: {TEXT!r} at {site} on {POS!r}, {torch.get_num_threads()} threads "
+        f"(load average {load:.1f} before the run; the machine has {os.cpu_count()} cores)"
+    )
+    print(
+        f"  {n:,} inputs in {wall:.1f} s wall = {n / wall:,.0f} inputs/s; target {TARGET:.0f} s: "
+        f"{wall / TARGET:.2f}x the target ({'met' if wall <= TARGET else 'NOT met'})"
+    )
+    print(
+        f"  CPU time {cpu:.1f} s (user + sys) = {cpu / 2:.1f} s on 2 otherwise idle cores "
+        f"({cpu / 2 / TARGET:.2f}x the target)"
+    )
     s = res.seconds
-    print(f"  distances {s['distances']:.1f} s ({n / s['distances']:,.0f} inputs/s), log-probabilities "
-          f"{s['logprobs']:.1f} s ({n / s['logprobs']:,.0f} inputs/s), 1024 samples {s['samples']:.1f} s")
+    print(
+        f"  distances {s['distances']:.1f} s ({n / s['distances']:,.0f} inputs/s), log-probabilities "
+        f"{s['logprobs']:.1f} s ({n / s['logprobs']:,.0f} inputs/s), 1024 samples {s['samples']:.1f} s"
+    )
     # the decoder pass alone on a slice, against the naive baseline, best of 2 each (the machine may be shared)
-    slice_ = res.texts[200_000:200_000 + 32_768]
+    slice_ = res.texts[200_000 : 200_000 + 32_768]
     s_, si = iv.site_index(site)
     zq = iv.probed.run(torch.tensor([iv.probed.encode(TEXT)]), [s_])[s_][0, 8].float()
     buckets = _encode_all(iv.probed.tokenizer, slice_)
@@ -78,9 +86,11 @@ def main():
                 scan_logprobs(iv.decoder, si, zq, ids)
 
     (w_ours, c_ours), (w_naive, c_naive) = timed(ours), timed(lambda: naive_logprobs(iv, site, slice_))
-    print(f"  decoder log-probabilities on {len(slice_):,} inputs: shared-prefix pass {w_ours:.2f} s wall / "
-          f"{c_ours:.2f} s CPU, naive plain forward {w_naive:.2f} s / {c_naive:.2f} s: {w_naive / w_ours:.1f}x faster by wall time, "
-          f"{c_naive / c_ours:.1f}x by CPU time")
+    print(
+        f"  decoder log-probabilities on {len(slice_):,} inputs: shared-prefix pass {w_ours:.2f} s wall / "
+        f"{c_ours:.2f} s CPU, naive plain forward {w_naive:.2f} s / {c_naive:.2f} s: {w_naive / w_ours:.1f}x faster by wall time, "
+        f"{c_naive / c_ours:.1f}x by CPU time"
+    )
     print(f"  true preimage {res.n_inside:,}, recall {res.recall:.3f}, peak memory {peak_rss_mib():,.0f} MiB")
 
 

@@ -48,8 +48,10 @@ def measure(name: str, cmd: list[str], threads: int, d: Path) -> float:
     if done.returncode != 0:
         sys.exit(f"{name} failed: {done.stderr[-2000:]}")
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    print(f"{name:38s} {row['samples_per_s']:7.0f} samples/s  {row['samples_per_s'] / 256:5.2f} steps/s  "
-          f"{row['tokens_per_s']:7.0f} tokens/s   command {wall:5.1f} s")
+    print(
+        f"{name:38s} {row['samples_per_s']:7.0f} samples/s  {row['samples_per_s'] / 256:5.2f} steps/s  "
+        f"{row['tokens_per_s']:7.0f} tokens/s   command {wall:5.1f} s"
+    )
     return row["samples_per_s"]
 
 
@@ -65,8 +67,19 @@ def main():
         cfg = d / "c.toml"
         cfg.write_text(CONFIG.format(steps=a.steps))
         one = [sys.executable, "-m", "inversionview", "train", str(cfg), "--no-progress"]
-        two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "inversionview", "train", str(cfg), "--no-progress"]
+        two = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "inversionview",
+            "train",
+            str(cfg),
+            "--no-progress",
+        ]
         r1 = measure("1 process, 1 thread", one, 1, d)
         r1b = measure("1 process, 2 threads", one, 2, d)
         r2 = measure("2 processes (torchrun), 1 thread each", two, 1, d)

@@ -71,7 +71,7 @@ def encode(vocab, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(map(len, texts)) + 2
     out = torch.full((len(texts), T), ids[vocab.pad], dtype=torch.long)
     for r, t in enumerate(texts):
-        out[r, :len(t) + 2] = torch.tensor([ids[vocab.bos], *(ids[c] for c in t), ids[vocab.eos]])
+        out[r, : len(t) + 2] = torch.tensor([ids[vocab.bos], *(ids[c] for c in t), ids[vocab.eos]])
     return out, (out != ids[vocab.pad]) & (out != ids[vocab.eos])
 
 
@@ -83,7 +83,7 @@ def scan(iv, site, zq: torch.Tensor, texts: list[str], epsilon: float, chunk: in
     s = p.site(site)
     inside = []
     for i in range(0, len(texts), chunk):
-        ids, valid = encode(p.tokenizer, texts[i:i + chunk])
+        ids, valid = encode(p.tokenizer, texts[i : i + chunk])
         z = p.run(ids, [s])[s].float()  # (B, T, d)
         d = torch.cdist(z.reshape(-1, z.shape[-1]), zq).reshape(z.shape[0], z.shape[1], -1)  # (B, T, Q)
         d = (d / zq.norm(dim=-1)).masked_fill(~valid[..., None], math.inf).amin(1)  # (B, Q)
@@ -107,7 +107,7 @@ def pool(task, n_pool: int, n_stratum: int, lengths, seed: int = 7):
         w = torch.zeros(len(texts))
         other = base_len != L
         w[:n_pool][other] = (1 - length_probability(L)) / max(1, int(other.sum()))
-        w[start:start + n_stratum] = length_probability(L) / n_stratum
+        w[start : start + n_stratum] = length_probability(L) / n_stratum
         weights[L] = w
         start += n_stratum
     return texts, weights
@@ -140,8 +140,10 @@ def run_task(name: str, args) -> dict:
     feats = builtin_features(task)
     sites = args.sites.split(",") if args.sites else list(iv.spec.sites)
     rng = random.Random(args.seed)
-    qs = {s: [task.sample(r, "test") for r in [random.Random(f"{args.seed}:{s}")] for _ in range(args.queries)]
-          for s in sites}  # each site's queries depend on the site alone, so runs on a subset of sites compare
+    qs = {
+        s: [task.sample(r, "test") for r in [random.Random(f"{args.seed}:{s}")] for _ in range(args.queries)]
+        for s in sites
+    }  # each site's queries depend on the site alone, so runs on a subset of sites compare
     lengths = [len(t.partition("|")[0]) for v in qs.values() for t in v] if name == "counting" else []
     t0 = time.perf_counter()
     texts, weights = pool(task, args.pool, args.stratum, lengths)
@@ -159,8 +161,15 @@ def run_task(name: str, args) -> dict:
         t_scan = time.perf_counter() - t0
         for mode in modes:
             t0 = time.perf_counter()
-            chains = preimages(iv, qs[site], s, poss, samples=args.samples, chains=args.chains if mode == "chains" else 0,
-                               seed=args.seed)
+            chains = preimages(
+                iv,
+                qs[site],
+                s,
+                poss,
+                samples=args.samples,
+                chains=args.chains if mode == "chains" else 0,
+                seed=args.seed,
+            )
             t_batch = (time.perf_counter() - t0) / len(poss)
             for q, text in enumerate(qs[site]):
                 L = len(text.partition("|")[0]) if name == "counting" else None
@@ -170,21 +179,41 @@ def run_task(name: str, args) -> dict:
                     est = share(chains[q], lambda x: f(x) == vq)
                     if tr is None or est is None:
                         continue
-                    rows[(mode, site)].append(dict(err=abs(est.share - tr), sure=1.96 * se <= SURE_HALF_WIDTH,
-                                                   violation=is_shared(est) and tr + 1.96 * se < VIOLATION,
-                                                   time=t_batch, feature=k, query=text, truth=tr, read=est.share))
+                    rows[(mode, site)].append(
+                        dict(
+                            err=abs(est.share - tr),
+                            sure=1.96 * se <= SURE_HALF_WIDTH,
+                            violation=is_shared(est) and tr + 1.96 * se < VIOLATION,
+                            time=t_batch,
+                            feature=k,
+                            query=text,
+                            truth=tr,
+                            read=est.share,
+                        )
+                    )
             for q in range(min(args.timed, len(poss))):  # the default reading, one query at a time: time and recall
                 t0 = time.perf_counter()
-                pre = iv.query(qs[site][q], site=site, position=poss[q], samples=args.samples,
-                               chains=args.chains if mode == "chains" else 0)
+                pre = iv.query(
+                    qs[site][q],
+                    site=site,
+                    position=poss[q],
+                    samples=args.samples,
+                    chains=args.chains if mode == "chains" else 0,
+                )
                 size = int(inside[q].sum())
-                found = pre.chains["distinct"] if pre.chains else sum(
-                    1 for x in pre.samples if x.distance <= eps and task.propose(x.text, rng))
-                rows[(mode, site)].append(dict(reading=time.perf_counter() - t0,
-                                               recall=found / size if name == "addition" and size else None))
-        print(f"  {site}: scanned in {t_scan:.1f} s; " + "; ".join(report(rows[(m, site)], m) for m in modes), flush=True)
+                found = (
+                    pre.chains["distinct"]
+                    if pre.chains
+                    else sum(1 for x in pre.samples if x.distance <= eps and task.propose(x.text, rng))
+                )
+                rows[(mode, site)].append(
+                    dict(reading=time.perf_counter() - t0, recall=found / size if name == "addition" and size else None)
+                )
+        print(
+            f"  {site}: scanned in {t_scan:.1f} s; " + "; ".join(report(rows[(m, site)], m) for m in modes), flush=True
+        )
     out = {}
-    for mode in (("chains", "decoder") if args.baseline else ("chains",)):
+    for mode in ("chains", "decoder") if args.baseline else ("chains",):
         allr = [r for (m, _), v in rows.items() if m == mode for r in v]
         print(f"{name} overall [{mode}]: {report(allr, mode)}")
         worst = sorted((r for r in allr if r.get("sure")), key=lambda r: -r["err"])[:3]
@@ -201,12 +230,14 @@ def report(rows: list[dict], mode: str) -> str:
     sure = [r["err"] for r in rows if r.get("sure")]
     rec = [r["recall"] for r in rows if r.get("recall") is not None]
     times = [r["reading"] for r in rows if "reading" in r]
-    return (f"[{mode}] mean |dFCR| {statistics.mean(sure) if sure else float('nan'):.3f} known, "
-            f"{statistics.mean(errs):.3f} all, max {max(sure) if sure else float('nan'):.3f} "
-            f"({len(sure)}/{len(errs)} known to +-{SURE_HALF_WIDTH}), violations {sum(r.get('violation', 0) for r in rows)}"
-            + (f", recall median {statistics.median(rec):.1%}" if rec else "")
-            + f", {statistics.mean(r['time'] for r in rows if 'time' in r):.2f} s per query batched"
-            + (f", {statistics.median(times):.2f} s per reading (median of {len(times)})" if times else ""))
+    return (
+        f"[{mode}] mean |dFCR| {statistics.mean(sure) if sure else float('nan'):.3f} known, "
+        f"{statistics.mean(errs):.3f} all, max {max(sure) if sure else float('nan'):.3f} "
+        f"({len(sure)}/{len(errs)} known to +-{SURE_HALF_WIDTH}), violations {sum(r.get('violation', 0) for r in rows)}"
+        + (f", recall median {statistics.median(rec):.1%}" if rec else "")
+        + f", {statistics.mean(r['time'] for r in rows if 'time' in r):.2f} s per query batched"
+        + (f", {statistics.median(times):.2f} s per reading (median of {len(times)})" if times else "")
+    )
 
 
 def main():
@@ -224,9 +255,11 @@ def main():
     ap.add_argument("--baseline", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")
-    for name in (["counting", "addition"] if args.task == "both" else [args.task]):
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}"
+    )
+    for name in ["counting", "addition"] if args.task == "both" else [args.task]:
         run_task(name, args)
 
 

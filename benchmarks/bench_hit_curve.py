@@ -24,13 +24,17 @@ def curve(run_dir: Path) -> None:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     spec = json.loads((run_dir / "train.json").read_text()) if (run_dir / "train.json").exists() else {}
     if spec:
-        print(f"trained with bf16 = {spec['train'].get('bf16')}, batch {spec['train'].get('batch_size')}, "
-              f"d_model {spec['decoder'].get('d_model')}, budget {spec['train'].get('max_minutes')} min")
+        print(
+            f"trained with bf16 = {spec['train'].get('bf16')}, batch {spec['train'].get('batch_size')}, "
+            f"d_model {spec['decoder'].get('d_model')}, budget {spec['train'].get('max_minutes')} min"
+        )
     sites = list(rows[0]["hit"])
     print(f"{'step':>6} {'minutes':>8} {'mean':>6}  " + " ".join(f"{s:>7}" for s in sites))
     for r in rows:
-        print(f"{r['step']:6d} {r['elapsed_s'] / 60:8.1f} {r['mean_hit']:6.3f}  " +
-              " ".join(f"{r['hit'][s]:7.2f}" for s in sites))
+        print(
+            f"{r['step']:6d} {r['elapsed_s'] / 60:8.1f} {r['mean_hit']:6.3f}  "
+            + " ".join(f"{r['hit'][s]:7.2f}" for s in sites)
+        )
     print(f"last throughput: {rows[-1]['samples_per_s']} samples/s, {rows[-1]['tokens_per_s']} tokens/s")
 
 
@@ -44,7 +48,9 @@ def train_for(minutes: float, naive: bool, out: Path) -> Path:
     o = dataclasses.replace(cfg.train, max_minutes=minutes, steps=100_000 if naive else cfg.train.steps)
     if naive:
         o = dataclasses.replace(o, lr=1e-4, warmup=1, min_lr=1.0, bf16=False)
-    cfg = dataclasses.replace(cfg, out=str(out), train=o, probed=dataclasses.replace(cfg.probed, model="shipped:counting"))
+    cfg = dataclasses.replace(
+        cfg, out=str(out), train=o, probed=dataclasses.replace(cfg.probed, model="shipped:counting")
+    )
     train(cfg, progress=False)
     return out
 
@@ -59,8 +65,10 @@ def main():
 
     from inversionview.distributed import cpu_bf16_flags
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}"
+    )
     runs = [Path(r) for r in a.run]
     if a.train:
         tmp = Path(tempfile.mkdtemp())
@@ -69,8 +77,10 @@ def main():
         print(f"== {r}")
         curve(r)
         res = InversionView.load(r).evaluate(a.queries)
-        print(f"final hit rate on {a.queries} fresh held-out queries per site: mean {res['mean_hit']:.3f}  " +
-              " ".join(f"{k}={v:.3f}" for k, v in res["hit"].items()))
+        print(
+            f"final hit rate on {a.queries} fresh held-out queries per site: mean {res['mean_hit']:.3f}  "
+            + " ".join(f"{k}={v:.3f}" for k, v in res["hit"].items())
+        )
     print(f"peak memory (RSS): {peak_rss_mib():.0f} MiB")
 
 

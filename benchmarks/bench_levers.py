@@ -46,8 +46,9 @@ def config(task: str, variant: str, minutes: float, out: Path):
     from inversionview.train import TrainConfig
 
     cfg = TrainConfig.from_toml(Path(inversionview.__file__).parent / "configs" / f"{task}.toml")
-    cfg = dataclasses.replace(cfg, out=str(out), train=dataclasses.replace(cfg.train, max_minutes=minutes,
-                                                                             steps=1_000_000, bf16="auto"))
+    cfg = dataclasses.replace(
+        cfg, out=str(out), train=dataclasses.replace(cfg.train, max_minutes=minutes, steps=1_000_000, bf16="auto")
+    )
     for section, changes in VARIANTS[variant].items():
         cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **changes)})
     return cfg
@@ -60,8 +61,9 @@ def train_one(task: str, variant: str, minutes: float, out: Path) -> None:
     from inversionview import train as T
 
     if variant == "wd_all":  # the ablation: AdamW's decay on every parameter, as before
-        T._optimizer = lambda dec, o: torch.optim.AdamW(dec.parameters(), lr=o.lr, weight_decay=o.weight_decay,
-                                                        betas=(0.9, 0.98))
+        T._optimizer = lambda dec, o: torch.optim.AdamW(
+            dec.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=(0.9, 0.98)
+        )
     T.train(config(task, variant, minutes, out), progress=False)
 
 
@@ -70,8 +72,13 @@ def evaluate(out: Path, queries: int) -> dict:
 
     res = InversionView.load(out).evaluate(queries, seed=0)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {"mean": res["mean_hit"], "hit": res["hit"], "steps": rows[-1]["step"],
-            "samples_per_s": rows[-1]["samples_per_s"], "curve": [(r["elapsed_s"], r["mean_hit"]) for r in rows]}
+    return {
+        "mean": res["mean_hit"],
+        "hit": res["hit"],
+        "steps": rows[-1]["step"],
+        "samples_per_s": rows[-1]["samples_per_s"],
+        "curve": [(r["elapsed_s"], r["mean_hit"]) for r in rows],
+    }
 
 
 def main():
@@ -92,9 +99,11 @@ def main():
     from inversionview.distributed import cpu_bf16_flags
 
     torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 flags: "
-          f"{cpu_bf16_flags() or 'none'}; {a.parallel} variants at a time, {a.threads} thread(s) each, "
-          f"{a.minutes} min each, task {a.task}")
+    print(
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 flags: "
+        f"{cpu_bf16_flags() or 'none'}; {a.parallel} variants at a time, {a.threads} thread(s) each, "
+        f"{a.minutes} min each, task {a.task}"
+    )
     root = Path(a.out or tempfile.mkdtemp())
     names = a.variants.split(",")
     unknown = [n for n in names if n not in VARIANTS]
@@ -119,10 +128,14 @@ def main():
     print(f"{'variant':10} {'mean':>6} {'vs base':>8} {'steps':>6} {'smp/s':>6}  " + " ".join(f"{s:>7}" for s in sites))
     base = res.get("base", res[names[0]])["mean"]
     for n, r in res.items():
-        print(f"{n:10} {r['mean']:6.3f} {r['mean'] - base:+8.3f} {r['steps']:6d} {r['samples_per_s']:6.0f}  " +
-              " ".join(f"{r['hit'][s]:7.2f}" for s in sites))
-    print(f"(a mean over {len(sites)} sites x {a.queries} queries: standard error about "
-          f"{(0.25 / (len(sites) * a.queries)) ** 0.5:.3f})")
+        print(
+            f"{n:10} {r['mean']:6.3f} {r['mean'] - base:+8.3f} {r['steps']:6d} {r['samples_per_s']:6.0f}  "
+            + " ".join(f"{r['hit'][s]:7.2f}" for s in sites)
+        )
+    print(
+        f"(a mean over {len(sites)} sites x {a.queries} queries: standard error about "
+        f"{(0.25 / (len(sites) * a.queries)) ** 0.5:.3f})"
+    )
     (root / "levers.json").write_text(json.dumps(res, indent=1))
     print(f"runs and levers.json in {root}")
 

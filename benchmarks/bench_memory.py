@@ -78,9 +78,11 @@ checkpoint_every = 1000
 """)
     t = time.perf_counter()
     train(TrainConfig.from_toml(tmp / "train.toml"), progress=False)
-    print(f"setup: GPT-2-small-shaped model, {n / 1e6:.1f} M parameters ({cfg.n_layer} layers, d_model {cfg.n_embd}, "
-          f"vocabulary {cfg.vocab_size}, {N_POSITIONS} positions); decoder trained 4 steps in "
-          f"{time.perf_counter() - t:.1f} s; peak RSS {peak_mib():.0f} MiB")
+    print(
+        f"setup: GPT-2-small-shaped model, {n / 1e6:.1f} M parameters ({cfg.n_layer} layers, d_model {cfg.n_embd}, "
+        f"vocabulary {cfg.vocab_size}, {N_POSITIONS} positions); decoder trained 4 steps in "
+        f"{time.perf_counter() - t:.1f} s; peak RSS {peak_mib():.0f} MiB"
+    )
 
 
 def read(tmp: Path, deltas: int) -> None:
@@ -94,16 +96,20 @@ def read(tmp: Path, deltas: int) -> None:
     t_load = time.perf_counter() - t
     loaded, peak_load = rss_mib(), peak_mib()
     if deltas:
-        print(f"load: {t_load:.1f} s; RSS {loaded:.0f} MiB after loading (peak {peak_load:.0f} MiB; "
-              f"{base:.0f} MiB before, with torch imported)")
+        print(
+            f"load: {t_load:.1f} s; RSS {loaded:.0f} MiB after loading (peak {peak_load:.0f} MiB; "
+            f"{base:.0f} MiB before, with torch imported)"
+        )
     t = time.perf_counter()
     pre = iv.query(TEXT, site=SITE, position=POSITION, samples=1024, deltas=deltas)
     t_read = time.perf_counter() - t
     mean_len = sum(len(s.tokens) for s in pre.samples) / len(pre.samples)
-    print(f"read{'' if deltas else ', no deltas'}: {t_read:.1f} s ({len(pre.samples)} distinct samples, "
-          f"{mean_len:.0f} tokens each on average, deltas for {min(deltas, len(pre.samples))}); "
-          f"peak RSS {peak_mib():.0f} MiB ({peak_mib() - loaded:+.0f} MiB over the loaded model); "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"read{'' if deltas else ', no deltas'}: {t_read:.1f} s ({len(pre.samples)} distinct samples, "
+        f"{mean_len:.0f} tokens each on average, deltas for {min(deltas, len(pre.samples))}); "
+        f"peak RSS {peak_mib():.0f} MiB ({peak_mib() - loaded:+.0f} MiB over the loaded model); "
+        f"threads {torch.get_num_threads()}"
+    )
 
 
 def main():
@@ -114,8 +120,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for stage in ("setup", "256", "0"):
             subprocess.run([sys.executable, __file__, stage, tmp], check=True)
-    print("RSS from getrusage (ru_maxrss) and /proc/self/statm. The machine is shared: times vary with its load; "
-          "peaks much less.")
+    print(
+        "RSS from getrusage (ru_maxrss) and /proc/self/statm. The machine is shared: times vary with its load; "
+        "peaks much less."
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,10 @@ def main():
     iv = InversionView.load(run)
     print(f"threads: {torch.get_num_threads()}, run: {run}")
     t_fast, pre = best_of(lambda: iv.query(TEXT, site=SITE, position=POS))
-    print(f"auto query ({pre.n_candidates} candidates, {len(pre.samples)} distinct, deltas for the closest 256): "
-          f"{t_fast * 1000:.0f} ms   [target <= 1000 ms]  inside epsilon: {pre.fraction_inside:.1%}")
+    print(
+        f"auto query ({pre.n_candidates} candidates, {len(pre.samples)} distinct, deltas for the closest 256): "
+        f"{t_fast * 1000:.0f} ms   [target <= 1000 ms]  inside epsilon: {pre.fraction_inside:.1%}"
+    )
     t_naive, _ = best_of(lambda: naive_query(iv), repeat=1)
     print(f"naive baseline (no KV cache, full forward, no de-duplication): {t_naive * 1000:.0f} ms")
     print(f"speed-up: {t_naive / t_fast:.1f}x")

@@ -39,9 +39,19 @@ from _common import peak_rss_mib
 
 TEXT, SITE, POS = "vvzccvczvvvzvcvc|v:8", "a1.0", 19  # 19: the ':'
 REPEAT = 5
-CHROMIUM = dict(executable_path="/usr/bin/chromium", headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync"])
+CHROMIUM = dict(
+    executable_path="/usr/bin/chromium",
+    headless=True,
+    args=[
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ],
+)
 RESETS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected)
 
 
@@ -66,13 +76,17 @@ def in_thread(fn):
 
 
 def show(name, ts):
-    print(f"{name:<44} median {statistics.median(ts) * 1000:7.0f} ms   (min {min(ts) * 1000:.0f}, max {max(ts) * 1000:.0f}, "
-          f"n={len(ts)})")
+    print(
+        f"{name:<44} median {statistics.median(ts) * 1000:7.0f} ms   (min {min(ts) * 1000:.0f}, max {max(ts) * 1000:.0f}, "
+        f"n={len(ts)})"
+    )
     return statistics.median(ts)
 
 
 def post_json(url, path, body, timeout=3600):
-    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
@@ -91,10 +105,14 @@ def latency(run):
     server = make_server(iv, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
-    print(f"{run}: {SITE} at position {POS} of {TEXT!r}, Auto mix, 1024 candidates; torch threads {torch.get_num_threads()}")
+    print(
+        f"{run}: {SITE} at position {POS} of {TEXT!r}, Auto mix, 1024 candidates; torch threads {torch.get_num_threads()}"
+    )
     body = {"text": TEXT, "site": SITE, "position": POS, "samples": 1024}
-    lib = show("library call iv.query (baseline)",
-               in_thread(lambda: timed(lambda: iv.query(TEXT, site=SITE, position=POS, samples=1024))))
+    lib = show(
+        "library call iv.query (baseline)",
+        in_thread(lambda: timed(lambda: iv.query(TEXT, site=SITE, position=POS, samples=1024))),
+    )
     http_s = show("POST /api/query through HTTP", timed(lambda: json.loads(post_json(url, "/api/query", body)[1])))
     print(f"{'':<44} HTTP, JSON and HTML add {1000 * (http_s - lib):.0f} ms ({http_s / lib:.2f}x the library call)")
     try:
@@ -155,6 +173,7 @@ def rss_mib(pid: int) -> float:
 
 def hostile(port: int) -> list[bytes]:
     """Requests of a careless or hostile client, each on its own connection."""
+
     def req(method, path, body=None, ctype=b"application/json", length=None):
         head = b"%s %s HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n" % (method, path, port)
         if body is None:
@@ -164,19 +183,42 @@ def hostile(port: int) -> list[bytes]:
 
     q = json.dumps({"text": TEXT, "site": SITE, "position": POS, "samples": 8})[:-1].encode()
     nested = b"[" * 100_000 + b"]" * 100_000
-    out = [req(b"GET", p) for p in (b"/static/../server.py", b"/static/%2e%2e%2fserver.py", b"/static//etc/passwd",
-                                     b"/%00", b"/api/stored/../../x", b"/" + b"a" * 8000)]
+    out = [
+        req(b"GET", p)
+        for p in (
+            b"/static/../server.py",
+            b"/static/%2e%2e%2fserver.py",
+            b"/static//etc/passwd",
+            b"/%00",
+            b"/api/stored/../../x",
+            b"/" + b"a" * 8000,
+        )
+    ]
     out += [req(m, b"/") for m in (b"TRACE", b"CONNECT", b"DELETE", b"PUT", b"OPTIONS", b"BREW")]
     out += [req(b"POST", p, b'{"x": ' + nested + b"}") for p in (b"/api/query", b"/api/tokens", b"/api/report")]
-    out += [req(b"POST", b"/api/query", q + b', "%s": %s}' % (k, v)) for k, v in
-            [(b"seed", b"1" + b"0" * 40), (b"samples", b"1" + b"0" * 40), (b"position", b"9" * 5000),
-             (b"epsilon", b"NaN"), (b"temperature", b"Infinity"), (b"noise", b"1e308")]]
-    bad = (b'{"epsilon": 0.2, "reading": {"text": "a", "tokens": ["B", "a"], "position": 1, "site": "s", '
-           b'"site_short": "s", "epsilon": 0.1, "metric": "<script>", "mode": "tl", "n_candidates": 1, '
-           b'"fraction_inside": 0.0, "samples": [{"tokens": ["B"], "text": "", "distance": -Infinity, "position": 0, '
-           b'"distances": [0.1], "delta": [0.0], "count": 1}]}}')
-    out += [req(b"POST", b"/api/epsilon", bad), req(b"POST", b"/api/report", b"", length=10**12),
-            req(b"POST", b"/api/query", b"a=1", ctype=b"text/plain"), b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"]
+    out += [
+        req(b"POST", b"/api/query", q + b', "%s": %s}' % (k, v))
+        for k, v in [
+            (b"seed", b"1" + b"0" * 40),
+            (b"samples", b"1" + b"0" * 40),
+            (b"position", b"9" * 5000),
+            (b"epsilon", b"NaN"),
+            (b"temperature", b"Infinity"),
+            (b"noise", b"1e308"),
+        ]
+    ]
+    bad = (
+        b'{"epsilon": 0.2, "reading": {"text": "a", "tokens": ["B", "a"], "position": 1, "site": "s", '
+        b'"site_short": "s", "epsilon": 0.1, "metric": "<script>", "mode": "tl", "n_candidates": 1, '
+        b'"fraction_inside": 0.0, "samples": [{"tokens": ["B"], "text": "", "distance": -Infinity, "position": 0, '
+        b'"distances": [0.1], "delta": [0.0], "count": 1}]}}'
+    )
+    out += [
+        req(b"POST", b"/api/epsilon", bad),
+        req(b"POST", b"/api/report", b"", length=10**12),
+        req(b"POST", b"/api/query", b"a=1", ctype=b"text/plain"),
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ]
     return out
 
 
@@ -198,8 +240,11 @@ def send(port: int, data: bytes, partial: bool = False) -> str:
 def one_reading(url: str, i: int, samples: int, t0: float) -> tuple[str, float]:
     ticket = f"b{i}"
     try:
-        status, _ = post_json(url, "/api/query", {"text": TEXT, "site": SITE, "position": POS, "samples": samples,
-                                                  "seed": i, "ticket": ticket})
+        status, _ = post_json(
+            url,
+            "/api/query",
+            {"text": TEXT, "site": SITE, "position": POS, "samples": samples, "seed": i, "ticket": ticket},
+        )
     except RESETS + (urllib.error.URLError,):
         status = "reset"
     return str(status), time.perf_counter() - t0
@@ -232,13 +277,19 @@ def burst(url: str, port: int, n: int, samples: int) -> dict:
         watcher.result()
         statuses = [f.result() for f in bad + slow]
     waits = [t for _, t in results]
-    return {"seconds": time.perf_counter() - t0, "reading_status": collections.Counter(s for s, _ in results),
-            "hostile_status": collections.Counter(statuses), "waits": waits, "places": places}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "reading_status": collections.Counter(s for s, _ in results),
+        "hostile_status": collections.Counter(statuses),
+        "waits": waits,
+        "places": places,
+    }
 
 
 def bursts(run: str, n: int, k: int, samples: int, trim: bool):
-    proc = subprocess.Popen([sys.executable, "-c", SERVER, run, "trim" if trim else "no-trim"], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVER, run, "trim" if trim else "no-trim"], stdout=subprocess.PIPE, text=True
+    )
     try:
         port = int(proc.stdout.readline())
         url = f"http://127.0.0.1:{port}"
@@ -246,8 +297,10 @@ def bursts(run: str, n: int, k: int, samples: int, trim: bool):
         post_json(url, "/api/query", {"text": TEXT, "site": SITE, "position": POS, "samples": samples})
         time.sleep(1)  # the worker trims after the queue runs dry
         rss1 = rss_mib(proc.pid)
-        print(f"server (malloc_trim after bursts: {'on' if trim else 'off'}): RSS {rss0:.0f} MiB at start-up, "
-              f"{rss1:.0f} MiB after one warm-up reading of {samples} samples")
+        print(
+            f"server (malloc_trim after bursts: {'on' if trim else 'off'}): RSS {rss0:.0f} MiB at start-up, "
+            f"{rss1:.0f} MiB after one warm-up reading of {samples} samples"
+        )
         worst, bad = rss1, 0
         for b in range(k):
             r = burst(url, port, n, samples)
@@ -259,17 +312,23 @@ def bursts(run: str, n: int, k: int, samples: int, trim: bool):
             resets += r["places"].get("resets", 0)
             bad += fives + resets
             w = sorted(r["waits"])
-            print(f"burst {b + 1}: {n} readings of {samples} samples at once in {r['seconds']:.1f} s "
-                  f"({n / r['seconds']:.2f} readings/s); waits first {w[0]:.1f} s, median {statistics.median(w):.1f} s, "
-                  f"last {w[-1]:.1f} s; statuses {dict(r['reading_status'])}; the last reading's place in line "
-                  f"went {r['places'].get('first')} -> {r['places'].get('last')}")
-            print(f"         {sum(r['hostile_status'].values())} hostile requests meanwhile: "
-                  f"{dict(sorted(r['hostile_status'].items()))}; 5xx {fives}, resets or no answer {resets}; "
-                  f"RSS after {rss:.0f} MiB ({100 * (rss / rss1 - 1):+.1f}% against after the warm-up)")
+            print(
+                f"burst {b + 1}: {n} readings of {samples} samples at once in {r['seconds']:.1f} s "
+                f"({n / r['seconds']:.2f} readings/s); waits first {w[0]:.1f} s, median {statistics.median(w):.1f} s, "
+                f"last {w[-1]:.1f} s; statuses {dict(r['reading_status'])}; the last reading's place in line "
+                f"went {r['places'].get('first')} -> {r['places'].get('last')}"
+            )
+            print(
+                f"         {sum(r['hostile_status'].values())} hostile requests meanwhile: "
+                f"{dict(sorted(r['hostile_status'].items()))}; 5xx {fives}, resets or no answer {resets}; "
+                f"RSS after {rss:.0f} MiB ({100 * (rss / rss1 - 1):+.1f}% against after the warm-up)"
+            )
         answers = urllib.request.urlopen(f"{url}/api/info", timeout=60).status
-        print(f"afterwards /api/info answers {answers}; RSS {rss_mib(proc.pid):.0f} MiB, highest after a burst "
-              f"{worst:.0f} MiB = {worst / rss1:.2f}x after the warm-up (target <= 1.20x: "
-              f"{'met' if worst <= 1.2 * rss1 else 'NOT met'}); 5xx + resets: {bad} (target 0)")
+        print(
+            f"afterwards /api/info answers {answers}; RSS {rss_mib(proc.pid):.0f} MiB, highest after a burst "
+            f"{worst:.0f} MiB = {worst / rss1:.2f}x after the warm-up (target <= 1.20x: "
+            f"{'met' if worst <= 1.2 * rss1 else 'NOT met'}); 5xx + resets: {bad} (target 0)"
+        )
     finally:
         proc.kill()
         proc.wait()

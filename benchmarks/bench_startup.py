@@ -20,8 +20,23 @@ CASES = [
     ("python -c pass (interpreter alone)", ["-c", "pass"]),
     ("inversionview --help", ["-m", "inversionview", "--help"]),
     ("inversionview query --help", ["-m", "inversionview", "query", "--help"]),
-    ("query --metric manhattan (error)", ["-m", "inversionview", "query", "x", "--text", "a", "--site", "a0.0",
-                                          "--position", "1", "--metric", "manhattan"]),
+    (
+        "query --metric manhattan (error)",
+        [
+            "-m",
+            "inversionview",
+            "query",
+            "x",
+            "--text",
+            "a",
+            "--site",
+            "a0.0",
+            "--position",
+            "1",
+            "--metric",
+            "manhattan",
+        ],
+    ),
     ("inversionview init counting", ["-m", "inversionview", "init", "counting"]),
     ("from inversionview import InversionView", ["-c", "from inversionview import InversionView"]),
     ("import torch", ["-c", "import torch"]),
@@ -40,7 +55,9 @@ def main() -> None:
     for name, argv in CASES:
         runs = [wall(argv) for _ in range(REPEAT)]
         times[name] = min(t for t, _ in runs)
-        print(f"{name:<42} {times[name]:7.3f} s   (exit {runs[-1][1]}; median {sorted(t for t, _ in runs)[REPEAT // 2]:.3f} s)")
+        print(
+            f"{name:<42} {times[name]:7.3f} s   (exit {runs[-1][1]}; median {sorted(t for t, _ in runs)[REPEAT // 2]:.3f} s)"
+        )
     torch_s = times["import torch"]
     for name in ("inversionview --help", "query --metric manhattan (error)"):
         print(f"{name} / import torch: {times[name] / torch_s:.2f}")

@@ -81,6 +81,7 @@ def trainer_step(t: Trainer):
         before = t.tokens
         t.step()
         return t.tokens - before
+
     return step
 
 
@@ -91,7 +92,7 @@ def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def useful_flops_per_token(d: int, layers: int, vocab: int, mean_len: float, probed: ProbedModel) -> float:
@@ -100,7 +101,7 @@ def useful_flops_per_token(d: int, layers: int, vocab: int, mean_len: float, pro
     same token (24 d_p^2 per layer). The per-sample conditioning MLP is left out (under 1 %)."""
     slots = mean_len / 2 + 1  # causal attention: on average half the input, plus the prefix slot
     decoder = 24 * d * d * layers + 4 * d * slots * layers + 2 * d * vocab
-    return 3 * decoder + 24 * probed.d_model ** 2 * probed.n_layers
+    return 3 * decoder + 24 * probed.d_model**2 * probed.n_layers
 
 
 def main():
@@ -113,8 +114,10 @@ def main():
     a = ap.parse_args()
     dev = torch.device(a.device)
     auto, why = choose_bf16("auto", dev)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, CPU bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, CPU bf16 flags: {', '.join(cpu_bf16_flags()) or 'none'}"
+    )
     print(f'bf16 = "auto" on {dev}: {"bfloat16" if auto else "float32"} ({why})')
     print(f"decoder d_model {a.d_model}, batch {a.batch}, up to {a.steps} steps or {a.max_seconds:g} s each")
     res = {}
@@ -128,8 +131,15 @@ def main():
     task = get_task("counting")
     sites = [probed.site(s) for s in task.sites]
     torch.manual_seed(0)
-    dec = Decoder(DecoderConfig(vocab_size=probed.tokenizer.vocab_size, max_len=probed.max_len, d_act=probed.d_model,
-                                n_sites=len(sites), d_model=a.d_model)).to(dev)
+    dec = Decoder(
+        DecoderConfig(
+            vocab_size=probed.tokenizer.vocab_size,
+            max_len=probed.max_len,
+            d_act=probed.d_model,
+            n_sites=len(sites),
+            d_model=a.d_model,
+        )
+    ).to(dev)
     opt, rng = torch.optim.AdamW(dec.parameters(), lr=1e-3), random.Random(0)
 
     def naive():
@@ -141,20 +151,26 @@ def main():
 
     res["naive (fp32, full forward, padded)"] = measure(naive, a.steps, a.max_seconds)
     for name, (steps, dt, tokens) in res.items():
-        print(f"{name:40s} {steps:3d} steps  {steps / dt:6.2f} steps/s  {steps * a.batch / dt:7.0f} samples/s  "
-              f"{tokens / dt:8.0f} tokens/s")
+        print(
+            f"{name:40s} {steps:3d} steps  {steps / dt:6.2f} steps/s  {steps * a.batch / dt:7.0f} samples/s  "
+            f"{tokens / dt:8.0f} tokens/s"
+        )
     speed = {k: v[2] / v[1] for k, v in res.items()}
     fp32, bf16, base = speed.values()
     chosen = bf16 if auto else fp32
-    print(f"bf16 / float32 tokens/s: {bf16 / fp32:.2f}x   auto's choice / naive: {chosen / base:.2f}x   "
-          "(the authors' code on this machine class: 0.93 steps/s, ~5,000 tokens/s)")
+    print(
+        f"bf16 / float32 tokens/s: {bf16 / fp32:.2f}x   auto's choice / naive: {chosen / base:.2f}x   "
+        "(the authors' code on this machine class: 0.93 steps/s, ~5,000 tokens/s)"
+    )
     peak = matmul_gflops()
     steps, dt, tokens = res["inversionview float32"]
     per_tok = useful_flops_per_token(a.d_model, 2, probed.tokenizer.vocab_size, tokens / (steps * a.batch), probed)
     useful = tokens / dt * per_tok / 1e9
-    print(f"fp32 matmul peak (1024^3, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s; decoder training "
-          f"(float32): {per_tok / 1e6:.2f} MFLOP per token x {tokens / dt:.0f} tokens/s = {useful:.1f} GFLOP/s "
-          f"useful, {useful / peak:.1%} of the peak")
+    print(
+        f"fp32 matmul peak (1024^3, {torch.get_num_threads()} threads): {peak:.1f} GFLOP/s; decoder training "
+        f"(float32): {per_tok / 1e6:.2f} MFLOP per token x {tokens / dt:.0f} tokens/s = {useful:.1f} GFLOP/s "
+        f"useful, {useful / peak:.1%} of the peak"
+    )
     print(f"peak memory (RSS): {peak_rss_mib():.0f} MiB")
 
 

@@ -36,8 +36,16 @@ def gpt2_small_probed(path: Path) -> Path:
 
     torch.manual_seed(0)
     v = get_task("counting").vocab
-    cfg = GPT2Config(vocab_size=v.vocab_size, n_positions=64, n_layer=12, n_head=12, n_embd=768,
-                     bos_token_id=v.bos_id, eos_token_id=v.eos_id, pad_token_id=v.pad_id)
+    cfg = GPT2Config(
+        vocab_size=v.vocab_size,
+        n_positions=64,
+        n_layer=12,
+        n_head=12,
+        n_embd=768,
+        bos_token_id=v.bos_id,
+        eos_token_id=v.eos_id,
+        pad_token_id=v.pad_id,
+    )
     ProbedModel(GPT2LMHeadModel(cfg), v, mode="tl").save(path)
     return path
 
@@ -51,8 +59,10 @@ def run(name: str, d: Path, toml: str, device: torch.device) -> dict:
     wall = time.perf_counter() - t
     row = json.loads((d / name / "metrics.jsonl").read_text().splitlines()[-1])
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    print(f"train {name:14s} {row['step']} steps in {wall:5.1f} s (incl. setup)  {row['samples_per_s'] / 256:6.2f} steps/s  "
-          f"{row['samples_per_s']:8.0f} samples/s  {row['tokens_per_s']:9.0f} tokens/s  peak GPU memory {mem:.2f} GiB")
+    print(
+        f"train {name:14s} {row['step']} steps in {wall:5.1f} s (incl. setup)  {row['samples_per_s'] / 256:6.2f} steps/s  "
+        f"{row['samples_per_s']:8.0f} samples/s  {row['tokens_per_s']:9.0f} tokens/s  peak GPU memory {mem:.2f} GiB"
+    )
     return {"iv": iv, "row": row}
 
 
@@ -83,12 +93,20 @@ checkpoint_every = {a.steps}
 """
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        run("counting", d, 'out = "counting"\n[probed]\nmodel = "shipped:counting"\n[decoder]\nd_model = 256\n' + common,
-                  device)
+        run(
+            "counting",
+            d,
+            'out = "counting"\n[probed]\nmodel = "shipped:counting"\n[decoder]\nd_model = 256\n' + common,
+            device,
+        )
         probed = gpt2_small_probed(d / "gpt2-small-shaped")
-        run("gpt2-small-bf16", d, f'out = "gpt2-small-bf16"\n[probed]\nmodel = "{probed}"\ndtype = "bfloat16"\n'
+        run(
+            "gpt2-small-bf16",
+            d,
+            f'out = "gpt2-small-bf16"\n[probed]\nmodel = "{probed}"\ndtype = "bfloat16"\n'
             '[data]\ntask = "counting"\nsites = ["x6.post", "a11.0", "x11.post"]\n[decoder]\nd_model = 256\n' + common,
-            device)
+            device,
+        )
 
         iv = InversionView.load(d / "counting", device=a.device)
         times = []
@@ -101,8 +119,10 @@ checkpoint_every = {a.steps}
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t)
         best = min(times[1:])  # the first call warms up kernels
-        print(f"read  Auto query, 1024 candidates: {best * 1000:.0f} ms ({1 / best:.1f} readings/s); "
-              f"{len(pre.samples)} distinct samples, {pre.fraction_inside:.2f} inside epsilon")
+        print(
+            f"read  Auto query, 1024 candidates: {best * 1000:.0f} ms ({1 / best:.1f} readings/s); "
+            f"{len(pre.samples)} distinct samples, {pre.fraction_inside:.2f} inside epsilon"
+        )
     print(f"peak memory (RSS): {peak_rss_mib():.0f} MiB")
 
 

@@ -41,8 +41,13 @@ OUT = ROOT / "tests" / "fixtures" / "tl"
 COUNTING_TEXTS = ["abca|a:2", "zzzyxzy|z:4", "qr|q:1"]
 ADDITION_TEXTS = ["480+484=964", "100+999=1099"]
 D, LAYERS, HEADS = 32, 2, 4
-_COMMON = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * D,
-               max_position_embeddings=24)
+_COMMON = dict(
+    hidden_size=D,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    intermediate_size=2 * D,
+    max_position_embeddings=24,
+)
 RANDOM = {  # name -> (config class, overrides)
     "gpt2": ("GPT2Config", dict(n_layer=LAYERS, n_head=HEADS, n_embd=D, n_inner=4 * D, n_positions=24)),
     "gpt_neox": ("GPTNeoXConfig", {**_COMMON, "use_parallel_residual": True, "rotary_pct": 0.25}),
@@ -58,8 +63,14 @@ def build_random(name: str, path: Path, seed: int = 0) -> Path:
 
     cls_name, kw = RANDOM[name]
     v = get_task("counting").vocab
-    cfg = getattr(transformers, cls_name)(vocab_size=v.vocab_size, bos_token_id=v.bos_id, eos_token_id=v.eos_id,
-                                          pad_token_id=v.pad_id, tie_word_embeddings=False, **kw)
+    cfg = getattr(transformers, cls_name)(
+        vocab_size=v.vocab_size,
+        bos_token_id=v.bos_id,
+        eos_token_id=v.eos_id,
+        pad_token_id=v.pad_id,
+        tie_word_embeddings=False,
+        **kw,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
@@ -114,12 +125,14 @@ def legacy_model(tmp: str, hf, v: CharVocab):
     if hf.config.model_type == "gpt2":  # TransformerLens reads GPT-2's context length from n_ctx
         hf.config.n_ctx = hf.config.n_positions
         hf.config.save_pretrained(tmp)
-    cfg = lp.get_pretrained_model_config(tmp, hf_cfg=hf.config.to_dict(), fold_ln=True, dtype=torch.float64,
-                                         default_prepend_bos=False)
+    cfg = lp.get_pretrained_model_config(
+        tmp, hf_cfg=hf.config.to_dict(), fold_ln=True, dtype=torch.float64, default_prepend_bos=False
+    )
     state = lp.get_pretrained_state_dict(tmp, cfg, hf, dtype=torch.float64)
     model = HookedTransformer(cfg, AutoTokenizer.from_pretrained(tmp), move_to_device=False)
-    model.load_and_process_state_dict(state, fold_ln=True, center_writing_weights=True, center_unembed=True,
-                                      fold_value_biases=True)
+    model.load_and_process_state_dict(
+        state, fold_ln=True, center_writing_weights=True, center_unembed=True, fold_value_biases=True
+    )
     return model
 
 
@@ -161,10 +174,15 @@ def make(name: str, path: Path, texts: list[str]) -> Path:
         tensors[f"{i}/ids"] = torch.tensor(ids)
         for site, x in activations(model, ids, names).items():
             tensors[f"{i}/{site}"] = x.to(torch.float32).contiguous()
-    meta = {"model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "texts": json.dumps(texts),
-            "sites": json.dumps(names), "transformer_lens": version("transformer-lens"), "torch": torch.__version__,
-            "transformers": version("transformers"),
-            "processing": "fold_ln, center_writing_weights, center_unembed, fold_value_biases"}
+    meta = {
+        "model": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+        "texts": json.dumps(texts),
+        "sites": json.dumps(names),
+        "transformer_lens": version("transformer-lens"),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "processing": "fold_ln, center_writing_weights, center_unembed, fold_value_biases",
+    }
     OUT.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(OUT / f"{name}.safetensors"), metadata=meta)
     return OUT / f"{name}.safetensors"
@@ -174,8 +192,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", help="model names to (re)make (default: all)")
     args = ap.parse_args(argv)
-    jobs = {"counting": (SHIPPED / "counting" / "probed", COUNTING_TEXTS),
-            "addition": (SHIPPED / "addition" / "probed", ADDITION_TEXTS)}
+    jobs = {
+        "counting": (SHIPPED / "counting" / "probed", COUNTING_TEXTS),
+        "addition": (SHIPPED / "addition" / "probed", ADDITION_TEXTS),
+    }
     for name in RANDOM:
         jobs[name] = (OUT / "models" / name, COUNTING_TEXTS)
     for name, (path, texts) in jobs.items():
@@ -184,8 +204,7 @@ def main(argv=None) -> None:
         if name in RANDOM:
             build_random(name, path)
         out = make(name, path, texts)
-        print(f"{name}: {out} ({out.stat().st_size / 1024:.0f} KiB), "
-              f"TransformerLens {version('transformer-lens')}")
+        print(f"{name}: {out} ({out.stat().st_size / 1024:.0f} KiB), TransformerLens {version('transformer-lens')}")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,19 @@ from playwright.sync_api import sync_playwright
 from inversionview import InversionView
 from inversionview.viewer.server import make_server
 
-CHROMIUM = dict(executable_path="/usr/bin/chromium", headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync"])
+CHROMIUM = dict(
+    executable_path="/usr/bin/chromium",
+    headless=True,
+    args=[
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ],
+)
 TEXT = "vvzccvczvvvzvcvc|v:8"
 
 
@@ -35,7 +45,9 @@ def main(out: str = "docs/viewer.png") -> None:
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(**CHROMIUM)
-            page = browser.new_page(viewport={"width": 1400, "height": 1250}, bypass_csp=True)  # wait_for_function evals
+            page = browser.new_page(
+                viewport={"width": 1400, "height": 1250}, bypass_csp=True
+            )  # wait_for_function evals
             page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
             page.wait_for_selector("#tokens .tok")
             page.fill("#text", TEXT)

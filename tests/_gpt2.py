@@ -15,8 +15,16 @@ def make_gpt2_dir(path: Path, seed: int = 0, n_positions: int = 64) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=GPT2_VOCAB, n_positions=n_positions, n_embd=32, n_layer=2, n_head=2, n_inner=128,
-                     bos_token_id=EOT, eos_token_id=EOT)
+    cfg = GPT2Config(
+        vocab_size=GPT2_VOCAB,
+        n_positions=n_positions,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_inner=128,
+        bos_token_id=EOT,
+        eos_token_id=EOT,
+    )
     model = GPT2LMHeadModel(cfg)
     with torch.no_grad():  # non-trivial biases and LayerNorm parameters, so that TL processing matters
         for name, p in model.named_parameters():

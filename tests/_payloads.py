@@ -15,8 +15,10 @@ from inversionview.preimage import Preimage
 def payload(mark: str) -> str:
     """Markup that would show (an element of class "inj"), run (an image's error handler, a script) or break out of
     an attribute if it were not escaped; ``mark`` names the field it was put in."""
-    return (f'<b class="inj">{mark}</b><img src=x onerror="window.xss=(window.xss||[]).concat(\'{mark}\')">'
-            f'<script>window.xss=(window.xss||[]).concat("{mark}")</script>"\' x="&amp;&lt;</td></tr></table>')
+    return (
+        f'<b class="inj">{mark}</b><img src=x onerror="window.xss=(window.xss||[]).concat(\'{mark}\')">'
+        f'<script>window.xss=(window.xss||[]).concat("{mark}")</script>"\' x="&amp;&lt;</td></tr></table>'
+    )
 
 
 def _types(t):
@@ -45,8 +47,10 @@ def _fill(value, t, text: str):
     if isinstance(value, str):
         return text
     if isinstance(value, list):
-        elem = next((typing.get_args(x)[0] for x in _types(t) if typing.get_origin(x) is list and typing.get_args(x)),
-                    typing.Any)
+        elem = next(
+            (typing.get_args(x)[0] for x in _types(t) if typing.get_origin(x) is list and typing.get_args(x)),
+            typing.Any,
+        )
         return [_fill(x, elem, text) for x in value]
     if isinstance(value, dict):
         return {**{k: _fill(x, typing.Any, text) for k, x in value.items()}, "payload": text}
@@ -67,7 +71,7 @@ def with_payload(reading: dict, path: str, cls=Preimage) -> dict:
     out = copy.deepcopy(reading)
     t = dict(text_fields(cls))[path]
     head, _, rest = path.partition(".")
-    for d in (out[head] if rest else [out]):
+    for d in out[head] if rest else [out]:
         key = rest or head
         d[key] = _fill(d.get(key), t, payload(path))
     return out

@@ -22,8 +22,17 @@ def make_probed_dir(path: Path, seed: int = 0, n_layer: int = 2, n_head: int = 2
 
     torch.manual_seed(seed)
     v = get_task("counting").vocab
-    cfg = GPT2Config(vocab_size=v.vocab_size, n_positions=33, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                     n_inner=4 * n_embd, bos_token_id=v.bos_id, eos_token_id=v.eos_id, pad_token_id=v.pad_id)
+    cfg = GPT2Config(
+        vocab_size=v.vocab_size,
+        n_positions=33,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        n_inner=4 * n_embd,
+        bos_token_id=v.bos_id,
+        eos_token_id=v.eos_id,
+        pad_token_id=v.pad_id,
+    )
     model = GPT2LMHeadModel(cfg)
     with torch.no_grad():  # non-trivial biases and LayerNorm parameters, so that TL processing matters
         for name, p in model.named_parameters():

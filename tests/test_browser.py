@@ -18,9 +18,19 @@ from inversionview.preimage import Preimage
 from inversionview.store import ReadingStore
 from inversionview.viewer.server import MAX_SAMPLES, make_server
 
-CHROMIUM = dict(executable_path="/usr/bin/chromium", headless=True,
-                args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                      "--disable-component-update", "--disable-sync"])
+CHROMIUM = dict(
+    executable_path="/usr/bin/chromium",
+    headless=True,
+    args=[
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ],
+)
 TEXT = "vvzccvczvvvzvcvc|v:8"  # BOS + 20 characters + EOS: the target 'v' is at 18, ':' at 19
 SELF_CONTAINED = re.compile(r"""(src|href)\s*=\s*["']?\s*(https?:)?//|url\(\s*["']?(https?:)?//""", re.I)
 
@@ -85,15 +95,20 @@ def read(page, site: str | None = None, position: int | None = None) -> None:
         page.select_option("#site", site)
     n = int(page.locator("body").get_attribute("data-reads") or 0)
     page.click("#read")
-    page.wait_for_function(f"Number(document.body.dataset.reads || 0) > {n} || "
-                           "document.querySelector('#msg').className === 'error'")
+    page.wait_for_function(
+        f"Number(document.body.dataset.reads || 0) > {n} || document.querySelector('#msg').className === 'error'"
+    )
     assert page.locator("#msg.error").count() == 0, page.inner_text("#msg")
 
 
 def rows(section) -> list[tuple[str, float | None]]:
     """The sample table's rows in order: ("in"/"out", distance) or ("eps", None) for the rule."""
-    return [(cls, None if cls == "eps" else float(d)) for cls, d in section.evaluate(
-        "s => [...s.querySelectorAll('table.samples tr')].map(r => [r.className, r.dataset.distance || null])")]
+    return [
+        (cls, None if cls == "eps" else float(d))
+        for cls, d in section.evaluate(
+            "s => [...s.querySelectorAll('table.samples tr')].map(r => [r.className, r.dataset.distance || null])"
+        )
+    ]
 
 
 def test_type_click_pick_and_read(page):
@@ -101,11 +116,15 @@ def test_type_click_pick_and_read(page):
     page.click('#tokens .tok[data-i="19"]')
     assert page.locator("#tokens .tok.sel").inner_text() == ":"
     assert 'position 19 ":"' in page.inner_text("#posinfo")
-    assert page.locator('#tokens .tok.off').inner_text() == "E"  # EOS is not a query position
+    assert page.locator("#tokens .tok.off").inner_text() == "E"  # EOS is not a query position
     # sites come grouped by layer with short names
-    groups = page.eval_on_selector_all("#site optgroup", "gs => gs.map(g => [g.label, [...g.children].map(o => o.value)])")
-    assert groups == [["layer 0", ["x0.pre", "a0.0", "x0.mid", "m0", "x0.post"]],
-                      ["layer 1", ["a1.0", "x1.mid", "m1", "x1.post"]]]
+    groups = page.eval_on_selector_all(
+        "#site optgroup", "gs => gs.map(g => [g.label, [...g.children].map(o => o.value)])"
+    )
+    assert groups == [
+        ["layer 0", ["x0.pre", "a0.0", "x0.mid", "m0", "x0.post"]],
+        ["layer 1", ["a1.0", "x1.mid", "m1", "x1.post"]],
+    ]
     page.fill("#epsilon", "0.15")
     read(page, site="a1.0")
 
@@ -122,7 +141,7 @@ def test_type_click_pick_and_read(page):
     assert ds == sorted(ds) and len(ds) >= 2
     assert [c for c, _ in got].count("eps") == 1
     k = [c for c, _ in got].index("eps")
-    assert all(c == "in" and d <= 0.15 for c, d in got[:k]) and all(c == "out" and d > 0.15 for c, d in got[k + 1:])
+    assert all(c == "in" and d <= 0.15 for c, d in got[:k]) and all(c == "out" and d > 0.15 for c, d in got[k + 1 :])
     assert sec.locator("tr.eps").inner_text().strip() == "epsilon = 0.15"
     assert re.search(r"true fraction inside epsilon: \d+\.\d%", sec.inner_text())
     # each sample: its matched position underlined, the distance at every position on hover, delta colours
@@ -157,8 +176,10 @@ def test_pin_two_readings_compare_and_download_the_report(page, tmp_path):
     assert d.value.suggested_filename == "inversionview-report.html"
     assert html.startswith("<!doctype html>") and "<style>" in html
     assert not SELF_CONTAINED.search(html) and "<script" not in html.lower() and "<link" not in html.lower()
-    assert re.findall(r'<section class="reading" data-site="([^"]+)" data-position="(\d+)"', html) == \
-        [("a1.0", "19"), ("x0.post", "18")]
+    assert re.findall(r'<section class="reading" data-site="([^"]+)" data-position="(\d+)"', html) == [
+        ("a1.0", "19"),
+        ("x0.post", "18"),
+    ]
     assert html.count("epsilon = 0.1<") == 2
     # what the page showed: the same fragments
     fragments = page.evaluate("state.pins.map(r => r.html)")
@@ -192,9 +213,11 @@ def test_changing_epsilon_moves_the_rule_without_a_new_query(page):
     page.wait_for_function("document.querySelector('#current tr.eps').textContent === 'epsilon = 0.4'")
     after = rows(page.locator("#current section.reading"))
     assert page.locator("body").get_attribute("data-reads") == "1"  # no new query
-    assert sorted(d for c, d in after if c != "eps") == sorted(d for c, d in before if c != "eps")  # 64 samples and <= 32 chain members: all shown
+    assert sorted(d for c, d in after if c != "eps") == sorted(
+        d for c, d in before if c != "eps"
+    )  # 64 samples and <= 32 chain members: all shown
     k = [c for c, _ in after].index("eps")
-    assert all(d <= 0.4 for _, d in after[:k]) and all(d > 0.4 for _, d in after[k + 1:])
+    assert all(d <= 0.4 for _, d in after[:k]) and all(d > 0.4 for _, d in after[k + 1 :])
 
 
 def test_random_input_from_the_task(page):
@@ -231,8 +254,10 @@ def test_caps_and_errors_are_shown_in_the_page(page):
 def test_stored_readings_panel(iv, browser, tmp_path):
     db = tmp_path / "readings.sqlite"
     with ReadingStore(db, create=True) as store:
-        ids = [store.put(iv.query(TEXT, site=s, position=p, samples=64), iv.fingerprint)
-               for s, p in [("a1.0", 19), ("x0.post", 18)]]
+        ids = [
+            store.put(iv.query(TEXT, site=s, position=p, samples=64), iv.fingerprint)
+            for s, p in [("a1.0", 19), ("x0.post", 18)]
+        ]
         want = store.get(ids[1])
     server = _start(iv, db=str(db))
     context = browser.new_context(bypass_csp=True)
@@ -302,11 +327,15 @@ def test_the_page_shows_its_place_in_the_queue_and_drops_a_superseded_query(page
         before = server.viewer.readings.state()
         type_query(page)
         page.click("#read")
-        page.wait_for_function("document.querySelector('#status').textContent === 'queued: 1 reading ahead of this one'")
+        page.wait_for_function(
+            "document.querySelector('#status').textContent === 'queued: 1 reading ahead of this one'"
+        )
         assert page.locator("body").get_attribute("data-queued") == "1"
         page.click("#read")  # a second Read: the first query is aborted and the server drops it
-        page.wait_for_function(f"fetch('/api/queue').then(r => r.json()).then(q => q.cancelled > {before['cancelled']})"
-                               " && document.querySelector('#status').textContent.startsWith('queued')")
+        page.wait_for_function(
+            f"fetch('/api/queue').then(r => r.json()).then(q => q.cancelled > {before['cancelled']})"
+            " && document.querySelector('#status').textContent.startsWith('queued')"
+        )
         assert server.viewer.readings.state()["waiting"] == 1
     finally:
         gate.set()
@@ -314,10 +343,12 @@ def test_the_page_shows_its_place_in_the_queue_and_drops_a_superseded_query(page
     assert page.locator("#current section.reading").count() == 1 and page.locator("#msg.error").count() == 0
 
 
-SANITIZE = ('<span class="tok" title="t" onclick="window.xss=1" style="background:url(http://e/)">a</span>'
-            '<img src=x onerror="window.xss=1"><script>window.xss=1</script><iframe src="http://e/"></iframe>'
-            '<a href="javascript:void(0)">l</a><b id="i" class="">c</b><style>*{}</style><svg onload="window.xss=1"/>'
-            '<table><tr><td style="width:3px" onmouseover="x">w</td></tr></table>')
+SANITIZE = (
+    '<span class="tok" title="t" onclick="window.xss=1" style="background:url(http://e/)">a</span>'
+    '<img src=x onerror="window.xss=1"><script>window.xss=1</script><iframe src="http://e/"></iframe>'
+    '<a href="javascript:void(0)">l</a><b id="i" class="">c</b><style>*{}</style><svg onload="window.xss=1"/>'
+    '<table><tr><td style="width:3px" onmouseover="x">w</td></tr></table>'
+)
 SHOWN_IN_PAGE = {"tokens", "site", "site_short", "metric", "mode", "annotation", "samples.tokens", "samples.annotation"}
 
 
@@ -343,13 +374,20 @@ def test_payloads_in_every_field_never_become_markup(iv, browser, tmp_path):
         page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
         page.wait_for_selector("#tokens .tok")
         # the page inserts the server's HTML only through an allow-list: markup the templates never write is dropped
-        kept = page.evaluate("""(html) => { const d = document.createElement("div"); d.appendChild(safeFragment(html));
-                                            return d.innerHTML; }""", SANITIZE)
-        assert kept == ('<span class="tok" title="t">a</span>l<b class="">c</b>'
-                        '<table><tbody><tr><td style="width:3px">w</td></tr></tbody></table>')
+        kept = page.evaluate(
+            """(html) => { const d = document.createElement("div"); d.appendChild(safeFragment(html));
+                                            return d.innerHTML; }""",
+            SANITIZE,
+        )
+        assert kept == (
+            '<span class="tok" title="t">a</span>l<b class="">c</b>'
+            '<table><tbody><tr><td style="width:3px">w</td></tr></tbody></table>'
+        )
         for path, _ in text_fields():
-            page.evaluate("async (reading) => { show(await api('/api/epsilon', {reading, epsilon: 0.3})); pin(); }",
-                          with_payload(good.to_dict(), path))
+            page.evaluate(
+                "async (reading) => { show(await api('/api/epsilon', {reading, epsilon: 0.3})); pin(); }",
+                with_payload(good.to_dict(), path),
+            )
             html = _in_page(page, "#current")
             assert injected(html) == [], (path, injected(html))
             if path in SHOWN_IN_PAGE:

@@ -84,7 +84,9 @@ def test_evaluate_text_output(run_dir, capsys):
 
 
 def test_evaluate_json_is_deterministic_for_a_seed(run_dir, capsys):
-    outs = [json.loads(_cli(capsys, "evaluate", run_dir, "--json", "--queries", "4", "--seed", "3")[1]) for _ in range(2)]
+    outs = [
+        json.loads(_cli(capsys, "evaluate", run_dir, "--json", "--queries", "4", "--seed", "3")[1]) for _ in range(2)
+    ]
     assert outs[0] == outs[1]
     assert outs[0]["hit"].keys() == set(SITES)
 
@@ -138,7 +140,9 @@ def test_query_html_file_is_self_contained(run_dir, tmp_path, capsys):
 
 
 def test_query_terminal_output_has_epsilon_rule(run_dir, capsys):
-    rc, out, _ = _cli(capsys, *_query(run_dir, "--site", "x0.pre", "--position", ":", "--epsilon", "0.5", "--limit", "12"))
+    rc, out, _ = _cli(
+        capsys, *_query(run_dir, "--site", "x0.pre", "--position", ":", "--epsilon", "0.5", "--limit", "12")
+    )
     assert rc == 0
     lines = out.rstrip("\n").splitlines()
     assert lines[0] == "site x0.pre (blocks.0.hook_resid_pre), tl activations, euclidean distance, epsilon 0.5"
@@ -147,12 +151,18 @@ def test_query_terminal_output_has_epsilon_rule(run_dir, capsys):
     assert "\x1b[" not in out  # no colour when NO_COLOR is set / not a terminal
     rule = [i for i, ln in enumerate(lines) if re.fullmatch(r"-{9} epsilon = 0\.5 -{30}", ln)]
     assert len(rule) == 1
-    samples = [(i, float(m.group(1))) for i, ln in enumerate(lines) if (m := re.match(r"^\s*(\d+\.\d{4})\s+\d+\s+B", ln))]
+    samples = [
+        (i, float(m.group(1))) for i, ln in enumerate(lines) if (m := re.match(r"^\s*(\d+\.\d{4})\s+\d+\s+B", ln))
+    ]
     assert 0 < len(samples) <= 12
     for i, dist in samples:  # inside epsilon above the rule, outside below it
         assert (dist <= 0.5) == (i < rule[0])
-    m = re.search(r"^48 candidates, (\d+) distinct, (\d+) distinct inside epsilon; true fraction of candidates inside "
-                  r"epsilon: [\d.]+%(; \d+ dropped \(a PAD or EOS inside: no input\))?$", out, re.M)
+    m = re.search(
+        r"^48 candidates, (\d+) distinct, (\d+) distinct inside epsilon; true fraction of candidates inside "
+        r"epsilon: [\d.]+%(; \d+ dropped \(a PAD or EOS inside: no input\))?$",
+        out,
+        re.M,
+    )
     assert m
     if int(m.group(1)) > len(samples):
         assert f"({int(m.group(1)) - len(samples)} more distinct samples not shown;" in out
@@ -160,8 +170,27 @@ def test_query_terminal_output_has_epsilon_rule(run_dir, capsys):
 
 def test_subprocess_query(run_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
-    r = subprocess.run([sys.executable, "-m", "inversionview", "query", str(run_dir), "--text", TEXT, "--site", "a0.1",
-                        "--position", ":", "--samples", "32"], capture_output=True, text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "inversionview",
+            "query",
+            str(run_dir),
+            "--text",
+            TEXT,
+            "--site",
+            "a0.1",
+            "--position",
+            ":",
+            "--samples",
+            "32",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     assert re.search(r"^-{9} epsilon = 0\.1 -+$", r.stdout, re.M), r.stdout
@@ -169,14 +198,17 @@ def test_subprocess_query(run_dir):
     assert "attention from the query position: " in r.stdout
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--temperature", "1e308"], "temperature must be positive and at most 1e6"),  # float32 would overflow
-    (["--temperature", "nan"], "temperature must be positive and at most 1e6"),
-    (["--temperature", "1", "--noise", "inf"], "noise must be between 0 and 1000, got inf"),
-    (["--temperature", "1", "--noise", "-0.1"], "noise must be between 0 and 1000, got -0.1"),
-    (["--epsilon", "inf"], "epsilon must be positive and finite"),
-    (["--limit", "-1"], "--limit must be 0 or more"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--temperature", "1e308"], "temperature must be positive and at most 1e6"),  # float32 would overflow
+        (["--temperature", "nan"], "temperature must be positive and at most 1e6"),
+        (["--temperature", "1", "--noise", "inf"], "noise must be between 0 and 1000, got inf"),
+        (["--temperature", "1", "--noise", "-0.1"], "noise must be between 0 and 1000, got -0.1"),
+        (["--epsilon", "inf"], "epsilon must be positive and finite"),
+        (["--limit", "-1"], "--limit must be 0 or more"),
+    ],
+)
 def test_query_refuses_settings_that_cannot_read(run_dir, capsys, extra, message):
     err = user_error(capsys, *_query(run_dir, "--site", "x0.pre", "--position", ":", "--samples", "8", *extra))
     assert message in err, err
@@ -217,10 +249,14 @@ def test_every_bad_argument_is_one_line_error(argv, capsys):
 
 def test_metric_typo_names_the_choices(capsys):
     with pytest.raises(SystemExit):
-        main(["query", "shipped:counting", "--text", TEXT, "--site", "a1.0", "--position", ":", "--metric", "manhattan"])
+        main(
+            ["query", "shipped:counting", "--text", TEXT, "--site", "a1.0", "--position", ":", "--metric", "manhattan"]
+        )
     err = capsys.readouterr().err
-    assert err == ("error: argument --metric: invalid choice: 'manhattan' (choose from 'euclidean', 'cosine') "
-                   "(see inversionview query --help)\n")
+    assert err == (
+        "error: argument --metric: invalid choice: 'manhattan' (choose from 'euclidean', 'cosine') "
+        "(see inversionview query --help)\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- start-up
@@ -229,22 +265,46 @@ HEAVY = ("torch", "transformers", "numpy", "safetensors", "matplotlib", "tqdm")
 
 def _modules_after(argv: list[str]) -> tuple[int, list[str], str]:
     """Run the command line in a fresh interpreter; its exit status, the heavy packages it imported, its stderr."""
-    code = ("import runpy, sys\n"
-            f"sys.argv = ['inversionview', *{argv!r}]\n"
-            "try:\n    runpy.run_module('inversionview', run_name='__main__')\n"
-            "except SystemExit as e:\n    status = e.code\n"
-            f"print(status, sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))")
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['inversionview', *{argv!r}]\n"
+        "try:\n    runpy.run_module('inversionview', run_name='__main__')\n"
+        "except SystemExit as e:\n    status = e.code\n"
+        f"print(status, sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     status, mods = r.stdout.strip().splitlines()[-1].split(" ", 1)
     return int(status), json.loads(mods.replace("'", '"')), r.stderr
 
 
-@pytest.mark.parametrize("argv, status", [
-    (["--help"], 0), (["query", "--help"], 0), (["init", "counting"], 0), (["query", "run", "--metric", "manhattan"], 2),
-    ([], 2), (["query", "shipped:counting", "--text", TEXT, "--site", "a1.0", "--position", ":", "--limit", "-1"], 2),
-    (["demo", "--limit", "-1"], 2), (["train-probed", "counting", "--out", "m", "--steps", "0"], 2),
-    (["completeness", "shipped:addition", "--text", "1+1=2", "--site", "a0.0", "--position", "=", "--samples", "0"], 2),
-])
+@pytest.mark.parametrize(
+    "argv, status",
+    [
+        (["--help"], 0),
+        (["query", "--help"], 0),
+        (["init", "counting"], 0),
+        (["query", "run", "--metric", "manhattan"], 2),
+        ([], 2),
+        (["query", "shipped:counting", "--text", TEXT, "--site", "a1.0", "--position", ":", "--limit", "-1"], 2),
+        (["demo", "--limit", "-1"], 2),
+        (["train-probed", "counting", "--out", "m", "--steps", "0"], 2),
+        (
+            [
+                "completeness",
+                "shipped:addition",
+                "--text",
+                "1+1=2",
+                "--site",
+                "a0.0",
+                "--position",
+                "=",
+                "--samples",
+                "0",
+            ],
+            2,
+        ),
+    ],
+)
 def test_help_and_argument_errors_do_not_import_torch(argv, status):
     got, heavy, err = _modules_after(argv)
     assert got == status, err
@@ -252,13 +312,15 @@ def test_help_and_argument_errors_do_not_import_torch(argv, status):
 
 
 def test_package_imports_torch_only_when_asked():
-    code = ("import sys, inversionview\n"
-            "before = 'torch' in sys.modules\n"
-            "from inversionview import InversionView, Preimage, ProbedModel, Sample, Site, UserError, parse_site\n"
-            "import inversionview.run, inversionview.preimage\n"
-            "assert InversionView is inversionview.run.InversionView and Preimage is inversionview.preimage.Preimage\n"
-            "assert set(inversionview.__all__) <= set(dir(inversionview))\n"
-            "print(before, 'torch' in sys.modules)")
+    code = (
+        "import sys, inversionview\n"
+        "before = 'torch' in sys.modules\n"
+        "from inversionview import InversionView, Preimage, ProbedModel, Sample, Site, UserError, parse_site\n"
+        "import inversionview.run, inversionview.preimage\n"
+        "assert InversionView is inversionview.run.InversionView and Preimage is inversionview.preimage.Preimage\n"
+        "assert set(inversionview.__all__) <= set(dir(inversionview))\n"
+        "print(before, 'torch' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["False", "True"]
@@ -315,17 +377,31 @@ def test_built_wheel_works_outside_the_source_tree(tmp_path):
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(root / name, src / name)
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path / "dist", src],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path / "dist", src],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next((tmp_path / "dist").glob("inversionview-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv], check=True, timeout=120)
     python = venv / "bin" / "python"
-    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     (site / "borrowed.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")  # torch etc., after the venv's own
-    subprocess.run([*pip, "--python", python, "install", "--no-deps", "--no-index", "--ignore-installed", wheel],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [*pip, "--python", python, "install", "--no-deps", "--no-index", "--ignore-installed", wheel],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     work = tmp_path / "work"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
@@ -343,8 +419,28 @@ def test_built_wheel_works_outside_the_source_tree(tmp_path):
     cli = venv / "bin" / "inversionview"
     (work / "counting.toml").write_text(run(cli, "init", "counting"))
     assert 'out = "runs/counting"' in (work / "counting.toml").read_text()
-    reading = json.loads(run(cli, "query", "shipped:counting", "--text", TEXT, "--site", "a1.0", "--position", ":",
-                             "--samples", "64", "--json"))
+    reading = json.loads(
+        run(
+            cli,
+            "query",
+            "shipped:counting",
+            "--text",
+            TEXT,
+            "--site",
+            "a1.0",
+            "--position",
+            ":",
+            "--samples",
+            "64",
+            "--json",
+        )
+    )
     assert reading["site_short"] == "a1.0" and reading["n_candidates"] == 64
-    assert run(python, "-c", "from inversionview.tokenizer import gpt2_tokenizer; "
-                             "print(gpt2_tokenizer().encode('Hello world'))").strip() == "[50256, 15496, 995]"
+    assert (
+        run(
+            python,
+            "-c",
+            "from inversionview.tokenizer import gpt2_tokenizer; print(gpt2_tokenizer().encode('Hello world'))",
+        ).strip()
+        == "[50256, 15496, 995]"
+    )

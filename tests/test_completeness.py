@@ -94,8 +94,23 @@ def test_cli_writes_png_and_json(run_dir, tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(completeness, "COUNTING_POOL", 400)
     png = tmp_path / "fig11.png"
-    rc = main(["completeness", str(run_dir), "--text", TEXT, "--site", "a0.1", "--position", ":", "--samples", "32",
-               "--png", str(png), "--json"])
+    rc = main(
+        [
+            "completeness",
+            str(run_dir),
+            "--text",
+            TEXT,
+            "--site",
+            "a0.1",
+            "--position",
+            ":",
+            "--samples",
+            "32",
+            "--png",
+            str(png),
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert rc == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
@@ -104,8 +119,22 @@ def test_cli_writes_png_and_json(run_dir, tmp_path, monkeypatch, capsys):
     texts, described = input_set(InversionView.load(run_dir).task)
     assert texts == input_set(InversionView.load(run_dir).task)[0]  # the pool is fixed
     assert len(set(texts)) == 400 and "400 distinct counting inputs" in described
-    rc = main(["completeness", str(run_dir), "--text", TEXT, "--site", "a0.1", "--position", "-2", "--samples", "32",
-               "--epsilon", "5"])
+    rc = main(
+        [
+            "completeness",
+            str(run_dir),
+            "--text",
+            TEXT,
+            "--site",
+            "a0.1",
+            "--position",
+            "-2",
+            "--samples",
+            "32",
+            "--epsilon",
+            "5",
+        ]
+    )
     text = capsys.readouterr().out
     assert rc == 0 and "true preimage: 400 of 400 inputs" in text and "recall of its count values" in text
 
@@ -136,7 +165,13 @@ def test_addition_set_is_the_input_space():
     assert len(texts) == len(set(texts)) == 810_000 and "810,000" in described
     feats = completeness._recall_features(get_task("addition"))
     assert {k: f("456+378=834") for k, f in feats.items()} == {
-        "F1S1": "{3,4}", "F2S2": "{5,7}", "F3S3": "{6,8}", "carry_ones": True, "carry_tens": True, "sum_len": 3}
+        "F1S1": "{3,4}",
+        "F2S2": "{5,7}",
+        "F3S3": "{6,8}",
+        "carry_ones": True,
+        "carry_tens": True,
+        "sum_len": 3,
+    }
 
 
 @pytest.mark.slow

@@ -35,11 +35,14 @@ def counting_lines(n: int, seed: int = 0) -> list[str]:
     return [Counting().generate(rng) for _ in range(n)]
 
 
-
 def data_config(tmp_path: Path, probed_dir: Path, data: dict, steps: int = 3, **sections) -> Path:
     """A tiny config whose [data] reads a file (the task key removed)."""
-    return write_config(tmp_path, probed_dir, steps=steps,
-                        sections={"data": {"sites": SITES, **data}, "eval": {"every": 3, "queries": 4}, **sections})
+    return write_config(
+        tmp_path,
+        probed_dir,
+        steps=steps,
+        sections={"data": {"sites": SITES, **data}, "eval": {"every": 3, "queries": 4}, **sections},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +109,18 @@ def test_marker_matches_tokens_with_surrounding_spaces():
     assert PositionRule.parse([-1]).apply(ids, tok) == [4]
 
 
-@pytest.mark.parametrize("value, fragment", [
-    ("some", 'data.positions must be "all", a list of token indices'),
-    ([], "data.positions must be"),
-    ([1.5], "data.positions must be"),
-    (True, "data.positions must be"),
-    ({"marker": ""}, "data.positions needs a marker token"),
-    ({"marker": "|", "offset": "x"}, "data.positions.offset must be an int or a list of ints, got 'x'"),
-    ({"mark": "|"}, "unknown key 'mark' in data.positions"),
-])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("some", 'data.positions must be "all", a list of token indices'),
+        ([], "data.positions must be"),
+        ([1.5], "data.positions must be"),
+        (True, "data.positions must be"),
+        ({"marker": ""}, "data.positions needs a marker token"),
+        ({"marker": "|", "offset": "x"}, "data.positions.offset must be an int or a list of ints, got 'x'"),
+        ({"mark": "|"}, "unknown key 'mark' in data.positions"),
+    ],
+)
 def test_bad_position_rules(value, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
         PositionRule.parse(value)
@@ -143,13 +149,16 @@ def test_jsonl_text_field(tmp_path):
     assert read_records(q, "jsonl", "input")[0] == ["a|a:1"]
 
 
-@pytest.mark.parametrize("content, fragment", [
-    ('{"text": "a"}\n{"text": \n', "line 2 of"),
-    ('{"text": "a"}\n{"txt": "b"}\n', "line 2 of {p} has no field 'text' (set data.field; its keys: txt)"),
-    ('["a"]\n', "has no field 'text' (set data.field; its keys: none: it is not an object)"),
-    ('{"text": 5}\n', "line 1 of {p}: field 'text' must be a string, got int"),
-    ("\n\n", "data file {p} has no inputs (it is empty or has only blank lines)"),
-])
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        ('{"text": "a"}\n{"text": \n', "line 2 of"),
+        ('{"text": "a"}\n{"txt": "b"}\n', "line 2 of {p} has no field 'text' (set data.field; its keys: txt)"),
+        ('["a"]\n', "has no field 'text' (set data.field; its keys: none: it is not an object)"),
+        ('{"text": 5}\n', "line 1 of {p}: field 'text' must be a string, got int"),
+        ("\n\n", "data file {p} has no inputs (it is empty or has only blank lines)"),
+    ],
+)
 def test_jsonl_errors(tmp_path, content, fragment):
     p = tmp_path / "in.jsonl"
     p.write_text(content)
@@ -184,8 +193,12 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     assert read_records(tmp_path / "ds", field="sentence")[:3] == (lines, list(range(1, 21)), "row")
     with pytest.raises(UserError, match="has no column 'text' .*its columns: sentence, n"):
         read_records(tmp_path / "ds")
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": lines[:5]}),
-                               "test": datasets.Dataset.from_dict({"text": lines[5:]})})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": lines[:5]}),
+            "test": datasets.Dataset.from_dict({"text": lines[5:]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert read_records(tmp_path / "dd", "hf")[0] == lines[:5]  # the train split
     (tmp_path / "junk").mkdir()
@@ -243,9 +256,12 @@ def test_training_step_queries_the_rule_positions(tmp_path, probed_dir):
     token's of its input (x0.pre: each (token, position) gives a distinct activation)."""
     lines = counting_lines(300)
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
-    cfg = data_config(tmp_path, probed_dir, {"path": "in.txt", "positions": [-1], "sites": ["x0.pre"],
-                                             "bos_prob": 0.0},
-                      decoder={"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1})
+    cfg = data_config(
+        tmp_path,
+        probed_dir,
+        {"path": "in.txt", "positions": [-1], "sites": ["x0.pre"], "bos_prob": 0.0},
+        decoder={"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
+    )
     trainer, seen = recording_trainer(cfg)
     probed, site = trainer.probed, trainer.sites[0]
     trainer.step()
@@ -318,17 +334,30 @@ BAD = {
     # name: (file content or None for no file, [data] keys, expected fragment; {p} is the data file)
     "empty data file": ("", {}, "data file {p} has no inputs (it is empty or has only blank lines)"),
     "only blank lines": ("\n  \n\n", {}, "data file {p} has no inputs"),
-    "marker never occurs": ("ab|a:1\nb|b:1\n", {"positions": {"marker": "#", "offset": 1}},
-                            "marker '#' of data.positions never occurs in {p}"),
-    "marker missing in one input": ("ab|a:1\nb|b:1\nbb\n", {"positions": {"marker": "|", "offset": 1}},
-                                    "line 3 of {p}: marker '|' does not occur in input 'bb': every input needs one"),
-    "text longer than the context": ("ab|a:1\n" + "a" * 32 + "\n", {},
-                                     "line 2 of {p}: input is 34 tokens long but the model's context is 33 tokens"),
+    "marker never occurs": (
+        "ab|a:1\nb|b:1\n",
+        {"positions": {"marker": "#", "offset": 1}},
+        "marker '#' of data.positions never occurs in {p}",
+    ),
+    "marker missing in one input": (
+        "ab|a:1\nb|b:1\nbb\n",
+        {"positions": {"marker": "|", "offset": 1}},
+        "line 3 of {p}: marker '|' does not occur in input 'bb': every input needs one",
+    ),
+    "text longer than the context": (
+        "ab|a:1\n" + "a" * 32 + "\n",
+        {},
+        "line 2 of {p}: input is 34 tokens long but the model's context is 33 tokens",
+    ),
     "character outside the vocabulary": ("ab|a:1\nab#\n", {}, "line 2 of {p}: character '#' at index 2 of 'ab#'"),
     "index outside every input": ("ab|a:1\n", {"positions": [40]}, "line 1 of {p}: none of the positions [40]"),
     "missing data file": (None, {}, "data file {p} does not exist"),
     "unknown format": ("ab\n", {"format": "csv"}, "unknown data.format 'csv': expected one of text, jsonl, hf"),
-    "field with a text file": ("ab\n", {"format": "text", "field": "s"}, "data.field applies to jsonl and hf data only"),
+    "field with a text file": (
+        "ab\n",
+        {"format": "text", "field": "s"},
+        "data.field applies to jsonl and hf data only",
+    ),
     "bad positions": ("ab\n", {"positions": "first"}, 'data.positions must be "all", a list of token indices'),
     "both task and path": ("ab\n", {"task": "counting"}, "[data] gives both task = 'counting' and path = "),
     "no sites": ("ab\n", {"sites": None}, "data.sites is required with data.path"),
@@ -388,8 +417,12 @@ def test_readme_example_trains_as_written(tmp_path, capsys):
     assert f"decoder saved to {run}" in out
     assert re.search(r"^step 3: mean hit \d\.\d{3}  x0\.pre=", out, re.M), out
     spec = json.loads((run / "run.json").read_text())
-    assert spec["data"] == {"path": "../../inputs.txt", "format": "text", "field": "text",
-                            "positions": {"marker": "|", "offset": [1, 2]}}
+    assert spec["data"] == {
+        "path": "../../inputs.txt",
+        "format": "text",
+        "field": "text",
+        "positions": {"marker": "|", "offset": [1, 2]},
+    }
     assert spec["vocab"]["tokens"] == list(VOCAB.tokens)  # the example's vocabulary is the model's
     assert main(["evaluate", str(run), "--queries", "2"]) == 0
     assert "mean" in capsys.readouterr().out

@@ -56,11 +56,14 @@ def test_kv_cache_matches_full_recomputation(dec):
         full = dec(ids, z, site)
         # one token at a time
         caches = dec.condition(z, site)
-        steps = torch.cat([dec(ids[:, t:t + 1], None, None, caches) for t in range(ids.shape[1])], 1)
+        steps = torch.cat([dec(ids[:, t : t + 1], None, None, caches) for t in range(ids.shape[1])], 1)
         # a chunk, then single tokens, then a chunk (T > 1 with a non-empty cache)
         caches = dec.condition(z, site)
-        parts = [dec(ids[:, :3], None, None, caches), dec(ids[:, 3:4], None, None, caches),
-                 dec(ids[:, 4:], None, None, caches)]
+        parts = [
+            dec(ids[:, :3], None, None, caches),
+            dec(ids[:, 3:4], None, None, caches),
+            dec(ids[:, 4:], None, None, caches),
+        ]
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
     # the cache holds the prefix slot plus every token
@@ -102,7 +105,7 @@ def test_site_normaliser(dec):
     acts = torch.randn(50, CFG.d_act) * 4 + 7
     d.init_site_stats(2, acts)
     torch.testing.assert_close(d.site_mean[2].detach(), acts.mean(0))
-    want = (acts - acts.mean(0)).pow(2).sum(-1).mean().sqrt() / CFG.d_act ** 0.5
+    want = (acts - acts.mean(0)).pow(2).sum(-1).mean().sqrt() / CFG.d_act**0.5
     torch.testing.assert_close(d.site_scale[2].detach(), want)
     # shifting z and the site mean together leaves the output unchanged
     shift = torch.randn(CFG.d_act)
@@ -137,7 +140,9 @@ def test_generate_reproducible_and_well_formed():
     d = _eos_prone()
     z = torch.randn(12, CFG.d_act) * 3
     site = torch.arange(12) % CFG.n_sites
-    runs = [d.generate(z, site, BOS, EOS, 1.0, max_len=10, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [
+        d.generate(z, site, BOS, EOS, 1.0, max_len=10, generator=torch.Generator().manual_seed(7)) for _ in range(2)
+    ]
     assert runs[0] == runs[1]
     assert len(runs[0]) == 12
     _check_sequences(runs[0], 10)
@@ -163,7 +168,7 @@ def _greedy(d, z, site, max_len):
         for i in range(z.shape[0]):
             ids = [BOS]
             while len(ids) < max_len:
-                logits = d(torch.tensor([ids]), z[i:i + 1], site[i:i + 1])[0, -1]
+                logits = d(torch.tensor([ids]), z[i : i + 1], site[i : i + 1])[0, -1]
                 ids.append(int(logits.argmax()))
                 if ids[-1] == EOS:
                     break

@@ -47,8 +47,19 @@ def _config(d: Path, probed_dir: Path, **train_keys) -> Path:
 
 def _torchrun(cfg: Path, log_dir: Path) -> list[str]:
     log_dir.mkdir(exist_ok=True)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "inversionview", "train", str(cfg), "--no-progress"]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "inversionview",
+        "train",
+        str(cfg),
+        "--no-progress",
+    ]
 
 
 def _env(log_dir: Path) -> dict:
@@ -94,8 +105,9 @@ def two_then_one(tmp_path_factory, probed_dir):
     stopped at and torchrun's stderr."""
     d = tmp_path_factory.mktemp("two")
     cfg, logs, run = _config(d, probed_dir), d / "log", d / "run"
-    proc = subprocess.Popen(_torchrun(cfg, logs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env(logs))
+    proc = subprocess.Popen(
+        _torchrun(cfg, logs), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(logs)
+    )
     deadline = time.time() + 180
     rank0 = logs / "rank0.jsonl"
     while not rank0.exists() or rank0.read_text().count("\n") < STOP_AFTER:  # whole lines only
@@ -149,7 +161,7 @@ def test_a_two_process_run_resumes_on_one_process(two_then_one, single):
     ref_run, ref = single
     # the resumed process continues the same sequence of global batches, from the checkpoint of rank 0
     assert [r["step"] for r in t.resumed] == list(range(t.k + 1, STEPS + 1))
-    worst = max(_rel(a["loss"], b["loss"]) for a, b in zip(t.resumed, ref[t.k:]))
+    worst = max(_rel(a["loss"], b["loss"]) for a, b in zip(t.resumed, ref[t.k :]))
     assert worst < REL_TOL, f"resumed loss differs from the uninterrupted run by {worst:.2e} (relative)"
     assert t.resumed[-1]["loss"] < t.r0[0]["loss"] - 0.1  # it trained
     assert _ckpt_step(t.run) == STEPS

@@ -74,7 +74,7 @@ def marked_blocks(text: str, page: str = "page") -> list[Block]:
                 if kind == "run" and lang not in LANGS:
                     raise ValueError(f"{page}:{i + 1}: a runnable block must be bash or python, not {lang!r}")
                 indent = len(lines[i]) - len(lines[i].lstrip())
-                code = "\n".join(x[indent:] for x in lines[i + 1:end])
+                code = "\n".join(x[indent:] for x in lines[i + 1 : end])
                 blocks.append(Block(page, i + 1, kind, LANGS.get(lang, lang), code, name))
             pending, i = None, end + 1
             continue
@@ -106,22 +106,47 @@ def _pages_with_examples() -> list[Path]:
 
 # ------------------------------------------------------------------------------------------- the parser
 def test_marked_blocks_parse():
-    text = "\n".join([
-        "<!-- runnable -->", "```bash", "echo one", "```",
-        "````markdown", "<!-- runnable -->", "```bash", "echo inside an example", "```", "````",
-        "<!-- file: q.jsonl -->", "", "```json", '{"a": 1}', "```",
-        "```bash", "echo not marked", "```",
-        "!!! note", "    <!-- runnable -->", "    ```python", "    print(2)", "    ```",
-    ])
+    text = "\n".join(
+        [
+            "<!-- runnable -->",
+            "```bash",
+            "echo one",
+            "```",
+            "````markdown",
+            "<!-- runnable -->",
+            "```bash",
+            "echo inside an example",
+            "```",
+            "````",
+            "<!-- file: q.jsonl -->",
+            "",
+            "```json",
+            '{"a": 1}',
+            "```",
+            "```bash",
+            "echo not marked",
+            "```",
+            "!!! note",
+            "    <!-- runnable -->",
+            "    ```python",
+            "    print(2)",
+            "    ```",
+        ]
+    )
     blocks = marked_blocks(text)
     assert [(b.kind, b.lang, b.code, b.name) for b in blocks] == [
-        ("run", "bash", "echo one", None), ("file", "json", '{"a": 1}', "q.jsonl"), ("run", "python", "print(2)", None)]
+        ("run", "bash", "echo one", None),
+        ("file", "json", '{"a": 1}', "q.jsonl"),
+        ("run", "python", "print(2)", None),
+    ]
     assert [b.line for b in blocks] == [2, 13, 21]
-    for bad, msg in [("<!-- runable -->\n```bash\nls\n```", "malformed"),
-                     ("<!--runnable-->\n```bash\nls\n```", "malformed"),
-                     ("<!-- runnable -->\ntext\n```bash\nls\n```", "not followed"),
-                     ("<!-- runnable -->", "not followed"),
-                     ("<!-- runnable -->\n```toml\na = 1\n```", "bash or python")]:
+    for bad, msg in [
+        ("<!-- runable -->\n```bash\nls\n```", "malformed"),
+        ("<!--runnable-->\n```bash\nls\n```", "malformed"),
+        ("<!-- runnable -->\ntext\n```bash\nls\n```", "not followed"),
+        ("<!-- runnable -->", "not followed"),
+        ("<!-- runnable -->\n```toml\na = 1\n```", "bash or python"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             marked_blocks(bad)
 
@@ -139,8 +164,9 @@ def test_readme_is_a_front_page():
     text = README.read_text()
     assert len(text) < 8000, f"README.md has {len(text)} characters; move detail into docs/"
     lines = text.splitlines()
-    assert lines[0].startswith("# ") and lines[1] == "" and lines[2] == "```bash" and lines[5] == "```", \
+    assert lines[0].startswith("# ") and lines[1] == "" and lines[2] == "```bash" and lines[5] == "```", (
         "the README must open with the two set-up commands"
+    )
     # CI installs what the README's second command installs (.ci/run: "exactly this")
     ci_extras = re.findall(r'-e "(\.\[[^"]*\])"', (ROOT / ".ci" / "run").read_text())
     assert re.findall(r'-e "(\.\[[^"]*\])"', lines[4]) == ci_extras
@@ -159,9 +185,23 @@ def test_site_builds_strict(tmp_path):
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
         pytest.skip("mkdocs and mkdocs-material are not installed: pip install -e '.[docs]' (CI installs them)")
     site = tmp_path / "site"
-    r = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(ROOT / "mkdocs.yml"),
-                        "--site-dir", str(site)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(site),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     for page in (ROOT / "docs").glob("*.md"):
         html = site / "index.html" if page.stem == "index" else site / page.stem / "index.html"
@@ -183,8 +223,12 @@ def _example_env(tmp: Path) -> dict:
     src = str(Path(inversionview.__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "FORCE_COLOR"}
     env.setdefault("OMP_NUM_THREADS", "1")
-    env.update(PATH=os.pathsep.join([str(bin_dir), env.get("PATH", "")]), NO_COLOR="1", MPLBACKEND="Agg",
-               PYTHONPATH=os.pathsep.join(x for x in [src, env.get("PYTHONPATH")] if x))
+    env.update(
+        PATH=os.pathsep.join([str(bin_dir), env.get("PATH", "")]),
+        NO_COLOR="1",
+        MPLBACKEND="Agg",
+        PYTHONPATH=os.pathsep.join(x for x in [src, env.get("PYTHONPATH")] if x),
+    )
     return env
 
 
@@ -204,5 +248,7 @@ def test_runnable_examples(page, tmp_path):
             r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{b.page}:{b.line}: the example ran over {TIMEOUT} s:\n{b.code}")
-        assert r.returncode == 0, (f"{b.page}:{b.line}: the example failed (exit {r.returncode}):\n{b.code}\n"
-                                   f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}")
+        assert r.returncode == 0, (
+            f"{b.page}:{b.line}: the example failed (exit {r.returncode}):\n{b.code}\n"
+            f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
+        )

@@ -23,7 +23,6 @@ from inversionview.run import InversionView, RunSpec
 TEXT = "vvzccvczvvvzvcvc|v:8"
 
 
-
 def query(run, *extra, text=TEXT, site="x0.pre", position=":"):
     return ["query", run, "--text", text, "--site", site, "--position", position, "--samples", "8", *extra]
 
@@ -149,8 +148,9 @@ def test_corrupt_checkpoint_on_resume(tmp_path, probed_dir, capsys):
         assert "checkpoint.pt is corrupt" in msg and "delete it to start over" in msg
     # a checkpoint that unpickles but is not ours
     torch.save({"something": "else"}, tmp_path / "run" / "checkpoint.pt")
-    assert "checkpoint.pt is corrupt" in user_error(capsys, "train", write_config(tmp_path, probed_dir, steps=6),
-                                                    "--no-progress")
+    assert "checkpoint.pt is corrupt" in user_error(
+        capsys, "train", write_config(tmp_path, probed_dir, steps=6), "--no-progress"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- model mismatch
@@ -174,11 +174,19 @@ def test_resume_with_another_probed_model(tmp_path, probed_dir, other_probed, ca
     capsys.readouterr()
     msg = user_error(capsys, "train", write_config(tmp_path, other_probed, steps=6), "--no-progress")
     assert "trained with another fingerprint" in msg and "new 'out' directory" in msg
-    msg = user_error(capsys, "train", write_config(tmp_path, probed_dir, steps=6, sections={"probed": {"mode": "raw"}}),
-                     "--no-progress")
+    msg = user_error(
+        capsys,
+        "train",
+        write_config(tmp_path, probed_dir, steps=6, sections={"probed": {"mode": "raw"}}),
+        "--no-progress",
+    )
     assert "trained with another mode" in msg
-    msg = user_error(capsys, "train", write_config(tmp_path, probed_dir, steps=6, sections={"data": {"sites": ["m1"]}}),
-                     "--no-progress")
+    msg = user_error(
+        capsys,
+        "train",
+        write_config(tmp_path, probed_dir, steps=6, sections={"data": {"sites": ["m1"]}}),
+        "--no-progress",
+    )
     assert "trained with another sites" in msg
 
 
@@ -237,7 +245,7 @@ CONFIG_ERRORS = {
     "unknown table": ({"optim": {"lr": 1.0}}, "unknown config key 'optim'"),
     "string for an int": ({"train": {"steps": "ten"}}, "config key 'steps' in [train] must be an int, got 'ten'"),
     "int for a bool": ({"eval": {"rebalance": 1}}, "config key 'rebalance' in [eval] must be a bool, got 1"),
-    "int for bf16": ({"train": {"bf16": 1}}, 'config key \'bf16\' in [train] must be true, false or "auto", got 1'),
+    "int for bf16": ({"train": {"bf16": 1}}, "config key 'bf16' in [train] must be true, false or \"auto\", got 1"),
     "string for a float": ({"train": {"lr": "fast"}}, "config key 'lr' in [train] must be a number, got 'fast'"),
     "bool for an int": ({"eval": {"every": True}}, "config key 'every' in [eval] must be an int, got True"),
     "float for an int": ({"train": {"batch_size": 32.5}}, "config key 'batch_size' in [train] must be an int"),
@@ -247,8 +255,10 @@ CONFIG_ERRORS = {
     "missing out": ({"": {"out": None}}, "missing the key 'out'"),
     "unknown task": ({"data": {"task": "sorting"}}, "unknown task 'sorting': expected one of counting"),
     "unknown mode": ({"probed": {"mode": "bogus"}}, "unknown activation mode 'bogus'"),
-    "bad vocabulary": ({"probed": {"vocab": {"tokens": ["a", "b"], "bos": "B", "eos": "E", "pad": "P"}}},
-                       "vocabulary bos token 'B' is not in its token list"),
+    "bad vocabulary": (
+        {"probed": {"vocab": {"tokens": ["a", "b"], "bos": "B", "eos": "E", "pad": "P"}}},
+        "vocabulary bos token 'B' is not in its token list",
+    ),
     "unknown site": ({"data": {"sites": ["x0.pre", "x9.pre"]}}, "unknown site 'x9.pre'"),
     "site twice": ({"data": {"sites": ["x0.pre", "blocks.0.hook_resid_pre"]}}, "lists a site twice"),
     "batch not a multiple of chunk": ({"train": {"batch_size": 30}}, "multiple of train.chunk"),
@@ -260,7 +270,10 @@ CONFIG_ERRORS = {
     "negative epsilon": ({"eval": {"epsilon": -0.1}}, "eval.epsilon must be positive and finite, got -0.1"),
     "bos_prob above 1": ({"data": {"bos_prob": 2.0}}, "data.bos_prob must be between 0 and 1, got 2.0"),
     "floor above 1": ({"eval": {"rebalance_floor": 2.0}}, "eval.rebalance_floor must be between 0 and 1"),
-    "heads do not divide d_model": ({"decoder": {"d_model": 33}}, "decoder.d_model (33) must be a multiple of decoder.n_heads (2)"),
+    "heads do not divide d_model": (
+        {"decoder": {"d_model": 33}},
+        "decoder.d_model (33) must be a multiple of decoder.n_heads (2)",
+    ),
     "unknown metric": ({"eval": {"metric": "manhattan"}}, "unknown metric 'manhattan' in [eval]"),
 }
 
@@ -297,8 +310,13 @@ def test_subprocess_user_errors_print_one_line(case, run_dir, tmp_path):
         "invalid toml": ["train", _write(tmp_path, "out = \n")],
         "missing run": ["evaluate", tmp_path / "nope"],
     }[case]
-    r = subprocess.run([sys.executable, "-m", "inversionview", *map(str, argv)], capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "inversionview", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()

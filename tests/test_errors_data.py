@@ -19,18 +19,25 @@ from inversionview.run import RunSpec
 COUNTING = "vvzccvczvvvzvcvc|v:8"
 
 
-
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory) -> Path:
     return make_gpt2_dir(tmp_path_factory.mktemp("gpt2") / "tiny-gpt2")
 
 
 def gpt2_config(tmp_path: Path, model: Path, data: dict, **sections) -> Path:
-    return write_config(tmp_path, model, steps=2, sections={
-        "probed": {"tokenizer": "gpt2"}, "data": {"sites": ["a0.1", "x1.post"], **data},
-        "decoder": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
-        "train": {"batch_size": 8, "chunk": 4, "warmup": 1, "bf16": False},
-        "eval": {"every": 2, "queries": 2, "checkpoint_every": 2}, **sections})
+    return write_config(
+        tmp_path,
+        model,
+        steps=2,
+        sections={
+            "probed": {"tokenizer": "gpt2"},
+            "data": {"sites": ["a0.1", "x1.post"], **data},
+            "decoder": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
+            "train": {"batch_size": 8, "chunk": 4, "warmup": 1, "bf16": False},
+            "eval": {"every": 2, "queries": 2, "checkpoint_every": 2},
+            **sections,
+        },
+    )
 
 
 def sentences(n: int) -> list[str]:
@@ -47,8 +54,10 @@ def test_run_whose_model_directory_lost_its_weights(run_dir, probed_dir, tmp_pat
     spec = json.loads((run / "run.json").read_text())
     spec["model"] = str(model)
     (run / "run.json").write_text(json.dumps(spec))
-    assert main(["query", str(run), "--text", COUNTING, "--site", "x0.pre", "--position", ":", "--samples", "4",
-                 "--json"]) == 0  # the control: intact, it reads
+    assert (
+        main(["query", str(run), "--text", COUNTING, "--site", "x0.pre", "--position", ":", "--samples", "4", "--json"])
+        == 0
+    )  # the control: intact, it reads
     capsys.readouterr()
     (model / "model.safetensors").unlink()
     msg = user_error(capsys, "query", run, "--text", COUNTING, "--site", "x0.pre", "--position", ":")
@@ -96,8 +105,10 @@ def test_character_vocabulary_smaller_than_the_model(probed_dir, tmp_path, capsy
     vocab["tokens"] = vocab["tokens"][:-1]  # drops "9"
     cfg = write_config(tmp_path, probed_dir, steps=2, sections={"probed": {"vocab": vocab}})
     msg = user_error(capsys, "train", cfg, "--no-progress")
-    assert msg == ("error: the character vocabulary has 39 tokens but the model's vocabulary has 40: it does not "
-                   "belong to this model (list all 40 tokens, in the model's order)")
+    assert msg == (
+        "error: the character vocabulary has 39 tokens but the model's vocabulary has 40: it does not "
+        "belong to this model (list all 40 tokens, in the model's order)"
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -113,12 +124,17 @@ def test_gpt2_tokenizer_on_a_model_with_a_padded_vocabulary_trains(gpt2_dir, tmp
     assert main(["train", str(gpt2_config(tmp_path, tmp_path / "padded", {"path": "in.txt"})), "--no-progress"]) == 0
 
 
-@pytest.mark.parametrize("probed, fragment", [
-    ({"tokenizer": "gpt3"}, "unknown tokenizer 'gpt3': expected one of gpt2"),
-    ({"tokenizer": 2}, "config key 'tokenizer' in [probed] must be a string, got 2"),
-    ({"tokenizer": "gpt2", "vocab": {"tokens": ["P", "B", "E", "a"], "bos": "B", "eos": "E", "pad": "P"}},
-     "[probed] gives both vocab and tokenizer"),
-])
+@pytest.mark.parametrize(
+    "probed, fragment",
+    [
+        ({"tokenizer": "gpt3"}, "unknown tokenizer 'gpt3': expected one of gpt2"),
+        ({"tokenizer": 2}, "config key 'tokenizer' in [probed] must be a string, got 2"),
+        (
+            {"tokenizer": "gpt2", "vocab": {"tokens": ["P", "B", "E", "a"], "bos": "B", "eos": "E", "pad": "P"}},
+            "[probed] gives both vocab and tokenizer",
+        ),
+    ],
+)
 def test_bad_tokenizer_settings(probed, fragment, probed_dir, tmp_path, capsys):
     cfg = write_config(tmp_path, probed_dir, steps=2, sections={"probed": probed})
     assert fragment in user_error(capsys, "train", cfg, "--no-progress")
@@ -140,20 +156,32 @@ def test_train_probed_ioi_is_refused(tmp_path, capsys):
 def test_marker_that_never_occurs_in_gpt2_tokens(gpt2_dir, tmp_path, capsys):
     p = tmp_path / "in.txt"
     p.write_text("\n".join(sentences(20)) + "\n")
-    msg = user_error(capsys, "train", gpt2_config(tmp_path, gpt2_dir, {"path": "in.txt",
-                                                                      "positions": {"marker": "|", "offset": 1}}),
-                     "--no-progress")
+    msg = user_error(
+        capsys,
+        "train",
+        gpt2_config(tmp_path, gpt2_dir, {"path": "in.txt", "positions": {"marker": "|", "offset": 1}}),
+        "--no-progress",
+    )
     assert f"marker '|' of data.positions never occurs in {p}: check the marker against the model's tokens" in msg
     # with spaces the marker is found (GPT-2's " is" matches "is"), so the same file trains
-    assert main(["train", str(gpt2_config(tmp_path, gpt2_dir, {"path": "in.txt",
-                                                               "positions": {"marker": "is", "offset": 1}})),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(gpt2_config(tmp_path, gpt2_dir, {"path": "in.txt", "positions": {"marker": "is", "offset": 1}})),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["tokenizer"] == "gpt2"
 
 
-@pytest.mark.parametrize("name, content", [("in.jsonl", ""), ("in.jsonl", "\n \n"), ("in.jsonl", '{"text": ""}\n'),
-                                           ("in.txt", ""), ("in.txt", "\n\n  \n")])
+@pytest.mark.parametrize(
+    "name, content",
+    [("in.jsonl", ""), ("in.jsonl", "\n \n"), ("in.jsonl", '{"text": ""}\n'), ("in.txt", ""), ("in.txt", "\n\n  \n")],
+)
 def test_empty_data_file(name, content, gpt2_dir, tmp_path, capsys):
     p = tmp_path / name
     p.write_text(content)
@@ -178,19 +206,47 @@ def test_query_text_longer_than_the_context(gpt2_dir, tmp_path, capsys):
     msg = user_error(capsys, "query", run, "--text", " ".join(["word"] * 80), "--site", "a0.1", "--position", "-1")
     assert msg == "error: input is 81 tokens long but the model's context is 64 tokens"
     # one token fewer than the context reads
-    assert main(["query", str(run), "--text", " ".join(["word"] * 63), "--site", "a0.1", "--position", "-1",
-                 "--samples", "2", "--json"]) == 0
+    assert (
+        main(
+            [
+                "query",
+                str(run),
+                "--text",
+                " ".join(["word"] * 63),
+                "--site",
+                "a0.1",
+                "--position",
+                "-1",
+                "--samples",
+                "2",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["position"] == 63
 
 
-@pytest.mark.parametrize("content, data, fragment", [
-    ('{"text": "The Louvre is in the city of", "subject": "Eiffel Tower"}\n', {"format": "jsonl"},
-     "line 1 of {p}: its subject 'Eiffel Tower' does not occur in input 'The Louvre is in the city of'"),
-    ('{"text": "The Louvre is in the city of"}\n', {"format": "jsonl"},
-     "line 1 of {p}: input 'The Louvre is in the city of' has no 'subject' field"),
-    ("The Louvre is in the city of\n", {"format": "text"},
-     "data.positions reads the field 'subject' of each input, so {p} must be JSONL or a saved HF dataset"),
-])
+@pytest.mark.parametrize(
+    "content, data, fragment",
+    [
+        (
+            '{"text": "The Louvre is in the city of", "subject": "Eiffel Tower"}\n',
+            {"format": "jsonl"},
+            "line 1 of {p}: its subject 'Eiffel Tower' does not occur in input 'The Louvre is in the city of'",
+        ),
+        (
+            '{"text": "The Louvre is in the city of"}\n',
+            {"format": "jsonl"},
+            "line 1 of {p}: input 'The Louvre is in the city of' has no 'subject' field",
+        ),
+        (
+            "The Louvre is in the city of\n",
+            {"format": "text"},
+            "data.positions reads the field 'subject' of each input, so {p} must be JSONL or a saved HF dataset",
+        ),
+    ],
+)
 def test_span_positions_errors(content, data, fragment, gpt2_dir, tmp_path, capsys):
     p = tmp_path / "in.data"
     p.write_text(content)
@@ -213,6 +269,10 @@ def test_resuming_with_another_tokenizer_is_refused(gpt2_dir, tmp_path, capsys):
     assert main(["train", str(gpt2_config(tmp_path, model, {"path": "in.txt"})), "--no-progress"]) == 0
     capsys.readouterr()
     assert RunSpec.load(tmp_path / "run").tokenizer == "gpt2"
-    msg = user_error(capsys, "train", gpt2_config(tmp_path, model, {"path": "in.txt"}, train={"steps": 4},
-                                                  probed={"tokenizer": None}), "--no-progress")
+    msg = user_error(
+        capsys,
+        "train",
+        gpt2_config(tmp_path, model, {"path": "in.txt"}, train={"steps": 4}, probed={"tokenizer": None}),
+        "--no-progress",
+    )
     assert "the run directory was trained with another tokenizer ('gpt2', config gives None)" in msg

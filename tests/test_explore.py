@@ -59,8 +59,12 @@ COUNTING_STATS = {
     "target first at": lambda t: t.index(t.partition("|")[2][0]),
 }
 ADDITION_STATS = {
-    "F1": lambda t: t[0], "S2": lambda t: t[5], "F3": lambda t: t[2],
-    "a // 50": lambda t: int(t[:3]) // 50, "b // 50": lambda t: int(t[4:7]) // 50, "sum // 100": lambda t: len(t) * 100 + int(t[8:]) // 100,
+    "F1": lambda t: t[0],
+    "S2": lambda t: t[5],
+    "F3": lambda t: t[2],
+    "a // 50": lambda t: int(t[:3]) // 50,
+    "b // 50": lambda t: int(t[4:7]) // 50,
+    "sum // 100": lambda t: len(t) * 100 + int(t[8:]) // 100,
 }
 
 
@@ -179,7 +183,12 @@ def test_chains_from_look_alikes_estimate_the_true_share(addition):
     zq = iv.probed.run(torch.tensor([iv.probed.encode(query)]), [s])[s][0, 8].float()
     w = walk(iv.probed, task, s, zq[None], [[query]], 0.1, "euclidean", chains=32, steps=48, seed=0)[0]
     feats = builtin_features(task)
-    for k, truth in (("F1", 1 / 9), ("F2", 1 / 10), ("S3", 1 / 10), ("carry_ones", _exact(task, feats["carry_ones"], True))):
+    for k, truth in (
+        ("F1", 1 / 9),
+        ("F2", 1 / 10),
+        ("S3", 1 / 10),
+        ("carry_ones", _exact(task, feats["carry_ones"], True)),
+    ):
         vq = feats[k](query)
         est = share(w.states, lambda x: feats[k](x) == vq)
         assert est.low <= truth <= est.high and abs(est.share - truth) < 0.08, (k, est, truth)
@@ -222,7 +231,9 @@ def test_checks_show_what_the_activation_keeps(addition):
     got = {x["feature"]: x for x in pre.shares}
     assert got["F1S1"]["share"] > 0.9 and got["F1S1"]["low"] >= 0.75
     check = [c for c in pre.checks if c["feature"] == "F1S1"][0]
-    assert len(check["distances"]) >= 20 and sum(d <= pre.epsilon for d in check["distances"]) <= 0.1 * len(check["distances"])
+    assert len(check["distances"]) >= 20 and sum(d <= pre.epsilon for d in check["distances"]) <= 0.1 * len(
+        check["distances"]
+    )
     line = [x for x in pre.summary if x.startswith("check: F1S1 changed in")][0]
     assert line.endswith("stay inside epsilon (0%)") or "stay inside epsilon" in line
     # the ones digits vary inside the preimage: F3 is not shared

@@ -20,14 +20,38 @@ ATOL = 1e-10
 D, LAYERS, HEADS = 32, 2, 4
 
 # family -> (config class, config overrides, where HF keeps the parts)
-_LLAMA_HF = dict(blocks="model.layers", ln1="input_layernorm", attn="self_attn", o="self_attn.o_proj",
-                 ln2="post_attention_layernorm", mlp="mlp", final="model.norm")
-_NEOX_HF = dict(blocks="gpt_neox.layers", ln1="input_layernorm", attn="attention", o="attention.dense",
-                ln2="post_attention_layernorm", mlp="mlp", final="gpt_neox.final_layer_norm")
+_LLAMA_HF = dict(
+    blocks="model.layers",
+    ln1="input_layernorm",
+    attn="self_attn",
+    o="self_attn.o_proj",
+    ln2="post_attention_layernorm",
+    mlp="mlp",
+    final="model.norm",
+)
+_NEOX_HF = dict(
+    blocks="gpt_neox.layers",
+    ln1="input_layernorm",
+    attn="attention",
+    o="attention.dense",
+    ln2="post_attention_layernorm",
+    mlp="mlp",
+    final="gpt_neox.final_layer_norm",
+)
 FAMILIES = {
-    "gpt2": ("GPT2Config", dict(n_layer=LAYERS, n_head=HEADS, n_embd=D, n_inner=2 * D, n_positions=40),
-             dict(blocks="transformer.h", ln1="ln_1", attn="attn", o="attn.c_proj", ln2="ln_2", mlp="mlp",
-                  final="transformer.ln_f")),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_layer=LAYERS, n_head=HEADS, n_embd=D, n_inner=2 * D, n_positions=40),
+        dict(
+            blocks="transformer.h",
+            ln1="ln_1",
+            attn="attn",
+            o="attn.c_proj",
+            ln2="ln_2",
+            mlp="mlp",
+            final="transformer.ln_f",
+        ),
+    ),
     # Pythia's layout: parallel residual, rotary on a quarter of each head
     "gpt_neox": ("GPTNeoXConfig", dict(use_parallel_residual=True, rotary_pct=0.25), _NEOX_HF),
     "gpt_neox_seq": ("GPTNeoXConfig", dict(use_parallel_residual=False, rotary_pct=0.5), _NEOX_HF),
@@ -36,8 +60,13 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2), _LLAMA_HF),  # q/k/v biases, no o_proj bias
     "mistral": ("MistralConfig", dict(num_key_value_heads=1, sliding_window=3), _LLAMA_HF),
 }
-_COMMON = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=2 * D,
-               max_position_embeddings=40)
+_COMMON = dict(
+    hidden_size=D,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    intermediate_size=2 * D,
+    max_position_embeddings=40,
+)
 
 
 def _build(cls_name: str, overrides: dict, path, seed: int = 0):
@@ -46,8 +75,9 @@ def _build(cls_name: str, overrides: dict, path, seed: int = 0):
 
     v = get_task("counting").vocab
     kw = dict(overrides) if cls_name == "GPT2Config" else {**_COMMON, **overrides}
-    cfg = getattr(transformers, cls_name)(vocab_size=v.vocab_size, bos_token_id=v.bos_id, eos_token_id=v.eos_id,
-                                          pad_token_id=v.pad_id, **kw)
+    cfg = getattr(transformers, cls_name)(
+        vocab_size=v.vocab_size, bos_token_id=v.bos_id, eos_token_id=v.eos_id, pad_token_id=v.pad_id, **kw
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # non-trivial norms and biases, so that the norm handling and TL processing matter
@@ -173,7 +203,7 @@ def _value_bias(p: ProbedModel, key: str, hf, L) -> torch.Tensor:
     attn = b.get_submodule(hf["attn"])
     dh = D // HEADS
     if key == "gpt2":
-        W_V, b_V = attn.c_attn.weight[:, 2 * D:], attn.c_attn.bias[2 * D:]
+        W_V, b_V = attn.c_attn.weight[:, 2 * D :], attn.c_attn.bias[2 * D :]
         return (b.ln_1.bias @ W_V + b_V).view(HEADS, dh)
     if key.startswith("gpt_neox"):  # rows of query_key_value: head 0 [q k v], head 1 [q k v], ...
         W = attn.query_key_value.weight.view(HEADS, 3, dh, D)[:, 2]  # (H, dh, D)
@@ -223,9 +253,11 @@ def test_stops_early(fam):
         torch.testing.assert_close(alone[s], together[s], atol=0, rtol=0)
     blocks = raw.model.get_submodule(hf["blocks"])
     calls = []
-    hooks = [blocks[-1].register_forward_pre_hook(lambda m, a: calls.append("last block")),
-             blocks[0].get_submodule(hf["mlp"]).register_forward_pre_hook(lambda m, a: calls.append("mlp0")),
-             raw.model.get_submodule(hf["final"]).register_forward_pre_hook(lambda m, a: calls.append("final"))]
+    hooks = [
+        blocks[-1].register_forward_pre_hook(lambda m, a: calls.append("last block")),
+        blocks[0].get_submodule(hf["mlp"]).register_forward_pre_hook(lambda m, a: calls.append("mlp0")),
+        raw.model.get_submodule(hf["final"]).register_forward_pre_hook(lambda m, a: calls.append("final")),
+    ]
     try:
         raw.run(batch.ids, first)
         assert calls == []  # stopped at layer 0's output projection, before the MLP
@@ -267,10 +299,12 @@ def _module_site(hf, L, part, io):
 def test_module_sites_equal_table_sites(fam):
     """The escape hatch by module path reads the same tensors as the table, for every family."""
     key, hf, path, raw, tl, batch = fam
-    pairs = [(Site(1, "resid_pre"), _module_site(hf, 1, "ln1", "input")),
-             (Site(0, "attn_out"), _module_site(hf, 0, "o", "output")),
-             (Site(1, "mlp_out"), _module_site(hf, 1, "mlp", "output")),
-             (Site(0, "resid_post"), _module_site(hf, 0, None, "output"))]
+    pairs = [
+        (Site(1, "resid_pre"), _module_site(hf, 1, "ln1", "input")),
+        (Site(0, "attn_out"), _module_site(hf, 0, "o", "output")),
+        (Site(1, "mlp_out"), _module_site(hf, 1, "mlp", "output")),
+        (Site(0, "resid_post"), _module_site(hf, 0, None, "output")),
+    ]
     if not _parallel(raw):
         pairs.append((Site(1, "resid_mid"), _module_site(hf, 1, "ln2", "input")))
     mods = [raw.site(m) for _, m in pairs]
@@ -282,8 +316,12 @@ def test_module_sites_equal_table_sites(fam):
     z = raw.run(batch.ids, [raw.site(_module_site(hf, 0, "o", "input"))])
     (zval,) = z.values()
     dh = D // HEADS
-    torch.testing.assert_close(zval[..., dh:2 * dh] @ _w_o(raw, hf, 0)[dh:2 * dh],
-                               raw.run(batch.ids, [Site(0, "result", 1)])[Site(0, "result", 1)], atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        zval[..., dh : 2 * dh] @ _w_o(raw, hf, 0)[dh : 2 * dh],
+        raw.run(batch.ids, [Site(0, "result", 1)])[Site(0, "result", 1)],
+        atol=ATOL,
+        rtol=0,
+    )
 
 
 def test_parallel_residual_has_no_resid_mid(fam):

@@ -11,9 +11,22 @@ import torch
 
 from conftest import user_error
 from inversionview.errors import UserError
-from inversionview.features import (BASELINE_INPUTS, CARRIES, MARGIN, Consistency, builtin_features, consistency,
-                                    explain, load_feature, measure, preimages, query_texts, random_values,
-                                    resolve_features, value)
+from inversionview.features import (
+    BASELINE_INPUTS,
+    CARRIES,
+    MARGIN,
+    Consistency,
+    builtin_features,
+    consistency,
+    explain,
+    load_feature,
+    measure,
+    preimages,
+    query_texts,
+    random_values,
+    resolve_features,
+    value,
+)
 from inversionview.tasks import get_task
 
 
@@ -74,9 +87,11 @@ def test_ioi_features_on_task_inputs():
 
 
 def test_user_feature_by_module(tmp_path, monkeypatch):
-    (tmp_path / "myfeats.py").write_text("def first(text):\n    return text[0]\n"
-                                         "def boom(text):\n    raise ValueError('no good')\n"
-                                         "def listy(text):\n    return [text]\nNOT_FN = 3\n")
+    (tmp_path / "myfeats.py").write_text(
+        "def first(text):\n    return text[0]\n"
+        "def boom(text):\n    raise ValueError('no good')\n"
+        "def listy(text):\n    return [text]\nNOT_FN = 3\n"
+    )
     monkeypatch.chdir(tmp_path)
     feats = resolve_features("counting", "count, myfeats:first")
     assert list(feats) == ["count", "myfeats:first"]
@@ -168,8 +183,19 @@ def test_explain_bad_features(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     err = user_error(capsys, "explain", "shipped:counting", "--features", "nosuch_module_xyz:f", "--queries", 1)
     assert "cannot import feature 'nosuch_module_xyz:f'" in err
-    err = user_error(capsys, "explain", "shipped:counting", "--features", "bad_feats:boom", "--site", "x0.pre",
-                     "--queries", 1, "--samples", 4)
+    err = user_error(
+        capsys,
+        "explain",
+        "shipped:counting",
+        "--features",
+        "bad_feats:boom",
+        "--site",
+        "x0.pre",
+        "--queries",
+        1,
+        "--samples",
+        4,
+    )
     assert "feature 'bad_feats:boom' raised KeyError" in err and "on input" in err
     err = user_error(capsys, "explain", "shipped:counting", "--features", "count,colour", "--queries", 1)
     assert "unknown feature 'colour'" in err
@@ -179,13 +205,31 @@ def test_explain_bad_features(tmp_path, monkeypatch, capsys):
 def test_explain_cli_with_user_feature(tmp_path, monkeypatch, capsys):
     from inversionview.cli import main
 
-    (tmp_path / "good_feats.py").write_text("from inversionview.features import builtin_features\n"
-                                            "def target_upper(text):\n"
-                                            "    v = builtin_features('counting')['target'](text)\n"
-                                            "    return None if v is None else v.upper()\n")
+    (tmp_path / "good_feats.py").write_text(
+        "from inversionview.features import builtin_features\n"
+        "def target_upper(text):\n"
+        "    v = builtin_features('counting')['target'](text)\n"
+        "    return None if v is None else v.upper()\n"
+    )
     monkeypatch.chdir(tmp_path)
-    assert main(["explain", "shipped:counting", "--site", "x0.pre", "--queries", "3", "--samples", "32",
-                 "--features", "target,good_feats:target_upper", "--json"]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "shipped:counting",
+                "--site",
+                "x0.pre",
+                "--queries",
+                "3",
+                "--samples",
+                "32",
+                "--features",
+                "target,good_feats:target_upper",
+                "--json",
+            ]
+        )
+        == 0
+    )
     d = json.loads(capsys.readouterr().out)
     rows = {(r["position"], r["feature"]): r for r in d["rows"]}
     assert set(rows) == {(p, f) for p in ("target", ":") for f in ("target", "good_feats:target_upper")}

@@ -110,8 +110,15 @@ def test_positions_point_at_the_end_and_s2_tokens():
         assert p["S1"] < p["S2"] < p["end"]
 
 
-@pytest.mark.parametrize("text", ["Then, Mary and John went to the store.", "Mary gave a drink to Mary",
-                                  "Then, Mary and John went to the store. Mary gave a drink to Mary", "hello"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Then, Mary and John went to the store.",
+        "Mary gave a drink to Mary",
+        "Then, Mary and John went to the store. Mary gave a drink to Mary",
+        "hello",
+    ],
+)
 def test_not_ioi_sentences(text):
     assert parse(text) is None and Ioi().annotate(text) is None
     with pytest.raises(UserError, match="not an IOI sentence"):
@@ -161,8 +168,9 @@ def test_span_rule_gives_the_last_subject_token_and_the_last_position(probed, tm
     assert span.apply(ids, tok, text, {"s": "Louvre"}) == [] and span.apply(ids, tok, text, {}) == []
     assert PositionRule.parse({"span": "s", "offset": 1}).apply(ids, tok, text, {"s": "Tower"}) == [got[1] + 1]
     # read from the example file as training reads it
-    src = open_source(None, {"path": str(CONFIGS / "factual-example.jsonl"),
-                             "positions": [-1, {"span": "subject"}]}, probed)
+    src = open_source(
+        None, {"path": str(CONFIGS / "factual-example.jsonl"), "positions": [-1, {"span": "subject"}]}, probed
+    )
     assert isinstance(src, FileSource)
     for text, rec in zip(src.texts, src.records):
         tokens = tok.tokens_of(tok.encode(text))
@@ -175,10 +183,17 @@ def test_span_rule_gives_the_last_subject_token_and_the_last_position(probed, tm
 def test_decoder_learns_to_end_gpt2_inputs(gpt2_dir, tmp_path, monkeypatch):
     """The real step's targets: each input's tokens after BOS, then <|endoftext|> as the stop token (GPT-2
     inputs carry no EOS), and nothing for the padding, although PAD is the same token."""
-    cfg = write_config(tmp_path, gpt2_dir, sections={
-        "probed": {"tokenizer": "gpt2"}, "data": {"task": "ioi", "sites": ["a0.1"], "bos_prob": 0.0},
-        "decoder": {"d_model": 8, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
-        "train": {"batch_size": 8, "chunk": 8, "bf16": False}, "eval": {"queries": 2}})
+    cfg = write_config(
+        tmp_path,
+        gpt2_dir,
+        sections={
+            "probed": {"tokenizer": "gpt2"},
+            "data": {"task": "ioi", "sites": ["a0.1"], "bos_prob": 0.0},
+            "decoder": {"d_model": 8, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
+            "train": {"batch_size": 8, "chunk": 8, "bf16": False},
+            "eval": {"queries": 2},
+        },
+    )
     trainer = Trainer(TrainConfig.from_toml(cfg))
     probed = trainer.probed
     replay = step_rng(0, 0)  # step 0 draws its 8 inputs first, from this source
@@ -203,20 +218,27 @@ def test_decoder_learns_to_end_gpt2_inputs(gpt2_dir, tmp_path, monkeypatch):
 
 
 def test_ioi_end_to_end_on_a_tiny_gpt2(gpt2_dir, tmp_path, capsys):
-    cfg = write_config(tmp_path, gpt2_dir, steps=3, sections={
-        "probed": {"tokenizer": "gpt2"},
-        "data": {"task": "ioi", "sites": SITES},
-        "decoder": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
-        "train": {"batch_size": 8, "chunk": 4, "warmup": 1, "bf16": False},
-        "eval": {"every": 3, "queries": 2, "checkpoint_every": 3, "metric": "cosine"},
-    })
+    cfg = write_config(
+        tmp_path,
+        gpt2_dir,
+        steps=3,
+        sections={
+            "probed": {"tokenizer": "gpt2"},
+            "data": {"task": "ioi", "sites": SITES},
+            "decoder": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
+            "train": {"batch_size": 8, "chunk": 4, "warmup": 1, "bf16": False},
+            "eval": {"every": 3, "queries": 2, "checkpoint_every": 3, "metric": "cosine"},
+        },
+    )
     rc = main(["train", str(cfg), "--no-progress"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert re.search(r"^step 3: mean hit \d\.\d{3}  a0\.1=", out, re.M), out
     run = tmp_path / "run"
     spec = json.loads((run / "run.json").read_text())
-    assert spec["tokenizer"] == "gpt2" and spec["task"] == "ioi" and spec["metric"] == "cosine" and spec["vocab"] is None
+    assert (
+        spec["tokenizer"] == "gpt2" and spec["task"] == "ioi" and spec["metric"] == "cosine" and spec["vocab"] is None
+    )
     assert json.loads((run / "config.json").read_text())["vocab_size"] == 50257
     assert RunSpec.load(run).tokenizer == "gpt2"
 
@@ -225,8 +247,9 @@ def test_ioi_end_to_end_on_a_tiny_gpt2(gpt2_dir, tmp_path, capsys):
     assert list(res["hit"]) == SITES and res["metric"] == "cosine" and 0 <= res["mean_hit"] <= 1
 
     text = "Then, Mary and John went to the store. John gave a drink to Mary"
-    assert main(["query", str(run), "--text", text, "--site", "a0.1", "--position", "-2", "--samples", "6",
-                 "--json"]) == 0
+    assert (
+        main(["query", str(run), "--text", text, "--site", "a0.1", "--position", "-2", "--samples", "6", "--json"]) == 0
+    )
     d = json.loads(capsys.readouterr().out)
     pre = Preimage.from_dict(d)
     assert pre.to_dict() == d and json.loads(pre.to_json()) == d  # the JSON round-trips
@@ -254,8 +277,10 @@ def test_ioi_end_to_end_on_a_tiny_gpt2(gpt2_dir, tmp_path, capsys):
     assert all(len(x) == 1 or x[-1] != EOT for x in inputs)  # the stop token is not part of a GPT-2 input
     site = iv.probed.site("a0.1")
     zq = iv.probed.run(torch.tensor([iv.probed.encode(text)]), [site])[site][0, 7].float()
-    want = sorted(float(distances(zq, iv.probed.run(torch.tensor([list(x)]), [site])[site][0].float(), "cosine").min())
-                  for x in inputs)
+    want = sorted(
+        float(distances(zq, iv.probed.run(torch.tensor([list(x)]), [site])[site][0].float(), "cosine").min())
+        for x in inputs
+    )
     assert [s.distance for s in again.samples] == pytest.approx(want, abs=1e-4)
     for smp in again.samples:  # BOS included, every position of a GPT-2 input has a distance
         assert smp.tokens[0] == "<|endoftext|>" and all(x is not None for x in smp.distances)

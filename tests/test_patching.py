@@ -12,8 +12,15 @@ import torch
 
 from conftest import make_probed_dir, user_error
 from inversionview.errors import UserError
-from inversionview.patching import (COUNTING_PATH, Pair, cumulative, make_pairs, parse_component,
-                                    reproduce_counting_path, run_patched)
+from inversionview.patching import (
+    COUNTING_PATH,
+    Pair,
+    cumulative,
+    make_pairs,
+    parse_component,
+    reproduce_counting_path,
+    run_patched,
+)
 from inversionview.probed import ProbedModel
 from inversionview.tasks import get_task
 

@@ -40,8 +40,9 @@ def test_distance_broadcasts_over_positions():
     zq = torch.tensor([[1.0, 0.0], [0.0, 2.0]])[:, None]  # (N, 1, d)
     z = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[0.0, 2.0], [0.0, 0.0]]])  # (N, T, d)
     torch.testing.assert_close(distances(zq, z), torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
-    torch.testing.assert_close(distances(zq, z, "cosine"), torch.tensor([[0.0, 1 - 2 ** -0.5], [0.0, 1.0]]),
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        distances(zq, z, "cosine"), torch.tensor([[0.0, 1 - 2**-0.5], [0.0, 1.0]]), atol=1e-6, rtol=0
+    )
 
 
 def test_unknown_metric():
@@ -93,7 +94,7 @@ def test_verify_matches_hand_computation(probed, site, metric):
     for i, seq in enumerate(seqs):
         n = len(seq)
         assert torch.isfinite(dist[i, : n - 1]).all()  # BOS and the text
-        assert torch.isinf(dist[i, n - 1:]).all()  # EOS and PAD
+        assert torch.isinf(dist[i, n - 1 :]).all()  # EOS and PAD
         assert dist[i].min() == dmin[i]
     # batching does not change anything (the batches are padded to one width)
     d1, a1, dd1 = verify(probed, s, seqs, zq, metric, batch=1)
@@ -176,10 +177,23 @@ def test_modes_give_different_distances(probed, probed_raw):
 TOKENS = ["B", "a", "b", "|", "a", ":", "2", "E"]
 
 
-@pytest.mark.parametrize("position, want", [
-    (0, 0), (3, 3), (6, 6), (-1, 6), (-2, 5), (-7, 0),
-    ("-1", 6), (" 4 ", 4), (":", 5), ("|", 3), ("a", 1), ("B", 0),
-])
+@pytest.mark.parametrize(
+    "position, want",
+    [
+        (0, 0),
+        (3, 3),
+        (6, 6),
+        (-1, 6),
+        (-2, 5),
+        (-7, 0),
+        ("-1", 6),
+        (" 4 ", 4),
+        (":", 5),
+        ("|", 3),
+        ("a", 1),
+        ("B", 0),
+    ],
+)
 def test_resolve_position(position, want):
     assert resolve_position(TOKENS, 7, position) == want
 

@@ -53,7 +53,7 @@ def test_batch_pads_and_masks(raw, batch):
         assert (batch.ids[i, n:] == tok.pad_id).all()
         # BOS and text valid; EOS and PAD not
         assert batch.valid[i, : n - 1].all()
-        assert not batch.valid[i, n - 1:].any()
+        assert not batch.valid[i, n - 1 :].any()
 
 
 def test_raw_resid_equals_hf_hidden_states(raw, batch):
@@ -104,8 +104,8 @@ def test_raw_head_result_is_z_times_WO(raw, batch):
     for L in range(raw.n_layers):
         W_O = raw.model.transformer.h[L].attn.c_proj.weight  # Conv1D: (d_in, d_out)
         for h in range(raw.n_heads):
-            z = cap[("z", L)][..., h * dh:(h + 1) * dh]
-            want = z @ W_O[h * dh:(h + 1) * dh]
+            z = cap[("z", L)][..., h * dh : (h + 1) * dh]
+            want = z @ W_O[h * dh : (h + 1) * dh]
             got = raw.run(batch.ids, [Site(L, "result", h)])[Site(L, "result", h)]
             torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
@@ -130,7 +130,7 @@ def test_tl_head_result_formula(raw, tl, batch):
         blk = raw.model.transformer.h[L]
         W = blk.attn.c_attn.weight  # (d, 3d), columns q | k | v
         b = blk.attn.c_attn.bias
-        W_V, b_V = W[:, 2 * d:], b[2 * d:]
+        W_V, b_V = W[:, 2 * d :], b[2 * d :]
         vbias = blk.ln_1.bias @ W_V + b_V
         W_O = blk.attn.c_proj.weight
         for h in range(raw.n_heads):
@@ -158,9 +158,11 @@ def test_stops_early(raw, batch):
         torch.testing.assert_close(alone[s], together[s], atol=0, rtol=0)
 
     calls = []
-    hooks = [raw.model.transformer.h[-1].register_forward_pre_hook(lambda m, a: calls.append("last block")),
-             raw.model.transformer.h[0].mlp.register_forward_pre_hook(lambda m, a: calls.append("mlp0")),
-             raw.model.transformer.ln_f.register_forward_pre_hook(lambda m, a: calls.append("ln_f"))]
+    hooks = [
+        raw.model.transformer.h[-1].register_forward_pre_hook(lambda m, a: calls.append("last block")),
+        raw.model.transformer.h[0].mlp.register_forward_pre_hook(lambda m, a: calls.append("mlp0")),
+        raw.model.transformer.ln_f.register_forward_pre_hook(lambda m, a: calls.append("ln_f")),
+    ]
     try:
         raw.run(batch.ids, first)
         assert calls == []  # stopped at layer 0's ln_2, before the MLP
@@ -215,9 +217,9 @@ def test_attention_is_softmax_of_scaled_scores(raw, batch):
     L, h = 1, 1
     blk = raw.model.transformer.h[L]
     qkv = blk.ln_1(hs[L]) @ blk.attn.c_attn.weight + blk.attn.c_attn.bias
-    q, k = qkv[..., h * dh:(h + 1) * dh], qkv[..., d + h * dh:d + (h + 1) * dh]
+    q, k = qkv[..., h * dh : (h + 1) * dh], qkv[..., d + h * dh : d + (h + 1) * dh]
     T = batch.ids.shape[1]
-    scores = (q @ k.transpose(-1, -2)) / dh ** 0.5
+    scores = (q @ k.transpose(-1, -2)) / dh**0.5
     scores = scores.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
     torch.testing.assert_close(raw.attention(batch.ids, L, h), scores.softmax(-1), atol=1e-12, rtol=0)
 
@@ -287,15 +289,27 @@ def _tl_cache_legacy(hf, ids, process: bool):
         from transformer_lens.loading_from_pretrained import convert_gpt2_weights
 
     c = hf.config
-    cfg = HookedTransformerConfig(n_layers=c.n_layer, d_model=c.n_embd, n_ctx=c.n_positions, d_head=c.n_embd // c.n_head,
-                                  n_heads=c.n_head, d_mlp=c.n_inner or 4 * c.n_embd, d_vocab=c.vocab_size,
-                                  act_fn=c.activation_function, normalization_type="LN", eps=c.layer_norm_epsilon,
-                                  positional_embedding_type="standard", original_architecture="GPT2LMHeadModel",
-                                  dtype=torch.float64, default_prepend_bos=False)
+    cfg = HookedTransformerConfig(
+        n_layers=c.n_layer,
+        d_model=c.n_embd,
+        n_ctx=c.n_positions,
+        d_head=c.n_embd // c.n_head,
+        n_heads=c.n_head,
+        d_mlp=c.n_inner or 4 * c.n_embd,
+        d_vocab=c.vocab_size,
+        act_fn=c.activation_function,
+        normalization_type="LN",
+        eps=c.layer_norm_epsilon,
+        positional_embedding_type="standard",
+        original_architecture="GPT2LMHeadModel",
+        dtype=torch.float64,
+        default_prepend_bos=False,
+    )
     model = HookedTransformer(cfg)
     state = {k: v.clone() for k, v in convert_gpt2_weights(hf, cfg).items()}
-    model.load_and_process_state_dict(state, fold_ln=process, center_writing_weights=process, center_unembed=process,
-                                      fold_value_biases=process)
+    model.load_and_process_state_dict(
+        state, fold_ln=process, center_writing_weights=process, center_unembed=process, fold_value_biases=process
+    )
     model.set_use_attn_result(True)
     model.eval()
     with torch.no_grad():
@@ -325,5 +339,10 @@ def test_matches_transformer_lens(probed_dir, raw, tl, batch, tmp_path):
                 want = cache[f"blocks.{s.layer}.attn.hook_result"][:, :, s.head]
             else:
                 want = cache[s.name]
-            torch.testing.assert_close(acts[s], want.to(acts[s].dtype), atol=1e-6, rtol=0,
-                                       msg=lambda m, s=s, p=probed: f"{p.mode} {s.name}: {m}")
+            torch.testing.assert_close(
+                acts[s],
+                want.to(acts[s].dtype),
+                atol=1e-6,
+                rtol=0,
+                msg=lambda m, s=s, p=probed: f"{p.mode} {s.name}: {m}",
+            )

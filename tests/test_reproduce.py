@@ -16,8 +16,11 @@ def _rule(k: Check) -> bool:
     if k.expect == "flips":
         return k.baseline > 0 and k.value < 0
     far = k.value - k.baseline >= MARGIN - 1e-9
-    return {"carries": k.value >= CARRIES and far, "approx.": k.value >= PARTLY and far,
-            "varies": not (k.value >= PARTLY and far)}[k.expect]
+    return {
+        "carries": k.value >= CARRIES and far,
+        "approx.": k.value >= PARTLY and far,
+        "varies": not (k.value >= PARTLY and far),
+    }[k.expect]
 
 
 def test_verdict_rules():

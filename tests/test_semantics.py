@@ -41,7 +41,7 @@ def test_pad_inside_a_sample_is_not_a_position(addition):
 
     b = p.batch([sample, query])
     assert b.valid[0].tolist() == [t in real for t in range(len(sample))]
-    assert b.valid[1, : len(query) - 1].all() and not b.valid[1, len(query) - 1:].any()
+    assert b.valid[1, : len(query) - 1].all() and not b.valid[1, len(query) - 1 :].any()
     dmin, amin, dist = verify(p, s, [sample], zq, "euclidean")
     assert float(dmin[0]) == pytest.approx(float(want), abs=1e-5)
     assert int(amin[0]) == real[int(d[real].argmin())]
@@ -83,8 +83,9 @@ def test_delta_is_p_given_query_minus_p_given_bos(counting):
         want = [0.0]
         for i in range(1, ids.shape[1]):  # each prefix on its own: no reliance on teacher forcing
             with torch.no_grad():
-                pq, pb = (dec(ids[:, :i], z[None], torch.tensor([si]))[0, -1].softmax(-1)[ids[0, i]]
-                          for z in (zq, zbos))
+                pq, pb = (
+                    dec(ids[:, :i], z[None], torch.tensor([si]))[0, -1].softmax(-1)[ids[0, i]] for z in (zq, zbos)
+                )
             want.append(float(pq - pb))
         assert sample.delta == pytest.approx(want, abs=1e-4)
         seen_pos += sum(x > 0.1 for x in want)
@@ -96,11 +97,28 @@ def _reading_with_deltas(deltas):
     from inversionview.preimage import Preimage, Sample
 
     toks = ["B", "a", "b", "c", "E"][: len(deltas)]
-    sample = Sample(tokens=toks, text="".join(toks[1:-1]), distance=0.05, position=1,
-                    distances=[0.2, 0.05, 0.3, 0.4, None][: len(toks)], delta=deltas, count=1)
-    return Preimage(text="ab", tokens=["B", "a", "b", "E"], position=1, site="blocks.0.hook_resid_pre",
-                    site_short="x0.pre", epsilon=0.1, metric="euclidean", mode="tl", samples=[sample],
-                    n_candidates=1, fraction_inside=1.0)
+    sample = Sample(
+        tokens=toks,
+        text="".join(toks[1:-1]),
+        distance=0.05,
+        position=1,
+        distances=[0.2, 0.05, 0.3, 0.4, None][: len(toks)],
+        delta=deltas,
+        count=1,
+    )
+    return Preimage(
+        text="ab",
+        tokens=["B", "a", "b", "E"],
+        position=1,
+        site="blocks.0.hook_resid_pre",
+        site_short="x0.pre",
+        epsilon=0.1,
+        metric="euclidean",
+        mode="tl",
+        samples=[sample],
+        n_candidates=1,
+        fraction_inside=1.0,
+    )
 
 
 def _rgb(colour: str) -> tuple[int, int, int]:
@@ -115,8 +133,12 @@ def test_terminal_colours_positive_delta_blue_negative_red():
 
     out = render(_reading_with_deltas([0.0, 0.8, -0.8, 0.0, 0.0]), colour=True)
     row = next(line for line in out.splitlines() if line.strip().startswith("0.0500"))
-    bg = {tok: tuple(map(int, rgb)) for rgb, tok in
-          ((m[:3], m[3]) for m in re.findall(r"\x1b\[48;2;(\d+);(\d+);(\d+)m(?:\x1b\[[\d;]*m)*([abc])", row))}
+    bg = {
+        tok: tuple(map(int, rgb))
+        for rgb, tok in (
+            (m[:3], m[3]) for m in re.findall(r"\x1b\[48;2;(\d+);(\d+);(\d+)m(?:\x1b\[[\d;]*m)*([abc])", row)
+        )
+    }
     assert bg["a"][2] > bg["a"][0] + 100  # raised by the activation: blue
     assert bg["b"][0] > bg["b"][2] + 100  # lowered: red
 
@@ -126,8 +148,11 @@ def test_html_colours_positive_delta_blue_negative_red():
 
     html = render_html([_reading_with_deltas([0.0, 0.8, -0.8, 0.0, 0.0])])
     spans = re.findall(r"<span([^>]*)>\s*([abc])\s*</span>", html)
-    colour = {tok: _rgb(re.search(r"background(?:-color)?:\s*(#[0-9a-fA-F]{6}|rgba?\([^)]*\))", attrs).group(1))
-              for attrs, tok in spans if "background" in attrs}
+    colour = {
+        tok: _rgb(re.search(r"background(?:-color)?:\s*(#[0-9a-fA-F]{6}|rgba?\([^)]*\))", attrs).group(1))
+        for attrs, tok in spans
+        if "background" in attrs
+    }
     assert colour["a"][2] > colour["a"][0] + 100
     assert colour["b"][0] > colour["b"][2] + 100
 
@@ -248,8 +273,9 @@ def _chi2_pvalue(counts: torch.Tensor, p: torch.Tensor) -> float:
 def sampler():
     """A tiny real decoder with spread-out logits (so the temperature matters) and one fixed conditioning."""
     torch.manual_seed(0)
-    dec = Decoder(DecoderConfig(vocab_size=12, max_len=3, d_act=8, n_sites=1, d_model=16, n_layers=1, n_heads=2,
-                                n_act_blocks=1)).eval()
+    dec = Decoder(
+        DecoderConfig(vocab_size=12, max_len=3, d_act=8, n_sites=1, d_model=16, n_layers=1, n_heads=2, n_act_blocks=1)
+    ).eval()
     with torch.no_grad():
         dec.tok.weight.normal_(0, 0.15)
         z = torch.randn(8)
@@ -274,7 +300,7 @@ def test_sampling_at_temperature_t_follows_softmax_of_logits_over_t(sampler):
         second = dec(torch.tensor([[bos, top]]), z[None], torch.tensor([0]))[0, -1]
     assert top != eos and float(first.softmax(-1)[eos]) > 0.02  # some rows end early at every temperature
     for k, t in enumerate(TEMPERATURES):
-        rows = seqs[k::len(TEMPERATURES)]
+        rows = seqs[k :: len(TEMPERATURES)]
         c1 = torch.bincount(torch.tensor([s[1] for s in rows]), minlength=12)
         c2 = torch.bincount(torch.tensor([s[2] for s in rows if s[1] == top]), minlength=12)
         for counts, logits in ((c1, first), (c2, second)):

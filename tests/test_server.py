@@ -72,8 +72,9 @@ def hold(server):
 def call(url, path, body=None, method=None, raw: bytes | None = None):
     """(status, headers, parsed JSON or text) of one request."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"} if data is not None else {})
+    req = urllib.request.Request(
+        url + path, data=data, method=method, headers={"Content-Type": "application/json"} if data is not None else {}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             status, headers, payload = r.status, r.headers, r.read()
@@ -174,7 +175,9 @@ def test_epsilon_moves_the_rule_without_sampling_again(url):
     assert status == 200 and Preimage.from_dict(r2["reading"]) == want
     assert "epsilon = 0.35" in r2["html"] and f"{want.fraction_inside:.1%}" in r2["html"]
     assert "epsilon must be positive" in refused(url, "/api/epsilon", 400, {"reading": r["reading"], "epsilon": 0})
-    assert "field 'epsilon' must be a number" in refused(url, "/api/epsilon", 400, {"reading": r["reading"], "epsilon": "x"})
+    assert "field 'epsilon' must be a number" in refused(
+        url, "/api/epsilon", 400, {"reading": r["reading"], "epsilon": "x"}
+    )
     assert "not a reading's JSON" in refused(url, "/api/epsilon", 400, {"reading": {"site": "a1.0"}, "epsilon": 0.2})
 
 
@@ -212,8 +215,10 @@ def test_queue_shows_each_reading_its_place_and_drops_those_whose_client_left(ur
         # a client that sends its query and goes away while it waits
         gone = socket.create_connection(url.split("//")[1].split(":"), timeout=30)
         body = json.dumps(query(ticket="gone", seed=2)).encode()
-        gone.sendall(b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        gone.sendall(
+            b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         wait_for(lambda: queue_state(url, "gone")["position"] == 2)
         second = pool.submit(call, url, "/api/query", query(ticket="second", seed=3))
         wait_for(lambda: queue_state(url, "second")["position"] == 3)
@@ -305,8 +310,14 @@ def test_unknown_route_is_404(url):
 
 
 def test_no_file_paths_from_the_client(url):
-    for path in ("/static/../server.py", "/static/%2e%2e%2fserver.py", "/static/..%2f..%2fcli.py",
-                 "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/../../pyproject.toml"):
+    for path in (
+        "/static/../server.py",
+        "/static/%2e%2e%2fserver.py",
+        "/static/..%2f..%2fcli.py",
+        "/static//etc/passwd",
+        "/static/%2fetc%2fpasswd",
+        "/../../pyproject.toml",
+    ):
         refused(url, path, 404)
 
 
@@ -331,10 +342,21 @@ def raw(url: str, data: bytes, timeout: float = 60) -> tuple[int, dict, bytes]:
     return int(lines[0].split()[1]), headers, body
 
 
-@pytest.mark.parametrize("method, target", [("TRACE", "/"), ("CONNECT", "example.com:443"), ("PUT", "/api/query"),
-                                            ("OPTIONS", "/api/query"), ("BREW", "/api/info"), ("PATCH", "/nothing")])
+@pytest.mark.parametrize(
+    "method, target",
+    [
+        ("TRACE", "/"),
+        ("CONNECT", "example.com:443"),
+        ("PUT", "/api/query"),
+        ("OPTIONS", "/api/query"),
+        ("BREW", "/api/info"),
+        ("PATCH", "/nothing"),
+    ],
+)
 def test_unknown_methods_are_405_with_one_json_line(url, method, target):
-    status, headers, body = raw(url, f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    status, headers, body = raw(
+        url, f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    )
     assert status == 405 and headers["content-type"] == "application/json" and headers["allow"] == "GET, HEAD, POST"
     msg = json.loads(body)["error"]
     assert method in msg and "\n" not in msg
@@ -360,14 +382,23 @@ def test_nested_json_huge_numbers_and_non_finite_readings_are_400(url):
     assert "noise must be between 0 and 1000" in refused(url, "/api/query", 400, query(temperature=1.0, noise=1e300))
     good = call(url, "/api/query", query(samples=16))[2]["reading"]
     last = good["samples"][-1]
-    for bad in ({**last, "distance": float("-inf")}, {**last, "distance": float("nan")}, {**last, "distance": -1.0},
-                {**last, "distance": float("inf")}, {**last, "distances": [float("-inf")] * len(last["tokens"])},
-                {**last, "delta": [float("nan")] * len(last["tokens"])}):
+    for bad in (
+        {**last, "distance": float("-inf")},
+        {**last, "distance": float("nan")},
+        {**last, "distance": -1.0},
+        {**last, "distance": float("inf")},
+        {**last, "distances": [float("-inf")] * len(last["tokens"])},
+        {**last, "delta": [float("nan")] * len(last["tokens"])},
+    ):
         reading = {**good, "samples": good["samples"][:-1] + [bad]}
         assert "not a reading's JSON" in refused(url, "/api/epsilon", 400, {"reading": reading, "epsilon": 0.3})
         assert "reading 1" in refused(url, "/api/report", 400, {"readings": [reading]})
-    for bad in ({**good, "epsilon": float("inf")}, {**good, "fraction_inside": float("nan")},
-                {**good, "attention": [float("-inf")] * len(good["tokens"])}, {**good, "settings": "x"}):
+    for bad in (
+        {**good, "epsilon": float("inf")},
+        {**good, "fraction_inside": float("nan")},
+        {**good, "attention": [float("-inf")] * len(good["tokens"])},
+        {**good, "settings": "x"},
+    ):
         assert "reading 1" in refused(url, "/api/report", 400, {"readings": [bad]})
     # the library's own HTML still renders such a reading (a hand-edited file): it is shown, not refused
     pre = Preimage.from_dict(good)
@@ -411,8 +442,12 @@ class Preimage2(Preimage):
 def test_fields_a_later_preimage_adds_are_shown_escaped(iv):
     """A field added to Preimage or Sample (the templates do not name it) is shown as text in "other fields"."""
     pre = iv.query(TEXT, site="a1.0", position=19, samples=16)
-    d = {**pre.to_dict(), "verdicts": [{"feature": "count", "share": 0.9, "interval": [0.8, 1.0]}], "note": "n",
-         "samples": [{**s, "check": {"passed": True}} for s in pre.to_dict()["samples"]]}
+    d = {
+        **pre.to_dict(),
+        "verdicts": [{"feature": "count", "share": 0.9, "interval": [0.8, 1.0]}],
+        "note": "n",
+        "samples": [{**s, "check": {"passed": True}} for s in pre.to_dict()["samples"]],
+    }
     paths = [p for p, _ in text_fields(Preimage2)]
     assert {"verdicts", "note", "samples.check"} <= set(paths)
     for path in paths:
@@ -422,7 +457,11 @@ def test_fields_a_later_preimage_adds_are_shown_escaped(iv):
         if path in ("verdicts", "note", "samples.check"):  # shown as their JSON
             assert json.dumps(payload(path), ensure_ascii=False)[1:-1] in "".join(Markup(html).text), path
     text = "".join(Markup(Preimage2(**{**d, "samples": [Sample2(**s) for s in d["samples"]]}).to_html()).text)
-    assert "other fields: verdicts, note" in text and '"interval": [0.8, 1.0]' in text and 'check: {"passed": true}' in text
+    assert (
+        "other fields: verdicts, note" in text
+        and '"interval": [0.8, 1.0]' in text
+        and 'check: {"passed": true}' in text
+    )
 
 
 def test_malformed_json_is_400(url):
@@ -446,48 +485,57 @@ def test_oversized_body_is_413(url):
     # a client that sends a whole oversized body and asks to close hears why (the body is read first: closing on
     # unread data would reset the connection and lose the answer)
     for n in (MAX_BODY + 1, 300_000, 1_000_000):
-        status, _, body = raw(url, b"POST /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                                   b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (n, b" " * n))
+        status, _, body = raw(
+            url,
+            b"POST /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (n, b" " * n),
+        )
         assert status == 413 and f"{n:,} bytes" in json.loads(body)["error"]
 
 
-@pytest.mark.parametrize("body, words", [
-    (query(samples=MAX_SAMPLES + 1), ["samples", f"between 1 and {MAX_SAMPLES}"]),
-    (query(samples=0), ["samples"]),
-    (query(samples="many"), ["field 'samples' must be an int"]),
-    (query(text="v" * (MAX_TEXT + 1)), [f"{MAX_TEXT + 1} characters", f"at most {MAX_TEXT}"]),
-    (query(text="vvvv" * 10 + "|v:9"), ["tokens long", "context is 33"]),
-    (query(text="VVZ|v:2"), ["character 'V'", "not in the vocabulary"]),
-    (query(text=""), ["type an input"]),
-    (query(site="a7.3"), ["unknown site 'a7.3'"]),
-    (query(site="a1"), ["not one this decoder was trained on", "expected one of"]),
-    (query(site=""), ["choose a site"]),
-    (query(position=40), ["position 40", "out of range"]),
-    (query(position=None), ["position must be"]),
-    (query(position="#"), ["'#'", "neither an index nor a token"]),
-    (query(epsilon=-1), ["epsilon must be positive"]),
-    (query(epsilon="wide"), ["field 'epsilon' must be a number"]),
-    (query(epsilon=float("inf")), ["epsilon must be positive and finite"]),  # Python's JSON sends Infinity and NaN
-    (query(temperature=float("nan")), ["temperature must be positive and at most 1e6"]),
-    (query(temperature=1e300), ["temperature must be positive and at most 1e6"]),  # float32 would overflow
-    (query(temperature=1.0, noise=-0.5), ["noise must be between 0 and 1000"]),
-    (query(metric="manhattan"), ["manhattan", "euclidean"]),
-    (query(temperature=0), ["temperature must be positive"]),
-    (query(noise=0.1), ["noise applies to one sampling temperature"]),
-    (query(path="/etc/passwd"), ["unknown field 'path'"]),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        (query(samples=MAX_SAMPLES + 1), ["samples", f"between 1 and {MAX_SAMPLES}"]),
+        (query(samples=0), ["samples"]),
+        (query(samples="many"), ["field 'samples' must be an int"]),
+        (query(text="v" * (MAX_TEXT + 1)), [f"{MAX_TEXT + 1} characters", f"at most {MAX_TEXT}"]),
+        (query(text="vvvv" * 10 + "|v:9"), ["tokens long", "context is 33"]),
+        (query(text="VVZ|v:2"), ["character 'V'", "not in the vocabulary"]),
+        (query(text=""), ["type an input"]),
+        (query(site="a7.3"), ["unknown site 'a7.3'"]),
+        (query(site="a1"), ["not one this decoder was trained on", "expected one of"]),
+        (query(site=""), ["choose a site"]),
+        (query(position=40), ["position 40", "out of range"]),
+        (query(position=None), ["position must be"]),
+        (query(position="#"), ["'#'", "neither an index nor a token"]),
+        (query(epsilon=-1), ["epsilon must be positive"]),
+        (query(epsilon="wide"), ["field 'epsilon' must be a number"]),
+        (query(epsilon=float("inf")), ["epsilon must be positive and finite"]),  # Python's JSON sends Infinity and NaN
+        (query(temperature=float("nan")), ["temperature must be positive and at most 1e6"]),
+        (query(temperature=1e300), ["temperature must be positive and at most 1e6"]),  # float32 would overflow
+        (query(temperature=1.0, noise=-0.5), ["noise must be between 0 and 1000"]),
+        (query(metric="manhattan"), ["manhattan", "euclidean"]),
+        (query(temperature=0), ["temperature must be positive"]),
+        (query(noise=0.1), ["noise applies to one sampling temperature"]),
+        (query(path="/etc/passwd"), ["unknown field 'path'"]),
+    ],
+)
 def test_bad_query_is_400_with_one_clear_line(url, body, words):
     msg = refused(url, "/api/query", 400, body)
     for w in words:
         assert w in msg, msg
 
 
-@pytest.mark.parametrize("body, words", [
-    ({}, ["non-empty list 'readings'"]),
-    ({"readings": []}, ["non-empty list"]),
-    ({"readings": [{"text": "x"}]}, ["reading 1", "not a reading's JSON"]),
-    ({"readings": ["a string"]}, ["reading 1", "JSON object"]),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ({}, ["non-empty list 'readings'"]),
+        ({"readings": []}, ["non-empty list"]),
+        ({"readings": [{"text": "x"}]}, ["reading 1", "not a reading's JSON"]),
+        ({"readings": ["a string"]}, ["reading 1", "JSON object"]),
+    ],
+)
 def test_bad_report_is_400(url, body, words):
     msg = refused(url, "/api/report", 400, body)
     for w in words:
@@ -497,9 +545,14 @@ def test_bad_report_is_400(url, body, words):
 def test_bad_report_reading_fields_are_400(url):
     good = call(url, "/api/query", query())[2]["reading"]
     last = good["samples"][-1]  # beyond the rows the page shows, but a report or a new epsilon reads it
-    for bad in ({**good, "position": 99}, {**good, "epsilon": "x"}, {**good, "samples": [{"text": 1}]},
-                {**good, "tokens": None}, {**good, "samples": good["samples"][:-1] + [{**last, "delta": "abc"}]},
-                {**good, "samples": good["samples"][:-1] + [{**last, "count": "2"}]}):
+    for bad in (
+        {**good, "position": 99},
+        {**good, "epsilon": "x"},
+        {**good, "samples": [{"text": 1}]},
+        {**good, "tokens": None},
+        {**good, "samples": good["samples"][:-1] + [{**last, "delta": "abc"}]},
+        {**good, "samples": good["samples"][:-1] + [{**last, "count": "2"}]},
+    ):
         assert "reading 2" in refused(url, "/api/report", 400, {"readings": [good, bad]})
         assert "not a reading's JSON" in refused(url, "/api/epsilon", 400, {"reading": bad, "epsilon": 0.3})
 
@@ -511,9 +564,15 @@ def test_stored_readings_without_a_db_is_404(url):
 
 def test_the_server_keeps_serving_after_bad_requests(url):
     conn = http.client.HTTPConnection(url.split("//")[1], timeout=30)
-    for path, body, status in [("/api/query", b"{bad", 400), ("/api/nothing", b"{}", 404), ("/api/info", None, 200),
-                               ("/api/tokens", b'{"text": "ab|a:1"}', 200)]:
-        conn.request("POST" if body is not None else "GET", path, body=body, headers={"Content-Type": "application/json"})
+    for path, body, status in [
+        ("/api/query", b"{bad", 400),
+        ("/api/nothing", b"{}", 404),
+        ("/api/info", None, 200),
+        ("/api/tokens", b'{"text": "ab|a:1"}', 200),
+    ]:
+        conn.request(
+            "POST" if body is not None else "GET", path, body=body, headers={"Content-Type": "application/json"}
+        )
         r = conn.getresponse()
         r.read()
         assert r.status == status
@@ -528,8 +587,10 @@ def stored(iv, tmp_path_factory):
 
     db = tmp_path_factory.mktemp("db") / "readings.sqlite"
     with ReadingStore(db, create=True) as store:
-        ids = [store.put(iv.query(TEXT, site=s, position=p, samples=64), iv.fingerprint)
-               for s, p in [("a1.0", 19), ("x0.post", 18)]]
+        ids = [
+            store.put(iv.query(TEXT, site=s, position=p, samples=64), iv.fingerprint)
+            for s, p in [("a1.0", 19), ("x0.post", 18)]
+        ]
     server = make_server(iv, port=0, db=str(db))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", ids, db
@@ -627,8 +688,12 @@ class Lines:
 
 @pytest.mark.slow
 def test_serve_command_serves_until_interrupted():
-    proc = subprocess.Popen([sys.executable, "-m", "inversionview", "serve", "shipped:counting", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inversionview", "serve", "shipped:counting", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         out = Lines(proc)
         url = out.until(r"at (http://127\.0\.0\.1:\d+)/").group(1)
@@ -645,8 +710,9 @@ def test_serve_command_serves_until_interrupted():
 
 def test_requests_from_elsewhere_are_refused(url):
     """A JSON body must say so (a cross-site form cannot), and the Host must be this machine (no DNS rebinding)."""
-    req = urllib.request.Request(url + "/api/query", data=json.dumps(query()).encode(),
-                                 headers={"Content-Type": "text/plain"})
+    req = urllib.request.Request(
+        url + "/api/query", data=json.dumps(query()).encode(), headers={"Content-Type": "text/plain"}
+    )
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 415 and "application/json" in json.loads(e.value.read())["error"]
@@ -666,7 +732,11 @@ def answer(s: socket.socket) -> tuple[int, dict, bytes]:
         out += chunk
     head, _, body = out.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    return int(lines[0].split()[1]), {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}, body
+    return (
+        int(lines[0].split()[1]),
+        {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])},
+        body,
+    )
 
 
 def test_slow_clients_are_cut_off_while_others_are_served(iv):
@@ -677,8 +747,10 @@ def test_slow_clients_are_cut_off_while_others_are_served(iv):
     url = f"http://127.0.0.1:{addr[1]}"
     try:
         slow_body, slow_head, idle = (socket.create_connection(addr, timeout=60) for _ in range(3))
-        slow_body.sendall(b"POST /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: 100\r\n\r\n{\"text\": \"")
+        slow_body.sendall(
+            b"POST /api/tokens HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"text": "'
+        )
         slow_head.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Drip: ")
         assert call(url, "/api/info")[0] == 200 and call(url, "/api/tokens", {"text": "ab|a:1"})[0] == 200
         status, headers, body = answer(slow_body)
@@ -712,40 +784,79 @@ def rss_mib(pid: int) -> float:
 def hostile_requests(url: str) -> list[tuple[str, bytes]]:
     """Requests a careless or hostile client sends: path tricks, nested JSON, huge numbers, non-finite floats,
     unknown methods, oversized and chunked bodies, garbage."""
+
     def post(path, body: bytes, extra=b""):
-        return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n%s"
-                b"Content-Length: %d\r\n\r\n%s" % (path.encode(), extra, len(body), body))
+        return (
+            b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n%s"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), extra, len(body), body)
+        )
 
     q = {"text": TEXT, "site": "a1.0", "position": 19, "samples": 8}
-    out = [(f"path {p}", b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % p.encode())
-           for p in ("/static/../server.py", "/static/%2e%2e%2fserver.py", "/static/..%2f..%2fcli.py", "//api/info",
-                     "/static//etc/passwd", "/%00", "/static/%ff%fe", "/api/stored/../../etc/passwd", "/api/info?%zz=&&=",
-                     "/api/stored?position=" + "9" * 5000, "/" + "a" * 8000, "/api/queue?ticket=" + "%00" * 50)]
-    out += [(f"method {m.decode()}", b"%s / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % m)
-            for m in (b"TRACE", b"CONNECT", b"DELETE", b"PUT", b"OPTIONS", b"BREW", b"PROPFIND")]
+    out = [
+        (f"path {p}", b"GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % p.encode())
+        for p in (
+            "/static/../server.py",
+            "/static/%2e%2e%2fserver.py",
+            "/static/..%2f..%2fcli.py",
+            "//api/info",
+            "/static//etc/passwd",
+            "/%00",
+            "/static/%ff%fe",
+            "/api/stored/../../etc/passwd",
+            "/api/info?%zz=&&=",
+            "/api/stored?position=" + "9" * 5000,
+            "/" + "a" * 8000,
+            "/api/queue?ticket=" + "%00" * 50,
+        )
+    ]
+    out += [
+        (f"method {m.decode()}", b"%s / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n" % m)
+        for m in (b"TRACE", b"CONNECT", b"DELETE", b"PUT", b"OPTIONS", b"BREW", b"PROPFIND")
+    ]
     nested = b"[" * 50_000 + b"]" * 50_000
     out += [(f"nested {p}", post(p, b'{"x": ' + nested + b"}")) for p in ("/api/query", "/api/tokens", "/api/epsilon")]
     out += [("nested report", post("/api/report", b'{"readings": [' + nested + b"]}"))]
-    for k, v in [("seed", "1" + "0" * 40), ("samples", "1" + "0" * 40), ("position", "1" + "0" * 40), ("seed", "9" * 5000),
-                 ("epsilon", "1e999"), ("epsilon", "NaN"), ("temperature", "Infinity"), ("noise", "-Infinity"),
-                 ("temperature", "1e308"), ("epsilon", "-0.0")]:
-        out.append((f"number {k}={v[:12]}", post("/api/query", json.dumps(q)[:-1].encode() + f', "{k}": {v}}}'.encode())))
-    reading = '{"text": "a", "tokens": ["B", "a"], "position": 1, "site": "s", "site_short": "s", "epsilon": 0.1, ' \
-              '"metric": "m", "mode": "tl", "n_candidates": 1, "fraction_inside": 0.0, "samples": [{"tokens": ["B"], ' \
-              '"text": "", "distance": -Infinity, "position": 0, "distances": [0.1], "delta": [0.0], "count": 1}]}'
-    out += [("-Infinity distance", post("/api/epsilon", b'{"epsilon": 0.2, "reading": %s}' % reading.encode())),
-            ("-Infinity report", post("/api/report", b'{"readings": [%s]}' % reading.encode())),
-            ("huge length", post("/api/report", b"")[:-4].replace(b"Content-Length: 0", b"Content-Length: 99999999999") + b"\r\n\r\n"),
-            ("bad length", post("/api/query", b"{}").replace(b"Content-Length: 2", b"Content-Length: -5")),
-            ("chunked", b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
-                        b"Transfer-Encoding: chunked\r\n\r\n" + (b"8000\r\n" + b" " * 0x8000 + b"\r\n") * 3 + b"0\r\n\r\n"),
-            ("not json", post("/api/query", b"\xff\xfe{", b"")), ("form", post("/api/query", b"a=1").replace(
-                b"application/json", b"application/x-www-form-urlencoded")),
-            ("wrong host", b"GET /api/info HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"),
-            ("no host", b"GET /api/info HTTP/1.0\r\n\r\n"),
-            ("tls hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40),
-            ("slow body", b"SLOW" + post("/api/query", json.dumps(q).encode())[:-10]),
-            ("slow head", b"SLOW" + b"GET /api/info HTTP/1.1\r\nHost: 12")]
+    for k, v in [
+        ("seed", "1" + "0" * 40),
+        ("samples", "1" + "0" * 40),
+        ("position", "1" + "0" * 40),
+        ("seed", "9" * 5000),
+        ("epsilon", "1e999"),
+        ("epsilon", "NaN"),
+        ("temperature", "Infinity"),
+        ("noise", "-Infinity"),
+        ("temperature", "1e308"),
+        ("epsilon", "-0.0"),
+    ]:
+        out.append(
+            (f"number {k}={v[:12]}", post("/api/query", json.dumps(q)[:-1].encode() + f', "{k}": {v}}}'.encode()))
+        )
+    reading = (
+        '{"text": "a", "tokens": ["B", "a"], "position": 1, "site": "s", "site_short": "s", "epsilon": 0.1, '
+        '"metric": "m", "mode": "tl", "n_candidates": 1, "fraction_inside": 0.0, "samples": [{"tokens": ["B"], '
+        '"text": "", "distance": -Infinity, "position": 0, "distances": [0.1], "delta": [0.0], "count": 1}]}'
+    )
+    out += [
+        ("-Infinity distance", post("/api/epsilon", b'{"epsilon": 0.2, "reading": %s}' % reading.encode())),
+        ("-Infinity report", post("/api/report", b'{"readings": [%s]}' % reading.encode())),
+        (
+            "huge length",
+            post("/api/report", b"")[:-4].replace(b"Content-Length: 0", b"Content-Length: 99999999999") + b"\r\n\r\n",
+        ),
+        ("bad length", post("/api/query", b"{}").replace(b"Content-Length: 2", b"Content-Length: -5")),
+        (
+            "chunked",
+            b"POST /api/query HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n" + (b"8000\r\n" + b" " * 0x8000 + b"\r\n") * 3 + b"0\r\n\r\n",
+        ),
+        ("not json", post("/api/query", b"\xff\xfe{", b"")),
+        ("form", post("/api/query", b"a=1").replace(b"application/json", b"application/x-www-form-urlencoded")),
+        ("wrong host", b"GET /api/info HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"),
+        ("no host", b"GET /api/info HTTP/1.0\r\n\r\n"),
+        ("tls hello", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40),
+        ("slow body", b"SLOW" + post("/api/query", json.dumps(q).encode())[:-10]),
+        ("slow head", b"SLOW" + b"GET /api/info HTTP/1.1\r\nHost: 12"),
+    ]
     return out
 
 
@@ -765,10 +876,14 @@ def send_hostile(addr, name: str, data: bytes) -> str:
 
 def reading_burst(url: str, n: int, samples: int) -> list[str]:
     """``n`` readings sent at once: each one's status, or "reset"."""
+
     def one(i):
         try:
-            return str(call(url, "/api/query", {"text": TEXT, "site": "a1.0", "position": 19, "samples": samples,
-                                                "seed": i})[0])
+            return str(
+                call(url, "/api/query", {"text": TEXT, "site": "a1.0", "position": 19, "samples": samples, "seed": i})[
+                    0
+                ]
+            )
         except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected, urllib.error.URLError):
             return "reset"
 
@@ -796,7 +911,9 @@ def test_hostile_requests_and_reading_bursts_leave_no_5xx_no_reset_and_flat_memo
         assert sum(v.startswith("4") for v in results.values()) >= len(results) - 2  # two harmless GETs get a 200
         assert results["slow body"] == "408" and results["slow head"] == "408" and results["method TRACE"] == "405"
         assert results["nested report"] == "400" and results["-Infinity report"] == "400"
-        assert results["huge length"] == "413" and results["chunked"] == "413" and results["nested /api/tokens"] == "413"
+        assert (
+            results["huge length"] == "413" and results["chunked"] == "413" and results["nested /api/tokens"] == "413"
+        )
         assert call(url, "/api/info")[0] == 200
         wait_for(lambda: call(url, "/api/queue")[2]["running"] is False)
         end = rss_mib(proc.pid)

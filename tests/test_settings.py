@@ -62,13 +62,17 @@ def _toml(tmp_path, text: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- unknown keys
 def test_unknown_key_in_a_toml_config_names_the_closest_key(tmp_path):
-    assert _toml(tmp_path, "[eval]\nepsilom = 0.2\n") == "unknown config key 'epsilom' in [eval]: did you mean 'epsilon'?"
-    assert _toml(tmp_path, "[train]\nbatchsize = 8\n") == ("unknown config key 'batchsize' in [train]: "
-                                                           "did you mean 'batch_size'?")
+    assert (
+        _toml(tmp_path, "[eval]\nepsilom = 0.2\n") == "unknown config key 'epsilom' in [eval]: did you mean 'epsilon'?"
+    )
+    assert _toml(tmp_path, "[train]\nbatchsize = 8\n") == (
+        "unknown config key 'batchsize' in [train]: did you mean 'batch_size'?"
+    )
     assert _toml(tmp_path, "[evl]\nevery = 2\n") == "unknown config key 'evl': did you mean 'eval'?"
     # nothing close: every key of the section
-    assert _toml(tmp_path, "[decoder]\nzzz = 1\n") == ("unknown config key 'zzz' in [decoder]: expected one of d_model, "
-                                                       "n_layers, n_heads, n_act_blocks")
+    assert _toml(tmp_path, "[decoder]\nzzz = 1\n") == (
+        "unknown config key 'zzz' in [decoder]: expected one of d_model, n_layers, n_heads, n_act_blocks"
+    )
 
 
 def test_unknown_field_in_a_batch_line_names_the_closest_field(tmp_path, iv):
@@ -88,10 +92,35 @@ def test_samples_out_of_range_is_the_same_message_everywhere(tmp_path, iv, viewe
     for bad in (0, 8193):
         want = f"samples must be between 1 and 8192, got {bad}"
         assert user_error(capsys, *CLI_QUERY, "--samples", bad) == f"error: {want}"
-        assert user_error(capsys, "completeness", "shipped:addition", "--text", "456+378=834", "--site", "a0.0",
-                          "--position", "=", "--samples", bad) == f"error: {want}"
-        assert user_error(capsys, "query-batch", "shipped:counting", tmp_path / "none.jsonl", "--db",
-                          tmp_path / "r.sqlite", "--samples", bad) == f"error: {want}"
+        assert (
+            user_error(
+                capsys,
+                "completeness",
+                "shipped:addition",
+                "--text",
+                "456+378=834",
+                "--site",
+                "a0.0",
+                "--position",
+                "=",
+                "--samples",
+                bad,
+            )
+            == f"error: {want}"
+        )
+        assert (
+            user_error(
+                capsys,
+                "query-batch",
+                "shipped:counting",
+                tmp_path / "none.jsonl",
+                "--db",
+                tmp_path / "r.sqlite",
+                "--samples",
+                bad,
+            )
+            == f"error: {want}"
+        )
         assert _refused(iv.query, TEXT, site="a1.0", position=":", samples=bad) == want
         assert _batch(tmp_path, iv, {**QUERY, "samples": bad}) == want
         assert _refused(viewer.query_job, {**QUERY, "samples": bad}) == want
@@ -118,23 +147,29 @@ def test_a_metric_outside_the_set_is_the_same_message_everywhere(tmp_path, iv, v
 
 
 def test_other_bounds_are_the_same_message_everywhere(tmp_path, iv, viewer, capsys):
-    cases = {"temperature": (0.0, "temperature must be positive and at most 1e6, got 0.0"),
-             "epsilon": (-1.0, "epsilon must be positive and finite, got -1.0"),
-             "seed": (-1, "seed must be between 0 and 9223372036854775807, got -1")}
+    cases = {
+        "temperature": (0.0, "temperature must be positive and at most 1e6, got 0.0"),
+        "epsilon": (-1.0, "epsilon must be positive and finite, got -1.0"),
+        "seed": (-1, "seed must be between 0 and 9223372036854775807, got -1"),
+    }
     for name, (bad, want) in cases.items():
         assert user_error(capsys, *CLI_QUERY, f"--{name}", bad) == f"error: {want}"
         assert _refused(iv.query, TEXT, site="a1.0", position=":", samples=4, **{name: bad}) == want
         assert _batch(tmp_path, iv, {**QUERY, name: bad}) == want
         assert _refused(viewer.query_job, {**QUERY, name: bad}) == want
     # a JSON number beyond every float is refused, not converted (which would raise OverflowError)
-    assert _refused(viewer.query_job, {**QUERY, "epsilon": 10**400}).startswith("epsilon must be positive and finite, got 1")
+    assert _refused(viewer.query_job, {**QUERY, "epsilon": 10**400}).startswith(
+        "epsilon must be positive and finite, got 1"
+    )
     want = "chains must be between 0 and 1024, got 1025"
     assert user_error(capsys, *CLI_QUERY, "--chains", 1025) == f"error: {want}"
     assert _refused(iv.query, TEXT, site="a1.0", position=":", samples=4, chains=1025) == want
 
 
 def test_wrong_types_name_the_type(tmp_path, iv, viewer):
-    assert _refused(iv.query, TEXT, site="a1.0", position=":", samples=4.0) == "argument 'samples' must be an int, got 4.0"
+    assert (
+        _refused(iv.query, TEXT, site="a1.0", position=":", samples=4.0) == "argument 'samples' must be an int, got 4.0"
+    )
     assert _batch(tmp_path, iv, {**QUERY, "epsilon": "wide"}) == "field 'epsilon' must be a number, got 'wide'"
     assert _refused(viewer.query_job, {**QUERY, "seed": True}) == "field 'seed' must be an int, got True"
     assert _toml(tmp_path, "[train]\nlr = true\n") == "config key 'lr' in [train] must be a number, got True"
@@ -152,8 +187,11 @@ def test_build_fills_the_defaults_of_an_instance_and_check_accepts_every_default
 def test_every_setting_is_documented():
     sections = [t for t in settings.hints(TrainConfig).values() if dataclasses.is_dataclass(t)]
     for cls in [TrainConfig, ReadSettings, *sections]:
-        undocumented = [f.name for f in dataclasses.fields(cls)
-                        if not settings.field_docs(cls).get(f.name) and f.type not in [s.__name__ for s in sections]]
+        undocumented = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if not settings.field_docs(cls).get(f.name) and f.type not in [s.__name__ for s in sections]
+        ]
         assert not undocumented and cls.__doc__, f"{cls.__name__}: {undocumented}"
 
 
@@ -166,12 +204,15 @@ def test_the_constants_other_modules_keep_agree_with_the_schema():
 
 
 def test_config_reference_is_the_scripts_output():
-    spec = importlib.util.spec_from_file_location("make_config_reference", ROOT / "scripts" / "make_config_reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_config_reference", ROOT / "scripts" / "make_config_reference.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     text = script.render()
     assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == text, (
-        "docs/config.md is out of date: run python scripts/make_config_reference.py")
+        "docs/config.md is out of date: run python scripts/make_config_reference.py"
+    )
     for section in ("[probed]", "[data]", "[decoder]", "[train]", "[eval]", "Reading settings"):
         assert section in text
     assert "- **`samples`** (an int, default `1024`, between 1 and 8192)." in text
@@ -179,6 +220,9 @@ def test_config_reference_is_the_scripts_output():
 
 def test_no_function_of_the_command_line_is_longer_than_60_lines():
     tree = ast.parse((ROOT / "src" / "inversionview" / "cli.py").read_text())
-    long = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree)
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60}
+    long = {
+        n.name: n.end_lineno - n.lineno + 1
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60
+    }
     assert not long

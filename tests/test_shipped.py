@@ -24,8 +24,13 @@ def test_shipped_probed_model_counts():
 
 
 def test_demo_runs_and_reads_the_count():
-    out = subprocess.run([sys.executable, "-m", "inversionview", "demo", "--samples", "256"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "inversionview", "demo", "--samples", "256"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr
     assert "epsilon = 0.1" in out.stdout and "count=" in out.stdout and "Traceback" not in out.stderr
 
@@ -54,11 +59,38 @@ def test_shipped_decoder_hit_rate_is_recorded():
 # The floors sit a little under: the mean 0.03 under, each site 0.12 under (64 queries: a site's standard error
 # is about 0.06), so that a worse decoder, a broken site or a wrong sampling or verification path fails.
 HIT_FLOORS = {
-    "counting": (0.64, {"x0.pre": 0.95, "a0.0": 0.6, "x0.mid": 0.49, "m0": 0.58, "x0.post": 0.69, "a1.0": 0.49,
-                        "x1.mid": 0.41, "m1": 0.35, "x1.post": 0.44}),
-    "addition": (0.59, {"x0.pre": 0.57, "a0.0": 0.72, "a0.1": 0.5, "a0.2": 0.08, "a0.3": 0.68, "x0.mid": 0.68,
-                        "x0.post": 0.71, "a1.0": 0.3, "a1.1": 0.57, "a1.2": 0.32, "a1.3": 0.52, "x1.mid": 0.6,
-                        "x1.post": 0.29}),
+    "counting": (
+        0.64,
+        {
+            "x0.pre": 0.95,
+            "a0.0": 0.6,
+            "x0.mid": 0.49,
+            "m0": 0.58,
+            "x0.post": 0.69,
+            "a1.0": 0.49,
+            "x1.mid": 0.41,
+            "m1": 0.35,
+            "x1.post": 0.44,
+        },
+    ),
+    "addition": (
+        0.59,
+        {
+            "x0.pre": 0.57,
+            "a0.0": 0.72,
+            "a0.1": 0.5,
+            "a0.2": 0.08,
+            "a0.3": 0.68,
+            "x0.mid": 0.68,
+            "x0.post": 0.71,
+            "a1.0": 0.3,
+            "a1.1": 0.57,
+            "a1.2": 0.32,
+            "a1.3": 0.52,
+            "x1.mid": 0.6,
+            "x1.post": 0.29,
+        },
+    ),
 }
 
 

@@ -61,8 +61,21 @@ def test_all_sites_forward_order():
     assert sites[-1] == Site(1, "resid_post")
 
 
-@pytest.mark.parametrize("name", ["", "x0", "x0.foo", "a", "blocks.0.hook_resid", "blocks.0.attn.hook_result",
-                                  "blocks.x.hook_resid_pre", "resid_pre", "a0.0.0", "q1.0"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "x0",
+        "x0.foo",
+        "a",
+        "blocks.0.hook_resid",
+        "blocks.0.attn.hook_result",
+        "blocks.x.hook_resid_pre",
+        "resid_pre",
+        "a0.0.0",
+        "q1.0",
+    ],
+)
 def test_malformed_names_raise(name):
     with pytest.raises(UserError) as e:
         parse_site(name)
@@ -71,13 +84,16 @@ def test_malformed_names_raise(name):
     assert "a1.0" in msg  # shows what a valid name looks like
 
 
-@pytest.mark.parametrize("name, suggestion", [
-    ("a1.3", "a1.1"),  # head out of range
-    ("x2.pre", "x1.pre"),  # layer out of range
-    ("blocks.0.hook_resid_mod", "blocks.0.hook_resid_mid"),  # typo in a TL name
-    ("m7", None),
-    ("blocks.5.attn.hook_result.0", None),
-])
+@pytest.mark.parametrize(
+    "name, suggestion",
+    [
+        ("a1.3", "a1.1"),  # head out of range
+        ("x2.pre", "x1.pre"),  # layer out of range
+        ("blocks.0.hook_resid_mod", "blocks.0.hook_resid_mid"),  # typo in a TL name
+        ("m7", None),
+        ("blocks.5.attn.hook_result.0", None),
+    ],
+)
 def test_unknown_name_suggests(name, suggestion):
     with pytest.raises(UserError) as e:
         parse_site(name, 2, 2)

@@ -48,11 +48,14 @@ def _consistent(db) -> None:
     try:
         assert con.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
         assert con.execute("PRAGMA foreign_key_check").fetchall() == []
-        bad = con.execute("SELECT r.id FROM readings r WHERE r.n_samples != (SELECT count(*) FROM samples s WHERE "
-                          "s.reading_id = r.id) OR NOT EXISTS (SELECT 1 FROM sample_data d WHERE d.reading_id = r.id)")
+        bad = con.execute(
+            "SELECT r.id FROM readings r WHERE r.n_samples != (SELECT count(*) FROM samples s WHERE "
+            "s.reading_id = r.id) OR NOT EXISTS (SELECT 1 FROM sample_data d WHERE d.reading_id = r.id)"
+        )
         assert bad.fetchall() == []
-        dup = con.execute("SELECT count(*) FROM readings GROUP BY fingerprint, text, site, position, settings "
-                          "HAVING count(*) > 1").fetchall()
+        dup = con.execute(
+            "SELECT count(*) FROM readings GROUP BY fingerprint, text, site, position, settings HAVING count(*) > 1"
+        ).fetchall()
         assert dup == []
     finally:
         con.close()
@@ -90,8 +93,13 @@ def test_round_trip_with_temperature_and_noise(iv, tmp_path):
     rid = store.put(pre, iv.fingerprint)
     got = store.get(rid)
     assert got == pre and got.samples[-1].distance == float("inf")
-    assert store.find()[0]["settings"] == {"samples": 40, "mix": [[1.5, 0.2]], "epsilon": 0.3, "metric": "euclidean",
-                                           "seed": 0}
+    assert store.find()[0]["settings"] == {
+        "samples": 40,
+        "mix": [[1.5, 0.2]],
+        "epsilon": 0.3,
+        "metric": "euclidean",
+        "seed": 0,
+    }
     key = reading_key(iv, "abcab|a:2", "x1.mid", -1, samples=40, temperature=1.5, noise=0.2, epsilon=0.3)
     assert store.id_of(*key) == rid
     other = reading_key(iv, "abcab|a:2", "x1.mid", -1, samples=40, temperature=1.5, noise=0.2)  # epsilon 0.1
@@ -215,11 +223,16 @@ def test_refuses_another_schema_version(tmp_path):
     _edit_meta(path, "UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     with pytest.raises(UserError) as e:
         ReadingStore(path)
-    assert re.fullmatch(r".* is a readings DB of schema version 99, newer than this inversionview \(.*\) reads \(1\): "
-                        r"upgrade inversionview to read it, or use a new --db", str(e.value)), str(e.value)
+    assert re.fullmatch(
+        r".* is a readings DB of schema version 99, newer than this inversionview \(.*\) reads \(1\): "
+        r"upgrade inversionview to read it, or use a new --db",
+        str(e.value),
+    ), str(e.value)
     _edit_meta(path, "UPDATE meta SET value = '0' WHERE key = 'schema_version'")
-    with pytest.raises(UserError, match="schema version 0, but this inversionview reads version 1: use the version "
-                                        "that wrote it, or a new --db"):
+    with pytest.raises(
+        UserError,
+        match="schema version 0, but this inversionview reads version 1: use the version that wrote it, or a new --db",
+    ):
         ReadingStore(path)
     _edit_meta(path, "UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     ReadingStore(path).close()
@@ -369,8 +382,13 @@ def test_interrupted_batch_resumes_without_loss_or_duplicates(iv, run_dir, tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     counts = []
     for sig in (signal.SIGINT, signal.SIGKILL):
-        proc = subprocess.Popen([sys.executable, "-c", HOLD_AT_COMMIT, "3", *args], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_AT_COMMIT, "3", *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = proc.stdout.readline()  # the third new reading is being committed
         assert line == "holding\n", (line, proc.communicate())
         proc.send_signal(sig)
@@ -400,8 +418,13 @@ def test_interrupted_batch_resumes_without_loss_or_duplicates(iv, run_dir, tmp_p
 @pytest.mark.slow
 def test_query_batch_on_the_shipped_model(tmp_path, caplog):
     queries, db = tmp_path / "q.jsonl", tmp_path / "r.sqlite"
-    _write_queries(queries, [{"text": "vvzccvczvvvzvcvc|v:8", "site": "a1.0", "position": ":"},
-                             {"text": "vvzccvczvvvzvcvc|v:8", "site": "blocks.0.hook_resid_post", "position": 18}])
+    _write_queries(
+        queries,
+        [
+            {"text": "vvzccvczvvvzvcvc|v:8", "site": "a1.0", "position": ":"},
+            {"text": "vvzccvczvvvzvcvc|v:8", "site": "blocks.0.hook_resid_post", "position": 18},
+        ],
+    )
     with caplog.at_level("INFO", logger="inversionview.store"):
         rc = main(["query-batch", "shipped:counting", str(queries), "--db", str(db), "--samples", "256"])
     assert rc == 0 and "read 2, skipped 0 already stored" in caplog.text

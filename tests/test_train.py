@@ -67,7 +67,9 @@ def _ckpt_step(run: Path) -> int:
 def reference(tmp_path_factory, probed_dir) -> Path:
     """An uninterrupted run of the config that the resume tests interrupt."""
     d = tmp_path_factory.mktemp("reference")
-    train(TrainConfig.from_toml(write_config(d, probed_dir, steps=RESUME_STEPS, sections=RESUME_SECTIONS)), progress=False)
+    train(
+        TrainConfig.from_toml(write_config(d, probed_dir, steps=RESUME_STEPS, sections=RESUME_SECTIONS)), progress=False
+    )
     return d / "run"
 
 
@@ -112,20 +114,30 @@ def test_sigterm_saves_checkpoint_then_same_command_resumes_to_identical_result(
 def test_wall_time_budget_stops_saved_and_resumes_to_identical_result(tmp_path, probed_dir, reference):
     run = tmp_path / "run"
     # a budget spent by the first step: training stops after it, with a checkpoint
-    iv = train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, max_minutes=1e-9,
-                                                  sections=RESUME_SECTIONS)), progress=False)
+    iv = train(
+        TrainConfig.from_toml(
+            write_config(tmp_path, probed_dir, steps=RESUME_STEPS, max_minutes=1e-9, sections=RESUME_SECTIONS)
+        ),
+        progress=False,
+    )
     assert iv.run_dir == run
     assert _ckpt_step(run) == 1
     (stopped,) = _rows(run)  # evaluated where the budget stopped it
     assert stopped["step"] == 1 and stopped["budget_spent"] is True
     # the same budget again: nothing more to do
-    train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, max_minutes=1e-9,
-                                             sections=RESUME_SECTIONS)), progress=False)
+    train(
+        TrainConfig.from_toml(
+            write_config(tmp_path, probed_dir, steps=RESUME_STEPS, max_minutes=1e-9, sections=RESUME_SECTIONS)
+        ),
+        progress=False,
+    )
     assert _ckpt_step(run) == 1
     # the budget lifted: resumes from step 1 and ends where the uninterrupted run ended (the budget's evaluation
     # left the training state as it was)
-    train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, sections=RESUME_SECTIONS)),
-          progress=False)
+    train(
+        TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=RESUME_STEPS, sections=RESUME_SECTIONS)),
+        progress=False,
+    )
     assert _ckpt_step(run) == RESUME_STEPS
     _assert_same_weights(reference, run)
     rows = _rows(run)
@@ -173,8 +185,18 @@ def test_metrics_rows_and_run_directory(run_dir):
     rows = _rows(run_dir)
     assert [r["step"] for r in rows] == [3, 6]  # every 3 steps and at the end of the 6
     for r in rows:
-        for key in ("step", "elapsed_s", "loss", "lr", "tokens_per_s", "samples_per_s", "hit", "mean_hit",
-                    "site_probs", "site_counts"):
+        for key in (
+            "step",
+            "elapsed_s",
+            "loss",
+            "lr",
+            "tokens_per_s",
+            "samples_per_s",
+            "hit",
+            "mean_hit",
+            "site_probs",
+            "site_counts",
+        ):
             assert key in r, key
         assert list(r["hit"]) == SITES
         assert all(0.0 <= h <= 1.0 for h in r["hit"].values())
@@ -221,8 +243,13 @@ def test_site_weights_favour_weak_sites_and_respect_the_floor():
 
 def test_rebalancing_samples_low_hit_sites_more_after_the_first_evaluation(tmp_path, probed_dir):
     floor = 0.2
-    cfg = write_config(tmp_path, probed_dir, steps=16, chunk=4,
-                       sections={"eval": {"every": 8, "checkpoint_every": 8, "rebalance_floor": floor}})
+    cfg = write_config(
+        tmp_path,
+        probed_dir,
+        steps=16,
+        chunk=4,
+        sections={"eval": {"every": 8, "checkpoint_every": 8, "rebalance_floor": floor}},
+    )
     train(TrainConfig.from_toml(cfg), progress=False)
     first, second = _rows(tmp_path / "run")
     hits = [first["hit"][s] for s in SITES]
@@ -249,8 +276,9 @@ def test_without_rebalancing_site_probabilities_stay_uniform(tmp_path, probed_di
     assert len(rows) == 2
     for r in rows:
         assert all(p == pytest.approx(1 / 3, abs=1e-4) for p in r["site_probs"].values())
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["site_probs"] == \
-        pytest.approx([1 / 3] * 3)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["state"]["site_probs"] == pytest.approx(
+        [1 / 3] * 3
+    )
 
 
 # ---------------------------------------------------------------------------------------------- lr schedule
@@ -294,8 +322,13 @@ def test_a_run_stopped_by_its_budget_ends_its_schedule_evaluates_and_checkpoints
     """max_minutes far shorter than the steps: the learning rate has decayed to about min_lr by the last step,
     and the run ends with a hit-rate row and a checkpoint at that step (no regular evaluation is due)."""
     budget_s = 4.0
-    cfg = write_config(tmp_path, probed_dir, steps=100_000, max_minutes=budget_s / 60,
-                       sections={"eval": {"every": 50_000, "checkpoint_every": 50_000}})
+    cfg = write_config(
+        tmp_path,
+        probed_dir,
+        steps=100_000,
+        max_minutes=budget_s / 60,
+        sections={"eval": {"every": 50_000, "checkpoint_every": 50_000}},
+    )
     train(TrainConfig.from_toml(cfg), progress=False)
     run = tmp_path / "run"
     (row,) = _rows(run)
@@ -362,10 +395,15 @@ def _spy_step_positions(tmp_path: Path, probed_dir: Path, bos_prob: float, steps
     task = get_task("counting")
     d = tmp_path / f"spy-{bos_prob}"
     d.mkdir()
-    cfg = write_config(d, probed_dir, sections={  # x0.pre, embeddings: each (token, position) gives a distinct activation
-        "data": {"sites": ["x0.pre"], "bos_prob": bos_prob},
-        "decoder": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
-        "train": {"batch_size": 256, "chunk": 64, "bf16": False}})
+    cfg = write_config(
+        d,
+        probed_dir,
+        sections={  # x0.pre, embeddings: each (token, position) gives a distinct activation
+            "data": {"sites": ["x0.pre"], "bos_prob": bos_prob},
+            "decoder": {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_act_blocks": 1},
+            "train": {"batch_size": 256, "chunk": 64, "bf16": False},
+        },
+    )
     trainer, seen = recording_trainer(cfg)
     probed, site = trainer.probed, trainer.sites[0]
     for _ in range(steps):
@@ -402,8 +440,13 @@ def test_training_step_queries_task_positions_and_bos_about_one_percent(tmp_path
 @pytest.mark.slow
 def test_train_probed_writes_a_loadable_model_with_its_accuracy_and_command(tmp_path):
     out = tmp_path / "probed"
-    r = subprocess.run([sys.executable, "-m", "inversionview", "train-probed", "counting", "--out", str(out),
-                        "--steps", "5"], capture_output=True, text=True, env=_env(), timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "inversionview", "train-probed", "counting", "--out", str(out), "--steps", "5"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     for name in ("config.json", "model.safetensors", "vocab.json", "training.json"):
@@ -454,7 +497,9 @@ def test_bf16_setting_values(value, ok, tmp_path, probed_dir):
     if ok:
         assert TrainConfig.from_toml(cfg).train.bf16 == value
     else:
-        with pytest.raises(UserError, match=f"config key 'bf16' in \\[train\\] must be true, false or \"auto\", got {value!r}"):
+        with pytest.raises(
+            UserError, match=f"config key 'bf16' in \\[train\\] must be true, false or \"auto\", got {value!r}"
+        ):
             TrainConfig.from_toml(cfg)
 
 
@@ -492,8 +537,10 @@ def test_resuming_the_same_way_adds_no_session_and_another_way_adds_one(tmp_path
     train(TrainConfig.from_toml(write_config(tmp_path, probed_dir, steps=4, bf16=True)), progress=False)
     sessions = json.loads((tmp_path / "run" / "run.json").read_text())["provenance"]["sessions"]
     assert [s["from_step"] for s in sessions] == [0, 3]
-    assert sessions[1]["precision_reason"].startswith("bf16 = true in [train]") or sessions[1]["decoder_precision"] \
-        == sessions[0]["decoder_precision"] == "bfloat16"
+    assert (
+        sessions[1]["precision_reason"].startswith("bf16 = true in [train]")
+        or sessions[1]["decoder_precision"] == sessions[0]["decoder_precision"] == "bfloat16"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- run directory files
@@ -514,8 +561,14 @@ def test_resuming_in_a_read_only_run_directory_is_a_one_line_error(tmp_path, pro
     cfg = write_config(tmp_path, probed_dir, steps=6)  # more steps: it resumes
     run.chmod(0o555)
     try:
-        r = subprocess.run([sys.executable, "-m", "inversionview", "train", str(cfg), "--no-progress"],
-                           capture_output=True, text=True, env=_env(), timeout=300, preexec_fn=_obey_permissions)
+        r = subprocess.run(
+            [sys.executable, "-m", "inversionview", "train", str(cfg), "--no-progress"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=300,
+            preexec_fn=_obey_permissions,
+        )
     finally:
         run.chmod(0o755)
     if r.returncode == 99:
@@ -523,7 +576,8 @@ def test_resuming_in_a_read_only_run_directory_is_a_one_line_error(tmp_path, pro
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: cannot write to the run directory {run} (Permission denied): training writes its checkpoints there; "
-        "make it writable or use another 'out'")
+        "make it writable or use another 'out'"
+    )
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
@@ -570,8 +624,9 @@ def test_artifacts_carry_a_format_version_and_a_newer_one_is_refused(name, run_d
     assert _ckpt_step(run) == 6
 
 
-@pytest.mark.parametrize("name, where", [("run.json", None), ("config.json", None), ("checkpoint.pt", None),
-                                         ("checkpoint.pt", "state")])
+@pytest.mark.parametrize(
+    "name, where", [("run.json", None), ("config.json", None), ("checkpoint.pt", None), ("checkpoint.pt", "state")]
+)
 def test_artifacts_with_unknown_fields_are_refused(name, where, run_dir, tmp_path, probed_dir, capsys):
     from conftest import user_error
 
@@ -605,19 +660,27 @@ def test_a_run_json_from_before_format_versions_still_reads(run_dir, tmp_path, p
     assert iv.query("abcab|c:1", site="x0.pre", position=-2, samples=4).samples
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    ({"mode": "raw"}, "this decoder was trained on 'tl' activations, not 'raw' (run.json's mode or dtype was changed "
-                      "after training): load the probed model with mode='tl'"),
-    ({"dtype": "float16"}, "this decoder belongs to another probed model"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (
+            {"mode": "raw"},
+            "this decoder was trained on 'tl' activations, not 'raw' (run.json's mode or dtype was changed "
+            "after training): load the probed model with mode='tl'",
+        ),
+        ({"dtype": "float16"}, "this decoder belongs to another probed model"),
+    ],
+)
 def test_editing_the_mode_or_dtype_in_run_json_is_refused(edit, fragment, run_dir, tmp_path, capsys):
     from conftest import user_error
 
     run = _copy_run(run_dir, tmp_path / "run")
     d = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**d, **edit}))
-    for cmd in (["query", run, "--text", "abcab|c:1", "--site", "x0.pre", "--position", "-2", "--samples", "4"],
-                ["evaluate", run, "--queries", "2"]):
+    for cmd in (
+        ["query", run, "--text", "abcab|c:1", "--site", "x0.pre", "--position", "-2", "--samples", "4"],
+        ["evaluate", run, "--queries", "2"],
+    ):
         assert fragment in user_error(capsys, *cmd)
 
 
@@ -628,7 +691,16 @@ def test_the_fingerprint_covers_the_probed_weights_mode_and_dtype(run_dir, probe
     spec = RunSpec.load(run_dir)
     weights = ProbedModel.load(probed_dir).fingerprint
     assert spec.fingerprint == probed_fingerprint(weights, "tl", "float32")
-    assert len({probed_fingerprint(w, m, t) for w in (weights, "0" * 16) for m in ("tl", "raw")
-                for t in ("float32", "bfloat16")}) == 8
+    assert (
+        len(
+            {
+                probed_fingerprint(w, m, t)
+                for w in (weights, "0" * 16)
+                for m in ("tl", "raw")
+                for t in ("float32", "bfloat16")
+            }
+        )
+        == 8
+    )
     with pytest.raises(UserError, match="trained on the probed model in float32, not float64"):
         spec.check(ProbedModel.load(probed_dir, dtype=torch.float64))  # the same weights, read in another dtype

@@ -39,8 +39,10 @@ def check_version(found, current: int, path) -> int:
     if found > current:
         from . import __version__
 
-        raise UserError(f"{path} has format_version {found}, newer than this inversionview ({__version__}) reads "
-                        f"({current}): upgrade inversionview to read it")
+        raise UserError(
+            f"{path} has format_version {found}, newer than this inversionview ({__version__}) reads "
+            f"({current}): upgrade inversionview to read it"
+        )
     return found
 
 
@@ -48,8 +50,10 @@ def check_fields(d: Mapping, known: Iterable[str], path) -> None:
     """Refuse fields of a file that this version does not know."""
     unknown = sorted(set(d) - set(known))
     if unknown:
-        raise UserError(f"{path} has unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: it was "
-                        "edited or written by another version of inversionview; remove them or use that version")
+        raise UserError(
+            f"{path} has unknown field{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: it was "
+            "edited or written by another version of inversionview; remove them or use that version"
+        )
 
 
 def weights_fingerprint(tensors: Mapping, context: list | None = None) -> str:

@@ -32,20 +32,28 @@ EXAMPLES = Path(__file__).parent / "configs"
 # The paper's counting findings: C1 (after the layer-0 MLP at the target character the count is there),
 # C3 (head 0.0 at the target character starts the path) and C2 (head 1.0 at ':' keeps the count, not the letter).
 DEMO_QUERIES: dict[str, list[tuple[str, str, int | str]]] = {  # (text, site, position: an index or a token)
-                "counting": [("vvzccvczvvvzvcvc|v:8", "x0.post", 18), ("vvzccvczvvvzvcvc|v:8", "a0.0", 18),
-                             ("vvzccvczvvvzvcvc|v:8", "a1.0", ":")],
-                # A1: heads 0.0-0.2 at '=' carry the hundreds digits as a pair; A2: head 0.3 the tens digits;
-                # A3: x0.mid at '=' carries the hundreds pair plus the carry from the tens.
-                "addition": [("456+378=834", "a0.0", "="), ("456+378=834", "a0.3", "="), ("456+378=834", "x0.mid", "=")]}
-DEMO_INTRO = {"counting": (
-    "The counting model reads 'letters|target:' and predicts how often the target letter occurs.\n"
-    "Each reading samples inputs from the decoder, re-runs the model on them, and sorts them by the distance of\n"
-    "their activation to the query's. Samples above the epsilon line are in the preimage: what they share is\n"
-    "what the activation encodes. count=N is each sample's true count of its target letter.\n"),
+    "counting": [
+        ("vvzccvczvvvzvcvc|v:8", "x0.post", 18),
+        ("vvzccvczvvvzvcvc|v:8", "a0.0", 18),
+        ("vvzccvczvvvzvcvc|v:8", "a1.0", ":"),
+    ],
+    # A1: heads 0.0-0.2 at '=' carry the hundreds digits as a pair; A2: head 0.3 the tens digits;
+    # A3: x0.mid at '=' carries the hundreds pair plus the carry from the tens.
+    "addition": [("456+378=834", "a0.0", "="), ("456+378=834", "a0.3", "="), ("456+378=834", "x0.mid", "=")],
+}
+DEMO_INTRO = {
+    "counting": (
+        "The counting model reads 'letters|target:' and predicts how often the target letter occurs.\n"
+        "Each reading samples inputs from the decoder, re-runs the model on them, and sorts them by the distance of\n"
+        "their activation to the query's. Samples above the epsilon line are in the preimage: what they share is\n"
+        "what the activation encodes. count=N is each sample's true count of its target letter.\n"
+    ),
     "addition": (
-    "The addition model reads 'a+b=' and writes the sum c. Each reading samples inputs from the decoder, re-runs\n"
-    "the model on them, and sorts them by the distance of their activation to the query's. Samples above the\n"
-    "epsilon line are in the preimage: what they share is what the activation encodes.\n")}
+        "The addition model reads 'a+b=' and writes the sum c. Each reading samples inputs from the decoder, re-runs\n"
+        "the model on them, and sorts them by the distance of their activation to the query's. Samples above the\n"
+        "epsilon line are in the preimage: what they share is what the activation encodes.\n"
+    ),
+}
 
 
 def examples() -> dict[str, Path]:
@@ -91,8 +99,10 @@ def cmd_evaluate(args) -> int:
     else:
         for site, h in res["hit"].items():
             print(f"{site:>8}  {h:.3f}")
-        print(f"{'mean':>8}  {res['mean_hit']:.3f}   (epsilon {res['epsilon']:g}, {res['metric']}, "
-              f"{res['queries_per_site']} held-out queries per site, one sample at temperature 1)")
+        print(
+            f"{'mean':>8}  {res['mean_hit']:.3f}   (epsilon {res['epsilon']:g}, {res['metric']}, "
+            f"{res['queries_per_site']} held-out queries per site, one sample at temperature 1)"
+        )
     return 0
 
 
@@ -152,9 +162,11 @@ def cmd_demo(args) -> int:
         print(DEMO_INTRO[args.task])
     _emit(args, readings)
     if not args.json:
-        print(f"read {len(readings)} activations of the shipped {args.task} model in {time.time() - t0:.1f} s "
-              f"(Auto mix, {args.samples} candidates each). Try: inversionview query shipped:{args.task} "
-              f"--text {shlex.quote(text)} --site {site} --position {shlex.quote(str(position))}")
+        print(
+            f"read {len(readings)} activations of the shipped {args.task} model in {time.time() - t0:.1f} s "
+            f"(Auto mix, {args.samples} candidates each). Try: inversionview query shipped:{args.task} "
+            f"--text {shlex.quote(text)} --site {site} --position {shlex.quote(str(position))}"
+        )
     return 0
 
 
@@ -163,12 +175,16 @@ def cmd_serve(args) -> int:
     from .viewer.server import make_server
 
     iv = InversionView.load(args.run, device=args.device)
-    server = make_server(iv, args.host, args.port, db=args.db, allow_remote=args.allow_remote,
-                         allowed_hosts=tuple(args.allowed_host))
+    server = make_server(
+        iv, args.host, args.port, db=args.db, allow_remote=args.allow_remote, allowed_hosts=tuple(args.allowed_host)
+    )
     host, port = server.server_address[:2]
     try:
-        print(f"InversionView viewer for {iv.run_dir} at http://{f'[{host}]' if ':' in host else host}:{port}/  "
-              "(Ctrl-C stops it)", flush=True)
+        print(
+            f"InversionView viewer for {iv.run_dir} at http://{f'[{host}]' if ':' in host else host}:{port}/  "
+            "(Ctrl-C stops it)",
+            flush=True,
+        )
         server.serve_forever()
     except KeyboardInterrupt:
         pass
@@ -220,8 +236,17 @@ def cmd_completeness(args) -> int:
     _settings(args)  # before the imports (torch): bad values answer at once
     from .completeness import scan
     from .run import InversionView
-    res = scan(InversionView.load(args.run), args.text, args.site, args.position, samples=args.samples,
-               epsilon=args.epsilon, metric=args.metric, seed=args.seed)
+
+    res = scan(
+        InversionView.load(args.run),
+        args.text,
+        args.site,
+        args.position,
+        samples=args.samples,
+        epsilon=args.epsilon,
+        metric=args.metric,
+        seed=args.seed,
+    )
     if args.png:
         res.plot(args.png)
     print(json.dumps(res.to_dict(), indent=1) if args.json else "\n".join(res.lines()))
@@ -250,8 +275,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def add_init(sub) -> None:
-    s = sub.add_parser("init", help="print an example training config (or its data file): "
-                                    "inversionview init counting > my.toml")
+    s = sub.add_parser(
+        "init", help="print an example training config (or its data file): inversionview init counting > my.toml"
+    )
     s.add_argument("name", choices=list(examples()), metavar="NAME", help="the example: " + ", ".join(examples()))
     s.set_defaults(fn=cmd_init)
 
@@ -264,9 +290,13 @@ def _settings_args(s, names: tuple[str, ...] = SAMPLING) -> None:
         f, t = fields[name], settings.hints(ReadSettings)[name]
         rule = f.metadata.get("rule")
         default = "" if f.default is None else f" (default {f.default})"
-        s.add_argument(f"--{name}", type=float if settings.fits(0.5, t) else int if settings.fits(1, t) else str,
-                       default=f.default, choices=rule.choices if rule and rule.choices else None,
-                       help=settings.summary(ReadSettings, name) + default)
+        s.add_argument(
+            f"--{name}",
+            type=float if settings.fits(0.5, t) else int if settings.fits(1, t) else str,
+            default=f.default,
+            choices=rule.choices if rule and rule.choices else None,
+            help=settings.summary(ReadSettings, name) + default,
+        )
 
 
 def _settings(args, cls=SamplingSettings):
@@ -280,8 +310,11 @@ def _query_args(s, text_required: bool = True) -> None:
     if text_required:
         s.add_argument("--text", required=True, help="the query input (without BOS/EOS)")
         s.add_argument("--site", required=True, help="site: TransformerLens name or short name (a1.0, x0.mid, m1)")
-        s.add_argument("--position", required=True,
-                       help="token index (BOS = 0; negative counts back from the last text token) or a token like ':'")
+        s.add_argument(
+            "--position",
+            required=True,
+            help="token index (BOS = 0; negative counts back from the last text token) or a token like ':'",
+        )
     _settings_args(s, READING)
     s.add_argument("--limit", type=int, default=20, help="samples shown in the terminal")
     s.add_argument("--json", action="store_true", help="print the reading as JSON")
@@ -341,20 +374,33 @@ def add_serve(sub) -> None:
     s = sub.add_parser("serve", help="the live web viewer: query, compare and download readings in a browser")
     _run_arg(s)
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only; "
-                   "any other needs --allow-remote)")
-    s.add_argument("--allow-remote", action="store_true",
-                   help="allow a --host that other machines can reach (the viewer has no authentication)")
-    s.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="also answer requests addressed to this host name (repeatable; loopback names and the "
-                        "--host address are always answered, any other is refused against DNS rebinding)")
+    s.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; any other needs --allow-remote)",
+    )
+    s.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --host that other machines can reach (the viewer has no authentication)",
+    )
+    s.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also answer requests addressed to this host name (repeatable; loopback names and the "
+        "--host address are always answered, any other is refused against DNS rebinding)",
+    )
     s.add_argument("--db", metavar="FILE", help="also browse the readings stored in this SQLite file")
     _device_arg(s)
     s.set_defaults(fn=cmd_serve)
 
 
 def add_query_batch(sub) -> None:
-    s = sub.add_parser("query-batch", help="read many queries (JSONL) into a SQLite readings DB; resumes if interrupted")
+    s = sub.add_parser(
+        "query-batch", help="read many queries (JSONL) into a SQLite readings DB; resumes if interrupted"
+    )
     _run_arg(s)
     s.add_argument("queries", help='JSONL file, one query a line: {"text": ..., "site": ..., "position": ...}')
     s.add_argument("--db", required=True, metavar="FILE", help="the SQLite readings DB (created if missing)")
@@ -369,8 +415,10 @@ def add_explain(sub) -> None:
     s.add_argument("--site", help="sites, separated by commas (default: all the decoder's sites)")
     s.add_argument("--queries", type=int, default=16, help="held-out queries per site and position (default 16)")
     s.add_argument("--samples", type=int, default=256, help="candidates per query (default 256)")
-    s.add_argument("--features", help="features, separated by commas: built-in names or module:function "
-                                      "(default: the task's built-ins)")
+    s.add_argument(
+        "--features",
+        help="features, separated by commas: built-in names or module:function (default: the task's built-ins)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true", help="print every FCR as JSON")
     s.set_defaults(fn=cmd_explain)
@@ -389,7 +437,9 @@ def add_reproduce(sub) -> None:
 
 def add_completeness(sub) -> None:
     s = sub.add_parser("completeness", help="scan every input of the task: true preimage, decoder recall, Fig. 11")
-    s.add_argument("run", help="run directory, or shipped:addition (addition: all 810,000 inputs; counting: a fixed pool)")
+    s.add_argument(
+        "run", help="run directory, or shipped:addition (addition: all 810,000 inputs; counting: a fixed pool)"
+    )
     s.add_argument("--text", required=True, help="the query input (without BOS/EOS)")
     s.add_argument("--site", required=True, help="site: TransformerLens name or short name (a0.0, x0.mid)")
     s.add_argument("--position", required=True, help="token index (BOS = 0; negative from the end) or a token like '='")
@@ -402,11 +452,17 @@ def add_completeness(sub) -> None:
 def add_patch(sub) -> None:
     s = sub.add_parser("patch", help="cumulative activation patching along a path of components (logit difference)")
     s.add_argument("model", help="shipped:counting, a run directory, or a probed model directory (with --task)")
-    s.add_argument("--path", required=True,
-                   help="COMPONENT@POSITION items in path order, separated by commas: a{L}.{H} (head result), embed, "
-                        "pos_embed; position an index or a token, e.g. a0.0@-3,a1.0@:")
-    s.add_argument("--task", choices=["counting", "addition"], help="the task whose contrast generator makes the pairs "
-                                                                    "(default: the run's or the shipped model's)")
+    s.add_argument(
+        "--path",
+        required=True,
+        help="COMPONENT@POSITION items in path order, separated by commas: a{L}.{H} (head result), embed, "
+        "pos_embed; position an index or a token, e.g. a0.0@-3,a1.0@:",
+    )
+    s.add_argument(
+        "--task",
+        choices=["counting", "addition"],
+        help="the task whose contrast generator makes the pairs (default: the run's or the shipped model's)",
+    )
     s.add_argument("--pairs", type=int, default=200, help="random contrast pairs (default 200)")
     s.add_argument("--places", help="addition: digits to resample, some of F1,F2,F3,S1,S2,S3 (default all)")
     s.add_argument("--answer", type=int, default=0, help="addition: which digit of the sum is the answer (default 0)")
@@ -415,8 +471,20 @@ def add_patch(sub) -> None:
     s.set_defaults(fn=cmd_patch)
 
 
-SUBCOMMANDS = (add_init, add_demo, add_train_probed, add_train, add_evaluate, add_query, add_serve, add_query_batch,
-               add_explain, add_reproduce, add_completeness, add_patch)
+SUBCOMMANDS = (
+    add_init,
+    add_demo,
+    add_train_probed,
+    add_train,
+    add_evaluate,
+    add_query,
+    add_serve,
+    add_query_batch,
+    add_explain,
+    add_reproduce,
+    add_completeness,
+    add_patch,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,17 +65,23 @@ def input_set(task) -> tuple[list[str], str]:
         seen: dict[str, None] = {}  # an ordered set
         while len(seen) < COUNTING_POOL:
             seen.setdefault(task.generate(rng), None)
-        return list(seen), (f"a fixed pool of {COUNTING_POOL:,} distinct counting inputs, the first the task's "
-                            f"generator draws with seed {COUNTING_SEED} (all lengths; the input space, ~1e13 inputs, "
-                            "cannot be listed)")
+        return list(seen), (
+            f"a fixed pool of {COUNTING_POOL:,} distinct counting inputs, the first the task's "
+            f"generator draws with seed {COUNTING_SEED} (all lengths; the input space, ~1e13 inputs, "
+            "cannot be listed)"
+        )
     what = f"task {name!r}" if name else "a data file"
-    raise UserError(f"completeness needs a task whose inputs can be listed (addition: all 810,000 inputs; counting: a "
-                    f"fixed pool of {COUNTING_POOL:,}), but this run reads {what}")
+    raise UserError(
+        f"completeness needs a task whose inputs can be listed (addition: all 810,000 inputs; counting: a "
+        f"fixed pool of {COUNTING_POOL:,}), but this run reads {what}"
+    )
 
 
 # The built-in features (inversionview.features) whose distinct values the recall is counted over.
-RECALL_FEATURES = {"addition": ("F1S1", "F2S2", "F3S3", "carry_ones", "carry_tens", "sum_len"),
-                   "counting": ("count", "target", "letters", "length")}
+RECALL_FEATURES = {
+    "addition": ("F1S1", "F2S2", "F3S3", "carry_ones", "carry_tens", "sum_len"),
+    "counting": ("count", "target", "letters", "length"),
+}
 
 
 def _recall_features(task) -> dict:
@@ -112,14 +118,15 @@ def _encode_all(tok, texts: list[str]) -> dict[int, tuple[np.ndarray, torch.Tens
 
 # ---------------------------------------------------------------------------------------------- the two passes
 @torch.inference_mode()
-def scan_distances(probed, site, ids: torch.Tensor, zq: torch.Tensor, metric: str, batch: int = BATCH,
-                   progress=None) -> torch.Tensor:
+def scan_distances(
+    probed, site, ids: torch.Tensor, zq: torch.Tensor, metric: str, batch: int = BATCH, progress=None
+) -> torch.Tensor:
     """Minimum distance to ``zq`` over the positions of each row of ``ids`` (N, T) (all rows BOS ... EOS, no PAD):
     EOS is excluded, BOS included, as in :func:`inversionview.preimage.verify`."""
     eos = probed.tokenizer.eos_id
     out = []
     for i in range(0, len(ids), batch):
-        b = ids[i:i + batch]
+        b = ids[i : i + batch]
         act = probed.run(b, [site])[site].float()
         d = distances(zq.float(), act, metric)
         if eos is not None and eos != probed.tokenizer.bos_id:
@@ -131,8 +138,9 @@ def scan_distances(probed, site, ids: torch.Tensor, zq: torch.Tensor, metric: st
 
 
 @torch.inference_mode()
-def scan_logprobs(decoder, site_index: int, zq: torch.Tensor, ids: torch.Tensor, batch: int = BATCH,
-                  progress=None) -> torch.Tensor:
+def scan_logprobs(
+    decoder, site_index: int, zq: torch.Tensor, ids: torch.Tensor, batch: int = BATCH, progress=None
+) -> torch.Tensor:
     """``log p(ids[i, 1:] | ids[i, 0], z_q)`` for every row of ``ids`` (N, T), all rows of one length, teacher-forced.
 
     The conditioning is computed once for all rows. Rows are sorted; in each chunk the decoder runs every distinct
@@ -143,7 +151,7 @@ def scan_logprobs(decoder, site_index: int, zq: torch.Tensor, ids: torch.Tensor,
     fast = _Fast(decoder, decoder.condition(zq[None].float(), torch.tensor([site_index])))
     out = torch.empty(N)
     for i in range(0, N, batch):
-        rows = order[i:i + batch]
+        rows = order[i : i + batch]
         out[rows] = _chunk_logprobs(fast, ids[rows])
         if progress is not None:
             progress(len(rows))
@@ -172,7 +180,7 @@ class _Fast:
         n, L = ids.shape
         pos = torch.arange(start, start + L)
         x = dec.tok(ids) + dec.pos(pos)
-        Sp, scale = past[0][0].shape[2], dh ** -0.5
+        Sp, scale = past[0][0].shape[2], dh**-0.5
         # scores are laid out (keys, queries): the softmax over dim 1 is much faster than over a short last dim
         causal = torch.full((L, L), float("-inf")).tril(-1)
         kv = []
@@ -214,7 +222,7 @@ def _chunk_logprobs(fast: _Fast, ids: torch.Tensor) -> torch.Tensor:
     prefix_sum = plp[:, :-1].gather(-1, ids[heads, 1:P, None])[..., 0].sum(1)  # tokens 1 .. P-1
     lp = prefix_sum[group] + plp[group, -1].gather(-1, ids[:, P, None])[:, 0]  # token P
     slp, _ = fast.run(x[:, P:], [(k[group], v[group]) for k, v in pkv], P)  # predicts tokens P+1 .. T-1
-    return lp + slp.gather(-1, ids[:, P + 1:, None])[..., 0].sum(1)
+    return lp + slp.gather(-1, ids[:, P + 1 :, None])[..., 0].sum(1)
 
 
 # ---------------------------------------------------------------------------------------------- the result
@@ -251,21 +259,27 @@ class Completeness:
 
     def lines(self) -> list[str]:
         pct = lambda x: "n/a" if x is None else f"{100 * x:.1f} %"  # noqa: E731
-        out = [f"completeness of {self.text!r} at {self.site_short} position {self.position} "
-               f"(epsilon {self.epsilon:g}, {self.metric})",
-               f"scanned: {self.input_set}",
-               f"true preimage: {self.n_inside:,} of {self.n_inputs:,} inputs within epsilon",
-               f"decoder samples: {self.samples} (Auto mix), {self.n_sampled} distinct inputs of the set, "
-               f"{self.n_sampled_inside} inside epsilon",
-               f"recall of the preimage's inputs: {pct(self.recall)} ({self.n_sampled_inside} of {self.n_inside})"]
+        out = [
+            f"completeness of {self.text!r} at {self.site_short} position {self.position} "
+            f"(epsilon {self.epsilon:g}, {self.metric})",
+            f"scanned: {self.input_set}",
+            f"true preimage: {self.n_inside:,} of {self.n_inputs:,} inputs within epsilon",
+            f"decoder samples: {self.samples} (Auto mix), {self.n_sampled} distinct inputs of the set, "
+            f"{self.n_sampled_inside} inside epsilon",
+            f"recall of the preimage's inputs: {pct(self.recall)} ({self.n_sampled_inside} of {self.n_inside})",
+        ]
         for name, r in self.feature_recall.items():
             out.append(f"recall of its {name} values: {pct(r['recall'])} ({r['found']} of {r['total']})")
         if self.min_inside_logp is not None:
-            out.append(f"inputs outside epsilon more likely than the least likely input inside "
-                       f"(log p {self.min_inside_logp:.2f}): {pct(self.outside_above)}")
+            out.append(
+                f"inputs outside epsilon more likely than the least likely input inside "
+                f"(log p {self.min_inside_logp:.2f}): {pct(self.outside_above)}"
+            )
         s = self.seconds
-        out.append(f"time: distances {s['distances']:.1f} s, log-probabilities {s['logprobs']:.1f} s, "
-                   f"samples {s['samples']:.1f} s, total {s['total']:.1f} s")
+        out.append(
+            f"time: distances {s['distances']:.1f} s, log-probabilities {s['logprobs']:.1f} s, "
+            f"samples {s['samples']:.1f} s, total {s['total']:.1f} s"
+        )
         return out
 
     def plot(self, path) -> None:
@@ -282,13 +296,34 @@ class Completeness:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         shown = "" if len(out_idx) == int((~inside).sum()) else f", {len(out_idx):,} shown"
-        ax.scatter(self.distance[out_idx], self.logp[out_idx], s=3, c="0.6", alpha=0.5, linewidths=0,
-                   label=f"outside epsilon ({int((~inside).sum()):,}{shown})")
-        ax.scatter(self.distance[inside], self.logp[inside], s=6, c="tab:blue", linewidths=0,
-                   label=f"inside epsilon ({int(inside.sum()):,})")
+        ax.scatter(
+            self.distance[out_idx],
+            self.logp[out_idx],
+            s=3,
+            c="0.6",
+            alpha=0.5,
+            linewidths=0,
+            label=f"outside epsilon ({int((~inside).sum()):,}{shown})",
+        )
+        ax.scatter(
+            self.distance[inside],
+            self.logp[inside],
+            s=6,
+            c="tab:blue",
+            linewidths=0,
+            label=f"inside epsilon ({int(inside.sum()):,})",
+        )
         if self.sampled is not None and self.sampled.any():
-            ax.scatter(self.distance[self.sampled], self.logp[self.sampled], s=9, marker="x", c="tab:orange",
-                       linewidths=0.6, alpha=0.8, label=f"sampled by the decoder ({int(self.sampled.sum())})")
+            ax.scatter(
+                self.distance[self.sampled],
+                self.logp[self.sampled],
+                s=9,
+                marker="x",
+                c="tab:orange",
+                linewidths=0.6,
+                alpha=0.8,
+                label=f"sampled by the decoder ({int(self.sampled.sum())})",
+            )
         ax.axvline(self.epsilon, color="tab:red", ls="--", lw=1, label=f"epsilon = {self.epsilon:g}")
         if self.min_inside_logp is not None:
             ax.axhline(self.min_inside_logp, color="tab:blue", ls=":", lw=1, label="least likely input inside")
@@ -305,8 +340,17 @@ class Completeness:
 
 # ---------------------------------------------------------------------------------------------- the scan
 @torch.inference_mode()
-def scan(iv, text: str, site, position: int | str, samples: int = 1024, epsilon: float | None = None,
-         metric: str | None = None, seed: int = 0, inputs: list[str] | None = None) -> Completeness:
+def scan(
+    iv,
+    text: str,
+    site,
+    position: int | str,
+    samples: int = 1024,
+    epsilon: float | None = None,
+    metric: str | None = None,
+    seed: int = 0,
+    inputs: list[str] | None = None,
+) -> Completeness:
     """Scan every input of the task's set (:func:`input_set`, or ``inputs``) for the query ``text`` at ``site`` and
     ``position``; ``samples`` decoder samples (Auto mix) are checked against the true preimage."""
     from .preimage import resolve_position
@@ -344,16 +388,34 @@ def scan(iv, text: str, site, position: int | str, samples: int = 1024, epsilon:
     min_in, above = _least_likely_inside(logp, inside)
     sec["total"] = time.perf_counter() - t_start
     log.info("scanned %d inputs in %.1f s", len(texts), sec["total"])
-    return Completeness(text=text, site=s.name, site_short=s.short, position=pos, epsilon=eps, metric=metric,
-                        input_set=described, n_inputs=len(texts), n_inside=n_in, samples=samples,
-                        n_sampled=int(sampled.sum()), n_sampled_inside=hit, recall=hit / n_in if n_in else None,
-                        feature_recall=frec, min_inside_logp=min_in, outside_above=above,
-                        seconds={k: round(v, 3) for k, v in sec.items()}, texts=texts, distance=dist, logp=logp,
-                        sampled=sampled)
+    return Completeness(
+        text=text,
+        site=s.name,
+        site_short=s.short,
+        position=pos,
+        epsilon=eps,
+        metric=metric,
+        input_set=described,
+        n_inputs=len(texts),
+        n_inside=n_in,
+        samples=samples,
+        n_sampled=int(sampled.sum()),
+        n_sampled_inside=hit,
+        recall=hit / n_in if n_in else None,
+        feature_recall=frec,
+        min_inside_logp=min_in,
+        outside_above=above,
+        seconds={k: round(v, 3) for k, v in sec.items()},
+        texts=texts,
+        distance=dist,
+        logp=logp,
+        sampled=sampled,
+    )
 
 
-def _scan_set(iv, s, si: int, zq: torch.Tensor, metric: str,
-              texts: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+def _scan_set(
+    iv, s, si: int, zq: torch.Tensor, metric: str, texts: list[str]
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """The distance to ``zq`` and the decoder's log-probability given ``zq`` of every input in ``texts``, with the
     seconds each pass took."""
     from tqdm.auto import tqdm

@@ -48,8 +48,10 @@ CHECKED = 1000
 """Inputs of a data file checked when it is opened (all of them if it has fewer)."""
 FORMATS = ("text", "jsonl", "hf")
 TEST_FRACTION = 0.1
-POSITIONS_HELP = ('"all", a list of token indices like [3, -2], a table like { marker = "|", offset = 1 } or '
-                  '{ span = "subject" }, or a list mixing indices and tables')
+POSITIONS_HELP = (
+    '"all", a list of token indices like [3, -2], a table like { marker = "|", offset = 1 } or '
+    '{ span = "subject" }, or a list mixing indices and tables'
+)
 
 
 def is_test(text: str, fraction: float = TEST_FRACTION) -> bool:
@@ -65,14 +67,22 @@ def _short(text: str, n: int = 60) -> str:
 class PositionRule:
     """Which token positions of an input may be queried. See the module docstring for the three kinds."""
 
-    def __init__(self, kind: str, indices: tuple[int, ...] = (), marker: str = "", offsets: tuple[int, ...] = (),
-                 span: str = "", parts: tuple["PositionRule", ...] = ()):
+    def __init__(
+        self,
+        kind: str,
+        indices: tuple[int, ...] = (),
+        marker: str = "",
+        offsets: tuple[int, ...] = (),
+        span: str = "",
+        parts: tuple["PositionRule", ...] = (),
+    ):
         self.kind, self.indices, self.marker, self.offsets = kind, indices, marker, offsets
         self.span, self.parts = span, parts  # span: the record field naming a text span; parts: a union's rules
 
     @classmethod
     def parse(cls, value, where: str = "data.positions") -> "PositionRule | None":
         """A rule from its config value; None for None (the source's default)."""
+
         def ints(v):
             return isinstance(v, int) and not isinstance(v, bool)
 
@@ -123,7 +133,9 @@ class PositionRule:
                 out += p.to_spec() if p.kind == "fixed" else [p.to_spec()]
             return out
         offset = list(self.offsets) if len(self.offsets) > 1 else self.offsets[0]
-        return {"span": self.span, "offset": offset} if self.kind == "span" else {"marker": self.marker, "offset": offset}
+        return (
+            {"span": self.span, "offset": offset} if self.kind == "span" else {"marker": self.marker, "offset": offset}
+        )
 
     def fields(self) -> tuple[str, ...]:
         """The record fields this rule reads (span rules), besides the text."""
@@ -151,7 +163,9 @@ class PositionRule:
     @staticmethod
     def _span(ids: list[int], tok) -> tuple[int, int]:
         """(first text position, number of positions up to and including the last text token)."""
-        n_text = len(ids) - (1 if tok.eos_id is not None and ids and ids[-1] == tok.eos_id and tok.eos_id != tok.bos_id else 0)
+        n_text = len(ids) - (
+            1 if tok.eos_id is not None and ids and ids[-1] == tok.eos_id and tok.eos_id != tok.bos_id else 0
+        )
         start = 1 if tok.bos_id is not None and ids and ids[0] == tok.bos_id else 0
         return start, n_text
 
@@ -204,8 +218,10 @@ class PositionRule:
         if self.kind == "all":
             return f"input {_short(text)} has no text tokens"
         if self.kind == "fixed":
-            return (f"none of the positions {list(self.indices)} is inside input {_short(text)} "
-                    f"({n_text} tokens with BOS, EOS excluded)")
+            return (
+                f"none of the positions {list(self.indices)} is inside input {_short(text)} "
+                f"({n_text} tokens with BOS, EOS excluded)"
+            )
         if self.kind == "union":
             return next(p.why_empty(text, ids, tok, record) for p in self.parts if not p.apply(ids, tok, text, record))
         if self.kind == "span":
@@ -277,8 +293,10 @@ class _Ruled(DataSource):
             if bad is None and not self.rule.apply(ids, tok, text, record):
                 bad = (k, text, ids, record)
         if self.rule.kind == "marker" and not seen_marker:
-            raise UserError(f"marker {self.rule.marker!r} of data.positions never occurs in "
-                            f"{self._checked_what(len(texts))}: check the marker against the model's tokens")
+            raise UserError(
+                f"marker {self.rule.marker!r} of data.positions never occurs in "
+                f"{self._checked_what(len(texts))}: check the marker against the model's tokens"
+            )
         if bad is not None:
             k, text, ids, record = bad
             raise UserError(f"{where(k)}: {self.rule.why_empty(text, ids, tok, record)}")
@@ -312,9 +330,17 @@ class FileSource(_Ruled):
 
     ``texts`` are the inputs in file order; ``lines`` (optional) their line or row numbers, for messages."""
 
-    def __init__(self, texts: list[str], rule: PositionRule, probed, name: str = "data",
-                 lines: list[int] | None = None, unit: str = "line", check: bool = True,
-                 records: list[dict] | None = None):
+    def __init__(
+        self,
+        texts: list[str],
+        rule: PositionRule,
+        probed,
+        name: str = "data",
+        lines: list[int] | None = None,
+        unit: str = "line",
+        check: bool = True,
+        records: list[dict] | None = None,
+    ):
         if not texts:
             raise UserError(f"data file {name} has no inputs (it is empty or has only blank lines)")
         self.texts, self.rule, self.probed, self.name = texts, rule, probed, name
@@ -325,8 +351,9 @@ class FileSource(_Ruled):
         for t, r in zip(texts, records or ()):
             self._records.setdefault(t, r)
         if check:
-            self._check(texts[:CHECKED], lambda k: f"{unit} {self.lines[k]} of {name}",
-                        records[:CHECKED] if records else None)
+            self._check(
+                texts[:CHECKED], lambda k: f"{unit} {self.lines[k]} of {name}", records[:CHECKED] if records else None
+            )
         test = [is_test(t) for t in texts]
         distinct = set(texts)
         if len(distinct) == 1:
@@ -340,8 +367,14 @@ class FileSource(_Ruled):
                 test = [(t == pick) != everything for t in texts]
             self.train = [t for t, x in zip(texts, test) if not x]
             self.test = [t for t, x in zip(texts, test) if x]
-        log.info("data: %d input%s from %s (%d held out for evaluation); query positions: %s",
-                 len(texts), "s" * (len(texts) != 1), name, len(self.test), rule.describe())
+        log.info(
+            "data: %d input%s from %s (%d held out for evaluation); query positions: %s",
+            len(texts),
+            "s" * (len(texts) != 1),
+            name,
+            len(self.test),
+            rule.describe(),
+        )
 
     def _checked_what(self, n: int) -> str:
         return f"the first {n} inputs of {self.name}" if len(self.texts) > n else self.name
@@ -374,12 +407,14 @@ def read_records(path: str | Path, fmt: str = "", field: str = "text", keep: tup
         raise UserError(f"data file {path} does not exist")
     fmt = resolve_format(fmt, path)
     if keep and fmt == "text":
-        raise UserError(f"data.positions reads the field {keep[0]!r} of each input, so {path} must be JSONL or a saved "
-                        "HF dataset with that field, not a text file")
+        raise UserError(
+            f"data.positions reads the field {keep[0]!r} of each input, so {path} must be JSONL or a saved "
+            "HF dataset with that field, not a text file"
+        )
     if fmt == "hf":
         return _read_hf(path, field, keep)
     if path.is_dir():
-        raise UserError(f"data file {path} is a directory: set format = \"hf\" for a dataset saved with save_to_disk")
+        raise UserError(f'data file {path} is a directory: set format = "hf" for a dataset saved with save_to_disk')
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -418,14 +453,18 @@ def _read_hf(path: Path, field: str, keep: tuple[str, ...] = ()):
     try:
         import datasets
     except ImportError:
-        raise UserError(f"reading the Hugging Face dataset {path} needs the datasets package: "
-                        "pip install datasets (or inversionview[data])") from None
+        raise UserError(
+            f"reading the Hugging Face dataset {path} needs the datasets package: "
+            "pip install datasets (or inversionview[data])"
+        ) from None
     if not path.is_dir():
-        raise UserError(f"data.format = \"hf\" needs a directory written by save_to_disk; {path} is not a directory")
+        raise UserError(f'data.format = "hf" needs a directory written by save_to_disk; {path} is not a directory')
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:
-        raise UserError(f"could not load a dataset saved with save_to_disk from {path}: {str(e).splitlines()[0][:120]}") from None
+        raise UserError(
+            f"could not load a dataset saved with save_to_disk from {path}: {str(e).splitlines()[0][:120]}"
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" in ds:
             ds = ds["train"]
@@ -434,12 +473,15 @@ def _read_hf(path: Path, field: str, keep: tuple[str, ...] = ()):
         else:
             raise UserError(f"the dataset in {path} has splits {', '.join(ds)} and none is named 'train'")
     if field not in ds.column_names:
-        raise UserError(f"the dataset in {path} has no column {field!r} (set data.field; its columns: "
-                        f"{', '.join(ds.column_names)})")
+        raise UserError(
+            f"the dataset in {path} has no column {field!r} (set data.field; its columns: {', '.join(ds.column_names)})"
+        )
     for k in keep:
         if k not in ds.column_names:
-            raise UserError(f"the dataset in {path} has no column {k!r}, which data.positions reads (its columns: "
-                            f"{', '.join(ds.column_names)})")
+            raise UserError(
+                f"the dataset in {path} has no column {k!r}, which data.positions reads (its columns: "
+                f"{', '.join(ds.column_names)})"
+            )
     texts, rows, records = [], [], []
     extra = [ds[k] for k in keep]
     for n, t in enumerate(ds[field], 1):
@@ -471,8 +513,10 @@ def check_spec(task: str | None, path: str, fmt: str, field: str, positions) -> 
         raise UserError('data.field applies to jsonl and hf data only, not to format = "text"')
     rule = PositionRule.parse(positions)
     if task and rule is not None and rule.fields():
-        raise UserError(f"data.positions reads the field {rule.fields()[0]!r} of each input: that needs a data file "
-                        "(path = ...), not a task")
+        raise UserError(
+            f"data.positions reads the field {rule.fields()[0]!r} of each input: that needs a data file "
+            "(path = ...), not a task"
+        )
 
 
 def record(task: str | None, path: str, fmt: str, field: str, positions) -> dict | None:
@@ -492,17 +536,29 @@ def open_source(task: str | None, data: dict | None, probed, check: bool = True)
     rule = PositionRule.parse(data.get("positions"))
     if data.get("path"):
         keep = rule.fields() if rule is not None else ()
-        texts, lines, unit, records = read_records(data["path"], data.get("format", ""), data.get("field", "text"), keep)
-        return FileSource(texts, rule or ALL, probed, name=str(data["path"]), lines=lines, unit=unit, check=check,
-                          records=records if keep else None)
+        texts, lines, unit, records = read_records(
+            data["path"], data.get("format", ""), data.get("field", "text"), keep
+        )
+        return FileSource(
+            texts,
+            rule or ALL,
+            probed,
+            name=str(data["path"]),
+            lines=lines,
+            unit=unit,
+            check=check,
+            records=records if keep else None,
+        )
     if not task:
         raise UserError("this run names neither a task nor a data file to draw inputs from")
     from .tasks import get_task
 
     t = get_task(task)
     if rule is not None and rule.fields():
-        raise UserError(f"data.positions reads the field {rule.fields()[0]!r} of each input: that needs a data file "
-                        "(path = ...), not a task")
+        raise UserError(
+            f"data.positions reads the field {rule.fields()[0]!r} of each input: that needs a data file "
+            "(path = ...), not a task"
+        )
     if probed is not None:
         check_task_tokenizer(t, probed)
     return t if rule is None else RuledTask(t, rule, probed, check=check)
@@ -523,5 +579,7 @@ def check_task_tokenizer(task, probed, n: int = 20) -> None:
         except UserError:
             same = False
         if not same:
-            raise UserError(f"task {task.name} counts positions in {name} tokens, but the probed model's tokenizer "
-                            f"encodes {_short(text)} otherwise: set tokenizer = \"{name}\" in [probed]")
+            raise UserError(
+                f"task {task.name} counts positions in {name} tokens, but the probed model's tokenizer "
+                f'encodes {_short(text)} otherwise: set tokenizer = "{name}" in [probed]'
+            )

@@ -121,9 +121,12 @@ class Decoder(nn.Module):
         self.site_mean = nn.Parameter(torch.zeros(c.n_sites, c.d_act))
         self.site_scale = nn.Parameter(torch.ones(c.n_sites))
         self.site_emb = nn.Embedding(c.n_sites, c.n_sites)
-        self.act_blocks = nn.Sequential(*[_ActBlock(width, c.d_act) for _ in range(c.n_act_blocks)], nn.LayerNorm(width))
-        self.prefix = nn.ModuleList([nn.Sequential(nn.Linear(width, c.d_model), nn.LayerNorm(c.d_model))
-                                     for _ in range(c.n_layers)])
+        self.act_blocks = nn.Sequential(
+            *[_ActBlock(width, c.d_act) for _ in range(c.n_act_blocks)], nn.LayerNorm(width)
+        )
+        self.prefix = nn.ModuleList(
+            [nn.Sequential(nn.Linear(width, c.d_model), nn.LayerNorm(c.d_model)) for _ in range(c.n_layers)]
+        )
         self.tok = nn.Embedding(c.vocab_size, c.d_model)
         self.pos = nn.Embedding(c.max_len, c.d_model)
         blocks = [_Block(c.d_model, c.n_heads) for _ in range(c.n_layers)]
@@ -147,7 +150,9 @@ class Decoder(nn.Module):
     def init_site_stats(self, site: int, acts: torch.Tensor) -> None:
         """Initialise a site's normaliser from a sample of its activations ``(N, d_act)``."""
         self.site_mean[site] = acts.mean(0)
-        self.site_scale[site] = (acts - acts.mean(0)).pow(2).sum(-1).mean().sqrt().clamp_min(1e-6) / math.sqrt(acts.shape[1])
+        self.site_scale[site] = (acts - acts.mean(0)).pow(2).sum(-1).mean().sqrt().clamp_min(1e-6) / math.sqrt(
+            acts.shape[1]
+        )
 
     def condition(self, z: torch.Tensor, site: torch.Tensor) -> list[list[torch.Tensor]]:
         """Per-layer prefix caches ``[K, V]`` for activations ``z`` (B, d_act) at site ids ``site`` (B,)."""
@@ -171,8 +176,16 @@ class Decoder(nn.Module):
         return self.ln_f(x) @ self.tok.weight.T
 
     @torch.no_grad()
-    def generate(self, z: torch.Tensor, site: torch.Tensor, bos: int, eos: int, temperature: torch.Tensor | float = 1.0,
-                 max_len: int | None = None, generator: torch.Generator | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        z: torch.Tensor,
+        site: torch.Tensor,
+        bos: int,
+        eos: int,
+        temperature: torch.Tensor | float = 1.0,
+        max_len: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
         """Sample one sequence per row of ``z``, from BOS until EOS or ``max_len`` tokens, with a KV cache.
         Finished rows are dropped from the batch as they end."""
         B, dev = z.shape[0], self.tok.weight.device
@@ -212,8 +225,8 @@ class Decoder(nn.Module):
         chunk = max(1, (1 << 24) // max(1, ids.shape[1] * self.config.vocab_size))
         out = []
         for i in range(0, ids.shape[0], chunk):
-            logits = self(ids[i:i + chunk, :-1], z[i:i + chunk], site[i:i + chunk]).float()
-            taken = logits.gather(-1, ids[i:i + chunk, 1:, None])[..., 0]
+            logits = self(ids[i : i + chunk, :-1], z[i : i + chunk], site[i : i + chunk]).float()
+            taken = logits.gather(-1, ids[i : i + chunk, 1:, None])[..., 0]
             out.append((taken - logits.logsumexp(-1)).exp())
         return torch.cat(out)
 
@@ -240,6 +253,7 @@ class Decoder(nn.Module):
         except FileNotFoundError:
             raise UserError(f"{path} is missing: the decoder has no weights yet (train it first)") from None
         except Exception as e:
-            raise UserError(f"{path} is corrupt or does not match config.json ({str(e).splitlines()[0][:120]})") from None
+            raise UserError(
+                f"{path} is corrupt or does not match config.json ({str(e).splitlines()[0][:120]})"
+            ) from None
         return dec.eval()
-

@@ -59,9 +59,11 @@ def from_env() -> Dist:
     try:
         return Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
     except ValueError:
-        raise UserError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers (as torchrun sets them), got "
-                        f"{os.environ['WORLD_SIZE']!r}, {os.environ['RANK']!r}, "
-                        f"{os.environ.get('LOCAL_RANK')!r}") from None
+        raise UserError(
+            f"WORLD_SIZE, RANK and LOCAL_RANK must be integers (as torchrun sets them), got "
+            f"{os.environ['WORLD_SIZE']!r}, {os.environ['RANK']!r}, "
+            f"{os.environ.get('LOCAL_RANK')!r}"
+        ) from None
 
 
 @contextmanager
@@ -100,13 +102,16 @@ def resolve_device(name: str, local_rank: int = 0, world: int = 1) -> torch.devi
     if name == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but torch {torch.__version__} sees no CUDA GPU: "
-                        "use 'cpu' or 'auto'")
+        raise UserError(
+            f"device {name!r} asked for, but torch {torch.__version__} sees no CUDA GPU: use 'cpu' or 'auto'"
+        )
     if name == "cuda":
         index = local_rank
     elif world > 1:
-        raise UserError(f"device {name!r} names one GPU, but torchrun started {world} processes: use 'cuda' "
-                        "or 'auto' (process k uses cuda:k on its node)")
+        raise UserError(
+            f"device {name!r} names one GPU, but torchrun started {world} processes: use 'cuda' "
+            "or 'auto' (process k uses cuda:k on its node)"
+        )
     else:
         index = int(name.split(":")[1])
     if index >= torch.cuda.device_count():
@@ -155,7 +160,10 @@ def choose_bf16(setting: bool | str, device: torch.device) -> tuple[bool, str]:
         return True, f"the CPU has {', '.join(flags)} (torch CPU capability {cap})"
     why = f"the CPU has no bf16 instructions (torch CPU capability {cap}; no {', '.join(BF16_CPU_FLAGS)} flag)"
     if setting is True:
-        log.warning("bf16 = true in [train], but %s: bf16 runs several times slower than float32 here; "
-                    'set bf16 = "auto" or false', why)
+        log.warning(
+            "bf16 = true in [train], but %s: bf16 runs several times slower than float32 here; "
+            'set bf16 = "auto" or false',
+            why,
+        )
         return True, "bf16 = true in [train] (" + why + ")"
     return False, why

@@ -79,8 +79,19 @@ def can_explore(task) -> bool:
 
 
 @torch.no_grad()
-def walk(probed, task, site, zq: torch.Tensor, starts: list[list[str]], epsilon: float, metric: str,
-         chains: int = CHAINS, steps: int = STEPS, draws: int = DRAWS, seed: int = 0) -> list[Walk]:
+def walk(
+    probed,
+    task,
+    site,
+    zq: torch.Tensor,
+    starts: list[list[str]],
+    epsilon: float,
+    metric: str,
+    chains: int = CHAINS,
+    steps: int = STEPS,
+    draws: int = DRAWS,
+    seed: int = 0,
+) -> list[Walk]:
     """Run ``chains`` chains per query (``zq`` (Q, d)) for ``steps`` moves. Each query first verifies ``draws``
     inputs from the generator: those inside are exact draws from its preimage and start the chains; the rest of
     the chains start from members among ``starts[q]`` (e.g. the decoder's, which the chains must then walk away
@@ -101,8 +112,14 @@ def walk(probed, task, site, zq: torch.Tensor, starts: list[list[str]], epsilon:
         walks[q].states = [[] for _ in state[q]]
     for step in range(steps):
         props = [[_proposal(task, x, rng) for x in st] for st in state]  # each a list: one text, or a Gibbs block
-        _check(probed, site, zq, seen, [(q, y) for q, ps in enumerate(props) for p in ps for y in p if y not in seen[q]],
-               metric)
+        _check(
+            probed,
+            site,
+            zq,
+            seen,
+            [(q, y) for q, ps in enumerate(props) for p in ps for y in p if y not in seen[q]],
+            metric,
+        )
         for q, (st, ps) in enumerate(zip(state, props)):
             w = walks[q]
             w.proposed += len(ps)
@@ -119,8 +136,9 @@ def walk(probed, task, site, zq: torch.Tensor, starts: list[list[str]], epsilon:
     return walks
 
 
-def _draw_inside(probed, task, site, zq, seen, epsilon: float, metric: str, rng: random.Random, draws: int,
-                 chains: int) -> list[list[str]]:
+def _draw_inside(
+    probed, task, site, zq, seen, epsilon: float, metric: str, rng: random.Random, draws: int, chains: int
+) -> list[list[str]]:
     """Per query, the distinct generator draws that land inside epsilon: exact draws from its preimage. Draws come
     in rounds of ``draws`` per query, until half the chains can start at one or MAX_DRAWS are spent."""
     fresh: list[list[str]] = [[] for _ in seen]
@@ -187,8 +205,9 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool]) -> Share | No
     return Share(p, lo, hi, n)
 
 
-def counterfactuals(probed, task, site, zq: torch.Tensor, members: list[str], f: Callable, metric: str,
-                    tries: int = 30, seed: int = 0) -> list[float]:
+def counterfactuals(
+    probed, task, site, zq: torch.Tensor, members: list[str], f: Callable, metric: str, tries: int = 30, seed: int = 0
+) -> list[float]:
     """Change the feature ``f`` in each of ``members`` with the task's moves (the first move that changes its value,
     at most ``tries``) and return the changed inputs' distances: how many of them stay inside epsilon shows whether
     the activation keeps the feature."""

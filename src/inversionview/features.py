@@ -37,8 +37,10 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 CARRIES, PARTLY, MARGIN = 0.9, 0.6, 0.3
-RULE = (f"a site carries a feature when FCR >= {CARRIES} and FCR - baseline >= {MARGIN}; "
-        f"partly (~) when FCR >= {PARTLY} with the same margin")
+RULE = (
+    f"a site carries a feature when FCR >= {CARRIES} and FCR - baseline >= {MARGIN}; "
+    f"partly (~) when FCR >= {PARTLY} with the same margin"
+)
 BASELINE_INPUTS = 2048  # random task inputs for the baseline
 
 Feature = Callable[[str], Hashable]
@@ -86,6 +88,7 @@ def _digit(i: int):
     def f(text):
         p = _addition(text)
         return None if p is None else p[i]
+
     return f
 
 
@@ -93,6 +96,7 @@ def _c_digit(i: int):
     def f(text):  # the written sum's i-th digit (from the left); None where it has fewer digits
         p = _addition(text)
         return None if p is None or len(p[6]) <= i else int(p[6][i])
+
     return f
 
 
@@ -100,6 +104,7 @@ def _pair(i: int):
     def f(text):  # the unordered pair {Fi, Si}
         p = _addition(text)
         return None if p is None else "{%d,%d}" % tuple(sorted((p[i], p[i + 3])))
+
     return f
 
 
@@ -110,6 +115,7 @@ def _carry(mod: int):
             return None
         a, b = 100 * p[0] + 10 * p[1] + p[2], 100 * p[3] + 10 * p[4] + p[5]
         return a % mod + b % mod >= mod
+
     return f
 
 
@@ -124,6 +130,7 @@ def _ioi(role: str):
 
         r = parse(text)
         return None if r is None else r[role]
+
     return f
 
 
@@ -205,7 +212,9 @@ def resolve_features(task, names=None) -> dict[str, Feature]:
             out[n] = builtin[n]
         else:
             known = ", ".join(builtin) or "none"
-            raise UserError(f"unknown feature {n!r}: expected a built-in feature of the task ({known}) or module:function")
+            raise UserError(
+                f"unknown feature {n!r}: expected a built-in feature of the task ({known}) or module:function"
+            )
     if not out:
         raise UserError("no features given: expected names separated by commas")
     return out
@@ -225,8 +234,17 @@ def value(name: str, f: Feature, text: str):
 
 # ---------------------------------------------------------------------------------------------- preimages in batch
 @torch.no_grad()
-def preimages(iv, texts: list[str], site, positions: list[int], samples: int = 256, epsilon: float | None = None,
-              seed: int = 0, chunk: int = 4096, chains: int | None = None) -> list[list[list[str]]]:
+def preimages(
+    iv,
+    texts: list[str],
+    site,
+    positions: list[int],
+    samples: int = 256,
+    epsilon: float | None = None,
+    seed: int = 0,
+    chunk: int = 4096,
+    chains: int | None = None,
+) -> list[list[list[str]]]:
     """The members of many queries' preimages at one site (``positions[i]`` in ``texts[i]``), per query as chains of
     states. The decoder proposes ``samples`` candidates each (the Auto mix, as :func:`inversionview.preimage.read`),
     all verified in batches; where the task has moves, chains then walk each preimage from its members
@@ -251,8 +269,15 @@ def preimages(iv, texts: list[str], site, positions: list[int], samples: int = 2
     z, tau = torch.cat(zs), torch.tensor(taus)
     seqs = []
     for i in range(0, len(z), chunk):
-        seqs += dec.generate(z[i:i + chunk], torch.full((len(z[i:i + chunk]),), si), tok.bos_id, tok.eos_id,
-                             tau[i:i + chunk], probed.max_len, g)
+        seqs += dec.generate(
+            z[i : i + chunk],
+            torch.full((len(z[i : i + chunk]),), si),
+            tok.bos_id,
+            tok.eos_id,
+            tau[i : i + chunk],
+            probed.max_len,
+            g,
+        )
     seqs = as_inputs(seqs, tok)
     uniq = list(dict.fromkeys((owner[i], tuple(x)) for i, x in enumerate(seqs)))
     dmin, _, _ = verify(probed, s, [list(x) for _, x in uniq], zq[torch.tensor([q for q, _ in uniq])], iv.spec.metric)
@@ -263,8 +288,17 @@ def preimages(iv, texts: list[str], site, positions: list[int], samples: int = 2
     chains = CHAINS if chains is None else chains
     if not (chains and can_explore(iv.task)):
         return [[[x] for x in xs] for xs in inside]
-    walks = walk(probed, iv.task, s, zq, [xs + [t] for xs, t in zip(inside, texts)], eps, iv.spec.metric,
-                 chains=chains, seed=seed)
+    walks = walk(
+        probed,
+        iv.task,
+        s,
+        zq,
+        [xs + [t] for xs, t in zip(inside, texts)],
+        eps,
+        iv.spec.metric,
+        chains=chains,
+        seed=seed,
+    )
     return [w.states for w in walks]
 
 
@@ -309,8 +343,14 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def consistency(features: dict[str, Feature], queries: list[str], inside: list, reference: dict[str, Counter],
-                site: str = "", position: str = "") -> list[Consistency]:
+def consistency(
+    features: dict[str, Feature],
+    queries: list[str],
+    inside: list,
+    reference: dict[str, Counter],
+    site: str = "",
+    position: str = "",
+) -> list[Consistency]:
     """FCR and baseline of each feature over ``queries`` with their members ``inside``: per query, chains of states
     (:func:`preimages`) or a plain list of distinct samples (each a chain of one). The FCR's interval combines the
     queries' own 95% intervals."""
@@ -351,8 +391,16 @@ def query_texts(task, n: int, seed: int = 0) -> list[str]:
     return [task.sample(rng, "test") for _ in range(n)]
 
 
-def measure(iv, site, position: int, features: dict[str, Feature], queries: int = 16, samples: int = 256,
-            seed: int = 0, reference: dict[str, Counter] | None = None) -> list[Consistency]:
+def measure(
+    iv,
+    site,
+    position: int,
+    features: dict[str, Feature],
+    queries: int = 16,
+    samples: int = 256,
+    seed: int = 0,
+    reference: dict[str, Counter] | None = None,
+) -> list[Consistency]:
     """FCRs of ``features`` at ``site`` over ``queries`` held-out inputs, at the ``position``-th position of the
     task's rule (e.g. 0: the target character in counting, 1: ``:``)."""
     task = iv.task
@@ -364,7 +412,9 @@ def measure(iv, site, position: int, features: dict[str, Feature], queries: int 
     inside = preimages(iv, texts, site, pos, samples, seed=seed)
     reference = reference or random_values(task, features, seed=seed)
     s = iv.probed.site(site)
-    return consistency(features, texts, inside, reference, s.short, names[position] if position < len(names) else str(position))
+    return consistency(
+        features, texts, inside, reference, s.short, names[position] if position < len(names) else str(position)
+    )
 
 
 @dataclass(frozen=True)
@@ -402,15 +452,19 @@ class Explanation:
         for s in self.sites:
             col = [wrapped.get((s, p), ["-"]) for p in self.positions]
             for i in range(max(map(len, col))):
-                lines.append((f"{s:>8}  " if i == 0 else " " * 10) +
-                             "  ".join(f"{c[i] if i < len(c) else '':<{w}}" for c in col).rstrip())
-        notes = [f"each cell: the features the site carries at that position, FCR±(half its 95% interval) (baseline); "
-                 f"{self.rule}.",
-                 f"FCR: mean over {self.queries} held-out queries of the share of the preimage's members whose feature "
-                 f"equals the query's, estimated under the task's input distribution by chains started from the "
-                 f"decoder's members ({self.samples} candidates per query, Auto mix); baseline: the same share "
-                 f"among {BASELINE_INPUTS} random inputs of the task; [k empty]: queries with no sample inside epsilon, "
-                 "left out."]
+                lines.append(
+                    (f"{s:>8}  " if i == 0 else " " * 10)
+                    + "  ".join(f"{c[i] if i < len(c) else '':<{w}}" for c in col).rstrip()
+                )
+        notes = [
+            f"each cell: the features the site carries at that position, FCR±(half its 95% interval) (baseline); "
+            f"{self.rule}.",
+            f"FCR: mean over {self.queries} held-out queries of the share of the preimage's members whose feature "
+            f"equals the query's, estimated under the task's input distribution by chains started from the "
+            f"decoder's members ({self.samples} candidates per query, Auto mix); baseline: the same share "
+            f"among {BASELINE_INPUTS} random inputs of the task; [k empty]: queries with no sample inside epsilon, "
+            "left out.",
+        ]
         return "\n".join(lines + [""] + [textwrap.fill(n, 118) for n in notes])
 
 
@@ -427,8 +481,9 @@ def _wrap_items(items: list[str], width: int) -> list[str]:
     return lines or ["-"]
 
 
-def explain(iv, sites=None, queries: int = 16, samples: int = 256, features=None, seed: int = 0,
-            progress: bool = True) -> Explanation:
+def explain(
+    iv, sites=None, queries: int = 16, samples: int = 256, features=None, seed: int = 0, progress: bool = True
+) -> Explanation:
     """FCR and baseline of every feature at every site (default: the decoder's) and query position of the task's
     rule, over ``queries`` held-out inputs with ``samples`` candidates each."""
     task = iv.task

@@ -137,8 +137,9 @@ def _hooks(probed: ProbedModel, comps: list[Component], masks: list[torch.Tensor
 
 
 @torch.no_grad()
-def run_patched(probed: ProbedModel, ids: torch.Tensor, contrast: torch.Tensor, comps: list[Component],
-                masks: list[torch.Tensor]) -> torch.Tensor:
+def run_patched(
+    probed: ProbedModel, ids: torch.Tensor, contrast: torch.Tensor, comps: list[Component], masks: list[torch.Tensor]
+) -> torch.Tensor:
     """Logits (B, T, V) of ``ids`` (B, T) with each component replaced, where its mask (B, T) is true, by its value
     in the run of ``contrast`` (B, T). With no components this is the plain run of ``ids``."""
     cache: dict = {}
@@ -158,8 +159,9 @@ def run_patched(probed: ProbedModel, ids: torch.Tensor, contrast: torch.Tensor, 
 
 
 def _logits(probed, ids):
-    out = probed.model(input_ids=ids.to(probed.device), attention_mask=torch.ones_like(ids, device=probed.device),
-                       use_cache=False)
+    out = probed.model(
+        input_ids=ids.to(probed.device), attention_mask=torch.ones_like(ids, device=probed.device), use_cache=False
+    )
     return out.logits.float().cpu()
 
 
@@ -189,7 +191,7 @@ def _counting_contrast(text: str, rng: random.Random) -> Pair | None:
     way, o = rng.choice(moves)
     src, dst = (t, o) if way == "down" else (o, t)
     i = rng.choice([k for k, ch in enumerate(head) if ch == src])
-    new = head[:i] + dst + head[i + 1:]
+    new = head[:i] + dst + head[i + 1 :]
     n = new.count(t)
     return Pair(text, f"{new}|{t}:{n}", len(text) - 1, str(c), str(n))  # ':' is token len(text) - 1 (BOS = 0)
 
@@ -272,10 +274,16 @@ class PatchResult:
 
     def to_dict(self) -> dict:
         step = lambda s: {"patched": list(s.patched), "mean": s.mean, "std": s.std}  # noqa: E731
-        return {"path": list(self.path), "pairs": self.pairs, "ld_before": self.ld_before, "ld_after": self.ld_after,
-                "effect": self.effect, "contrast": step(self.contrast),
-                "left_to_right": [step(s) for s in self.left_to_right],
-                "right_to_left": [step(s) for s in self.right_to_left]}
+        return {
+            "path": list(self.path),
+            "pairs": self.pairs,
+            "ld_before": self.ld_before,
+            "ld_after": self.ld_after,
+            "effect": self.effect,
+            "contrast": step(self.contrast),
+            "left_to_right": [step(s) for s in self.left_to_right],
+            "right_to_left": [step(s) for s in self.right_to_left],
+        }
 
     def table(self) -> str:
         rows = [("none (original)", self.before)]
@@ -285,8 +293,10 @@ class PatchResult:
         w = max(len(r[0]) for r in rows)
         out = [f"{'patched':<{w}}  {'mean LD':>8}  {'std':>6}", "-" * (w + 18)]
         out += [f"{label:<{w}}  {s.mean:8.2f}  {s.std:6.2f}" for label, s in rows]
-        out.append(f"effect of the whole path: {self.effect:.2f} (LD {self.ld_before:.2f} -> {self.ld_after:.2f}, "
-                   f"{self.pairs} pairs; LD = logit[y_orig] - logit[y_con] at the answer position)")
+        out.append(
+            f"effect of the whole path: {self.effect:.2f} (LD {self.ld_before:.2f} -> {self.ld_after:.2f}, "
+            f"{self.pairs} pairs; LD = logit[y_orig] - logit[y_con] at the answer position)"
+        )
         return "\n".join(out)
 
 
@@ -295,8 +305,9 @@ def _step(patched, lds: torch.Tensor) -> Step:
 
 
 @torch.no_grad()
-def cumulative(probed: ProbedModel, pairs: list[Pair], path: list[str] | tuple[str, ...],
-               batch: int = 512) -> PatchResult:
+def cumulative(
+    probed: ProbedModel, pairs: list[Pair], path: list[str] | tuple[str, ...], batch: int = 512
+) -> PatchResult:
     """Cumulative patching of ``path`` (``COMPONENT@POSITION`` items, in order) over ``pairs``."""
     comps = [parse_component(probed, p) for p in path]
     if not comps:
@@ -310,13 +321,15 @@ def cumulative(probed: ProbedModel, pairs: list[Pair], path: list[str] | tuple[s
     parts: dict[str, list[torch.Tensor]] = {key: [] for key in [*sets, "contrast"]}  # per batch
     tok = probed.tokenizer
     for s in range(0, len(pairs), batch):
-        chunk = pairs[s:s + batch]
+        chunk = pairs[s : s + batch]
         orig = [probed.encode(p.text) for p in chunk]
         con = [probed.encode(p.contrast) for p in chunk]
         for p, a, b in zip(chunk, orig, con):
             if len(a) != len(b):
-                raise UserError(f"contrast {p.contrast!r} has {len(b)} tokens but {p.text!r} has {len(a)}: "
-                                "a pair must have the same length")
+                raise UserError(
+                    f"contrast {p.contrast!r} has {len(b)} tokens but {p.text!r} has {len(a)}: "
+                    "a pair must have the same length"
+                )
         bo, bc = probed.batch(orig), probed.batch(con)
         B, T = bo.ids.shape
         masks = []
@@ -340,11 +353,15 @@ def cumulative(probed: ProbedModel, pairs: list[Pair], path: list[str] | tuple[s
         parts["contrast"].append(ld(run_patched(probed, bc.ids, bc.ids, [], [])))
     lds = {key: torch.cat(v) for key, v in parts.items()}
     names = [c.name for c in comps]
-    return PatchResult(path=tuple(names), pairs=len(pairs), before=_step((), lds["none"]),
-                       contrast=_step(("contrast",), lds["contrast"]),
-                       left_to_right=tuple(_step(names[:i + 1], lds[f"l2r{i}"]) for i in range(k)),
-                       right_to_left=tuple(_step(names[k - 1 - i:], lds[f"r2l{i}"]) for i in range(k)),
-                       lds={key: v.tolist() for key, v in lds.items()})
+    return PatchResult(
+        path=tuple(names),
+        pairs=len(pairs),
+        before=_step((), lds["none"]),
+        contrast=_step(("contrast",), lds["contrast"]),
+        left_to_right=tuple(_step(names[: i + 1], lds[f"l2r{i}"]) for i in range(k)),
+        right_to_left=tuple(_step(names[k - 1 - i :], lds[f"r2l{i}"]) for i in range(k)),
+        lds={key: v.tolist() for key, v in lds.items()},
+    )
 
 
 def load_probed(ref: str, task: str | None = None) -> tuple[ProbedModel, object]:
@@ -377,5 +394,12 @@ def reproduce_counting_path(probed: ProbedModel | None = None, pairs: int = 200,
     if probed is None:
         probed, _ = load_probed("shipped:counting")
     res = cumulative(probed, make_pairs(get_task("counting"), pairs, seed), COUNTING_PATH)
-    return {"ld_before": res.ld_before, "ld_after": res.ld_after, "effect": res.effect, "pairs": res.pairs,
-            "ld_contrast": res.contrast.mean, "table": res.table(), "paper": dict(PAPER)}
+    return {
+        "ld_before": res.ld_before,
+        "ld_after": res.ld_after,
+        "effect": res.effect,
+        "pairs": res.pairs,
+        "ld_contrast": res.contrast.mean,
+        "table": res.table(),
+        "paper": dict(PAPER),
+    }

@@ -38,9 +38,9 @@ def verify(probed: ProbedModel, site, seqs: list[list[int]], zq: torch.Tensor, m
     dmins, args, dists = [], [], []
     T = max(map(len, seqs))
     for i in range(0, len(seqs), batch):
-        b = probed.batch(seqs[i:i + batch])
+        b = probed.batch(seqs[i : i + batch])
         act = probed.run(b.ids, [site])[site].float()
-        zz = zq.float()[i:i + batch, None] if zq.dim() == 2 else zq.float()
+        zz = zq.float()[i : i + batch, None] if zq.dim() == 2 else zq.float()
         d = distances(zz, act, metric).masked_fill(~b.valid.to(act.device), float("inf")).cpu()
         d = torch.nn.functional.pad(d, (0, T - d.shape[1]), value=float("inf"))
         m, a = d.min(-1)
@@ -90,7 +90,9 @@ def hit_rates(decoder, probed: ProbedModel, q: Queries, epsilon: float, metric: 
     hits = []
     for i, s in enumerate(q.sites):
         rows = (q.site_idx == i).nonzero()[:, 0]
-        seqs = as_inputs(decoder.generate(q.z[rows], q.site_idx[rows], tok.bos_id, tok.eos_id, 1.0, probed.max_len, g), tok)
+        seqs = as_inputs(
+            decoder.generate(q.z[rows], q.site_idx[rows], tok.bos_id, tok.eos_id, 1.0, probed.max_len, g), tok
+        )
         dmin, _, _ = verify(probed, s, seqs, q.z[rows], metric)
         hits.append((dmin < epsilon).float().mean().item())
     return hits
@@ -191,18 +193,33 @@ def resolve_position(tokens: list[str], n_text: int, position: int | str) -> int
         elif loose:
             return loose[0]
         else:
-            raise UserError(f"position {position!r} is neither an index nor a token of the input "
-                            f"(tokens: {' '.join(tokens[:n_text])})")
+            raise UserError(
+                f"position {position!r} is neither an index nor a token of the input "
+                f"(tokens: {' '.join(tokens[:n_text])})"
+            )
     if not -n_text <= position < n_text:
-        raise UserError(f"position {position} is out of range for an input of {n_text} tokens "
-                        f"(expected 0..{n_text - 1}, or -{n_text}..-1 from the end)")
+        raise UserError(
+            f"position {position} is out of range for an input of {n_text} tokens "
+            f"(expected 0..{n_text - 1}, or -{n_text}..-1 from the end)"
+        )
     return position % n_text
 
 
 @torch.no_grad()
-def read(iv, text: str, site, position: int | str, samples: int = 1024, temperature: float | None = None,
-         noise: float = 0.0, epsilon: float | None = None, metric: str | None = None, seed: int = 0,
-         deltas: int = 256, chains: int = CHAINS) -> Preimage:
+def read(
+    iv,
+    text: str,
+    site,
+    position: int | str,
+    samples: int = 1024,
+    temperature: float | None = None,
+    noise: float = 0.0,
+    epsilon: float | None = None,
+    metric: str | None = None,
+    seed: int = 0,
+    deltas: int = 256,
+    chains: int = CHAINS,
+) -> Preimage:
     """Read the activation of ``text`` at ``site`` and ``position``.
 
     ``temperature=None`` uses the Auto mix (``samples`` candidates spread over :data:`AUTO_MIX`); otherwise
@@ -233,20 +250,48 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
     texts = [tok.text(u) for u in uniq]
     w = None
     if chains and can_explore(iv.task):
-        w = walk(probed, iv.task, s, zq[None], [[t for t, d in zip(texts, checked[0]) if d <= eps] + [text]], eps,
-                 metric, chains=chains, seed=seed)[0]
+        w = walk(
+            probed,
+            iv.task,
+            s,
+            zq[None],
+            [[t for t, d in zip(texts, checked[0]) if d <= eps] + [text]],
+            eps,
+            metric,
+            chains=chains,
+            seed=seed,
+        )[0]
         uniq, texts, checked = _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed)
     out = _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas)
     attention = None
     if s.kind == "result":
-        attention = [round(float(a), 5) for a in probed.attention(torch.tensor([ids]), s.layer, s.head)[0, pos, :pos + 1]]
-    pre = Preimage(text=text, tokens=tokens, position=pos, site=s.name, site_short=s.short, epsilon=eps,
-                   metric=metric, mode=probed.mode, samples=out, n_candidates=samples,
-                   fraction_inside=n_in / samples, attention=attention,
-                   settings={"mix": [list(m) for m in mix], "samples": samples, "seed": seed, "chains": chains,
-                             "dropped": len(seqs) - len(kept), "task": iv.task.name if iv.task else None},
-                   annotation=iv.task.annotate(text) if iv.task else None,
-                   decoder=str(iv.run_dir) if iv.run_dir else None)
+        attention = [
+            round(float(a), 5) for a in probed.attention(torch.tensor([ids]), s.layer, s.head)[0, pos, : pos + 1]
+        ]
+    pre = Preimage(
+        text=text,
+        tokens=tokens,
+        position=pos,
+        site=s.name,
+        site_short=s.short,
+        epsilon=eps,
+        metric=metric,
+        mode=probed.mode,
+        samples=out,
+        n_candidates=samples,
+        fraction_inside=n_in / samples,
+        attention=attention,
+        settings={
+            "mix": [list(m) for m in mix],
+            "samples": samples,
+            "seed": seed,
+            "chains": chains,
+            "dropped": len(seqs) - len(kept),
+            "task": iv.task.name if iv.task else None,
+        },
+        annotation=iv.task.annotate(text) if iv.task else None,
+        decoder=str(iv.run_dir) if iv.run_dir else None,
+    )
     if w is not None:
         pre.chains = chains_record(w, eps, lambda x: tok.tokens_of(probed.encode(x)))
     from .summary import feature_shares, summarize
@@ -260,8 +305,9 @@ def read(iv, text: str, site, position: int | str, samples: int = 1024, temperat
 def _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chains):
     """The reading's settings checked by the schema (:class:`~inversionview.settings.ReadSettings`), each bad one a
     one-line UserError: ``(epsilon, metric, mix)``."""
-    s = ReadSettings(samples=samples, temperature=temperature, noise=noise, epsilon=epsilon, metric=metric, seed=seed,
-                     chains=chains).checked()
+    s = ReadSettings(
+        samples=samples, temperature=temperature, noise=noise, epsilon=epsilon, metric=metric, seed=seed, chains=chains
+    ).checked()
     if not text:
         raise UserError("the query text is empty: give the input to read (without BOS/EOS)")
     mix = AUTO_MIX if s.temperature is None else ((float(s.temperature), float(s.noise)),)
@@ -272,17 +318,25 @@ def propose(iv, zq: torch.Tensor, si: int, mix, samples: int, g: torch.Generator
     """``samples`` decoder candidates for ``zq``, spread over the (temperature, noise) pairs of ``mix``."""
     probed, tok = iv.probed, iv.probed.tokenizer
     per = [samples // len(mix) + (k < samples % len(mix)) for k in range(len(mix))]
-    z = torch.cat([zq.expand(n, -1) + torch.randn(n, zq.shape[0], generator=g).to(zq.device) * zq.std() * eta
-                   for n, (_, eta) in zip(per, mix)])
+    z = torch.cat(
+        [
+            zq.expand(n, -1) + torch.randn(n, zq.shape[0], generator=g).to(zq.device) * zq.std() * eta
+            for n, (_, eta) in zip(per, mix)
+        ]
+    )
     tau = torch.cat([torch.full((n,), t) for n, (t, _) in zip(per, mix)])
-    return as_inputs(iv.decoder.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g),
-                     tok)
+    return as_inputs(
+        iv.decoder.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g), tok
+    )
 
 
 def _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed):
     """The decoder's distinct samples plus up to :data:`CHAIN_SAMPLES` members the chains met (verified)."""
-    extra = [x for x in random.Random(seed).sample(sorted(w.members), min(len(w.members), CHAIN_SAMPLES))
-             if x not in set(texts)]
+    extra = [
+        x
+        for x in random.Random(seed).sample(sorted(w.members), min(len(w.members), CHAIN_SAMPLES))
+        if x not in set(texts)
+    ]
     if not extra:
         return uniq, texts, checked
     more = [probed.encode(x) for x in extra]
@@ -292,6 +346,7 @@ def _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed):
 
     def pad(t):
         return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=float("inf"))
+
     return uniq + more, texts + extra, (torch.cat([dmin, d2]), torch.cat([amin, a2]), torch.cat([pad(dist), pad(t2)]))
 
 
@@ -305,20 +360,33 @@ def _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas: int) -> list[S
     out = []
     for rank, i in enumerate(order):
         seq = uniq[i]
-        out.append(Sample(tokens=tok.tokens_of(seq), text=texts[i], distance=float(dmin[i]), position=int(amin[i]),
-                          distances=[None if d == float("inf") else round(float(d), 5) for d in dist[i, :len(seq)]],
-                          delta=delta[rank] if rank < len(delta) else [], count=counts.get(tuple(seq), 0),
-                          annotation=iv.task.annotate(texts[i]) if iv.task else None,
-                          source="decoder" if tuple(seq) in counts else "chain"))
+        out.append(
+            Sample(
+                tokens=tok.tokens_of(seq),
+                text=texts[i],
+                distance=float(dmin[i]),
+                position=int(amin[i]),
+                distances=[None if d == float("inf") else round(float(d), 5) for d in dist[i, : len(seq)]],
+                delta=delta[rank] if rank < len(delta) else [],
+                count=counts.get(tuple(seq), 0),
+                annotation=iv.task.annotate(texts[i]) if iv.task else None,
+                source="decoder" if tuple(seq) in counts else "chain",
+            )
+        )
     return out
 
 
 def chains_record(w, epsilon: float, tokens_of) -> dict:
     """A walk as a reading keeps it (JSON): its states, and distance, arg-min position and tokens of each state."""
     used = dict.fromkeys(x for st in w.states for x in st)
-    return {"epsilon": epsilon, "states": w.states, "proposed": w.proposed, "accepted": w.accepted,
-            "distinct": len(w.members),
-            "members": {x: [round(w.members[x][0], 5), w.members[x][1], tokens_of(x)] for x in used}}
+    return {
+        "epsilon": epsilon,
+        "states": w.states,
+        "proposed": w.proposed,
+        "accepted": w.accepted,
+        "distinct": len(w.members),
+        "members": {x: [round(w.members[x][0], 5), w.members[x][1], tokens_of(x)] for x in used},
+    }
 
 
 def _checks(iv, s, zq, pre, w, metric: str, seed: int) -> list[dict]:

@@ -105,7 +105,7 @@ def _linear_w(proj) -> torch.Tensor:  # nn.Linear stores (d_out, d_in)
 
 def _gpt2_w_v(attn):
     d = attn.split_size
-    return attn.c_attn.weight[:, 2 * d:], attn.c_attn.bias[2 * d:]
+    return attn.c_attn.weight[:, 2 * d :], attn.c_attn.bias[2 * d :]
 
 
 def _gpt2_qk(attn, x, position_embeddings):
@@ -117,8 +117,8 @@ def _neox_w_v(attn):
     # query_key_value's outputs are grouped per head: [q_h | k_h | v_h] for h = 0, 1, ...
     dh = attn.head_size
     lin = attn.query_key_value
-    W = lin.weight.view(-1, 3 * dh, lin.in_features)[:, 2 * dh:].reshape(-1, lin.in_features).T
-    b = None if lin.bias is None else lin.bias.view(-1, 3 * dh)[:, 2 * dh:].reshape(-1)
+    W = lin.weight.view(-1, 3 * dh, lin.in_features)[:, 2 * dh :].reshape(-1, lin.in_features).T
+    b = None if lin.bias is None else lin.bias.view(-1, 3 * dh)[:, 2 * dh :].reshape(-1)
     return W, b
 
 
@@ -177,17 +177,52 @@ class Family:
         return self.norm == "LayerNorm"
 
 
-GPT2 = Family("GPT-2", ("gpt2",), blocks="transformer.h", resid_pre="ln_1", attn="attn", out_proj="attn.c_proj",
-              resid_mid="ln_2", mlp="mlp", norm="LayerNorm", w_o=_conv1d_w, w_v=_gpt2_w_v, qk=_gpt2_qk)
-GPT_NEOX = Family("GPT-NeoX/Pythia", ("gpt_neox",), blocks="gpt_neox.layers", resid_pre="input_layernorm",
-                  attn="attention", out_proj="attention.dense", resid_mid="post_attention_layernorm", mlp="mlp",
-                  norm="LayerNorm", w_o=_linear_w, w_v=_neox_w_v, qk=_neox_qk)
+GPT2 = Family(
+    "GPT-2",
+    ("gpt2",),
+    blocks="transformer.h",
+    resid_pre="ln_1",
+    attn="attn",
+    out_proj="attn.c_proj",
+    resid_mid="ln_2",
+    mlp="mlp",
+    norm="LayerNorm",
+    w_o=_conv1d_w,
+    w_v=_gpt2_w_v,
+    qk=_gpt2_qk,
+)
+GPT_NEOX = Family(
+    "GPT-NeoX/Pythia",
+    ("gpt_neox",),
+    blocks="gpt_neox.layers",
+    resid_pre="input_layernorm",
+    attn="attention",
+    out_proj="attention.dense",
+    resid_mid="post_attention_layernorm",
+    mlp="mlp",
+    norm="LayerNorm",
+    w_o=_linear_w,
+    w_v=_neox_w_v,
+    qk=_neox_qk,
+)
 # use_parallel_residual=True (Pythia): x_post = x_pre + attn(ln1(x_pre)) + mlp(ln2(x_pre)); there is no resid_mid
 # (TransformerLens' parallel_attn_mlp blocks have no hook_resid_mid either).
 GPT_NEOX_PARALLEL = replace(GPT_NEOX, name="GPT-NeoX/Pythia (parallel residual)", resid_mid=None)
-LLAMA = Family("Llama-style", ("llama", "mistral", "qwen2"), blocks="model.layers", resid_pre="input_layernorm",
-               attn="self_attn", out_proj="self_attn.o_proj", resid_mid="post_attention_layernorm", mlp="mlp",
-               norm="RMSNorm", w_o=_linear_w, w_v=_llama_w_v, qk=_llama_qk, window=_llama_window)
+LLAMA = Family(
+    "Llama-style",
+    ("llama", "mistral", "qwen2"),
+    blocks="model.layers",
+    resid_pre="input_layernorm",
+    attn="self_attn",
+    out_proj="self_attn.o_proj",
+    resid_mid="post_attention_layernorm",
+    mlp="mlp",
+    norm="RMSNorm",
+    w_o=_linear_w,
+    w_v=_llama_w_v,
+    qk=_llama_qk,
+    window=_llama_window,
+)
 FAMILIES = (GPT2, GPT_NEOX, LLAMA)
 SUPPORTED_FAMILIES = tuple(t for f in FAMILIES for t in f.model_types)  # config.model_type values with a table
 
@@ -246,8 +281,10 @@ class ProbedModel:
             self._blocks = self._resolve_table()
             self.n_layers = len(self._blocks)
         if tokenizer.vocab_size > cfg.vocab_size:
-            raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has only "
-                            f"{cfg.vocab_size}: the tokenizer does not belong to this model")
+            raise UserError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary has only "
+                f"{cfg.vocab_size}: the tokenizer does not belong to this model"
+            )
         self._fingerprint: str | None = None
         self._table_sites = frozenset(self.sites)
 
@@ -261,16 +298,24 @@ class ProbedModel:
                     if path is not None:
                         b.get_submodule(path)
         except AttributeError as e:
-            raise UserError(f"model_type {self.model_type!r} uses the {f.name} site table, but this model's modules "
-                            f"do not match it ({str(e).splitlines()[0]}); name sites by module path instead, "
-                            "e.g. 'module:<path>:output'") from None
+            raise UserError(
+                f"model_type {self.model_type!r} uses the {f.name} site table, but this model's modules "
+                f"do not match it ({str(e).splitlines()[0]}); name sites by module path instead, "
+                "e.g. 'module:<path>:output'"
+            ) from None
         return blocks
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | os.PathLike, vocab: dict | CharVocab | None = None, mode: str = "tl",
-             dtype: torch.dtype = torch.float32, tokenizer: str | None = None,
-             device: str | torch.device = "cpu") -> "ProbedModel":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        vocab: dict | CharVocab | None = None,
+        mode: str = "tl",
+        dtype: torch.dtype = torch.float32,
+        tokenizer: str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "ProbedModel":
         """Load from a local directory (``config.json`` + weights) or a hub id, in ``dtype`` on ``device``.
 
         The tokenizer is, in order: ``vocab`` if given, the built-in tokenizer named by ``tokenizer`` (``"gpt2"``:
@@ -345,10 +390,12 @@ class ProbedModel:
             return
         f = self._table(f"site {s}")
         if s.kind == "resid_mid" and f.resid_mid is None:
-            raise UserError(f"site {s} does not exist in this {f.name} model: attention and MLP both read resid_pre "
-                            "and add to resid_post (use_parallel_residual=True), so there is no resid_mid "
-                            "(TransformerLens has no hook_resid_mid for it either); "
-                            f"use x{s.layer}.pre or x{s.layer}.post")
+            raise UserError(
+                f"site {s} does not exist in this {f.name} model: attention and MLP both read resid_pre "
+                "and add to resid_post (use_parallel_residual=True), so there is no resid_mid "
+                "(TransformerLens has no hook_resid_mid for it either); "
+                f"use x{s.layer}.pre or x{s.layer}.post"
+            )
         if s not in self._table_sites:
             # not in this model: parse_site raises, with a suggestion
             parse_site(s.name, self.n_layers, self.n_heads, resid_mid=f.resid_mid is not None)
@@ -358,9 +405,11 @@ class ProbedModel:
         if self.family is not None:
             return self.family
         example = next((n for n, _ in self.model.named_modules() if n.endswith(".0")), None) or "<module.path>"
-        raise UserError(f"{what} needs a site table, but model_type {self.model_type!r} has none: supported families "
-                        f"are {_families_line()}; for this model name a site by module path plus input or output, "
-                        f"e.g. 'module:{example}:output' or 'module:{example}:input'")
+        raise UserError(
+            f"{what} needs a site table, but model_type {self.model_type!r} has none: supported families "
+            f"are {_families_line()}; for this model name a site by module path plus input or output, "
+            f"e.g. 'module:{example}:output' or 'module:{example}:input'"
+        )
 
     def _module(self, path: str):
         try:
@@ -402,8 +451,14 @@ class ProbedModel:
         """The hooked tensors a site is computed from: (layer, what) for table sites, (path, io) for module sites."""
         if s.kind == MODULE:
             return [(s.path, s.io)]
-        what = {"resid_pre": "pre", "resid_mid": "mid", "resid_post": "post", "attn_out": "attn", "mlp_out": "mlp",
-                "result": "z"}[s.kind]
+        what = {
+            "resid_pre": "pre",
+            "resid_mid": "mid",
+            "resid_post": "post",
+            "attn_out": "attn",
+            "mlp_out": "mlp",
+            "result": "z",
+        }[s.kind]
         return [(s.layer, what)]
 
     def _hook_point(self, key: tuple):
@@ -412,8 +467,14 @@ class ProbedModel:
         if isinstance(where, str):
             return self._module(where), what
         f, b = self._table("a table site"), self._blocks[where]
-        path, io = {"pre": (f.resid_pre, "input"), "z": (f.out_proj, "input"), "attn": (f.out_proj, "output"),
-                    "mid": (f.resid_mid, "input"), "mlp": (f.mlp, "output"), "post": ("", "output")}[what]
+        path, io = {
+            "pre": (f.resid_pre, "input"),
+            "z": (f.out_proj, "input"),
+            "attn": (f.out_proj, "output"),
+            "mid": (f.resid_mid, "input"),
+            "mlp": (f.mlp, "output"),
+            "post": ("", "output"),
+        }[what]
         return b.get_submodule(path), io
 
     @torch.no_grad()
@@ -459,8 +520,10 @@ class ProbedModel:
                 if k not in cap:
                     raise UserError(f"site {s}: its module never ran in the forward pass; pick one that does")
                 if cap[k] is None:
-                    raise UserError(f"site {s}: its module's {k[1] if s.kind == MODULE else 'value'} holds no tensor; "
-                                    "pick a module whose input or output is a tensor")
+                    raise UserError(
+                        f"site {s}: its module's {k[1] if s.kind == MODULE else 'value'} holds no tensor; "
+                        "pick a module whose input or output is a tensor"
+                    )
         return {s: self._site_value(s, cap) for s in sites}
 
     def _site_value(self, s: Site, cap) -> torch.Tensor:
@@ -547,8 +610,9 @@ class ProbedModel:
         return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
     def _forward(self, ids: torch.Tensor):
-        return self.model(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids, device=self.device),
-                          use_cache=False)
+        return self.model(
+            input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids, device=self.device), use_cache=False
+        )
 
     @property
     def device(self) -> torch.device:
@@ -580,8 +644,11 @@ def _load_config(path: str):
     except Exception as e:  # hub id not found, no network, malformed config.json ...
         raise UserError(f"could not load the probed model config from {path}: {str(e).splitlines()[0]}") from None
     if family_of(config) is None:
-        log.info("model_type %r of %s has no site table: only module sites (module:<path>:input|output) can be "
-                 "read from it", config.model_type, path)
+        log.info(
+            "model_type %r of %s has no site table: only module sites (module:<path>:input|output) can be read from it",
+            config.model_type,
+            path,
+        )
     return config
 
 
@@ -620,8 +687,9 @@ def _fuse_gelu(model: torch.nn.Module) -> None:
         log.debug("gelu_new: %d modules use the fused tanh GELU", swapped)
 
 
-def _load_tokenizer(path: str, config, vocab: dict | CharVocab | None,
-                    tokenizer: str | None) -> CharVocab | HFTokenizer:
+def _load_tokenizer(
+    path: str, config, vocab: dict | CharVocab | None, tokenizer: str | None
+) -> CharVocab | HFTokenizer:
     """``vocab`` if given, else the built-in tokenizer named ``tokenizer``, else the HF tokenizer files at ``path``."""
     from transformers import AutoTokenizer
 
@@ -641,10 +709,14 @@ def _load_tokenizer(path: str, config, vocab: dict | CharVocab | None,
     except Exception:
         hint = ""
         if getattr(config, "vocab_size", None) == GPT2_VOCAB_SIZE:
-            hint = (f'; its vocabulary has {GPT2_VOCAB_SIZE} tokens, as GPT-2\'s: for GPT-2\'s own tokenizer '
-                    'set tokenizer = "gpt2" in [probed] (built in, offline)')
-        raise UserError(f"no tokenizer for {path}: add HF tokenizer files to it, or describe a character "
-                        f"vocabulary (vocab = {{tokens = [...], bos = ..., eos = ..., pad = ...}}){hint}") from None
+            hint = (
+                f"; its vocabulary has {GPT2_VOCAB_SIZE} tokens, as GPT-2's: for GPT-2's own tokenizer "
+                'set tokenizer = "gpt2" in [probed] (built in, offline)'
+            )
+        raise UserError(
+            f"no tokenizer for {path}: add HF tokenizer files to it, or describe a character "
+            f"vocabulary (vocab = {{tokens = [...], bos = ..., eos = ..., pad = ...}}){hint}"
+        ) from None
 
 
 def _is_char_vocab(path: Path) -> bool:

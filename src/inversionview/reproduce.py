@@ -26,31 +26,46 @@ from .features import CARRIES, MARGIN, PARTLY, random_values, resolve_features
 
 log = logging.getLogger(__name__)
 
-RULES = (f"carries: FCR >= {CARRIES} and FCR - baseline >= {MARGIN}; approx.: FCR >= {PARTLY} and FCR - baseline "
-         f">= {MARGIN}; varies: neither rule holds; flips: mean LD > 0 before patching and < 0 after. A claim is "
-         "supported when all its checks hold, partly supported when some do, not supported when none do.")
+RULES = (
+    f"carries: FCR >= {CARRIES} and FCR - baseline >= {MARGIN}; approx.: FCR >= {PARTLY} and FCR - baseline "
+    f">= {MARGIN}; varies: neither rule holds; flips: mean LD > 0 before patching and < 0 after. A claim is "
+    "supported when all its checks hold, partly supported when some do, not supported when none do."
+)
 
 # claim -> (the paper's statement, [(site, index into the task's positions, feature, expectation)]); the index is
 # None for a patching check
 ClaimCheck = tuple[str, int | None, str, str]
 CLAIMS: dict[str, dict[str, tuple[str, list[ClaimCheck]]]] = {
     "counting": {
-        "C1": ("after the layer-0 MLP (x0.post), at the target character, in-preimage samples have the query's count",
-               [("x0.post", 0, "count", "carries")]),
-        "C2": ("at layer 1 on ':' (head 1.0), samples keep the count but the target letter varies",
-               [("a1.0", 1, "count", "carries"), ("a1.0", 1, "target", "varies")]),
-        "C3": ("the count travels one path, head 0.0 at the target character to head 1.0 at ':'; patching the path "
-               "flips the answer: LD about 18.2 -> about -17 (effect about 35.5)",
-               [("a0.0", 0, "count", "carries"), ("a1.0", 1, "count", "carries"),
-                ("a0.0@-3", None, "LD", "flips"), ("a0.0@-3 + a1.0@:", None, "LD", "flips")]),
+        "C1": (
+            "after the layer-0 MLP (x0.post), at the target character, in-preimage samples have the query's count",
+            [("x0.post", 0, "count", "carries")],
+        ),
+        "C2": (
+            "at layer 1 on ':' (head 1.0), samples keep the count but the target letter varies",
+            [("a1.0", 1, "count", "carries"), ("a1.0", 1, "target", "varies")],
+        ),
+        "C3": (
+            "the count travels one path, head 0.0 at the target character to head 1.0 at ':'; patching the path "
+            "flips the answer: LD about 18.2 -> about -17 (effect about 35.5)",
+            [
+                ("a0.0", 0, "count", "carries"),
+                ("a1.0", 1, "count", "carries"),
+                ("a0.0@-3", None, "LD", "flips"),
+                ("a0.0@-3 + a1.0@:", None, "LD", "flips"),
+            ],
+        ),
     },
     "addition": {
-        "A1": ("at '=', heads 0.0, 0.1 and 0.2 carry the hundreds digits as an unordered pair {F1,S1}",
-               [("a0.0", 0, "F1S1", "carries"), ("a0.1", 0, "F1S1", "carries"), ("a0.2", 0, "F1S1", "carries")]),
-        "A2": ("head 0.3 at '=' carries the tens digits {F2,S2}, approximately",
-               [("a0.3", 0, "F2S2", "approx.")]),
-        "A3": ("x0.mid at '=' carries the hundreds pair {F1,S1} plus the carry from the tens",
-               [("x0.mid", 0, "F1S1", "carries"), ("x0.mid", 0, "carry_tens", "carries")]),
+        "A1": (
+            "at '=', heads 0.0, 0.1 and 0.2 carry the hundreds digits as an unordered pair {F1,S1}",
+            [("a0.0", 0, "F1S1", "carries"), ("a0.1", 0, "F1S1", "carries"), ("a0.2", 0, "F1S1", "carries")],
+        ),
+        "A2": ("head 0.3 at '=' carries the tens digits {F2,S2}, approximately", [("a0.3", 0, "F2S2", "approx.")]),
+        "A3": (
+            "x0.mid at '=' carries the hundreds pair {F1,S1} plus the carry from the tens",
+            [("x0.mid", 0, "F1S1", "carries"), ("x0.mid", 0, "carry_tens", "carries")],
+        ),
     },
 }
 # Other models trained on the same task may give the heads other roles: for these features, every layer-0 head at
@@ -113,48 +128,88 @@ class Reproduction:
     rules: str = RULES
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "queries": self.queries, "samples": self.samples, "rules": self.rules,
-                "roles": self.roles,
-                "claims": [{"claim": c.name, "paper": c.paper, "verdict": c.verdict,
-                            "checks": [{**asdict(k), "holds": k.holds} for k in c.checks]} for c in self.claims]}
+        return {
+            "task": self.task,
+            "queries": self.queries,
+            "samples": self.samples,
+            "rules": self.rules,
+            "roles": self.roles,
+            "claims": [
+                {
+                    "claim": c.name,
+                    "paper": c.paper,
+                    "verdict": c.verdict,
+                    "checks": [{**asdict(k), "holds": k.holds} for k in c.checks],
+                }
+                for c in self.claims
+            ],
+        }
 
     def table(self) -> str:
-        head = ("claim", "the paper's statement", "site @ position", "feature", "expect", "measured", "n", "baseline",
-                "holds", "verdict")
+        head = (
+            "claim",
+            "the paper's statement",
+            "site @ position",
+            "feature",
+            "expect",
+            "measured",
+            "n",
+            "baseline",
+            "holds",
+            "verdict",
+        )
         rows = []
         for c in self.claims:
             paper = textwrap.wrap(c.paper, 46)
             for i, k in enumerate(c.checks):
                 if k.expect == "flips":
-                    measured, base = ("LD -" if k.value is None else f"LD {k.value:.1f}",
-                                      "-" if k.baseline is None else f"LD {k.baseline:.1f}")
+                    measured, base = (
+                        "LD -" if k.value is None else f"LD {k.value:.1f}",
+                        "-" if k.baseline is None else f"LD {k.baseline:.1f}",
+                    )
                     n = f"{k.samples} pairs"
                 else:
                     measured = "FCR -" if k.value is None else f"FCR {k.value:.2f} [{k.low:.2f}-{k.high:.2f}]"
                     base = "-" if k.baseline is None else f"{k.baseline:.2f}"
                     n = f"{k.samples}/{k.queries}q" + (f" ({k.empty} empty)" if k.empty else "")
                 where = f"{k.site} @ {k.position}" if k.position else k.site
-                rows.append([c.name if i == 0 else "", paper[i] if i < len(paper) else "", where,
-                             k.feature, k.expect, measured, n, base, "yes" if k.holds else "no",
-                             c.verdict if i == 0 else ""])
-            rows += [["", line] + [""] * 8 for line in paper[len(c.checks):]]
+                rows.append(
+                    [
+                        c.name if i == 0 else "",
+                        paper[i] if i < len(paper) else "",
+                        where,
+                        k.feature,
+                        k.expect,
+                        measured,
+                        n,
+                        base,
+                        "yes" if k.holds else "no",
+                        c.verdict if i == 0 else "",
+                    ]
+                )
+            rows += [["", line] + [""] * 8 for line in paper[len(c.checks) :]]
         w = [max(len(str(r[j])) for r in [head, *rows]) for j in range(len(head))]
 
         def fmt(r):
             return "  ".join(str(x).ljust(w[j]) for j, x in enumerate(r)).rstrip()
+
         out = [fmt(head), fmt(["-" * x for x in w])] + [fmt(r) for r in rows]
-        notes = [f"measured: FCR = mean over {self.queries} held-out queries of the share of the preimage's members "
-                 f"whose feature equals the query's, estimated under the task's input distribution by chains started "
-                 f"from the decoder's members ({self.samples} candidates per query, Auto mix, epsilon 0.1), with its "
-                 "95% interval; n: distinct members / queries measured (queries with no member are left out: "
-                 "'empty'); baseline: the same share among random inputs of the task. For patching, measured is the "
-                 "mean LD with the row's components patched, baseline the mean LD before, n the contrast pairs.",
-                 self.rules]
+        notes = [
+            f"measured: FCR = mean over {self.queries} held-out queries of the share of the preimage's members "
+            f"whose feature equals the query's, estimated under the task's input distribution by chains started "
+            f"from the decoder's members ({self.samples} candidates per query, Auto mix, epsilon 0.1), with its "
+            "95% interval; n: distinct members / queries measured (queries with no member are left out: "
+            "'empty'); baseline: the same share among random inputs of the task. For patching, measured is the "
+            "mean LD with the row's components patched, baseline the mean LD before, n the contrast pairs.",
+            self.rules,
+        ]
         for d in {k.detail for c in self.claims for k in c.checks if k.detail}:
             notes.append(d)
         if self.roles:
-            notes.append("layer-0 heads at '=' by FCR (another model may give its heads other roles): " + "; ".join(
-                f"{f}: " + ", ".join(f"{h} {v:.2f}" for h, v in hs) for f, hs in self.roles.items()))
+            notes.append(
+                "layer-0 heads at '=' by FCR (another model may give its heads other roles): "
+                + "; ".join(f"{f}: " + ", ".join(f"{h} {v:.2f}" for h, v in hs) for f, hs in self.roles.items())
+            )
         return "\n".join(out + [""] + [textwrap.fill(n, 118) for n in notes])
 
 
@@ -167,16 +222,19 @@ def _patching(iv, pairs: int, seed: int):
     res = cumulative(iv.probed, make_pairs(iv.task, pairs, seed), COUNTING_PATH)
     steps = {" + ".join(st.patched): st.mean for st in res.left_to_right}
     alone = {" + ".join(st.patched): st.mean for st in res.right_to_left}
-    detail = (f"C3 patching: head 0.0 at the target character (a0.0@-3) and head 1.0 at ':' patched from a contrast "
-              f"input whose count differs; mean LD {res.ld_before:.1f} before, {res.ld_after:.1f} after the whole "
-              f"path, effect {res.effect:.1f} over {res.pairs} pairs; a0.0@-3 alone {steps['a0.0@-3']:.1f}, a1.0@: "
-              f"alone {alone['a1.0@:']:.1f}; LD {res.contrast.mean:.1f} on the contrast inputs (paper: about 18.2, "
-              "about -17, 35.5).")
+    detail = (
+        f"C3 patching: head 0.0 at the target character (a0.0@-3) and head 1.0 at ':' patched from a contrast "
+        f"input whose count differs; mean LD {res.ld_before:.1f} before, {res.ld_after:.1f} after the whole "
+        f"path, effect {res.effect:.1f} over {res.pairs} pairs; a0.0@-3 alone {steps['a0.0@-3']:.1f}, a1.0@: "
+        f"alone {alone['a1.0@:']:.1f}; LD {res.contrast.mean:.1f} on the contrast inputs (paper: about 18.2, "
+        "about -17, 35.5)."
+    )
     return steps, res.ld_before, res.pairs, detail
 
 
-def reproduce(task: str, queries: int = 64, samples: int = 256, pairs: int = 200, seed: int = 0,
-              progress: bool = True) -> Reproduction:
+def reproduce(
+    task: str, queries: int = 64, samples: int = 256, pairs: int = 200, seed: int = 0, progress: bool = True
+) -> Reproduction:
     """Check the paper's claims for ``task`` ("counting" or "addition") on the shipped model and decoder."""
     from tqdm import tqdm
 
@@ -213,8 +271,22 @@ def reproduce(task: str, queries: int = 64, samples: int = 256, pairs: int = 200
                 rows.append(Check(name, f"patch {site}", "", "LD", expect, steps[site], before, n, 0, 0, detail))
                 continue
             r = measured[(site, k, feat)]
-            rows.append(Check(name, site, r.position, feat, expect, r.fcr, r.baseline, r.samples, r.queries, r.empty,
-                              low=r.low, high=r.high))
+            rows.append(
+                Check(
+                    name,
+                    site,
+                    r.position,
+                    feat,
+                    expect,
+                    r.fcr,
+                    r.baseline,
+                    r.samples,
+                    r.queries,
+                    r.empty,
+                    low=r.low,
+                    high=r.high,
+                )
+            )
         out.append(Claim(name, paper, tuple(rows)))
     roles = {}
     for f in ROLES.get(task, ()):

@@ -24,7 +24,14 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .artifacts import RUN_FORMAT, atomic_write_text, check_fields, check_version, probed_fingerprint, weights_fingerprint
+from .artifacts import (
+    RUN_FORMAT,
+    atomic_write_text,
+    check_fields,
+    check_version,
+    probed_fingerprint,
+    weights_fingerprint,
+)
 from .decoder import Decoder
 from .errors import UserError
 from .probed import ProbedModel
@@ -41,8 +48,10 @@ def resolve_model(ref: str) -> str:
     if ref.startswith("shipped:"):
         path = SHIPPED / ref.split(":", 1)[1] / "probed"
         if not path.is_dir():
-            raise UserError(f"there is no shipped model {ref!r}: expected one of "
-                            f"{', '.join('shipped:' + p.name for p in SHIPPED.iterdir() if (p / 'probed').is_dir())}")
+            raise UserError(
+                f"there is no shipped model {ref!r}: expected one of "
+                f"{', '.join('shipped:' + p.name for p in SHIPPED.iterdir() if (p / 'probed').is_dir())}"
+            )
         return str(path)
     return ref
 
@@ -75,11 +84,20 @@ class RunSpec:
 
     @classmethod
     def for_training(cls, cfg, probed: ProbedModel, sites: list[Site], provenance: dict | None = None) -> "RunSpec":
-        return cls(model=cfg.probed.model, mode=cfg.probed.mode,
-                   fingerprint=probed_fingerprint(probed.fingerprint, cfg.probed.mode, cfg.probed.dtype),
-                   sites=tuple(s.name for s in sites), task=cfg.data.task or None, vocab=cfg.probed.vocab,
-                   epsilon=cfg.eval.epsilon, metric=cfg.eval.metric, data=cfg.data.record(),
-                   tokenizer=cfg.probed.tokenizer or None, dtype=cfg.probed.dtype, provenance=provenance or {})
+        return cls(
+            model=cfg.probed.model,
+            mode=cfg.probed.mode,
+            fingerprint=probed_fingerprint(probed.fingerprint, cfg.probed.mode, cfg.probed.dtype),
+            sites=tuple(s.name for s in sites),
+            task=cfg.data.task or None,
+            vocab=cfg.probed.vocab,
+            epsilon=cfg.eval.epsilon,
+            metric=cfg.eval.metric,
+            data=cfg.data.record(),
+            tokenizer=cfg.probed.tokenizer or None,
+            dtype=cfg.probed.dtype,
+            provenance=provenance or {},
+        )
 
     def save(self, run_dir: Path) -> None:
         d = {"format_version": RUN_FORMAT, **asdict(self)}
@@ -87,7 +105,10 @@ class RunSpec:
         if not m.startswith("shipped:") and Path(m).exists():  # keep the run movable with its model
             d["model"] = os.path.relpath(Path(m).resolve(), Path(run_dir).resolve())
         if self.data and self.data.get("path") and Path(self.data["path"]).exists():  # and with its data
-            d["data"] = {**self.data, "path": os.path.relpath(Path(self.data["path"]).resolve(), Path(run_dir).resolve())}
+            d["data"] = {
+                **self.data,
+                "path": os.path.relpath(Path(self.data["path"]).resolve(), Path(run_dir).resolve()),
+            }
         atomic_write_text(Path(run_dir) / "run.json", json.dumps(d, indent=1))
 
     @classmethod
@@ -102,12 +123,15 @@ class RunSpec:
             check_fields(d, [f.name for f in fields(cls)], path)
             d["sites"] = tuple(d["sites"])
             if version == 0:  # before format 1 the fingerprint was the weights' alone: mode and dtype are trusted
-                log.warning("%s predates format_version 1: its mode and dtype are not checked against its fingerprint",
-                            path)
+                log.warning(
+                    "%s predates format_version 1: its mode and dtype are not checked against its fingerprint", path
+                )
                 d["fingerprint"] = probed_fingerprint(d["fingerprint"], d["mode"], d.get("dtype", "float32"))
             spec = cls(**d)
         except FileNotFoundError:
-            raise UserError(f"{run_dir} is not a decoder run: it has no run.json (train one with `inversionview train`)") from None
+            raise UserError(
+                f"{run_dir} is not a decoder run: it has no run.json (train one with `inversionview train`)"
+            ) from None
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise UserError(f"{path} is corrupt ({e}): expected the JSON written by `inversionview train`") from None
         m = spec.model
@@ -121,8 +145,14 @@ class RunSpec:
     def load_probed(self, device="cpu") -> ProbedModel:
         import torch
 
-        return ProbedModel.load(resolve_model(self.model), vocab=self.vocab, mode=self.mode, tokenizer=self.tokenizer,
-                                dtype=getattr(torch, self.dtype), device=device)
+        return ProbedModel.load(
+            resolve_model(self.model),
+            vocab=self.vocab,
+            mode=self.mode,
+            tokenizer=self.tokenizer,
+            dtype=getattr(torch, self.dtype),
+            device=device,
+        )
 
     def check(self, probed: ProbedModel) -> None:
         """Refuse a probed model other than the decoder's, or its own read in another mode or dtype."""
@@ -135,22 +165,33 @@ class RunSpec:
             for dt in {self.dtype, dtype, "float32", "bfloat16", "float16"}:
                 if probed_fingerprint(probed.fingerprint, mode, dt) != self.fingerprint:
                     continue
-                edited = " (run.json's mode or dtype was changed after training)" if (mode, dt) != (
-                    self.mode, self.dtype) else ""
+                edited = (
+                    " (run.json's mode or dtype was changed after training)"
+                    if (mode, dt) != (self.mode, self.dtype)
+                    else ""
+                )
                 if mode != probed.mode:
-                    raise UserError(f"this decoder was trained on {mode!r} activations, not {probed.mode!r}{edited}: "
-                                    f"load the probed model with mode={mode!r}")
-                raise UserError(f"this decoder was trained on the probed model in {dt}, not {dtype}{edited}: "
-                                f"load it with dtype={dt}")
-        raise UserError(f"this decoder belongs to another probed model (fingerprint {self.fingerprint}, got "
-                        f"{probed_fingerprint(probed.fingerprint, probed.mode, dtype)} from {probed.source} read as "
-                        f"{probed.mode!r} in {dtype})")
+                    raise UserError(
+                        f"this decoder was trained on {mode!r} activations, not {probed.mode!r}{edited}: "
+                        f"load the probed model with mode={mode!r}"
+                    )
+                raise UserError(
+                    f"this decoder was trained on the probed model in {dt}, not {dtype}{edited}: "
+                    f"load it with dtype={dt}"
+                )
+        raise UserError(
+            f"this decoder belongs to another probed model (fingerprint {self.fingerprint}, got "
+            f"{probed_fingerprint(probed.fingerprint, probed.mode, dtype)} from {probed.source} read as "
+            f"{probed.mode!r} in {dtype})"
+        )
 
     def check_same(self, other: "RunSpec") -> None:
         for k in ("dtype", "mode", "fingerprint", "sites", "task", "data", "tokenizer"):
             if getattr(self, k) != getattr(other, k):
-                raise UserError(f"the run directory was trained with another {k} ({getattr(self, k)!r}, config gives "
-                                f"{getattr(other, k)!r}): use a new 'out' directory")
+                raise UserError(
+                    f"the run directory was trained with another {k} ({getattr(self, k)!r}, config gives "
+                    f"{getattr(other, k)!r}): use a new 'out' directory"
+                )
 
 
 def dtype_name(probed: ProbedModel) -> str:
@@ -174,8 +215,9 @@ class InversionView:
             self.task = get_task(spec.task)
 
     @classmethod
-    def load(cls, run_dir: str | os.PathLike = "shipped:counting", probed: ProbedModel | None = None,
-             device: str = "cpu") -> "InversionView":
+    def load(
+        cls, run_dir: str | os.PathLike = "shipped:counting", probed: ProbedModel | None = None, device: str = "cpu"
+    ) -> "InversionView":
         """Load a run directory (or ``shipped:TASK``) on ``device`` ("cpu", "cuda", "cuda:N" or "auto");
         ``probed`` overrides the probed model it names."""
         from .distributed import resolve_device
@@ -200,8 +242,10 @@ class InversionView:
     def site_index(self, site: str | Site) -> tuple[Site, int]:
         s = self.probed.site(site)
         if s not in self.sites:
-            raise UserError(f"site {s.short} ({s.name}) is not one this decoder was trained on: "
-                            f"expected one of {', '.join(x.short for x in self.sites)}")
+            raise UserError(
+                f"site {s.short} ({s.name}) is not one this decoder was trained on: "
+                f"expected one of {', '.join(x.short for x in self.sites)}"
+            )
         return s, self.sites.index(s)
 
     def query(self, text: str, site: str | Site, position: int | str, **kw):
@@ -218,8 +262,9 @@ class InversionView:
             return self.task
         return open_source(self.spec.task, self.spec.data, self.probed)
 
-    def evaluate(self, queries_per_site: int = 256, epsilon: float | None = None, metric: str | None = None,
-                 seed: int = 0) -> dict:
+    def evaluate(
+        self, queries_per_site: int = 256, epsilon: float | None = None, metric: str | None = None, seed: int = 0
+    ) -> dict:
         """Hit rate per site (one sample at temperature 1 per held-out query) and the mean."""
         from .preimage import hit_rates, make_queries
 
@@ -230,5 +275,10 @@ class InversionView:
         queries = make_queries(self.probed, self.data_source(), self.sites, queries_per_site, seed=seed + 20_000)
         hits = hit_rates(self.decoder, self.probed, queries, eps, met, seed=seed)
         per = {s.short: h for s, h in zip(self.sites, hits)}
-        return {"hit": per, "mean_hit": sum(hits) / len(hits), "epsilon": eps, "metric": met,
-                "queries_per_site": queries_per_site}
+        return {
+            "hit": per,
+            "mean_hit": sum(hits) / len(hits),
+            "epsilon": eps,
+            "metric": met,
+            "queries_per_site": queries_per_site,
+        }

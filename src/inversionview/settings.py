@@ -86,8 +86,15 @@ class Rule:
         return f"between {_num(self.lo)} and {_num(self.hi)}"
 
 
-def setting(default=dataclasses.MISSING, *, lo: float = -math.inf, hi: float = math.inf, above: float | None = None,
-            choices: tuple = (), what: str = ""):
+def setting(
+    default=dataclasses.MISSING,
+    *,
+    lo: float = -math.inf,
+    hi: float = math.inf,
+    above: float | None = None,
+    choices: tuple = (),
+    what: str = "",
+):
     """A dataclass field with a :class:`Rule`: ``lo <= v <= hi``, ``v > above``, or ``v in choices``."""
     rule = Rule(lo=above, hi=hi, lo_open=True) if above is not None else Rule(lo=lo, hi=hi, choices=choices, what=what)
     return field(default=default, metadata={"rule": rule})
@@ -202,7 +209,10 @@ def build(schema, raw, where: str = "", noun: str = "config key", other: tuple =
     for k, f in fields.items():
         if k not in kw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             doc = field_docs(cls).get(k, "")
-            raise UserError(f"config is missing the key {k!r}{_in(where)}" + (f": {doc[:1].lower()}{doc[1:].rstrip('.')}" if doc else ""))
+            raise UserError(
+                f"config is missing the key {k!r}{_in(where)}"
+                + (f": {doc[:1].lower()}{doc[1:].rstrip('.')}" if doc else "")
+            )
     return cls(**kw) if isinstance(schema, type) else dataclasses.replace(schema, **kw)
 
 
@@ -241,8 +251,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = stmt.body
         for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr) \
-                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[node.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
 
@@ -284,8 +299,9 @@ class SamplingSettings:
         """These settings, each value checked (:func:`check`); a bad one is a one-line :class:`UserError`."""
         check(self, noun=noun)
         if self.temperature is None and self.noise:
-            raise UserError("noise applies to one sampling temperature: give a temperature too (the Auto mix sets "
-                            "its own noise)")
+            raise UserError(
+                "noise applies to one sampling temperature: give a temperature too (the Auto mix sets its own noise)"
+            )
         return self
 
 

@@ -31,7 +31,9 @@ KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "result"
 MODULE = "module"  # the kind of an escape-hatch site named by module path
 MODULE_IO = ("input", "output")
 
-_TL = re.compile(r"^blocks\.(\d+)\.(?:hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)|attn\.hook_(result)\.(\d+))$")
+_TL = re.compile(
+    r"^blocks\.(\d+)\.(?:hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)|attn\.hook_(result)\.(\d+))$"
+)
 _SHORT = re.compile(r"^(?:x(\d+)\.(pre|mid|post)|a(\d+)(?:\.(\d+))?|m(\d+))$")
 _MODULE = re.compile(r"^module:([A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*):(input|output)$")
 
@@ -98,8 +100,10 @@ def parse_site(name: str, n_layers: int | None = None, n_heads: int | None = Non
     if name.startswith(MODULE + ":"):
         m = _MODULE.match(name)
         if not m:
-            raise UserError(f"malformed module site {name!r}: expected 'module:<dotted.module.path>:input' or "
-                            "'module:<dotted.module.path>:output', e.g. 'module:transformer.h.0.mlp:output'")
+            raise UserError(
+                f"malformed module site {name!r}: expected 'module:<dotted.module.path>:input' or "
+                "'module:<dotted.module.path>:output', e.g. 'module:transformer.h.0.mlp:output'"
+            )
         return Site.module(m.group(1), m.group(2))
     site = None
     m = _TL.match(name)
@@ -123,8 +127,10 @@ def parse_site(name: str, n_layers: int | None = None, n_heads: int | None = Non
 
 def _unknown(name: str, known: list[Site] | None) -> str:
     if not known:
-        return (f"unknown site {name!r}: expected a TransformerLens name like 'blocks.1.attn.hook_result.0', "
-                "a short name like 'a1.0', 'x0.mid', 'm1', or a module site like 'module:transformer.h.0.mlp:output'")
+        return (
+            f"unknown site {name!r}: expected a TransformerLens name like 'blocks.1.attn.hook_result.0', "
+            "a short name like 'a1.0', 'x0.mid', 'm1', or a module site like 'module:transformer.h.0.mlp:output'"
+        )
     names = [s.short for s in known] + [s.name for s in known]
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.0)
     hint = f"; did you mean {close[0]!r}?" if close else ""

@@ -89,7 +89,7 @@ CREATE TABLE sample_data (reading_id INTEGER PRIMARY KEY REFERENCES readings(id)
 
 _SAMPLE_COLUMNS = ("text", "distance", "position", "count", "annotation")
 _FLOAT_SETTINGS = ("epsilon",)
-_INT64 = (-2**63, 2**63 - 1)  # SQLite's integer range: a larger id or position would overflow, not just miss
+_INT64 = (-(2**63), 2**63 - 1)  # SQLite's integer range: a larger id or position would overflow, not just miss
 # forward order of a layer's sites (as in inversionview.sites.all_sites), to list stored sites in model order
 _KIND_ORDER = {"resid_pre": 0, "result": 1, "attn_out": 2, "resid_mid": 3, "mlp_out": 4, "resid_post": 5}
 
@@ -101,8 +101,15 @@ def _json(x) -> str:
 def settings_of(pre: Preimage) -> dict:
     """The settings that, with the decoder, text, site and position, determine a reading: samples, the
     (temperature, noise) mix, epsilon, metric and seed."""
-    return canonical_settings({"samples": pre.settings.get("samples", pre.n_candidates), "mix": pre.settings["mix"],
-                               "epsilon": pre.epsilon, "metric": pre.metric, "seed": pre.settings.get("seed", 0)})
+    return canonical_settings(
+        {
+            "samples": pre.settings.get("samples", pre.n_candidates),
+            "mix": pre.settings["mix"],
+            "epsilon": pre.epsilon,
+            "metric": pre.metric,
+            "seed": pre.settings.get("seed", 0),
+        }
+    )
 
 
 def canonical_settings(settings: dict) -> dict:
@@ -120,9 +127,18 @@ def canonical_settings(settings: dict) -> dict:
     return s
 
 
-def reading_key(iv, text: str, site, position, samples: int = 1024, temperature: float | None = None,
-                noise: float = 0.0, epsilon: float | None = None, metric: str | None = None,
-                seed: int = 0) -> tuple[str, str, str, int, dict]:
+def reading_key(
+    iv,
+    text: str,
+    site,
+    position,
+    samples: int = 1024,
+    temperature: float | None = None,
+    noise: float = 0.0,
+    epsilon: float | None = None,
+    metric: str | None = None,
+    seed: int = 0,
+) -> tuple[str, str, str, int, dict]:
     """The key ``(fingerprint, text, site, position, settings)`` that ``iv.query(text, site, position, ...)``
     would be stored under, without reading: the site as its TransformerLens name, the position resolved to
     an index, epsilon and metric resolved to the run's defaults. Raises :class:`UserError` for an unknown
@@ -135,9 +151,15 @@ def reading_key(iv, text: str, site, position, samples: int = 1024, temperature:
     n_text = len(ids) - (1 if tok.eos_id is not None and ids[-1] == tok.eos_id and tok.eos_id != tok.bos_id else 0)
     pos = resolve_position(tok.tokens_of(ids), n_text, position)
     mix = AUTO_MIX if temperature is None else ((temperature, noise),)
-    settings = canonical_settings({"samples": samples, "mix": mix,
-                                   "epsilon": iv.spec.epsilon if epsilon is None else epsilon,
-                                   "metric": metric or iv.spec.metric, "seed": seed})
+    settings = canonical_settings(
+        {
+            "samples": samples,
+            "mix": mix,
+            "epsilon": iv.spec.epsilon if epsilon is None else epsilon,
+            "metric": metric or iv.spec.metric,
+            "seed": seed,
+        }
+    )
     return iv.fingerprint, text, s.name, pos, settings
 
 
@@ -161,8 +183,10 @@ class ReadingStore:
         if self.path.is_dir():
             raise UserError(f"readings DB {self.path} is a directory: expected a SQLite file such as readings.sqlite")
         if not self.path.exists() and not create:
-            raise UserError(f"no readings DB at {self.path}: write one with `inversionview query-batch RUN "
-                            f"QUERIES.jsonl --db {self.path}`")
+            raise UserError(
+                f"no readings DB at {self.path}: write one with `inversionview query-batch RUN "
+                f"QUERIES.jsonl --db {self.path}`"
+            )
         if create and not self.path.parent.is_dir():
             raise UserError(f"cannot create the readings DB {self.path}: directory {self.path.parent} does not exist")
         self._lock = threading.RLock()
@@ -181,8 +205,10 @@ class ReadingStore:
         try:
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError:
-            raise UserError(f"{self.path} is not a readings DB (not an SQLite file): expected a file written by "
-                            "`inversionview query-batch`") from None
+            raise UserError(
+                f"{self.path} is not a readings DB (not an SQLite file): expected a file written by "
+                "`inversionview query-batch`"
+            ) from None
         if not tables:
             try:
                 db.execute("PRAGMA journal_mode = WAL")
@@ -191,8 +217,9 @@ class ReadingStore:
                     for stmt in _SCHEMA.split(";"):
                         if stmt.strip():
                             db.execute(stmt)
-                    db.executemany("INSERT INTO meta VALUES (?, ?)",
-                                   [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION))])
+                    db.executemany(
+                        "INSERT INTO meta VALUES (?, ?)", [("format", FORMAT), ("schema_version", str(SCHEMA_VERSION))]
+                    )
                 db.execute("COMMIT")
             except sqlite3.Error as e:
                 if db.in_transaction:
@@ -202,8 +229,10 @@ class ReadingStore:
         else:
             meta = dict(db.execute("SELECT key, value FROM meta")) if "meta" in tables else {}
             if meta.get("format") != FORMAT:
-                raise UserError(f"{self.path} is an SQLite file but not a readings DB (it has tables "
-                                f"{', '.join(sorted(tables))}): expected a file written by `inversionview query-batch`")
+                raise UserError(
+                    f"{self.path} is an SQLite file but not a readings DB (it has tables "
+                    f"{', '.join(sorted(tables))}): expected a file written by `inversionview query-batch`"
+                )
             self._check_version(meta)
             try:
                 db.execute("PRAGMA journal_mode = WAL")
@@ -219,9 +248,12 @@ class ReadingStore:
         if found != str(SCHEMA_VERSION):
             shown = str(found)
             newer = shown.isdigit() and int(shown) > SCHEMA_VERSION
-            hint = (f"newer than this inversionview ({__version__}) reads ({SCHEMA_VERSION}): upgrade inversionview to "
-                    "read it, or use" if newer else f"but this inversionview reads version {SCHEMA_VERSION}: use the "
-                    "version that wrote it, or")
+            hint = (
+                f"newer than this inversionview ({__version__}) reads ({SCHEMA_VERSION}): upgrade inversionview to "
+                "read it, or use"
+                if newer
+                else f"but this inversionview reads version {SCHEMA_VERSION}: use the version that wrote it, or"
+            )
             raise UserError(f"{self.path} is a readings DB of schema version {found}, {hint} a new --db")
         check_fields(meta, ("format", "schema_version"), f"{self.path} (meta table)")
 
@@ -240,18 +272,40 @@ class ReadingStore:
         rows = []
         for rank, s in enumerate(samples):
             rows.append((rank, s["text"], s["distance"], s["position"], s["count"], s["annotation"]))
-        data = zlib.compress(_json([{k: v for k, v in s.items() if k not in _SAMPLE_COLUMNS} for s in samples]).encode())
+        data = zlib.compress(
+            _json([{k: v for k, v in s.items() if k not in _SAMPLE_COLUMNS} for s in samples]).encode()
+        )
         with self._lock:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
-                db.execute("INSERT INTO decoders VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (fingerprint, pre.decoder, time.time()))
+                db.execute(
+                    "INSERT INTO decoders VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                    (fingerprint, pre.decoder, time.time()),
+                )
                 cur = db.execute(
                     "INSERT INTO readings (fingerprint, text, site, site_short, position, settings, token, epsilon, metric,"
                     " mode, n_candidates, n_samples, n_inside, fraction_inside, created, body)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (fingerprint, pre.text, pre.site, pre.site_short, pre.position, skey, token, pre.epsilon, pre.metric,
-                     pre.mode, pre.n_candidates, len(samples), n_inside, pre.fraction_inside, time.time(), _json(d)))
+                    (
+                        fingerprint,
+                        pre.text,
+                        pre.site,
+                        pre.site_short,
+                        pre.position,
+                        skey,
+                        token,
+                        pre.epsilon,
+                        pre.metric,
+                        pre.mode,
+                        pre.n_candidates,
+                        len(samples),
+                        n_inside,
+                        pre.fraction_inside,
+                        time.time(),
+                        _json(d),
+                    ),
+                )
                 if cur.rowcount == 0:
                     db.execute("ROLLBACK")
                     rid = self._id(fingerprint, pre.text, pre.site, pre.position, skey)
@@ -271,14 +325,19 @@ class ReadingStore:
 
     # ------------------------------------------------------------------ reading
     def _id(self, fingerprint: str, text: str, site: str, position: int, skey: str) -> int | None:
-        row = self._db.execute("SELECT id FROM readings WHERE fingerprint = ? AND text = ? AND (site = ? OR site_short = ?)"
-                               " AND position = ? AND settings = ?", (fingerprint, text, site, site, position, skey)).fetchone()
+        row = self._db.execute(
+            "SELECT id FROM readings WHERE fingerprint = ? AND text = ? AND (site = ? OR site_short = ?)"
+            " AND position = ? AND settings = ?",
+            (fingerprint, text, site, site, position, skey),
+        ).fetchone()
         return row[0] if row else None
 
     def id_of(self, fingerprint: str, text: str, site: str, position: int, settings: dict) -> int | None:
         """The id of the reading stored under this key (site: TransformerLens or short name), or None."""
         with self._lock:
-            return self._id(fingerprint, text, site, int(position), _json(dict(sorted(canonical_settings(settings).items()))))
+            return self._id(
+                fingerprint, text, site, int(position), _json(dict(sorted(canonical_settings(settings).items())))
+            )
 
     def has(self, fingerprint: str, text: str, site: str, position: int, settings: dict) -> bool:
         """Whether a reading with this key is stored (``reading_key`` gives the key of a query)."""
@@ -287,20 +346,41 @@ class ReadingStore:
     def get(self, reading_id: int) -> Preimage:
         """The stored reading, equal to the Preimage that was put."""
         with self._lock:
-            row = (self._db.execute("SELECT body FROM readings WHERE id = ?", (int(reading_id),)).fetchone()
-                   if _INT64[0] <= int(reading_id) <= _INT64[1] else None)
+            row = (
+                self._db.execute("SELECT body FROM readings WHERE id = ?", (int(reading_id),)).fetchone()
+                if _INT64[0] <= int(reading_id) <= _INT64[1]
+                else None
+            )
             if row is None:
                 raise UserError(f"no reading with id {reading_id} in {self.path} ({len(self)} readings stored)")
-            rows = self._db.execute("SELECT text, distance, position, count, annotation FROM samples"
-                                    " WHERE reading_id = ? ORDER BY rank", (int(reading_id),)).fetchall()
-            data = self._db.execute("SELECT data FROM sample_data WHERE reading_id = ?", (int(reading_id),)).fetchone()[0]
-        samples = [Sample(text=text, distance=float("nan") if dist is None else dist, position=pos, count=count,
-                          annotation=ann, **rest)
-                   for (text, dist, pos, count, ann), rest in zip(rows, json.loads(zlib.decompress(data)), strict=True)]
+            rows = self._db.execute(
+                "SELECT text, distance, position, count, annotation FROM samples WHERE reading_id = ? ORDER BY rank",
+                (int(reading_id),),
+            ).fetchall()
+            data = self._db.execute("SELECT data FROM sample_data WHERE reading_id = ?", (int(reading_id),)).fetchone()[
+                0
+            ]
+        samples = [
+            Sample(
+                text=text,
+                distance=float("nan") if dist is None else dist,
+                position=pos,
+                count=count,
+                annotation=ann,
+                **rest,
+            )
+            for (text, dist, pos, count, ann), rest in zip(rows, json.loads(zlib.decompress(data)), strict=True)
+        ]
         return Preimage(**{**json.loads(row[0]), "samples": samples})
 
-    def find(self, site: str | None = None, position: int | None = None, text: str | None = None, limit: int = 200,
-             fingerprint: str | None = None) -> list[dict]:
+    def find(
+        self,
+        site: str | None = None,
+        position: int | None = None,
+        text: str | None = None,
+        limit: int = 200,
+        fingerprint: str | None = None,
+    ) -> list[dict]:
         """Stored readings, oldest first, as rows: id, text, site, site_short, position, token, epsilon, metric,
         n_candidates, n_samples (distinct samples), n_inside (distinct samples inside epsilon), fraction_inside
         (of all candidates), settings, fingerprint, created. ``site``: TransformerLens or short name; ``text``:
@@ -321,9 +401,12 @@ class ReadingStore:
         if fingerprint is not None:
             where.append("fingerprint = ?")
             args.append(fingerprint)
-        sql = ("SELECT id, text, site, site_short, position, token, epsilon, metric, n_candidates, n_samples, n_inside,"
-               " fraction_inside, settings, fingerprint, created FROM readings"
-               + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id")
+        sql = (
+            "SELECT id, text, site, site_short, position, token, epsilon, metric, n_candidates, n_samples, n_inside,"
+            " fraction_inside, settings, fingerprint, created FROM readings"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY id"
+        )
         if limit is not None:
             sql += " LIMIT ?"
             args.append(int(limit))
@@ -352,8 +435,10 @@ class ReadingStore:
         other = {f: r for f, r in self.decoders().items() if f != fingerprint}
         if other:
             f, r = next(iter(other.items()))
-            raise UserError(f"{self.path} holds readings of another decoder (fingerprint {f}, run {r}), not of this one "
-                            f"({fingerprint}): use another --db for this decoder")
+            raise UserError(
+                f"{self.path} holds readings of another decoder (fingerprint {f}, run {r}), not of this one "
+                f"({fingerprint}): use another --db for this decoder"
+            )
 
     def __len__(self) -> int:
         with self._lock:
@@ -395,8 +480,16 @@ class BatchSummary:
     seconds: float
 
 
-def read_queries(path: str | os.PathLike, iv, samples: int = 1024, temperature: float | None = None, noise: float = 0.0,
-                 epsilon: float | None = None, metric: str | None = None, seed: int = 0) -> list[Query]:
+def read_queries(
+    path: str | os.PathLike,
+    iv,
+    samples: int = 1024,
+    temperature: float | None = None,
+    noise: float = 0.0,
+    epsilon: float | None = None,
+    metric: str | None = None,
+    seed: int = 0,
+) -> list[Query]:
     """Parse and check every line of a JSONL queries file before anything is read: one JSON object per line,
     ``{"text": ..., "site": ..., "position": ...}``, optionally overriding the settings given here (``samples``,
     ``temperature``, ``noise``, ``epsilon``, ``metric``, ``seed``). Blank lines are skipped. The first bad line
@@ -409,8 +502,9 @@ def read_queries(path: str | os.PathLike, iv, samples: int = 1024, temperature: 
         raise UserError(f"queries file {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read the queries file {path}: {e}") from None
-    defaults = SamplingSettings(samples=samples, temperature=temperature, noise=noise, epsilon=epsilon, metric=metric,
-                                seed=seed)
+    defaults = SamplingSettings(
+        samples=samples, temperature=temperature, noise=noise, epsilon=epsilon, metric=metric, seed=seed
+    )
     out = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -419,8 +513,10 @@ def read_queries(path: str | os.PathLike, iv, samples: int = 1024, temperature: 
         try:
             d = json.loads(line)
         except ValueError as e:
-            raise UserError(f"{where} is not valid JSON ({e}): expected an object such as "
-                            '{"text": "vvzccvczvvvzvcvc|v:8", "site": "a1.0", "position": ":"}') from None
+            raise UserError(
+                f"{where} is not valid JSON ({e}): expected an object such as "
+                '{"text": "vvzccvczvvvzvcvc|v:8", "site": "a1.0", "position": ":"}'
+            ) from None
         if not isinstance(d, dict):
             raise UserError(f"{where} is a JSON {type(d).__name__}, not an object with text, site and position")
         missing = [k for k in QUERY_FIELDS if k not in d]
@@ -458,8 +554,13 @@ def query_batch(iv, store: ReadingStore, queries: list[Query], progress: bool = 
             todo.append(q)
         seen.add(k)
     skipped = len(queries) - len(todo)
-    log.info("%d queries: %d already stored, %d repeat an earlier line, %d to read", len(queries), skipped - repeats,
-             repeats, len(todo))
+    log.info(
+        "%d queries: %d already stored, %d repeat an earlier line, %d to read",
+        len(queries),
+        skipped - repeats,
+        repeats,
+        len(todo),
+    )
     done = 0
     stopped: str | None = "stopped"  # why the batch ended early; None once every query is read
     try:
@@ -477,9 +578,16 @@ def query_batch(iv, store: ReadingStore, queries: list[Query], progress: bool = 
         raise
     finally:
         s = BatchSummary(len(queries), done, skipped, len(store), time.time() - t0)
-        log.info("%sread %d, skipped %d already stored; %s holds %d readings (%.1f s%s)",
-                 f"{stopped}: " if stopped else "", s.read, s.skipped, store.path, s.stored, s.seconds,
-                 f", {s.read / s.seconds:.2f} readings/s" if s.read and s.seconds else "")
+        log.info(
+            "%sread %d, skipped %d already stored; %s holds %d readings (%.1f s%s)",
+            f"{stopped}: " if stopped else "",
+            s.read,
+            s.skipped,
+            store.path,
+            s.stored,
+            s.seconds,
+            f", {s.read / s.seconds:.2f} readings/s" if s.read and s.seconds else "",
+        )
         if stopped:
             log.info("run the same command again to read the %d queries left", len(todo) - done)
     return s

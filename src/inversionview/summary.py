@@ -53,7 +53,7 @@ def _fmt(v) -> str:
 
 def _short(v, width: int = 48) -> str:
     s = _fmt(v)
-    return s if len(s) <= width else s[:width - 3] + "..."
+    return s if len(s) <= width else s[: width - 3] + "..."
 
 
 def _multiset(tokens: list[str]) -> str:
@@ -81,8 +81,15 @@ def population(pre) -> Population:
 
         chains = [[m for m in map(member, states) if m is not None] for states in ch["states"]]
         return Population(chains, len({x for x, m in memo.items() if m is not None}), True)
-    inside = [Member(s.text, [t for i, t in enumerate(s.tokens) if i > 0 and i < len(s.distances)
-                              and s.distances[i] is not None], s.position, s.tokens) for s in pre.inside]
+    inside = [
+        Member(
+            s.text,
+            [t for i, t in enumerate(s.tokens) if i > 0 and i < len(s.distances) and s.distances[i] is not None],
+            s.position,
+            s.tokens,
+        )
+        for s in pre.inside
+    ]
     return Population([[m] for m in inside], len(inside), False)
 
 
@@ -92,9 +99,11 @@ def _aligned(pre, pop: Population, matched: bool) -> str | None:
     offsets = range(1 - pre.position, q - pre.position) if matched else range(1, q)
     items = []
     for o in offsets:
+
         def at(m, o=o):
             i = m.offset + o if matched else o
             return m.full[i] if 0 < i < len(m.full) and m.full[i] in m.tokens else None
+
         top = Counter(at(m) for c in pop.chains for m in c).most_common(1)[0][0]
         s = pop.share(lambda m: at(m, o) == top)  # called at once: no need to bind o and top
         if top is not None and s and is_shared(s):
@@ -131,11 +140,15 @@ def summarize(pre, task=None) -> list[str]:
         return [f"no member found inside epsilon {pre.epsilon:g}: nothing to summarise"]
     n_states = sum(map(len, pop.chains))
     if pop.estimate:
-        head = (f"estimated over the preimage under the input distribution: {n_states} states of {len(pop.chains)} "
-                f"chains, {pop.distinct} distinct members; shares with 95% intervals")
+        head = (
+            f"estimated over the preimage under the input distribution: {n_states} states of {len(pop.chains)} "
+            f"chains, {pop.distinct} distinct members; shares with 95% intervals"
+        )
     else:
-        head = (f"shares among {pop.distinct} distinct decoder samples inside epsilon, with 95% intervals: they "
-                "describe the decoder's proposals, not the preimage (no input distribution to estimate it under)")
+        head = (
+            f"shares among {pop.distinct} distinct decoder samples inside epsilon, with 95% intervals: they "
+            "describe the decoder's proposals, not the preimage (no input distribution to estimate it under)"
+        )
     lines, varies, shared = [head], [], []
     few = pop.distinct < FEW
     if few:
@@ -154,8 +167,10 @@ def summarize(pre, task=None) -> list[str]:
     for c in pre.checks or []:
         d = c["distances"]
         inside = sum(x <= pre.epsilon for x in d)
-        lines.append(f"check: {c['feature']} changed in {len(d)} members: {inside} stay inside epsilon"
-                     + (f" ({inside / len(d):.0%})" if d else ""))
+        lines.append(
+            f"check: {c['feature']} changed in {len(d)} members: {inside} stay inside epsilon"
+            + (f" ({inside / len(d):.0%})" if d else "")
+        )
     return lines
 
 
@@ -177,8 +192,17 @@ def feature_shares(pre, task=None) -> list[dict]:
         except Exception:
             v = None
         s = None if v is None else pop.share(lambda m: _safe(f, m.text) == v)  # called at once
-        out.append({"feature": name, "value": v, "share": s and s.share, "low": s and s.low, "high": s and s.high,
-                    "n": s and round(s.n, 1), "estimate": pop.estimate})
+        out.append(
+            {
+                "feature": name,
+                "value": v,
+                "share": s and s.share,
+                "low": s and s.low,
+                "high": s and s.high,
+                "n": s and round(s.n, 1),
+                "estimate": pop.estimate,
+            }
+        )
     return out
 
 

@@ -84,8 +84,10 @@ class CharVocab:
         for i, ch in enumerate(text):
             if ch not in self._index or ch in (self.bos, self.eos, self.pad):
                 allowed = "".join(t for t in self.tokens if t not in (self.bos, self.eos, self.pad))
-                raise UserError(f"character {ch!r} at index {i} of {text!r} is not in the vocabulary "
-                                f"(expected characters from {allowed!r})")
+                raise UserError(
+                    f"character {ch!r} at index {i} of {text!r} is not in the vocabulary "
+                    f"(expected characters from {allowed!r})"
+                )
             ids.append(self._index[ch])
         return ids + [self.eos_id]
 
@@ -143,11 +145,14 @@ def gpt2_tokenizer() -> HFTokenizer:
     try:
         tok = GPT2Tokenizer.from_pretrained(str(GPT2_FILES), model_max_length=1024)
     except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"could not read GPT-2's vocabulary from {GPT2_FILES}: {str(e).splitlines()[0]} "
-                        "(reinstall inversionview)") from None
+        raise UserError(
+            f"could not read GPT-2's vocabulary from {GPT2_FILES}: {str(e).splitlines()[0]} (reinstall inversionview)"
+        ) from None
     if len(tok) != GPT2_VOCAB_SIZE or tok.bos_token_id != GPT2_VOCAB_SIZE - 1:
-        raise UserError(f"the GPT-2 vocabulary in {GPT2_FILES} has {len(tok)} tokens, expected {GPT2_VOCAB_SIZE} "
-                        f"with {GPT2_EOT} last: reinstall inversionview")
+        raise UserError(
+            f"the GPT-2 vocabulary in {GPT2_FILES} has {len(tok)} tokens, expected {GPT2_VOCAB_SIZE} "
+            f"with {GPT2_EOT} last: reinstall inversionview"
+        )
     return HFTokenizer(tok, name="gpt2")
 
 
@@ -157,8 +162,10 @@ TOKENIZERS = {"gpt2": gpt2_tokenizer}
 
 def check_tokenizer_name(name: str) -> None:
     if name not in TOKENIZERS:
-        raise UserError(f"unknown tokenizer {name!r}: expected one of {', '.join(TOKENIZERS)} (or leave it out to use "
-                        "the model directory's tokenizer files or a character vocabulary)")
+        raise UserError(
+            f"unknown tokenizer {name!r}: expected one of {', '.join(TOKENIZERS)} (or leave it out to use "
+            "the model directory's tokenizer files or a character vocabulary)"
+        )
 
 
 def named_tokenizer(name: str) -> HFTokenizer:

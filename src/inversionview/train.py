@@ -237,7 +237,9 @@ def _check(cfg: TrainConfig) -> None:
     d = cfg.data
     check_data_spec(d.task, d.path, d.format, d.field, d.positions)
     if d.path and not d.sites:
-        raise UserError('data.sites is required with data.path: name the sites to train on, e.g. sites = ["x0.mid", "a1.0"]')
+        raise UserError(
+            'data.sites is required with data.path: name the sites to train on, e.g. sites = ["x0.mid", "a1.0"]'
+        )
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -322,9 +324,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
     d = distributed.from_env()
     n_chunks = cfg.train.batch_size // cfg.train.chunk
     if d.world > n_chunks:
-        raise UserError(f"{d.world} processes cannot share {n_chunks} chunks per step (train.batch_size "
-                        f"{cfg.train.batch_size} / train.chunk {cfg.train.chunk}): use at most {n_chunks} processes "
-                        "or smaller chunks")
+        raise UserError(
+            f"{d.world} processes cannot share {n_chunks} chunks per step (train.batch_size "
+            f"{cfg.train.batch_size} / train.chunk {cfg.train.chunk}): use at most {n_chunks} processes "
+            "or smaller chunks"
+        )
     dev = distributed.resolve_device(cfg.train.device, d.local_rank, d.world)
     with distributed.session(dev) as d:
         return Trainer(cfg, d, dev).run(progress and d.main)
@@ -356,22 +360,30 @@ class Trainer:
         self.model: Decoder | torch.nn.parallel.DistributedDataParallel = self.decoder
         if self.d.world > 1:  # rank 0's weights are broadcast here; gradients are averaged in backward()
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.decoder, device_ids=[self.dev.index] if self.dev.type == "cuda" else None)
+                self.decoder, device_ids=[self.dev.index] if self.dev.type == "cuda" else None
+            )
         log_dir = os.environ.get(STEP_LOG)
         self.step_log = Path(log_dir) / f"rank{self.d.rank}.jsonl" if log_dir else None
         if self.d.main:
             with _writing(self.out / "metrics.jsonl"):
                 _truncate_metrics(self.out / "metrics.jsonl", self.state.step)
-            self.queries = make_queries(self.probed, self.source, self.sites, cfg.eval.queries,
-                                        seed=cfg.train.seed + 10_000)
+            self.queries = make_queries(
+                self.probed, self.source, self.sites, cfg.eval.queries, seed=cfg.train.seed + 10_000
+            )
         self._restart_clock()
 
     # ------------------------------------------------------------------ set up or resume
     def _load_inputs(self) -> None:
         """The probed model, the data source and the sites, all checked before any file is written."""
         p = self.cfg.probed
-        self.probed = ProbedModel.load(resolve_model(p.model), vocab=p.vocab, mode=p.mode, tokenizer=p.tokenizer or None,
-                                       dtype=DTYPES[p.dtype], device=self.dev)
+        self.probed = ProbedModel.load(
+            resolve_model(p.model),
+            vocab=p.vocab,
+            mode=p.mode,
+            tokenizer=p.tokenizer or None,
+            dtype=DTYPES[p.dtype],
+            device=self.dev,
+        )
         check_vocabulary(self.probed)
         self.source = open_source(self.cfg.data.task, self.cfg.data.record(), self.probed)  # a Task or a DataSource
         self.sites = [self.probed.site(x) for x in (self.cfg.data.sites or self.source.sites)]
@@ -385,8 +397,10 @@ class Trainer:
         saved_spec.check_same(self.spec)
         dcfg = DecoderConfig.load(out / "config.json")
         if any(getattr(dcfg, k) != v for k, v in dataclasses.asdict(cfg.decoder).items()):
-            raise UserError(f"{out} holds a decoder of another shape than [decoder] in the config: "
-                            "use a new 'out' directory or restore the [decoder] settings")
+            raise UserError(
+                f"{out} holds a decoder of another shape than [decoder] in the config: "
+                "use a new 'out' directory or restore the [decoder] settings"
+            )
         if self.d.main:
             check_writable(out)
         self.decoder = Decoder(dcfg).to(self.dev).train()
@@ -397,10 +411,12 @@ class Trainer:
             self.opt.load_state_dict(saved["optimizer"])
             self.state = State(**saved["state"])
         except Exception as ex:
-            raise UserError(f"checkpoint {out / 'checkpoint.pt'} is corrupt ({_first_line(ex)}); "
-                            "delete it to start over") from None
-        self.spec = dataclasses.replace(self.spec, provenance=_add_session(saved_spec.provenance, session,
-                                                                           self.state.step))
+            raise UserError(
+                f"checkpoint {out / 'checkpoint.pt'} is corrupt ({_first_line(ex)}); delete it to start over"
+            ) from None
+        self.spec = dataclasses.replace(
+            self.spec, provenance=_add_session(saved_spec.provenance, session, self.state.step)
+        )
         if self.d.main:
             with _writing(out / "run.json"):
                 self.spec.save(out)
@@ -411,9 +427,15 @@ class Trainer:
         torch.manual_seed(o.seed)
         max_len, d_act = self.probed.max_len, self.probed.d_model
         assert max_len is not None and d_act is not None, "the probed model's config gives no context length or width"
-        self.decoder = Decoder(DecoderConfig(vocab_size=self.probed.tokenizer.vocab_size, max_len=max_len,
-                                             d_act=d_act, n_sites=len(self.sites),
-                                             **dataclasses.asdict(cfg.decoder)))
+        self.decoder = Decoder(
+            DecoderConfig(
+                vocab_size=self.probed.tokenizer.vocab_size,
+                max_len=max_len,
+                d_act=d_act,
+                n_sites=len(self.sites),
+                **dataclasses.asdict(cfg.decoder),
+            )
+        )
         self.decoder.to(self.dev)
         _init_stats(self.decoder, self.probed, self.source, self.sites, random.Random(o.seed))
         self.decoder.train()
@@ -480,15 +502,28 @@ class Trainer:
         o, st, d = self.cfg.train, self.state, self.d
         for g in self.opt.param_groups:
             g["lr"] = o.lr * lr_factor(st.step, o, st.elapsed)
-        batch = _draw(self.probed, self.source, step_rng(o.seed, st.step), st.site_probs, len(self.sites), o.batch_size,
-                      o.chunk, self.cfg.data.bos_prob)
-        total, n_tok = _chunks_loss(self.model, self.probed, self.sites, batch,
-                                    my_chunks(o.batch_size // o.chunk, d), self.dev, self.bf16)
+        batch = _draw(
+            self.probed,
+            self.source,
+            step_rng(o.seed, st.step),
+            st.site_probs,
+            len(self.sites),
+            o.batch_size,
+            o.chunk,
+            self.cfg.data.bos_prob,
+        )
+        total, n_tok = _chunks_loss(
+            self.model, self.probed, self.sites, batch, my_chunks(o.batch_size // o.chunk, d), self.dev, self.bf16
+        )
         # one all-reduce: the loss sum, the token count, the stop votes and the clocks (their mean is every
         # process's elapsed time, so that the schedule and the budget agree between processes)
         now = self._elapsed0 + time.time() - self._t0
-        stats = torch.cat([total.detach().double().reshape(1),
-                           torch.tensor([n_tok, float(interrupted), now], dtype=torch.float64, device=self.dev)])
+        stats = torch.cat(
+            [
+                total.detach().double().reshape(1),
+                torch.tensor([n_tok, float(interrupted), now], dtype=torch.float64, device=self.dev),
+            ]
+        )
         loss_sum, g_tok, votes, clocks = d.all_reduce(stats).tolist()
         self.opt.zero_grad(set_to_none=True)
         # DDP averages gradients over the processes: scaling by world / global tokens makes the average the
@@ -528,8 +563,10 @@ class Trainer:
             st.site_probs = self.d.broadcast(torch.tensor(probs, dtype=torch.float64, device=self.dev)).tolist()
         self._t_rate, self.tokens, self.samples = time.time(), 0, 0
         if row is not None:
-            tqdm.write(f"step {st.step}: mean hit {row['mean_hit']:.3f}  " +
-                       " ".join(f"{k}={v:.2f}" for k, v in row["hit"].items()))
+            tqdm.write(
+                f"step {st.step}: mean hit {row['mean_hit']:.3f}  "
+                + " ".join(f"{k}={v:.2f}" for k, v in row["hit"].items())
+            )
             with _writing(self.out / "metrics.jsonl"), open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
@@ -537,13 +574,18 @@ class Trainer:
     def _row(self, loss: float, hits: list[float]) -> dict:
         st, dt = self.state, time.time() - self._t_rate
         assert st.site_probs is not None and st.site_counts is not None  # set when the run starts or resumes
-        row = {"step": st.step, "elapsed_s": round(st.elapsed, 1), "loss": round(loss, 4),
-               "lr": self.opt.param_groups[0]["lr"], "tokens_per_s": round(self.tokens / dt),
-               "samples_per_s": round(self.samples / dt, 1),
-               "hit": {s.short: round(h, 4) for s, h in zip(self.sites, hits)},
-               "mean_hit": round(sum(hits) / len(hits), 4),
-               "site_probs": {s.short: round(p, 4) for s, p in zip(self.sites, st.site_probs)},
-               "site_counts": {s.short: c for s, c in zip(self.sites, st.site_counts)}}
+        row = {
+            "step": st.step,
+            "elapsed_s": round(st.elapsed, 1),
+            "loss": round(loss, 4),
+            "lr": self.opt.param_groups[0]["lr"],
+            "tokens_per_s": round(self.tokens / dt),
+            "samples_per_s": round(self.samples / dt, 1),
+            "hit": {s.short: round(h, 4) for s, h in zip(self.sites, hits)},
+            "mean_hit": round(sum(hits) / len(hits), 4),
+            "site_probs": {s.short: round(p, 4) for s, p in zip(self.sites, st.site_probs)},
+            "site_counts": {s.short: c for s, c in zip(self.sites, st.site_counts)},
+        }
         if self.d.world > 1:
             row["processes"] = self.d.world
         if self.budget_spent and st.step < self.cfg.train.steps:
@@ -556,8 +598,15 @@ class Trainer:
         with _writing(ckpt):
             self.decoder.save(self.out)
             try:
-                torch.save({"format_version": CHECKPOINT_FORMAT, "state": dataclasses.asdict(self.state),
-                            "optimizer": self.opt.state_dict(), "model": self.decoder.state_dict()}, tmp)
+                torch.save(
+                    {
+                        "format_version": CHECKPOINT_FORMAT,
+                        "state": dataclasses.asdict(self.state),
+                        "optimizer": self.opt.state_dict(),
+                        "model": self.decoder.state_dict(),
+                    },
+                    tmp,
+                )
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -596,8 +645,10 @@ def check_writable(run_dir: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}): training writes its "
-                        "checkpoints there; make it writable or use another 'out'") from None
+        raise UserError(
+            f"cannot write to the run directory {run_dir} ({e.strerror or e}): training writes its "
+            "checkpoints there; make it writable or use another 'out'"
+        ) from None
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -611,8 +662,10 @@ def read_checkpoint(path: Path) -> dict:
     check_version(saved.get("format_version"), CHECKPOINT_FORMAT, path)
     parts = {"state", "optimizer", "model"}
     if not parts <= set(saved) or not isinstance(saved["state"], dict):
-        raise UserError(f"checkpoint {path} is corrupt (it lacks {', '.join(sorted(parts - set(saved))) or 'a state'});"
-                        " delete it to start over")
+        raise UserError(
+            f"checkpoint {path} is corrupt (it lacks {', '.join(sorted(parts - set(saved))) or 'a state'});"
+            " delete it to start over"
+        )
     check_fields(saved, {"format_version", *parts}, path)
     check_fields(saved["state"], [f.name for f in dataclasses.fields(State)], f"{path} (state)")
     return saved
@@ -623,9 +676,11 @@ def check_vocabulary(probed: ProbedModel) -> None:
     training would fail later, on the first input with a missing character)."""
     n_model = probed.model.config.vocab_size
     if isinstance(probed.tokenizer, CharVocab) and probed.tokenizer.vocab_size < n_model:
-        raise UserError(f"the character vocabulary has {probed.tokenizer.vocab_size} tokens but the model's vocabulary "
-                        f"has {n_model}: it does not belong to this model (list all {n_model} tokens, in the model's "
-                        "order)")
+        raise UserError(
+            f"the character vocabulary has {probed.tokenizer.vocab_size} tokens but the model's vocabulary "
+            f"has {n_model}: it does not belong to this model (list all {n_model} tokens, in the model's "
+            "order)"
+        )
 
 
 def provenance(device: torch.device, world: int, bf16: bool, why: str) -> dict:
@@ -634,9 +689,17 @@ def provenance(device: torch.device, world: int, bf16: bool, why: str) -> dict:
 
     from . import __version__
 
-    return {"inversionview": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, **_git_commit(), "device": str(device), "processes": world,
-            "decoder_precision": "bfloat16" if bf16 else "float32", "precision_reason": why}
+    return {
+        "inversionview": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        **_git_commit(),
+        "device": str(device),
+        "processes": world,
+        "decoder_precision": "bfloat16" if bf16 else "float32",
+        "precision_reason": why,
+    }
 
 
 def _git_commit() -> dict:
@@ -648,8 +711,9 @@ def _git_commit() -> dict:
         if tracked.returncode != 0:
             return {"git_commit": None}
         commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=30)
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None}
     return {"git_commit": commit.stdout.strip() or None, "git_dirty": bool(dirty.stdout.strip())}
@@ -702,7 +766,9 @@ class _Drawn:
     chunk: int
 
 
-def _draw(probed, task, rng: random.Random, site_probs, n_sites: int, batch: int, chunk: int, bos_prob: float) -> _Drawn:
+def _draw(
+    probed, task, rng: random.Random, site_probs, n_sites: int, batch: int, chunk: int, bos_prob: float
+) -> _Drawn:
     texts = [task.sample(rng) for _ in range(batch)]
     pairs = sorted(((probed.encode(t), t) for t in texts), key=lambda p: len(p[0]))  # stable: ties keep their order
     # positions follow the data source's rule for each (sorted) input; BOS with probability bos_prob
@@ -716,7 +782,7 @@ def _chunks_loss(model, probed, sites, drawn: _Drawn, chunks: range, dev, bf16: 
     probed model runs once, on these chunks' inputs only, up to the sites they need."""
     k = drawn.chunk
     mine = slice(chunks.start * k, chunks.stop * k)
-    chunk_sites = drawn.chunk_sites[chunks.start:chunks.stop]
+    chunk_sites = drawn.chunk_sites[chunks.start : chunks.stop]
     positions = drawn.positions[mine]
     b = probed.batch(drawn.seqs[mine])
     acts = probed.run(b.ids, [sites[i] for i in set(chunk_sites)])
@@ -741,7 +807,9 @@ def _chunks_loss(model, probed, sites, drawn: _Drawn, chunks: range, dev, bf16: 
         # because PAD may be the same token as EOS (GPT-2: <|endoftext|> is BOS, EOS and PAD)
         beyond = torch.arange(1, T, device=dev)[None, :] >= lengths.to(dev)[:, None]
         target = ids[:, 1:].masked_fill(beyond, -100)
-        total = total + F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum")
+        total = total + F.cross_entropy(
+            logits.float().flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"
+        )
         n_tok += int((target != -100).sum())
     return total, n_tok
 

@@ -18,8 +18,21 @@ DIGITS = "0123456789"
 class Addition(Task):
     name = "addition"
     vocab = CharVocab(tokens=("P", "B", "E", *DIGITS, "+", "="), bos="B", eos="E", pad="P")
-    sites = ("x0.pre", "a0.0", "a0.1", "a0.2", "a0.3", "x0.mid", "x0.post",
-             "a1.0", "a1.1", "a1.2", "a1.3", "x1.mid", "x1.post")
+    sites = (
+        "x0.pre",
+        "a0.0",
+        "a0.1",
+        "a0.2",
+        "a0.3",
+        "x0.mid",
+        "x0.post",
+        "a1.0",
+        "a1.1",
+        "a1.2",
+        "a1.3",
+        "x1.mid",
+        "x1.post",
+    )
     model = dict(n_layer=2, n_head=4, n_embd=32, n_inner=128, n_positions=16)
     recipe = dict(steps=12000, batch_size=256, lr=3e-3, aux=0.0)
 
@@ -74,7 +87,7 @@ class Addition(Task):
             digits = digits[3:] + digits[:3]
         elif move == 3:
             i = 3 * rng.randrange(2)
-            digits[i:i + 3] = map(int, str(rng.randint(100, 999)))
+            digits[i : i + 3] = map(int, str(rng.randint(100, 999)))
         a, b = int("".join(map(str, digits[:3]))), int("".join(map(str, digits[3:])))
         if move == 4:
             d = rng.choice((-1, 1)) * rng.randint(1, 899)
@@ -89,7 +102,7 @@ class Addition(Task):
         s, i = f"{p[0]}{p[1]}", rng.randrange(6)
         out = []
         for v in range(1 if i % 3 == 0 else 0, 10):
-            t = f"{s[:i]}{v}{s[i + 1:]}"
+            t = f"{s[:i]}{v}{s[i + 1 :]}"
             out.append(f"{t[:3]}+{t[3:]}={int(t[:3]) + int(t[3:])}")
         return out
 

@@ -45,9 +45,16 @@ class Counting(Task):
         """``(letters, target)`` of an input the generator can produce; None otherwise."""
         head, sep, tail = text.partition("|")
         counts = {c: head.count(c) for c in set(head)}
-        if (not sep or len(tail) < 3 or tail[1] != ":" or len(counts) != 3 or not set(head) <= set(LETTERS)
-                or not all(1 <= n <= 9 for n in counts.values()) or tail[0] not in counts
-                or tail[2:] != str(counts[tail[0]])):
+        if (
+            not sep
+            or len(tail) < 3
+            or tail[1] != ":"
+            or len(counts) != 3
+            or not set(head) <= set(LETTERS)
+            or not all(1 <= n <= 9 for n in counts.values())
+            or tail[0] not in counts
+            or tail[2:] != str(counts[tail[0]])
+        ):
             return None
         return head, tail[0]
 

@@ -49,16 +49,105 @@ ABBA_TEMPLATES = tuple(t.replace("[B] and [A]", "[A] and [B]", 1) for t in BABA_
 
 # Common first names, each a single GPT-2 token with its leading space (tests/test_ioi.py checks it).
 NAMES = (
-    "Michael", "Christopher", "Jessica", "Matthew", "Ashley", "Jennifer", "Joshua", "Amanda", "Daniel", "David",
-    "James", "Robert", "John", "Joseph", "Andrew", "Ryan", "Brandon", "Jason", "Justin", "Sarah", "William",
-    "Jonathan", "Stephanie", "Brian", "Nicole", "Nicholas", "Anthony", "Heather", "Eric", "Elizabeth", "Adam",
-    "Megan", "Melissa", "Kevin", "Steven", "Thomas", "Timothy", "Christina", "Kyle", "Rachel", "Laura", "Lauren",
-    "Amber", "Brittany", "Danielle", "Richard", "Kimberly", "Jeffrey", "Amy", "Crystal", "Michelle", "Tiffany",
-    "Jeremy", "Benjamin", "Mark", "Emily", "Aaron", "Charles", "Rebecca", "Jacob", "Stephen", "Patrick", "Sean",
-    "Erin", "Jamie", "Kelly", "Samantha", "Nathan", "Sara", "Dustin", "Paul", "Angela", "Tyler", "Scott",
-    "Katherine", "Andrea", "Gregory", "Erica", "Mary", "Travis", "Lisa", "Kenneth", "Bryan", "Lindsey", "Kristen",
-    "Jose", "Alexander", "Jesse", "Katie", "Lindsay", "Shannon", "Vanessa", "Courtney", "Christine", "Alicia",
-    "Cody", "Allison", "Bradley", "Samuel",
+    "Michael",
+    "Christopher",
+    "Jessica",
+    "Matthew",
+    "Ashley",
+    "Jennifer",
+    "Joshua",
+    "Amanda",
+    "Daniel",
+    "David",
+    "James",
+    "Robert",
+    "John",
+    "Joseph",
+    "Andrew",
+    "Ryan",
+    "Brandon",
+    "Jason",
+    "Justin",
+    "Sarah",
+    "William",
+    "Jonathan",
+    "Stephanie",
+    "Brian",
+    "Nicole",
+    "Nicholas",
+    "Anthony",
+    "Heather",
+    "Eric",
+    "Elizabeth",
+    "Adam",
+    "Megan",
+    "Melissa",
+    "Kevin",
+    "Steven",
+    "Thomas",
+    "Timothy",
+    "Christina",
+    "Kyle",
+    "Rachel",
+    "Laura",
+    "Lauren",
+    "Amber",
+    "Brittany",
+    "Danielle",
+    "Richard",
+    "Kimberly",
+    "Jeffrey",
+    "Amy",
+    "Crystal",
+    "Michelle",
+    "Tiffany",
+    "Jeremy",
+    "Benjamin",
+    "Mark",
+    "Emily",
+    "Aaron",
+    "Charles",
+    "Rebecca",
+    "Jacob",
+    "Stephen",
+    "Patrick",
+    "Sean",
+    "Erin",
+    "Jamie",
+    "Kelly",
+    "Samantha",
+    "Nathan",
+    "Sara",
+    "Dustin",
+    "Paul",
+    "Angela",
+    "Tyler",
+    "Scott",
+    "Katherine",
+    "Andrea",
+    "Gregory",
+    "Erica",
+    "Mary",
+    "Travis",
+    "Lisa",
+    "Kenneth",
+    "Bryan",
+    "Lindsey",
+    "Kristen",
+    "Jose",
+    "Alexander",
+    "Jesse",
+    "Katie",
+    "Lindsay",
+    "Shannon",
+    "Vanessa",
+    "Courtney",
+    "Christine",
+    "Alicia",
+    "Cody",
+    "Allison",
+    "Bradley",
+    "Samuel",
 )
 PLACES = ("store", "garden", "restaurant", "school", "hospital", "office", "house", "station")
 OBJECTS = ("ring", "kiss", "bone", "basketball", "computer", "necklace", "drink", "snack")
@@ -68,8 +157,22 @@ _WORD = re.compile(r"[A-Za-z]+")
 # The paper's head sites (name mover 9.9, duplicate-token head 0.1, induction head 5.5) and other heads of the
 # Wang et al. circuit: duplicate token 3.0, previous token 2.2 and 4.11, induction 6.9, S-inhibition 7.3, 7.9,
 # 8.6 and 8.10, name movers 9.6 and 10.0, negative name mover 10.7.
-SITES = ("a0.1", "a3.0", "a2.2", "a4.11", "a5.5", "a6.9", "a7.3", "a7.9", "a8.6", "a8.10", "a9.9", "a9.6",
-         "a10.0", "a10.7")
+SITES = (
+    "a0.1",
+    "a3.0",
+    "a2.2",
+    "a4.11",
+    "a5.5",
+    "a6.9",
+    "a7.3",
+    "a7.9",
+    "a8.6",
+    "a8.10",
+    "a9.9",
+    "a9.6",
+    "a10.0",
+    "a10.7",
+)
 
 
 def parse(text: str) -> dict | None:
@@ -104,14 +207,20 @@ class Ioi(Task):
     @property
     def recipe(self) -> dict:
         # `inversionview train-probed ioi` reads this first: refuse it with one line
-        raise UserError("the ioi task's probed model is the pretrained GPT-2 small: there is no probed model to train; "
-                        "train a decoder for it with `inversionview init ioi-gpt2-small > ioi.toml; inversionview train ioi.toml`")
+        raise UserError(
+            "the ioi task's probed model is the pretrained GPT-2 small: there is no probed model to train; "
+            "train a decoder for it with `inversionview init ioi-gpt2-small > ioi.toml; inversionview train ioi.toml`"
+        )
 
     def generate(self, rng: random.Random) -> str:
         template = rng.choice(ABBA_TEMPLATES if rng.random() < 0.5 else BABA_TEMPLATES)
         io, s = rng.sample(NAMES, 2)
-        return (template.replace("[PLACE]", rng.choice(PLACES)).replace("[OBJECT]", rng.choice(OBJECTS))
-                .replace("[A]", io).replace("[B]", s))
+        return (
+            template.replace("[PLACE]", rng.choice(PLACES))
+            .replace("[OBJECT]", rng.choice(OBJECTS))
+            .replace("[A]", io)
+            .replace("[B]", s)
+        )
 
     def token_positions(self, text: str) -> dict[str, int]:
         """Token positions (BOS = 0, GPT-2 tokens) of S1, IO (its first mention), S2 and end (the token before the

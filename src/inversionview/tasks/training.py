@@ -43,8 +43,16 @@ def accuracy(model, task: Task, n: int = 10_000, seed: int = 1) -> float:
     return correct / n
 
 
-def train_probed(task: Task, out: str | Path, steps: int = 6000, batch_size: int = 128, lr: float = 3e-3,
-                 aux: float = 1.0, seed: int = 0, command: str | None = None) -> dict:
+def train_probed(
+    task: Task,
+    out: str | Path,
+    steps: int = 6000,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    aux: float = 1.0,
+    seed: int = 0,
+    command: str | None = None,
+) -> dict:
     """Train the paper's probed model for ``task`` from scratch and save it to ``out``.
 
     The loss is cross-entropy on the answer tokens plus ``aux`` times the next-token loss on the whole
@@ -56,8 +64,16 @@ def train_probed(task: Task, out: str | Path, steps: int = 6000, batch_size: int
     torch.manual_seed(seed)
     rng = random.Random(seed)
     v = task.vocab
-    config = GPT2Config(vocab_size=v.vocab_size, bos_token_id=v.bos_id, eos_token_id=v.eos_id,
-                        pad_token_id=v.pad_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **task.model)
+    config = GPT2Config(
+        vocab_size=v.vocab_size,
+        bos_token_id=v.bos_id,
+        eos_token_id=v.eos_id,
+        pad_token_id=v.pad_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **task.model,
+    )
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -78,8 +94,18 @@ def train_probed(task: Task, out: str | Path, steps: int = 6000, batch_size: int
             bar.set_postfix(loss=f"{loss.item():.4f}")
     model.eval()
     acc = accuracy(model, task)
-    info = {"task": task.name, "test_accuracy": acc, "test_inputs": 10_000, "steps": steps,
-            "batch_size": batch_size, "lr": lr, "aux_lm_loss": aux, "seed": seed, "train_seconds": round(time.time() - t0, 1), "command": command}
+    info = {
+        "task": task.name,
+        "test_accuracy": acc,
+        "test_inputs": 10_000,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "aux_lm_loss": aux,
+        "seed": seed,
+        "train_seconds": round(time.time() - t0, 1),
+        "command": command,
+    }
     ProbedModel(model, task.vocab, mode="raw").save(out)
     (Path(out) / "training.json").write_text(json.dumps(info, indent=1))
     log.info("test accuracy %.4f", acc)

@@ -28,9 +28,27 @@ HERE = Path(__file__).parent
 CSS = (HERE / "static" / "report.css").read_text()
 # Preimage fields the reading template shows (or leaves out on purpose: the query text is shown as its tokens,
 # the decoder's path and the settings other than the mix are in the JSON); any other field goes to "other fields"
-SHOWN = {"text", "tokens", "position", "site", "site_short", "epsilon", "metric", "mode", "samples", "n_candidates",
-         "fraction_inside", "settings", "attention", "annotation", "decoder", "summary",
-         "shares", "checks", "chains"}  # the estimate: shown through the summary's lines, whole in the JSON
+SHOWN = {
+    "text",
+    "tokens",
+    "position",
+    "site",
+    "site_short",
+    "epsilon",
+    "metric",
+    "mode",
+    "samples",
+    "n_candidates",
+    "fraction_inside",
+    "settings",
+    "attention",
+    "annotation",
+    "decoder",
+    "summary",
+    "shares",
+    "checks",
+    "chains",
+}  # the estimate: shown through the summary's lines, whole in the JSON
 SAMPLE_SHOWN = {"tokens", "text", "distance", "position", "distances", "delta", "count", "annotation", "source"}
 
 
@@ -49,12 +67,21 @@ def show_value(v) -> str:
 
 def extra_fields(obj, shown: set[str] = SAMPLE_SHOWN) -> list[tuple[str, object]]:
     """``(name, value)`` of ``obj``'s dataclass fields outside ``shown`` that hold something."""
-    return [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)
-            if f.name not in shown and getattr(obj, f.name) not in (None, [], {}, "")]
+    return [
+        (f.name, getattr(obj, f.name))
+        for f in dataclasses.fields(obj)
+        if f.name not in shown and getattr(obj, f.name) not in (None, [], {}, "")
+    ]
 
 
-ENV = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True, undefined=StrictUndefined,
-                  trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=False)
+ENV = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=True,
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=False,
+)
 ENV.filters.update(fmt=format, rep=lambda x: repr(float(x)), show=show_value)
 
 
@@ -70,11 +97,19 @@ def sample_row(s, epsilon: float, top: float) -> dict:
     for i, t in enumerate(s.tokens):
         d = (s.delta[i] if i < len(s.delta) else 0.0) + 0.0  # -0.0 -> 0.0: the same text after a JSON round trip in JS
         dist = s.distances[i] if i < len(s.distances) else None
-        title = (f"position {i}: " + (f"delta {d:+.3f}; " if i < len(s.delta) else "")
-                 + (f"distance {dist:.4f}" if dist is not None else "not compared (PAD/EOS)"))
+        title = (
+            f"position {i}: "
+            + (f"delta {d:+.3f}; " if i < len(s.delta) else "")
+            + (f"distance {dist:.4f}" if dist is not None else "not compared (PAD/EOS)")
+        )
         tokens.append((t, i == s.position, delta_bg(d), title))
-    return {"s": s, "cls": "in" if s.distance <= epsilon else "out", "bar": bar_width(s.distance, top),
-            "tokens": tokens, "extra": extra_fields(s)}
+    return {
+        "s": s,
+        "cls": "in" if s.distance <= epsilon else "out",
+        "bar": bar_width(s.distance, top),
+        "tokens": tokens,
+        "extra": extra_fields(s),
+    }
 
 
 def render_reading(p, limit: int = 100) -> str:
@@ -86,11 +121,16 @@ def render_reading(p, limit: int = 100) -> str:
     mix = (p.settings or {}).get("mix") if isinstance(p.settings, dict) else None
     how = ("Auto mix" if len(mix) > 1 else f"temperature {mix[0][0]:g}, noise {mix[0][1]:g}") if mix else ""
     return ENV.get_template("reading.html").render(
-        p=p, rows=[sample_row(s, p.epsilon, top) for s in shown], hidden=len(p.samples) - len(shown), how=how,
-        extra=extra_fields(p, SHOWN))
+        p=p,
+        rows=[sample_row(s, p.epsilon, top) for s in shown],
+        hidden=len(p.samples) - len(shown),
+        how=how,
+        extra=extra_fields(p, SHOWN),
+    )
 
 
 def render_html(readings, title: str = "InversionView report") -> str:
     """A self-contained HTML page of ``readings``, side by side when there are several."""
     return ENV.get_template("report.html").render(
-        title=title, css=Markup(CSS), readings=[Markup(render_reading(p)) for p in readings])
+        title=title, css=Markup(CSS), readings=[Markup(render_reading(p)) for p in readings]
+    )

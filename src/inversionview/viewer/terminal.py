@@ -48,17 +48,23 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
     ]
     if pre.attention is not None:
         top = sorted(range(len(pre.attention)), key=lambda i: -pre.attention[i])[:5]
-        lines.append("attention from the query position: " +
-                     ", ".join(f"{pre.tokens[i]!r}@{i} {pre.attention[i]:.2f}" for i in top))
-    lines.append(f"{pre.n_candidates} candidates, {len(pre.samples)} distinct, {inside} distinct inside epsilon; "
-                 f"true fraction of candidates inside epsilon: {pre.fraction_inside:.1%}"
-                 + (f"; {d} dropped (a PAD or EOS inside: no input)" if (d := pre.settings.get("dropped")) else ""))
+        lines.append(
+            "attention from the query position: "
+            + ", ".join(f"{pre.tokens[i]!r}@{i} {pre.attention[i]:.2f}" for i in top)
+        )
+    lines.append(
+        f"{pre.n_candidates} candidates, {len(pre.samples)} distinct, {inside} distinct inside epsilon; "
+        f"true fraction of candidates inside epsilon: {pre.fraction_inside:.1%}"
+        + (f"; {d} dropped (a PAD or EOS inside: no input)" if (d := pre.settings.get("dropped")) else "")
+    )
     if pre.summary:
         lines.append("summary:")
         lines += [f"  {x}" for x in pre.summary]
     if colour:
-        lines.append("colour: \x1b[48;2;55;105;255m blue \x1b[0m the activation raised the token's probability, "
-                     "\x1b[48;2;255;55;55m red \x1b[0m lowered it; underlined: the closest position")
+        lines.append(
+            "colour: \x1b[48;2;55;105;255m blue \x1b[0m the activation raised the token's probability, "
+            "\x1b[48;2;255;55;55m red \x1b[0m lowered it; underlined: the closest position"
+        )
     else:
         lines.append("[x]: the position closest to the query activation")
     lines.append(f"{'distance':>9} {'n':>5}  sample")
@@ -74,7 +80,9 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
         lines.append(f"{'-' * 9} epsilon = {pre.epsilon:g} {'-' * 30}")
     hidden = len(pre.samples) - len(shown)
     if hidden > 0:
-        lines.append(f"({hidden} more distinct samples not shown; inside epsilon the rows are spread evenly by distance)")
+        lines.append(
+            f"({hidden} more distinct samples not shown; inside epsilon the rows are spread evenly by distance)"
+        )
     return "\n".join(lines)
 
 
