@@ -353,33 +353,20 @@ def scan(
 ) -> Completeness:
     """Scan every input of the task's set (:func:`input_set`, or ``inputs``) for the query ``text`` at ``site`` and
     ``position``; ``samples`` decoder samples (Auto mix) are checked against the true preimage."""
-    from .preimage import resolve_position
-
     t_start = time.perf_counter()
-    if inputs is None:
-        texts, described = input_set(iv.task)
-    else:
-        texts, described = list(dict.fromkeys(inputs)), f"{len(set(inputs)):,} given inputs"
-    probed, tok = iv.probed, iv.probed.tokenizer
-    if not isinstance(tok, CharVocab):
+    texts, described = _inputs(iv.task, inputs)
+    if not isinstance(iv.probed.tokenizer, CharVocab):
         raise UserError("completeness scans inputs of a character vocabulary (the built-in toy tasks)")
     s, si = iv.site_index(site)
-    eps = iv.spec.epsilon if epsilon is None else float(epsilon)
-    metric = metric or iv.spec.metric
-    if not eps > 0:
-        raise UserError(f"epsilon must be positive, got {eps}")
-    ids = probed.encode(text)
-    pos = resolve_position(tok.tokens_of(ids), len(ids) - 1, position)
-    zq = probed.run(torch.tensor([ids]), [s])[s][0, pos].float()
+    eps, metric = _threshold(iv, epsilon, metric)
+    pos, zq = _query(iv.probed, s, text, position)
 
     dist, logp, sec = _scan_set(iv, s, si, zq, metric, texts)
 
     t0 = time.perf_counter()
     pre = iv.query(text, site=s, position=pos, samples=samples, epsilon=eps, metric=metric, seed=seed, deltas=0)
     sec["samples"] = time.perf_counter() - t0
-    where = {t: i for i, t in enumerate(texts)}
-    sampled = np.zeros(len(texts), dtype=bool)
-    sampled[[where[x.text] for x in pre.samples if x.text in where]] = True
+    sampled = _sampled(texts, pre)
     inside = dist <= eps
     n_in = int(inside.sum())
     hit = int((sampled & inside).sum())
@@ -411,6 +398,38 @@ def scan(
         logp=logp,
         sampled=sampled,
     )
+
+
+def _inputs(task, inputs: list[str] | None) -> tuple[list[str], str]:
+    """The inputs to scan (the task's :func:`input_set`, or the distinct ``inputs`` given) and their description."""
+    if inputs is None:
+        return input_set(task)
+    return list(dict.fromkeys(inputs)), f"{len(set(inputs)):,} given inputs"
+
+
+def _threshold(iv, epsilon: float | None, metric: str | None) -> tuple[float, str]:
+    """Epsilon and metric, the run's defaults where not given; a non-positive epsilon is a UserError."""
+    eps = iv.spec.epsilon if epsilon is None else float(epsilon)
+    if not eps > 0:
+        raise UserError(f"epsilon must be positive, got {eps}")
+    return eps, metric or iv.spec.metric
+
+
+def _query(probed, s, text: str, position: int | str) -> tuple[int, torch.Tensor]:
+    """The query's position (resolved among its tokens, EOS excluded) and its activation there at ``s``."""
+    from .preimage import resolve_position
+
+    ids = probed.encode(text)
+    pos = resolve_position(probed.tokenizer.tokens_of(ids), len(ids) - 1, position)
+    return pos, probed.run(torch.tensor([ids]), [s])[s][0, pos].float()
+
+
+def _sampled(texts: list[str], pre) -> np.ndarray:
+    """Which of ``texts`` the reading ``pre`` sampled."""
+    where = {t: i for i, t in enumerate(texts)}
+    sampled = np.zeros(len(texts), dtype=bool)
+    sampled[[where[x.text] for x in pre.samples if x.text in where]] = True
+    return sampled
 
 
 def _scan_set(

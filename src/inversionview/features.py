@@ -251,40 +251,14 @@ def preimages(
     (:func:`inversionview.explore.walk`, all queries at once), and their states are draws from the preimage under
     the task's input distribution. Otherwise each distinct in-epsilon sample is a chain of one state."""
     from .explore import CHAINS, can_explore, walk
-    from .preimage import AUTO_MIX, as_inputs, verify
 
-    probed, dec, tok = iv.probed, iv.decoder, iv.probed.tokenizer
+    probed = iv.probed
     s, si = iv.site_index(site)
     eps = iv.spec.epsilon if epsilon is None else float(epsilon)
     b = probed.batch([probed.encode(t) for t in texts])
     zq = probed.run(b.ids, [s])[s].float()[torch.arange(len(texts)), torch.tensor(positions)]
-    g = torch.Generator().manual_seed(seed)
-    per = [samples // len(AUTO_MIX) + (k < samples % len(AUTO_MIX)) for k in range(len(AUTO_MIX))]
-    zs, taus, owner = [], [], []
-    for q in range(len(texts)):
-        for n, (t, eta) in zip(per, AUTO_MIX):
-            zs.append(zq[q].expand(n, -1) + torch.randn(n, zq.shape[1], generator=g).to(zq.device) * zq[q].std() * eta)
-            taus += [t] * n
-            owner += [q] * n
-    z, tau = torch.cat(zs), torch.tensor(taus)
-    seqs = []
-    for i in range(0, len(z), chunk):
-        seqs += dec.generate(
-            z[i : i + chunk],
-            torch.full((len(z[i : i + chunk]),), si),
-            tok.bos_id,
-            tok.eos_id,
-            tau[i : i + chunk],
-            probed.max_len,
-            g,
-        )
-    seqs = as_inputs(seqs, tok)
-    uniq = list(dict.fromkeys((owner[i], tuple(x)) for i, x in enumerate(seqs)))
-    dmin, _, _ = verify(probed, s, [list(x) for _, x in uniq], zq[torch.tensor([q for q, _ in uniq])], iv.spec.metric)
-    inside: list[list[str]] = [[] for _ in texts]
-    for (q, x), d in zip(uniq, dmin.tolist()):
-        if d <= eps:
-            inside[q].append(tok.text(list(x)))
+    seqs, owner = _propose_all(iv, si, zq, samples, seed, chunk)
+    inside = _inside(iv, s, zq, seqs, owner, eps)
     chains = CHAINS if chains is None else chains
     if not (chains and can_explore(iv.task)):
         return [[[x] for x in xs] for xs in inside]
@@ -300,6 +274,46 @@ def preimages(
         seed=seed,
     )
     return [w.states for w in walks]
+
+
+def _propose_all(
+    iv, si: int, zq: torch.Tensor, samples: int, seed: int, chunk: int
+) -> tuple[list[list[int]], list[int]]:
+    """``samples`` decoder candidates (the Auto mix) for each query activation of ``zq`` (N, d), generated in chunks
+    of ``chunk``, with the query each belongs to."""
+    from .preimage import AUTO_MIX, as_inputs
+
+    probed, tok = iv.probed, iv.probed.tokenizer
+    g = torch.Generator().manual_seed(seed)
+    per = [samples // len(AUTO_MIX) + (k < samples % len(AUTO_MIX)) for k in range(len(AUTO_MIX))]
+    zs, taus, owner = [], [], []
+    for q in range(len(zq)):
+        for n, (t, eta) in zip(per, AUTO_MIX):
+            zs.append(zq[q].expand(n, -1) + torch.randn(n, zq.shape[1], generator=g).to(zq.device) * zq[q].std() * eta)
+            taus += [t] * n
+            owner += [q] * n
+    z, tau = torch.cat(zs), torch.tensor(taus)
+    seqs = []
+    for i in range(0, len(z), chunk):
+        zc = z[i : i + chunk]
+        seqs += iv.decoder.generate(
+            zc, torch.full((len(zc),), si), tok.bos_id, tok.eos_id, tau[i : i + chunk], probed.max_len, g
+        )
+    return as_inputs(seqs, tok), owner
+
+
+def _inside(iv, s, zq: torch.Tensor, seqs: list[list[int]], owner: list[int], eps: float) -> list[list[str]]:
+    """Per query: the texts of its distinct candidates within ``eps`` of its activation (verified in batches)."""
+    from .preimage import verify
+
+    probed, tok = iv.probed, iv.probed.tokenizer
+    uniq = list(dict.fromkeys((owner[i], tuple(x)) for i, x in enumerate(seqs)))
+    dmin, _, _ = verify(probed, s, [list(x) for _, x in uniq], zq[torch.tensor([q for q, _ in uniq])], iv.spec.metric)
+    inside: list[list[str]] = [[] for _ in range(len(zq))]
+    for (q, x), d in zip(uniq, dmin.tolist()):
+        if d <= eps:
+            inside[q].append(tok.text(list(x)))
+    return inside
 
 
 # ---------------------------------------------------------------------------------------------- FCR

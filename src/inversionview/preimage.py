@@ -13,6 +13,7 @@ import json
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -233,73 +234,103 @@ def read(
     probed, tok = iv.probed, iv.probed.tokenizer
     s, si = iv.site_index(site)
     eps, metric, mix = _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chains)
+    q = _query(probed, s, text, position)
+    seqs = propose(iv, q.zq, si, mix, samples, torch.Generator().manual_seed(seed))
+    counts, dropped = _distinct(probed, seqs)
+    uniq = [list(u) for u in counts]
+    checked = verify(probed, s, uniq, q.zq, metric)
+    n_in = sum(counts[tuple(u)] for u, d in zip(uniq, checked[0]) if d <= eps)
+    texts = [tok.text(u) for u in uniq]
+    w = None
+    if chains and can_explore(iv.task):
+        inside = [t for t, d in zip(texts, checked[0]) if d <= eps]
+        w = walk(probed, iv.task, s, q.zq[None], [inside + [text]], eps, metric, chains=chains, seed=seed)[0]
+        uniq, texts, checked = _with_members(probed, s, q.zq, metric, w, uniq, texts, checked, seed)
+    settings = {
+        "mix": [list(m) for m in mix],
+        "samples": samples,
+        "seed": seed,
+        "chains": chains,
+        "dropped": dropped,
+        "task": iv.task.name if iv.task else None,
+    }
+    rows = _rows(iv, si, q.zq, q.zbos, uniq, texts, checked, counts, deltas)
+    pre = _preimage(iv, text, q, s, eps, metric, rows, n_in, settings)
+    _explain(iv, s, q.zq, pre, w, seed)
+    return pre
+
+
+class _Query(NamedTuple):
+    """The query input read: its ids and tokens, the resolved position, and the activations there and at BOS."""
+
+    ids: list[int]
+    tokens: list[str]
+    pos: int
+    zq: torch.Tensor
+    zbos: torch.Tensor
+
+
+def _query(probed: ProbedModel, s, text: str, position: int | str) -> _Query:
+    """Encode ``text``, resolve ``position`` among its text tokens (EOS excluded) and run the probed model to ``s``."""
+    tok = probed.tokenizer
     ids = probed.encode(text)
     n_text = len(ids) - (1 if tok.eos_id is not None and ids[-1] == tok.eos_id and tok.eos_id != tok.bos_id else 0)
     tokens = tok.tokens_of(ids)
     pos = resolve_position(tokens, n_text, position)
     act = probed.run(torch.tensor([ids]), [s])[s][0].float()
-    zq, zbos = act[pos], act[0]
+    return _Query(ids, tokens, pos, act[pos], act[0])
 
-    seqs = propose(iv, zq, si, mix, samples, torch.Generator().manual_seed(seed))
+
+def _distinct(probed: ProbedModel, seqs: list[list[int]]) -> tuple[Counter, int]:
+    """The decoder's samples counted by distinct input, and how many were dropped: a sample with PAD or EOS inside
+    is no input."""
+    eos = probed.tokenizer.eos_id
     special = set(probed.non_input_ids)
-    kept = [x for x in seqs if not special.intersection(x[1:-1] if x[-1] == tok.eos_id else x[1:])]
-    counts = Counter(tuple(x) for x in kept)  # a sample with PAD or EOS inside is no input: dropped and counted
-    uniq = [list(u) for u in counts]
-    checked = verify(probed, s, uniq, zq, metric)
-    n_in = sum(counts[tuple(u)] for u, d in zip(uniq, checked[0]) if d <= eps)
-    texts = [tok.text(u) for u in uniq]
-    w = None
-    if chains and can_explore(iv.task):
-        w = walk(
-            probed,
-            iv.task,
-            s,
-            zq[None],
-            [[t for t, d in zip(texts, checked[0]) if d <= eps] + [text]],
-            eps,
-            metric,
-            chains=chains,
-            seed=seed,
-        )[0]
-        uniq, texts, checked = _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed)
-    out = _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas)
-    attention = None
-    if s.kind == "result":
-        attention = [
-            round(float(a), 5) for a in probed.attention(torch.tensor([ids]), s.layer, s.head)[0, pos, : pos + 1]
-        ]
-    pre = Preimage(
+    kept = [x for x in seqs if not special.intersection(x[1:-1] if x[-1] == eos else x[1:])]
+    return Counter(tuple(x) for x in kept), len(seqs) - len(kept)
+
+
+def _attention(probed: ProbedModel, s, q: _Query) -> list[float] | None:
+    """A head site's attention pattern from the query position (None at other sites)."""
+    if s.kind != "result":
+        return None
+    pattern = probed.attention(torch.tensor([q.ids]), s.layer, s.head)[0, q.pos, : q.pos + 1]
+    return [round(float(a), 5) for a in pattern]
+
+
+def _preimage(iv, text: str, q: _Query, s, eps: float, metric: str, rows, n_in: int, settings: dict) -> Preimage:
+    """The reading's result, before the chains' record and the summary are added (:func:`_explain`)."""
+    samples = settings["samples"]
+    return Preimage(
         text=text,
-        tokens=tokens,
-        position=pos,
+        tokens=q.tokens,
+        position=q.pos,
         site=s.name,
         site_short=s.short,
         epsilon=eps,
         metric=metric,
-        mode=probed.mode,
-        samples=out,
+        mode=iv.probed.mode,
+        samples=rows,
         n_candidates=samples,
         fraction_inside=n_in / samples,
-        attention=attention,
-        settings={
-            "mix": [list(m) for m in mix],
-            "samples": samples,
-            "seed": seed,
-            "chains": chains,
-            "dropped": len(seqs) - len(kept),
-            "task": iv.task.name if iv.task else None,
-        },
+        attention=_attention(iv.probed, s, q),
+        settings=settings,
         annotation=iv.task.annotate(text) if iv.task else None,
         decoder=str(iv.run_dir) if iv.run_dir else None,
     )
+
+
+def _explain(iv, s, zq: torch.Tensor, pre: Preimage, w, seed: int) -> None:
+    """Add to ``pre`` the chains' record (where they ran), the feature shares, the counterfactual checks and the
+    summary."""
+    probed = iv.probed
     if w is not None:
-        pre.chains = chains_record(w, eps, lambda x: tok.tokens_of(probed.encode(x)))
+        pre.chains = chains_record(w, pre.epsilon, lambda x: probed.tokenizer.tokens_of(probed.encode(x)))
     from .summary import feature_shares, summarize
 
     pre.shares = feature_shares(pre, iv.task)
-    pre.checks = _checks(iv, s, zq, pre, w, metric, seed)
+    pre.checks = _checks(iv, s, zq, pre, w, pre.metric, seed)
     pre.summary = summarize(pre, iv.task)
-    return pre
 
 
 def _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chains):

@@ -146,54 +146,17 @@ class Reproduction:
         }
 
     def table(self) -> str:
-        head = (
-            "claim",
-            "the paper's statement",
-            "site @ position",
-            "feature",
-            "expect",
-            "measured",
-            "n",
-            "baseline",
-            "holds",
-            "verdict",
-        )
-        rows = []
-        for c in self.claims:
-            paper = textwrap.wrap(c.paper, 46)
-            for i, k in enumerate(c.checks):
-                if k.expect == "flips":
-                    measured, base = (
-                        "LD -" if k.value is None else f"LD {k.value:.1f}",
-                        "-" if k.baseline is None else f"LD {k.baseline:.1f}",
-                    )
-                    n = f"{k.samples} pairs"
-                else:
-                    measured = "FCR -" if k.value is None else f"FCR {k.value:.2f} [{k.low:.2f}-{k.high:.2f}]"
-                    base = "-" if k.baseline is None else f"{k.baseline:.2f}"
-                    n = f"{k.samples}/{k.queries}q" + (f" ({k.empty} empty)" if k.empty else "")
-                where = f"{k.site} @ {k.position}" if k.position else k.site
-                rows.append(
-                    [
-                        c.name if i == 0 else "",
-                        paper[i] if i < len(paper) else "",
-                        where,
-                        k.feature,
-                        k.expect,
-                        measured,
-                        n,
-                        base,
-                        "yes" if k.holds else "no",
-                        c.verdict if i == 0 else "",
-                    ]
-                )
-            rows += [["", line] + [""] * 8 for line in paper[len(c.checks) :]]
-        w = [max(len(str(r[j])) for r in [head, *rows]) for j in range(len(head))]
+        rows = [row for c in self.claims for row in _claim_rows(c)]
+        w = [max(len(str(r[j])) for r in [_TABLE_HEAD, *rows]) for j in range(len(_TABLE_HEAD))]
 
         def fmt(r):
             return "  ".join(str(x).ljust(w[j]) for j, x in enumerate(r)).rstrip()
 
-        out = [fmt(head), fmt(["-" * x for x in w])] + [fmt(r) for r in rows]
+        out = [fmt(_TABLE_HEAD), fmt(["-" * x for x in w])] + [fmt(r) for r in rows]
+        return "\n".join(out + [""] + [textwrap.fill(n, 118) for n in self._notes()])
+
+    def _notes(self) -> list[str]:
+        """The paragraphs under the table: what its columns measure, the rules, each check's detail, the roles."""
         notes = [
             f"measured: FCR = mean over {self.queries} held-out queries of the share of the preimage's members "
             f"whose feature equals the query's, estimated under the task's input distribution by chains started "
@@ -210,7 +173,58 @@ class Reproduction:
                 "layer-0 heads at '=' by FCR (another model may give its heads other roles): "
                 + "; ".join(f"{f}: " + ", ".join(f"{h} {v:.2f}" for h, v in hs) for f, hs in self.roles.items())
             )
-        return "\n".join(out + [""] + [textwrap.fill(n, 118) for n in notes])
+        return notes
+
+
+_TABLE_HEAD = (
+    "claim",
+    "the paper's statement",
+    "site @ position",
+    "feature",
+    "expect",
+    "measured",
+    "n",
+    "baseline",
+    "holds",
+    "verdict",
+)
+
+
+def _measured(k: Check) -> tuple[str, str, str]:
+    """A check's measured value, its n and its baseline as the table shows them."""
+    if k.expect == "flips":
+        measured = "LD -" if k.value is None else f"LD {k.value:.1f}"
+        base = "-" if k.baseline is None else f"LD {k.baseline:.1f}"
+        return measured, f"{k.samples} pairs", base
+    measured = "FCR -" if k.value is None else f"FCR {k.value:.2f} [{k.low:.2f}-{k.high:.2f}]"
+    base = "-" if k.baseline is None else f"{k.baseline:.2f}"
+    n = f"{k.samples}/{k.queries}q" + (f" ({k.empty} empty)" if k.empty else "")
+    return measured, n, base
+
+
+def _claim_rows(c: Claim) -> list[list[str]]:
+    """A claim's rows of the table: one per check, the paper's statement wrapped down the second column (with rows
+    of its own where it is longer than the checks)."""
+    paper = textwrap.wrap(c.paper, 46)
+    rows = []
+    for i, k in enumerate(c.checks):
+        measured, n, base = _measured(k)
+        where = f"{k.site} @ {k.position}" if k.position else k.site
+        rows.append(
+            [
+                c.name if i == 0 else "",
+                paper[i] if i < len(paper) else "",
+                where,
+                k.feature,
+                k.expect,
+                measured,
+                n,
+                base,
+                "yes" if k.holds else "no",
+                c.verdict if i == 0 else "",
+            ]
+        )
+    return rows + [["", line] + [""] * 8 for line in paper[len(c.checks) :]]
 
 
 def _patching(iv, pairs: int, seed: int):
@@ -246,23 +260,35 @@ def reproduce(
     if queries < 1 or samples < 1 or pairs < 1:
         raise UserError(f"queries, samples and pairs must be at least 1, got {queries}, {samples} and {pairs}")
     iv = InversionView.load(f"shipped:{task}")
-    claims = CLAIMS[task]
+    feats = resolve_features(iv.task)
+    reference = random_values(iv.task, feats, seed=seed)
+    measured = {}
+    for (site, k), names in tqdm(list(_wanted(task).items()), desc=f"reproduce {task}", disable=not progress):
+        sub = {n: feats[n] for n in sorted(names)}
+        for r in measure(iv, site, k, sub, queries, samples, seed, reference):
+            measured[(site, k, r.feature)] = r
+    claims = _claims(iv, task, measured, pairs, seed)
+    return Reproduction(task, claims, queries, samples, _roles(task, measured))
+
+
+def _wanted(task: str) -> dict[tuple[str, int], set[str]]:
+    """The features to measure at each (site, position index): those of the task's FCR checks, and the roles'
+    features at every layer-0 head (:data:`ROLES`, :data:`HEADS`)."""
     wanted: dict[tuple[str, int], set[str]] = {}
-    for _, checks in claims.values():
+    for _, checks in CLAIMS[task].values():
         for site, k, feat, _ in checks:
             if k is not None:
                 wanted.setdefault((site, k), set()).add(feat)
     for h in HEADS.get(task, ()):
         wanted.setdefault((h, 0), set()).update(ROLES[task])
-    feats = resolve_features(iv.task)
-    reference = random_values(iv.task, feats, seed=seed)
-    measured = {}
-    for (site, k), names in tqdm(list(wanted.items()), desc=f"reproduce {task}", disable=not progress):
-        sub = {n: feats[n] for n in sorted(names)}
-        for r in measure(iv, site, k, sub, queries, samples, seed, reference):
-            measured[(site, k, r.feature)] = r
+    return wanted
+
+
+def _claims(iv, task: str, measured: dict, pairs: int, seed: int) -> tuple[Claim, ...]:
+    """The task's claims with their checks: FCR checks from ``measured`` (by site, position index and feature),
+    patching checks from C3's patching (run once, where a claim has one)."""
     out, patched = [], None
-    for name, (paper, checks) in claims.items():
+    for name, (paper, checks) in CLAIMS[task].items():
         rows = []
         for site, k, feat, expect in checks:
             if k is None:  # a patching check: site names the components patched
@@ -288,8 +314,13 @@ def reproduce(
                 )
             )
         out.append(Claim(name, paper, tuple(rows)))
+    return tuple(out)
+
+
+def _roles(task: str, measured: dict) -> dict:
+    """Per role feature of the task: the layer-0 heads at '=' with their FCR, best first."""
     roles = {}
     for f in ROLES.get(task, ()):
         hs = [(h, fcr) for h in HEADS[task] if (fcr := measured[(h, 0, f)].fcr) is not None]
         roles[f] = sorted(hs, key=lambda x: -x[1])
-    return Reproduction(task, tuple(out), queries, samples, roles)
+    return roles

@@ -39,6 +39,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from .artifacts import check_fields
 from .errors import UserError
@@ -125,6 +126,37 @@ def canonical_settings(settings: dict) -> dict:
         if s.get(k) is not None:
             s[k] = float(s[k])
     return s
+
+
+class _Encoded(NamedTuple):
+    """A reading in the form :meth:`ReadingStore.put` writes it."""
+
+    skey: str  # the settings as canonical JSON, part of the reading's key
+    token: str | None  # the token at the query position
+    n_inside: int  # distinct samples within epsilon
+    body: str  # the Preimage's fields other than its samples, as JSON
+    rows: list[tuple]  # per sample in rank order: rank, text, distance, position, count, annotation
+    data: bytes  # the samples' other fields (per-token lists, ...) as zlib-compressed JSON
+
+
+def _encode(pre: Preimage, settings: dict | None) -> _Encoded:
+    """``pre`` and its ``settings`` (default: :func:`settings_of` ``pre``) as the store writes them."""
+    # shallow field dicts (the values are JSON-ready): dataclasses.asdict's deep copy took 3/4 of the time
+    d = {f.name: getattr(pre, f.name) for f in fields(pre) if f.name != "samples"}
+    samples = [{f.name: getattr(s, f.name) for f in fields(s)} for s in pre.samples]
+    settings = canonical_settings(settings if settings is not None else settings_of(pre))
+    rows = [
+        (rank, s["text"], s["distance"], s["position"], s["count"], s["annotation"]) for rank, s in enumerate(samples)
+    ]
+    data = zlib.compress(_json([{k: v for k, v in s.items() if k not in _SAMPLE_COLUMNS} for s in samples]).encode())
+    return _Encoded(
+        skey=_json(dict(sorted(settings.items()))),
+        token=pre.tokens[pre.position] if 0 <= pre.position < len(pre.tokens) else None,
+        n_inside=sum(1 for s in pre.samples if s.distance <= pre.epsilon),
+        body=_json(d),
+        rows=rows,
+        data=data,
+    )
 
 
 def reading_key(
@@ -262,66 +294,62 @@ class ReadingStore:
         """Store a reading under ``fingerprint`` (see :attr:`inversionview.run.InversionView.fingerprint`) and
         ``settings`` (default: :func:`settings_of` ``pre``) in one transaction; return its id. A reading whose
         key is already stored is not stored again: the stored one's id is returned."""
-        # shallow field dicts (the values are JSON-ready): dataclasses.asdict's deep copy took 3/4 of the time
-        d = {f.name: getattr(pre, f.name) for f in fields(pre) if f.name != "samples"}
-        samples = [{f.name: getattr(s, f.name) for f in fields(s)} for s in pre.samples]
-        settings = canonical_settings(settings if settings is not None else settings_of(pre))
-        skey = _json(dict(sorted(settings.items())))
-        n_inside = sum(1 for s in pre.samples if s.distance <= pre.epsilon)
-        token = pre.tokens[pre.position] if 0 <= pre.position < len(pre.tokens) else None
-        rows = []
-        for rank, s in enumerate(samples):
-            rows.append((rank, s["text"], s["distance"], s["position"], s["count"], s["annotation"]))
-        data = zlib.compress(
-            _json([{k: v for k, v in s.items() if k not in _SAMPLE_COLUMNS} for s in samples]).encode()
-        )
+        rec = _encode(pre, settings)
         with self._lock:
             db = self._db
             try:
                 db.execute("BEGIN IMMEDIATE")
-                db.execute(
-                    "INSERT INTO decoders VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-                    (fingerprint, pre.decoder, time.time()),
-                )
-                cur = db.execute(
-                    "INSERT INTO readings (fingerprint, text, site, site_short, position, settings, token, epsilon, metric,"
-                    " mode, n_candidates, n_samples, n_inside, fraction_inside, created, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (
-                        fingerprint,
-                        pre.text,
-                        pre.site,
-                        pre.site_short,
-                        pre.position,
-                        skey,
-                        token,
-                        pre.epsilon,
-                        pre.metric,
-                        pre.mode,
-                        pre.n_candidates,
-                        len(samples),
-                        n_inside,
-                        pre.fraction_inside,
-                        time.time(),
-                        _json(d),
-                    ),
-                )
-                if cur.rowcount == 0:
+                rid = self._insert(pre, fingerprint, rec)
+                if rid is None:  # the key is already stored
                     db.execute("ROLLBACK")
-                    rid = self._id(fingerprint, pre.text, pre.site, pre.position, skey)
+                    rid = self._id(fingerprint, pre.text, pre.site, pre.position, rec.skey)
                     assert rid is not None  # the row whose key the insert conflicted with
                     log.debug("reading %d is already stored; not storing it again", rid)
                     return rid
-                rid = cur.lastrowid
-                assert rid is not None  # the row just inserted
-                db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)", [(rid, *r) for r in rows])
-                db.execute("INSERT INTO sample_data VALUES (?, ?)", (rid, data))
+                db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?)", [(rid, *r) for r in rec.rows])
+                db.execute("INSERT INTO sample_data VALUES (?, ?)", (rid, rec.data))
                 db.execute("COMMIT")
             except BaseException:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
         return rid
+
+    def _insert(self, pre: Preimage, fingerprint: str, rec: _Encoded) -> int | None:
+        """Insert the decoder (where new) and the reading's row, in the caller's transaction: the new row's id, or
+        None where a reading of the same key is already stored (nothing inserted)."""
+        db = self._db
+        db.execute(
+            "INSERT INTO decoders VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (fingerprint, pre.decoder, time.time()),
+        )
+        cur = db.execute(
+            "INSERT INTO readings (fingerprint, text, site, site_short, position, settings, token, epsilon, metric,"
+            " mode, n_candidates, n_samples, n_inside, fraction_inside, created, body)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            (
+                fingerprint,
+                pre.text,
+                pre.site,
+                pre.site_short,
+                pre.position,
+                rec.skey,
+                rec.token,
+                pre.epsilon,
+                pre.metric,
+                pre.mode,
+                pre.n_candidates,
+                len(rec.rows),
+                rec.n_inside,
+                pre.fraction_inside,
+                time.time(),
+                rec.body,
+            ),
+        )
+        if cur.rowcount == 0:
+            return None
+        assert cur.lastrowid is not None  # the row just inserted
+        return cur.lastrowid
 
     # ------------------------------------------------------------------ reading
     def _id(self, fingerprint: str, text: str, site: str, position: int, skey: str) -> int | None:

@@ -59,39 +59,11 @@ def train_probed(
     input. With the answer loss alone (the paper's setting) the counting model sat on a plateau at loss 2.0
     (chance is 2.2) for 2,500 steps on CPU; the auxiliary loss breaks it within about 1,000 steps. The
     accuracy reported is on the answer alone."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    v = task.vocab
-    config = GPT2Config(
-        vocab_size=v.vocab_size,
-        bos_token_id=v.bos_id,
-        eos_token_id=v.eos_id,
-        pad_token_id=v.pad_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        **task.model,
-    )
-    model = GPT2LMHeadModel(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    model = _new_model(task)
     t0 = time.time()
-    bar = tqdm(range(steps), desc=f"train-probed {task.name}", unit="step")
-    for step in bar:
-        ids, labels = _batch(task, [task.sample(rng) for _ in range(batch_size)])
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-        target = ids[:, 1:].masked_fill(ids[:, 1:] == task.vocab.pad_id, -100)
-        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten()) if aux else 0.0
-        opt.zero_grad(set_to_none=True)
-        (loss + aux * lm).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+    _fit(model, task, rng, steps, batch_size, lr, aux)
     model.eval()
     acc = accuracy(model, task)
     info = {
@@ -110,3 +82,42 @@ def train_probed(
     (Path(out) / "training.json").write_text(json.dumps(info, indent=1))
     log.info("test accuracy %.4f", acc)
     return info
+
+
+def _new_model(task: Task):
+    """An untrained GPT-2 of the task's size (``task.model``) over its vocabulary, without dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    v = task.vocab
+    config = GPT2Config(
+        vocab_size=v.vocab_size,
+        bos_token_id=v.bos_id,
+        eos_token_id=v.eos_id,
+        pad_token_id=v.pad_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **task.model,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _fit(model, task: Task, rng: random.Random, steps: int, batch_size: int, lr: float, aux: float) -> None:
+    """``steps`` AdamW steps (one-cycle schedule) on fresh training inputs: the answer loss plus ``aux`` times the
+    next-token loss."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    bar = tqdm(range(steps), desc=f"train-probed {task.name}", unit="step")
+    for step in bar:
+        ids, labels = _batch(task, [task.sample(rng) for _ in range(batch_size)])
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        target = ids[:, 1:].masked_fill(ids[:, 1:] == task.vocab.pad_id, -100)
+        lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten()) if aux else 0.0
+        opt.zero_grad(set_to_none=True)
+        (loss + aux * lm).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
