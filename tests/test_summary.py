@@ -44,20 +44,28 @@ def _chain_share(pre, f, value) -> float:
     return sum(per) / len(per)
 
 
+def _members(pre):
+    ch = pre.chains
+    return [{"tokens": ch["members"][x][2], "position": ch["members"][x][1]} for st in ch["states"] for x in st]
+
+
 def test_reading_states_the_count_as_shared(colon):
     # head 1.0 at ':' keeps the count (the paper's C2); the share is the chains' estimate over the preimage
     s = colon.summary
     assert s == summarize(colon, "counting")
-    assert s[0].startswith("estimated over the preimage under the input distribution: 1536 states of 64 chains")
+    head = re.match(r"estimated over the preimage under the input distribution: 1536 chain states from (\d+) ", s[0])
+    assert head and 1 <= int(head[1]) <= 64 and len(colon.chains["states"]) == int(head[1])
     f = builtin_features("counting")["count"]
     line = [x for x in s if x.endswith(": count = 8")][0]
     share, low, high = _share(line)
     assert share == round(100 * _chain_share(colon, f, 8)) and low <= share <= high and low >= 75
     # every state is a verified member of the preimage
     assert all(colon.chains["members"][x][0] <= colon.epsilon for st in colon.chains["states"] for x in st)
-    # the matched position is ':' in every member (the minimum over positions lands on the same token)
+    # the matched position is ':' in every member (the minimum over positions lands on the same token), and the
+    # count after it is the shared count
+    assert all(m["tokens"][m["position"]] == ":" for m in _members(colon))
     matched = [x for x in s if x.startswith("tokens aligned at the matched position")][0]
-    assert "+0=':' 100%" in matched
+    assert "+1='8' " in matched
 
 
 def test_decoder_only_reading_says_what_its_shares_describe(counting_iv):

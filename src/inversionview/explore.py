@@ -48,7 +48,8 @@ Z = 1.96  # 95% intervals
 @dataclass
 class Walk:
     """The chains on one query's preimage: every distinct member met (text -> (distance, arg-min position)),
-    the states each chain kept after burn-in, and how many moves were proposed and accepted."""
+    the states kept after burn-in, one list per distinct start (the chains that began there, one after the
+    other), and how many moves were proposed and accepted."""
 
     members: dict[str, tuple[float, int]] = field(default_factory=dict)
     states: list[list[str]] = field(default_factory=list)
@@ -103,12 +104,13 @@ def walk(
     starts = [[x for x in dict.fromkeys(st) if task.propose(x, random.Random(0))] for st in starts]  # valid inputs
     _check(probed, site, zq, seen, [(q, x) for q, st in enumerate(starts) for x in st], metric)
     inside = _draw_inside(probed, task, site, zq, seen, epsilon, metric, rng, draws, chains)
-    walks, state = [Walk() for _ in starts], []
+    walks, state, n_starts = [Walk() for _ in starts], [], []
     for q, st in enumerate(starts):
         rest = [] if len(inside[q]) >= EXACT else [x for x in st if seen[q][x][0] <= epsilon and x not in inside[q]]
         st = rng.sample(inside[q], min(len(inside[q]), chains))
         st += rng.sample(rest, min(len(rest), chains - len(st)))
         state.append((st * chains)[:chains])
+        n_starts.append(min(len(st), chains))
         walks[q].states = [[] for _ in state[q]]
     for step in range(steps):
         props = [[_proposal(task, x, rng) for x in st] for st in state]  # each a list: one text, or a Gibbs block
@@ -131,8 +133,11 @@ def walk(
                     st[c] = y
                 if step >= steps // 2:
                     w.states[c].append(st[c])
-    for w, sq in zip(walks, seen):
+    for w, sq, k in zip(walks, seen, n_starts):
         w.members = {x: v for x, v in sq.items() if v[0] <= epsilon}
+        # chains that share a start are not independent: each start's chains count as one (chain c began at start
+        # c % k), so a share's interval rests on the number of distinct starts where the chains mix slowly
+        w.states = [[x for c in range(g, len(w.states), k) for x in w.states[c]] for g in range(k)] if k else []
     return walks
 
 

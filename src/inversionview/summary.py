@@ -141,8 +141,8 @@ def summarize(pre, task=None) -> list[str]:
     n_states = sum(map(len, pop.chains))
     if pop.estimate:
         head = (
-            f"estimated over the preimage under the input distribution: {n_states} states of {len(pop.chains)} "
-            f"chains, {pop.distinct} distinct members; shares with 95% intervals"
+            f"estimated over the preimage under the input distribution: {n_states} chain states from "
+            f"{len(pop.chains)} distinct starts, {pop.distinct} distinct members; shares with 95% intervals"
         )
     else:
         head = (
