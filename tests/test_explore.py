@@ -160,6 +160,16 @@ def test_share_averages_per_chain_and_widens_with_disagreement():
     assert share([[1], [0, 0, 0]], bool).share == 0.5
 
 
+def test_unanimous_share_rests_on_the_distinct_members_met():
+    # every state agrees: no between-chain variance to measure, so the effective size is the number of distinct
+    # states (at least the number of chains): Wilson's low end for p = 1 is n / (n + 1.96^2)
+    yes = lambda x: True  # noqa: E731
+    assert share([["a", "b"], ["c", "d"]], yes).low == pytest.approx(4 / (4 + 1.96**2))
+    assert share([["a", "a"], ["a", "a"]], yes).low == pytest.approx(2 / (2 + 1.96**2))  # one member, two chains
+    assert share([["a"], ["b"]], yes, distinct=50).low == pytest.approx(2 / (2 + 1.96**2))  # capped by the states
+    assert share([list("abcdefgh")] * 2, lambda x: False).high == pytest.approx(1.96**2 / (8 + 1.96**2))
+
+
 @pytest.fixture(scope="module")
 def addition():
     from inversionview.run import InversionView

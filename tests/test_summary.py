@@ -49,23 +49,28 @@ def _members(pre):
     return [{"tokens": ch["members"][x][2], "position": ch["members"][x][1]} for st in ch["states"] for x in st]
 
 
-def test_reading_states_the_count_as_shared(colon):
-    # head 1.0 at ':' keeps the count (the paper's C2); the share is the chains' estimate over the preimage
+def test_reading_estimates_the_count_share(colon):
+    # head 1.0 at ':' keeps the count (the paper's C2; a scan puts its true share at 0.93 for this query); the share
+    # is the chains' estimate over the preimage, and the summary calls it shared only with a sure interval
     s = colon.summary
     assert s == summarize(colon, "counting")
     head = re.match(r"estimated over the preimage under the input distribution: 1536 chain states from (\d+) ", s[0])
     assert head and 1 <= int(head[1]) <= 64 and len(colon.chains["states"]) == int(head[1])
     f = builtin_features("counting")["count"]
-    line = [x for x in s if x.endswith(": count = 8")][0]
-    share, low, high = _share(line)
-    assert share == round(100 * _chain_share(colon, f, 8)) and low <= share <= high and low >= 75
+    got = {x["feature"]: x for x in colon.shares}["count"]
+    assert got["value"] == 8 and got["share"] == pytest.approx(_chain_share(colon, f, 8)) and got["share"] >= 0.75
+    line = [x for x in s if x.endswith(": count = 8") or x.startswith("varies: count (8 ")][0]
+    if line.startswith("shared by"):
+        share, low, high = _share(line)
+        assert share == round(100 * got["share"]) and low <= share <= high and low >= 75
+    else:
+        assert f"8 {round(100 * got['share'])}%" in line and got["low"] < 0.75 or got["share"] < 0.9
     # every state is a verified member of the preimage
     assert all(colon.chains["members"][x][0] <= colon.epsilon for st in colon.chains["states"] for x in st)
-    # the matched position is ':' in every member (the minimum over positions lands on the same token), and the
-    # count after it is the shared count
+    # the matched position is ':' in every member (the minimum over positions lands on the same token)
     assert all(m["tokens"][m["position"]] == ":" for m in _members(colon))
     matched = [x for x in s if x.startswith("tokens aligned at the matched position")][0]
-    assert "+1='8' " in matched
+    assert "+0=':' 100%" in matched
 
 
 def test_decoder_only_reading_says_what_its_shares_describe(counting_iv):
@@ -123,7 +128,7 @@ def test_summary_follows_epsilon_and_round_trips(colon):
     tiny = colon.with_epsilon(1e-9)
     assert tiny.summary == [f"no member found inside epsilon {1e-9:g}: nothing to summarise"]
     # a smaller epsilon keeps the chains' states inside it; a larger one falls back to the decoder's samples
-    half = colon.with_epsilon(0.05)
+    half = colon.with_epsilon(0.08)
     assert half.summary[0].startswith("estimated over the preimage")
     assert {x["feature"]: x for x in half.shares}["count"]["share"] == pytest.approx(
         _chain_share(half, builtin_features("counting")["count"], 8)

@@ -40,8 +40,7 @@ STEPS = 48  # moves per chain; the first half is burn-in
 GLOBAL = 0.15  # share of moves that are fresh draws from the generator
 BLOCK = 0.1  # share of moves that are Gibbs blocks (Task.block): every alternative verified, one inside taken
 DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
-MAX_DRAWS = 2048  # draws per query at most; they stop once half the chains can start inside
-EXACT = 8  # with this many distinct draws inside, only they start chains (the decoder's members are look-alikes)
+MAX_DRAWS = 4096  # draws per query at most; they stop once half the chains can start inside
 Z = 1.96  # 95% intervals
 
 
@@ -93,11 +92,11 @@ def walk(
     draws: int = DRAWS,
     seed: int = 0,
 ) -> list[Walk]:
-    """Run ``chains`` chains per query (``zq`` (Q, d)) for ``steps`` moves. Each query first verifies ``draws``
-    inputs from the generator: those inside are exact draws from its preimage and start the chains; the rest of
-    the chains start from members among ``starts[q]`` (e.g. the decoder's, which the chains must then walk away
-    from: the first half of the moves is burn-in). A query left with no member gets an empty walk. All queries'
-    proposals are verified together, in batches."""
+    """Run ``chains`` chains per query (``zq`` (Q, d)) for ``steps`` moves. Each query first verifies inputs from
+    the generator, ``draws`` at a time (:func:`_draw_inside`): those inside are exact draws from its preimage and
+    start the chains. Only where none lands inside do the chains start from the members among ``starts[q]`` (e.g.
+    the decoder's, which the chains must then walk away from: the first half of the moves is burn-in). A query
+    left with no member gets an empty walk. All queries' proposals are verified together, in batches."""
     rng = random.Random(seed)
     # per query: every text verified -> (distance, arg-min position)
     seen: list[dict[str, tuple[float, int]]] = [{} for _ in starts]
@@ -105,10 +104,11 @@ def walk(
     _check(probed, site, zq, seen, [(q, x) for q, st in enumerate(starts) for x in st], metric)
     inside = _draw_inside(probed, task, site, zq, seen, epsilon, metric, rng, draws, chains)
     walks, state, n_starts = [Walk() for _ in starts], [], []
-    for q, st in enumerate(starts):
-        rest = [] if len(inside[q]) >= EXACT else [x for x in st if seen[q][x][0] <= epsilon and x not in inside[q]]
-        st = rng.sample(inside[q], min(len(inside[q]), chains))
-        st += rng.sample(rest, min(len(rest), chains - len(st)))
+    for q, given in enumerate(starts):
+        # exact draws alone where there are any: the decoder's members are look-alikes of the query, and chains
+        # started there stay near them (a few exact starts give a wide interval, not a biased share)
+        pick = inside[q] or [x for x in given if seen[q][x][0] <= epsilon]
+        st = rng.sample(pick, min(len(pick), chains))
         state.append((st * chains)[:chains])
         n_starts.append(min(len(st), chains))
         walks[q].states = [[] for _ in state[q]]
@@ -194,10 +194,12 @@ def wilson(p: float, n: float) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
-def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool]) -> Share | None:
+def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int | None = None) -> Share | None:
     """The share of states for which ``hit`` holds, averaged per chain and then over chains (None without
     states). The interval's effective size is p(1-p) over the between-chain variance of the mean, between the
-    number of chains and the number of states; where every state agrees it is the number of chains."""
+    number of chains and the number of states. Where every state agrees there is no variance to measure: it is
+    then the number of ``distinct`` states (the chains met that many different members and every one agreed;
+    counted here when the states are hashable), at least the number of chains."""
     per = [sum(map(hit, s)) / len(s) for s in states if s]
     if not per:
         return None
@@ -205,7 +207,15 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool]) -> Share | No
     p = sum(per) / c
     var = sum((x - p) ** 2 for x in per) / max(1, c - 1) / c
     total = sum(len(s) for s in states)
-    n = c if p in (0.0, 1.0) else total if var == 0 else min(max(p * (1 - p) / var, c), total)
+    if p in (0.0, 1.0):
+        if distinct is None:
+            try:
+                distinct = len({x for s in states for x in s})
+            except TypeError:  # unhashable states
+                distinct = c
+        n = max(c, min(distinct, total))
+    else:
+        n = total if var == 0 else min(max(p * (1 - p) / var, c), total)
     lo, hi = wilson(p, n)
     return Share(p, lo, hi, n)
 

@@ -44,7 +44,7 @@ class Population:
     estimate: bool
 
     def share(self, f: Callable[[Member], bool]) -> Share | None:
-        return share(self.chains, f)
+        return share(self.chains, f, self.distinct)
 
 
 def _fmt(v) -> str:
