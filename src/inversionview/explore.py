@@ -207,6 +207,7 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
     p = sum(per) / c
     var = sum((x - p) ** 2 for x in per) / max(1, c - 1) / c
     total = sum(len(s) for s in states)
+    n: float
     if p in (0.0, 1.0):
         if distinct is None:
             try:
