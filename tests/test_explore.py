@@ -168,6 +168,8 @@ def test_unanimous_share_rests_on_the_distinct_members_met():
     assert share([["a", "a"], ["a", "a"]], yes).low == pytest.approx(2 / (2 + 1.96**2))  # one member, two chains
     assert share([["a"], ["b"]], yes, distinct=50).low == pytest.approx(2 / (2 + 1.96**2))  # capped by the states
     assert share([list("abcdefgh")] * 2, lambda x: False).high == pytest.approx(1.96**2 / (8 + 1.96**2))
+    # and at most 4 per chain: one start that never left its mode is no sure claim, however far it walked
+    assert share([list("abcdefgh")], yes).low == pytest.approx(4 / (4 + 1.96**2))
 
 
 @pytest.fixture(scope="module")

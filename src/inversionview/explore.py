@@ -42,6 +42,7 @@ BLOCK = 0.1  # share of moves that are Gibbs blocks (Task.block): every alternat
 DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
 MAX_DRAWS = 4096  # draws per query at most; they stop once half the chains can start inside
 Z = 1.96  # 95% intervals
+UNANIMOUS = 4  # a unanimous share rests on at most this many effective members per chain (share())
 
 
 @dataclass
@@ -199,7 +200,8 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
     states). The interval's effective size is p(1-p) over the between-chain variance of the mean, between the
     number of chains and the number of states. Where every state agrees there is no variance to measure: it is
     then the number of ``distinct`` states (the chains met that many different members and every one agreed;
-    counted here when the states are hashable), at least the number of chains."""
+    counted here when the states are hashable), at least the number of chains and at most UNANIMOUS per chain (a
+    few starts stuck in one mode must not make a sure claim)."""
     per = [sum(map(hit, s)) / len(s) for s in states if s]
     if not per:
         return None
@@ -214,7 +216,7 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
                 distinct = len({x for s in states for x in s})
             except TypeError:  # unhashable states
                 distinct = c
-        n = max(c, min(distinct, total))
+        n = max(c, min(distinct, total, UNANIMOUS * c))
     else:
         n = total if var == 0 else min(max(p * (1 - p) / var, c), total)
     lo, hi = wilson(p, n)
