@@ -69,14 +69,14 @@ def hold(server):
     fut.result(60)
 
 
-def call(url, path, body=None, method=None, raw: bytes | None = None):
+def call(url, path, body=None, method=None, raw: bytes | None = None, timeout: float = 60):
     """(status, headers, parsed JSON or text) of one request."""
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(
         url + path, data=data, method=method, headers={"Content-Type": "application/json"} if data is not None else {}
     )
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
             status, headers, payload = r.status, r.headers, r.read()
     except urllib.error.HTTPError as e:
         status, headers, payload = e.code, e.headers, e.read()
@@ -880,9 +880,13 @@ def reading_burst(url: str, n: int, samples: int) -> list[str]:
     def one(i):
         try:
             return str(
-                call(url, "/api/query", {"text": TEXT, "site": "a1.0", "position": 19, "samples": samples, "seed": i})[
-                    0
-                ]
+                # the server reads one at a time: the last of a burst waits for all the others
+                call(
+                    url,
+                    "/api/query",
+                    {"text": TEXT, "site": "a1.0", "position": 19, "samples": samples, "seed": i},
+                    timeout=300,
+                )[0]
             )
         except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected, urllib.error.URLError):
             return "reset"

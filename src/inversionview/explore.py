@@ -40,7 +40,7 @@ STEPS = 48  # moves per chain; the first half is burn-in
 GLOBAL = 0.15  # share of moves that are fresh draws from the generator
 BLOCK = 0.1  # share of moves that are Gibbs blocks (Task.block): every alternative verified, one inside taken
 DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
-MAX_DRAWS = 4096  # draws per query at most; they stop once half the chains can start inside
+MAX_DRAWS = 2048  # draws per query at most; they stop once half the chains can start inside
 Z = 1.96  # 95% intervals
 UNANIMOUS = 4  # a unanimous share rests on at most this many effective members per chain (share())
 
