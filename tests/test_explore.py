@@ -250,3 +250,18 @@ def test_checks_show_what_the_activation_keeps(addition):
     assert line.endswith("stay inside epsilon (0%)") or "stay inside epsilon" in line
     # the ones digits vary inside the preimage: F3 is not shared
     assert got["F3"]["share"] < 0.5
+
+
+def test_chains_from_one_start_count_as_one(addition):
+    # with no generator draws, 8 chains all begin at the query: their states form one group, so a share's interval
+    # rests on one start (counting them as 8 independent chains would narrow it eightfold in effective size)
+    iv, task = addition, addition.task
+    query = "456+378=834"
+    s = iv.probed.site("x0.pre")
+    zq = iv.probed.run(torch.tensor([iv.probed.encode(query)]), [s])[s][0, 8].float()
+    w = walk(iv.probed, task, s, zq[None], [[query]], 0.1, "euclidean", chains=8, steps=10, draws=0, seed=0)[0]
+    assert len(w.states) == 1 and len(w.states[0]) == 8 * 5
+    # one start gives no spread between chains to measure: the share rests on at most 4 members, agreeing or not
+    for hit in (lambda x: x[0] == "4", lambda x: True):
+        est = share(w.states, hit)
+        assert est.n <= 4 and est.high - est.low > 0.3, est

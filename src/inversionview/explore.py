@@ -198,10 +198,10 @@ def wilson(p: float, n: float) -> tuple[float, float]:
 def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int | None = None) -> Share | None:
     """The share of states for which ``hit`` holds, averaged per chain and then over chains (None without
     states). The interval's effective size is p(1-p) over the between-chain variance of the mean, between the
-    number of chains and the number of states. Where every state agrees there is no variance to measure: it is
-    then the number of ``distinct`` states (the chains met that many different members and every one agreed;
-    counted here when the states are hashable), at least the number of chains and at most UNANIMOUS per chain (a
-    few starts stuck in one mode must not make a sure claim)."""
+    number of chains and the number of states. Where every state agrees, or there is one chain, there is no
+    variance between chains to measure: it is then the number of ``distinct`` states (counted here when the states
+    are hashable), at least the number of chains and at most UNANIMOUS per chain (a few starts stuck in one mode
+    must not make a sure claim)."""
     per = [sum(map(hit, s)) / len(s) for s in states if s]
     if not per:
         return None
@@ -210,7 +210,7 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
     var = sum((x - p) ** 2 for x in per) / max(1, c - 1) / c
     total = sum(len(s) for s in states)
     n: float
-    if p in (0.0, 1.0):
+    if p in (0.0, 1.0) or c == 1:  # no spread between chains to measure
         if distinct is None:
             try:
                 distinct = len({x for s in states for x in s})
