@@ -128,6 +128,48 @@ def test_a_drifting_move_is_caught():
     assert max(_stationary(Wrong(), COUNTING_STATS).values()) > 10
 
 
+def test_counts_mix_where_a_preimage_fixes_the_length():
+    # a chain restricted to one length (accept iff the length is kept, as in a preimage that keeps positions)
+    # started at one input must reach the generator's conditional over count triples; without the recolour move
+    # the triple (sorted counts) never changes, and a recolour that only feeds the target drifts
+    from itertools import product
+
+    task = get_task("counting")
+    triples = [c for c in product(range(1, 10), repeat=3) if sum(c) == 20]
+    # exact P(target's count, sorted triple | length 20): counts are uniform and independent, the target uniform
+    exact = Counter((c[k], tuple(sorted(c))) for c in triples for k in range(3))
+
+    def run(move, n=3000, steps=150):
+        rng = random.Random(3)
+        out = Counter()
+        for _ in range(n):
+            x = "aaaaaaaaabbbbbbbbbcc|a:9"
+            for _ in range(steps):
+                y = move(x, rng)
+                x = y if len(y.partition("|")[0]) == 20 else x
+            head, target = task.parse(x)
+            out[head.count(target), tuple(sorted(Counter(head).values()))] += 1
+        return out
+
+    def stat(got):
+        ref = Counter({k: round(v * sum(got.values()) / (3 * len(triples))) for k, v in exact.items()})
+        s, df = chi2(ref, got)
+        return s / max(1, df)
+
+    assert stat(run(task.propose)) < 2.5
+
+    def toward_target(text, rng):  # recolour only into the target letter: a one-sided drift
+        head, target = task.parse(text)
+        old = rng.choice([c for c in set(head) if c != target])
+        if rng.random() < 0.5 and head.count(old) > 1 and head.count(target) < 9:
+            i = rng.choice([i for i, c in enumerate(head) if c == old])
+            head = f"{head[:i]}{target}{head[i + 1 :]}"
+            return f"{head}|{target}:{head.count(target)}"
+        return task.propose(text, rng)
+
+    assert stat(run(toward_target)) > 10
+
+
 def test_moves_produce_valid_inputs_and_refuse_others():
     for name in ("counting", "addition"):
         task = get_task(name)

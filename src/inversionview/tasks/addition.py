@@ -95,16 +95,23 @@ class Addition(Task):
         return f"{a}+{b}={a + b}"
 
     def block(self, text: str, rng: random.Random) -> list[str] | None:
-        """One of the six digits under each of its values (1-9 for a leading digit, else 0-9)."""
+        """Half the time one of the six digits under each of its values (1-9 for a leading digit, else 0-9);
+        otherwise one column (both operands' digits at one place) under every pair with the same column sum, which
+        keeps a + b: a preimage that fixes the column's sum but not its digits mixes in one step."""
         p = self.parse(text)
         if p is None:
             return None
-        s, i = f"{p[0]}{p[1]}", rng.randrange(6)
-        out = []
-        for v in range(1 if i % 3 == 0 else 0, 10):
-            t = f"{s[:i]}{v}{s[i + 1 :]}"
-            out.append(f"{t[:3]}+{t[3:]}={int(t[:3]) + int(t[3:])}")
-        return out
+        s = f"{p[0]}{p[1]}"
+        if rng.random() < 0.5:
+            i = rng.randrange(6)
+            low = 1 if i % 3 == 0 else 0
+            ts = [f"{s[:i]}{v}{s[i + 1 :]}" for v in range(low, 10)]
+        else:
+            i = rng.randrange(3)
+            low, total = 1 if i == 0 else 0, int(s[i]) + int(s[i + 3])
+            pairs = [(u, total - u) for u in range(low, 10) if low <= total - u <= 9]
+            ts = [f"{s[:i]}{u}{s[i + 1 : i + 3]}{v}{s[i + 4 :]}" for u, v in pairs]
+        return [f"{t[:3]}+{t[3:]}={int(t[:3]) + int(t[3:])}" for t in ts]
 
     def all_inputs(self):
         """Every input of the task, in order (810,000)."""

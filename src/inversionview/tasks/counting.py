@@ -59,16 +59,20 @@ class Counting(Task):
         return head, tail[0]
 
     def propose(self, text: str, rng: random.Random) -> str | None:
-        """One of four moves, each reversible with respect to the generator (which draws the counts uniformly and
-        the order uniformly given them): swap two positions; move the target to another of the three letters;
-        rename a letter to one not present; or re-draw one letter's count from 1..9 and its places among the
-        other letters (the generator's conditional given the others' order)."""
+        """One of five moves, each reversible with respect to the generator (which draws the counts uniformly and
+        the order uniformly given them, so p(x) is proportional to n1! n2! n3! / n! at a fixed length n): swap two
+        positions; move the target to another of the three letters; rename a letter to one not present; re-draw
+        one letter's count from 1..9 and its places among the other letters (the generator's conditional given the
+        others' order); or recolour one place of a letter (drawn uniformly among its n2 places) as another letter
+        present, keeping the length: p(y)/p(x) = (n1 + 1)/n2 and the reverse move has probability 1/(n1 + 1), so
+        the Hastings ratio is 1. The last is the only move that changes the counts but not the length, where a
+        preimage fixes the length (positions) but not the counts."""
         p = self.parse(text)
         if p is None:
             return None
         head, target = p
         letters = sorted(set(head))
-        move = rng.randrange(4)
+        move = rng.randrange(5)
         if move == 0:
             s = list(head)
             i, j = rng.randrange(len(s)), rng.randrange(len(s))
@@ -79,12 +83,17 @@ class Counting(Task):
         elif move == 2:
             old, new = rng.choice(letters), rng.choice([c for c in LETTERS if c not in letters])
             head, target = head.replace(old, new), new if target == old else target
-        else:
+        elif move == 3:
             c, k = rng.choice(letters), rng.randint(1, 9)
             rest = [x for x in head if x != c]
             at = set(rng.sample(range(len(rest) + k), k))
             it = iter(rest)
             head = "".join(c if i in at else next(it) for i in range(len(rest) + k))
+        else:
+            new, old = rng.sample(letters, 2)
+            if head.count(old) > 1 and head.count(new) < 9:  # else stay: counts are 1..9
+                i = rng.choice([i for i, x in enumerate(head) if x == old])
+                head = f"{head[:i]}{new}{head[i + 1 :]}"
         return f"{head}|{target}:{head.count(target)}"
 
     def block(self, text: str, rng: random.Random) -> list[str] | None:
