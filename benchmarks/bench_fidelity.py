@@ -27,12 +27,14 @@ Bars: mean <= 0.03 and max <= 0.15 on both tasks with >= 32 queries per site; no
 """
 
 import argparse
+import json
 import math
 import random
 import statistics
 import time
 from collections import defaultdict
 from itertools import product
+from pathlib import Path
 
 import torch
 
@@ -189,6 +191,10 @@ def run_task(name: str, args) -> dict:
                             query=text,
                             truth=tr,
                             read=est.share,
+                            low=est.low,
+                            high=est.high,
+                            site=site,
+                            mode=mode,
                         )
                     )
             for q in range(min(args.timed, len(poss))):  # the default reading, one query at a time: time and recall
@@ -212,13 +218,20 @@ def run_task(name: str, args) -> dict:
         print(
             f"  {site}: scanned in {t_scan:.1f} s; " + "; ".join(report(rows[(m, site)], m) for m in modes), flush=True
         )
+        for r in sorted((r for r in rows[("chains", site)] if r.get("sure")), key=lambda r: -r["err"])[:1]:
+            print(
+                f"    worst: {r['query']} {r['feature']}: read {r['read']:.2f} [{r['low']:.2f}, {r['high']:.2f}], true {r['truth']:.2f}"
+            )
     out = {}
     for mode in ("chains", "decoder") if args.baseline else ("chains",):
         allr = [r for (m, _), v in rows.items() if m == mode for r in v]
         print(f"{name} overall [{mode}]: {report(allr, mode)}")
         worst = sorted((r for r in allr if r.get("sure")), key=lambda r: -r["err"])[:3]
         for r in worst:
-            print(f"    worst: {r['query']} {r['feature']}: read {r['read']:.2f}, true {r['truth']:.2f}")
+            print(
+                f"    worst: {r['site']} {r['query']} {r['feature']}: read {r['read']:.2f} "
+                f"[{r['low']:.2f}, {r['high']:.2f}], true {r['truth']:.2f}"
+            )
         out[mode] = allr
     return out
 
@@ -253,14 +266,18 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", action="store_true")
+    ap.add_argument("--dump", default=None, help="write every compared (query, feature) row to this JSON file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}"
     )
+    dump = {}
     for name in ["counting", "addition"] if args.task == "both" else [args.task]:
-        run_task(name, args)
+        dump[name] = run_task(name, args)
+    if args.dump:
+        Path(args.dump).write_text(json.dumps(dump, indent=1))
 
 
 if __name__ == "__main__":
