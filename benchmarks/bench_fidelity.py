@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from inversionview import InversionView
-from inversionview.explore import CHAINS, share
+from inversionview.explore import CHAINS, share, wilson
 from inversionview.features import builtin_features, preimages
 from inversionview.summary import is_shared
 
@@ -116,15 +116,17 @@ def pool(task, n_pool: int, n_stratum: int, lengths, seed: int = 7):
 
 
 def truth(inside: torch.Tensor, match: torch.Tensor, w: torch.Tensor) -> tuple[float | None, float]:
-    """The weighted share of ``match`` among ``inside`` rows and its standard error (delta method over the
-    strata, which have constant weights within; infinite below MIN_MEMBERS members, where it means nothing)."""
+    """The weighted share of ``match`` among ``inside`` rows and its standard error: the larger of the delta
+    method's over the strata (which have constant weights within) and a binomial one at the members' effective
+    number (Kish: (sum w)^2 / sum w^2), so that a share of 0 or 1 among few members is not taken as known;
+    infinite below MIN_MEMBERS members, where it means nothing."""
     m = inside.float() * w
     den = m.sum()
     if den == 0:
         return None, math.inf
-    if int(inside.sum()) < MIN_MEMBERS:
-        return float((m * match).sum() / den), math.inf
     r = float((m * match).sum() / den)
+    if int(inside.sum()) < MIN_MEMBERS:
+        return r, math.inf
     var = 0.0
     for wv in w.unique():
         if wv == 0:
@@ -133,7 +135,9 @@ def truth(inside: torch.Tensor, match: torch.Tensor, w: torch.Tensor) -> tuple[f
         n_h = int(rows.sum())
         resid = inside[rows].float() * (match[rows].float() - r)
         var += float((wv * n_h) ** 2 * resid.var(unbiased=True) / n_h) if n_h > 1 else 0.0
-    return r, math.sqrt(var) / float(den)
+    n_eff = float(den) ** 2 / float((m * m).sum())
+    lo, hi = wilson(r, n_eff)
+    return r, max(math.sqrt(var) / float(den), (hi - lo) / 2 / 1.96)
 
 
 def run_task(name: str, args) -> dict:

@@ -170,6 +170,39 @@ def test_counts_mix_where_a_preimage_fixes_the_length():
     assert stat(run(toward_target)) > 10
 
 
+def test_carry_patterns_mix_where_a_preimage_keeps_the_sums_leading_digit():
+    # the preimage of x0.mid at the sum's first digit of 516+187=703 holds the sums 700-709 and 790-799 (two carry
+    # patterns): chains restricted to those sums, moving as a reading's chains do (local moves, Gibbs blocks, fresh
+    # draws), must reach the exact share of 79x from 703 alone. Single-digit moves cross between the two only
+    # through other sums; a re-draw that only goes up (below) drifts
+    from inversionview.explore import _proposal
+
+    task = get_task("addition")
+    keep = lambda t: t is not None and (int(t[:3]) + int(t[4:7])) // 10 in (70, 79)  # noqa: E731
+    exact = _exact(task, lambda t: int(t[8:]) // 10 == 79, True, keep)
+
+    def run(kernel, n=1000, steps=100):
+        rng, hits = random.Random(4), 0
+        for _ in range(n):
+            x = "516+187=703"
+            for _ in range(steps):
+                ok = [y for y in kernel(task, x, rng) if keep(y)]
+                x = rng.choice(ok) if ok else x
+            hits += int(x[8:]) // 10 == 79
+        return hits / n
+
+    assert abs(run(_proposal) - exact) < 0.05, exact
+
+    def upward(task, text, rng):  # re-draw the second operand above its value only: not symmetric
+        a, b = task.parse(text)
+        if rng.random() < 0.3:
+            b = rng.randint(b, min(999, (a + b) // 100 * 100 + 99 - a))
+            return [f"{a}+{b}={a + b}"]
+        return _proposal(task, text, rng)
+
+    assert abs(run(upward) - exact) > 0.1
+
+
 def test_moves_produce_valid_inputs_and_refuse_others():
     for name in ("counting", "addition"):
         task = get_task(name)
@@ -193,13 +226,22 @@ def test_wilson_interval_matches_hand_values():
     assert hi == 1.0 and lo == pytest.approx(0.8928, abs=1e-4)
 
 
-def test_share_averages_per_chain_and_widens_with_disagreement():
+def test_share_pools_states_and_widens_with_disagreement():
     agree = share([[1, 1, 1, 1]] * 8 + [[0, 0, 0, 0]] * 8, bool)
     assert agree.share == 0.5
     mixed = share([[1, 0, 1, 0]] * 16, bool)
     assert mixed.share == 0.5 and mixed.high - mixed.low < agree.high - agree.low
-    # chains of different lengths count equally
-    assert share([[1], [0, 0, 0]], bool).share == 0.5
+    # states are pooled: a relaxed chain that kept more states inside weighs more (a ratio estimator). By hand:
+    # p = 1/4; residuals h - p m = 0.75, -0.75; var = 2/1 * 1.125 / 16; n = 0.1875 / var * (1.96 / 12.706)^2, clamped
+    # to 2 groups
+    s = share([[1], [0, 0, 0]], bool)
+    assert s.share == 0.25 and s.n == 2
+    s = share([[1, 1, 0, 0]] * 3 + [[1, 0]] * 3 + [[0] * 6] * 2, bool)  # 9 hits in 30 states; var by hand
+    var = 8 / 7 * (3 * (2 - 4 * 0.3) ** 2 + 3 * (1 - 2 * 0.3) ** 2 + 2 * (6 * 0.3) ** 2) / 30**2
+    assert s.share == pytest.approx(0.3) and s.n == pytest.approx(0.3 * 0.7 / var * (1.96 / 2.365) ** 2)  # t, 7 df
+    # two groups at 0.50 and 0.52: the t interval with 1 degree of freedom, 0.51 +- 12.706 * 0.01 (z alone: +-0.0196)
+    two = share([[1] * 50 + [0] * 50, [1] * 52 + [0] * 48], bool)
+    assert two.high - two.low == pytest.approx(2 * 12.706 * 0.01, abs=0.01)
 
 
 def test_unanimous_share_rests_on_the_distinct_members_met():
@@ -247,6 +289,28 @@ def test_chains_from_look_alikes_estimate_the_true_share(addition):
         est = share(w.states, lambda x: feats[k](x) == vq)
         assert est.low <= truth <= est.high and abs(est.share - truth) < 0.08, (k, est, truth)
     assert w.acceptance > 0.5 and len(w.members) > 300
+
+
+def test_relaxed_chains_keep_only_their_states_inside_epsilon(addition, monkeypatch):
+    # head a0.0 at the query's third digit (index 3): inputs with another third digit are 0.11-0.21 away, outside
+    # epsilon 0.1 but inside the relaxed 0.2. With 256 generator draws (about 25 inside, fewer than half the
+    # chains; about 75 inside 0.2) the chains walk the relaxed preimage; a share over every state they visit would
+    # put other third digits in; over the states kept, none
+    from inversionview import explore
+
+    monkeypatch.setattr(explore, "MAX_DRAWS", 256)
+    iv, task = addition, addition.task
+    query = "456+378=834"
+    s = iv.probed.site("a0.0")
+    zq = iv.probed.run(torch.tensor([iv.probed.encode(query)]), [s])[s][0, 3].float()
+    w = walk(iv.probed, task, s, zq[None], [[query]], 0.1, "euclidean", chains=64, steps=32, seed=0)[0]
+    kept = [x for st in w.states for x in st]
+    assert w.level == pytest.approx(0.2) and len(kept) > 300
+    assert all(x in w.members and w.members[x][0] <= 0.1 for x in kept)
+    assert share(w.states, lambda x: x[2] == "6").share == 1.0
+    # with every draw it needs the same query walks the exact preimage
+    monkeypatch.setattr(explore, "MAX_DRAWS", 2048)
+    assert walk(iv.probed, task, s, zq[None], [[query]], 0.1, "euclidean", chains=64, steps=4, seed=0)[0].level == 0.1
 
 
 def test_reading_with_a_biased_decoder_reports_preimage_shares():

@@ -15,8 +15,10 @@ input (the target letter's name, one digit) is verified at once, and the chain m
 drawn uniformly; a part the activation barely keeps then mixes in one step instead of waiting for a rare accepted
 local move.
 
-Shares are averaged over the chains' states after burn-in (:func:`share`), with a 95% interval whose effective
-size comes from the spread between chains. Counterfactual checks (:func:`counterfactuals`) change one feature of
+Where few generator draws land inside, the chains walk the relaxed preimage (within RELAX * epsilon), which is
+larger and better connected, and keep only their states inside epsilon: those are distributed as the target
+restricted to the preimage, exactly the target. Shares are pooled over the chains' states after burn-in
+(:func:`share`), with a 95% interval whose effective size comes from the spread between chains. Counterfactual checks (:func:`counterfactuals`) change one feature of
 members with the same moves and count how many stay inside.
 """
 
@@ -36,12 +38,33 @@ from .settings import CHAINS  # chains per query, a reading's default (defined o
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")  # a chain's state
-STEPS = 48  # moves per chain; the first half is burn-in
+STEPS = 32  # moves per chain; the first half is burn-in for chains that start at the decoder's members (walk())
 GLOBAL = 0.15  # share of moves that are fresh draws from the generator
 BLOCK = 0.1  # share of moves that are Gibbs blocks (Task.block): every alternative verified, one inside taken
 DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
 MAX_DRAWS = 2048  # draws per query at most; they stop once half the chains can start inside
+RELAX = 2.0  # where few draws land inside, the chains walk the preimage at RELAX * epsilon and keep their states inside
 Z = 1.96  # 95% intervals
+# Student's t at 97.5% for 1..30 degrees of freedom: a share's variance measured between a few groups is itself
+# uncertain, so its interval widens as a t interval would (share())
+T975: tuple[float, ...] = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+)
+T975 += (2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 UNANIMOUS = 4  # a unanimous share rests on at most this many effective members per chain (share())
 
 
@@ -55,6 +78,7 @@ class Walk:
     states: list[list[str]] = field(default_factory=list)
     proposed: int = 0
     accepted: int = 0
+    level: float = 0.0  # the distance the chains walked within: epsilon, or RELAX * epsilon (walk())
 
     @property
     def acceptance(self) -> float:
@@ -95,24 +119,21 @@ def walk(
 ) -> list[Walk]:
     """Run ``chains`` chains per query (``zq`` (Q, d)) for ``steps`` moves. Each query first verifies inputs from
     the generator, ``draws`` at a time (:func:`_draw_inside`): those inside are exact draws from its preimage and
-    start the chains. Only where none lands inside do the chains start from the members among ``starts[q]`` (e.g.
-    the decoder's, which the chains must then walk away from: the first half of the moves is burn-in). A query
-    left with no member gets an empty walk. All queries' proposals are verified together, in batches."""
+    start the chains, which are then stationary from the first move: every state is kept. Only where none lands
+    inside do the chains start from the members among ``starts[q]`` (e.g. the decoder's, which the chains must then
+    walk away from: the first half of the moves is burn-in). A query left with no member gets an empty walk. All
+    queries' proposals are verified together, in batches."""
     rng = random.Random(seed)
     # per query: every text verified -> (distance, arg-min position)
     seen: list[dict[str, tuple[float, int]]] = [{} for _ in starts]
     starts = [[x for x in dict.fromkeys(st) if task.propose(x, random.Random(0))] for st in starts]  # valid inputs
     _check(probed, site, zq, seen, [(q, x) for q, st in enumerate(starts) for x in st], metric)
-    inside = _draw_inside(probed, task, site, zq, seen, epsilon, metric, rng, draws, chains)
-    walks, state, n_starts = [Walk() for _ in starts], [], []
-    for q, given in enumerate(starts):
-        # exact draws alone where there are any: the decoder's members are look-alikes of the query, and chains
-        # started there stay near them (a few exact starts give a wide interval, not a biased share)
-        pick = inside[q] or [x for x in given if seen[q][x][0] <= epsilon]
-        st = rng.sample(pick, min(len(pick), chains))
-        state.append((st * chains)[:chains])
-        n_starts.append(min(len(st), chains))
-        walks[q].states = [[] for _ in state[q]]
+    relaxed = RELAX * epsilon
+    near = _draw_inside(probed, task, site, zq, seen, epsilon, relaxed, metric, rng, draws, chains)
+    # per query: the chains' start states, the distance they walk within, their burn-in
+    began = [_start(near[q], g, seen[q], epsilon, relaxed, chains, steps, rng) for q, g in enumerate(starts)]
+    state = [list(st) for st, _, _ in began]  # the chains' current states
+    walks = [Walk(states=[[] for _ in st], level=lv) for st, lv, _ in began]
     for step in range(steps):
         props = [[_proposal(task, x, rng) for x in st] for st in state]  # each a list: one text, or a Gibbs block
         _check(
@@ -127,14 +148,15 @@ def walk(
             w = walks[q]
             w.proposed += len(ps)
             for c, p in enumerate(ps):
-                ok = [y for y in p if seen[q][y][0] <= epsilon]
+                ok = [y for y in p if seen[q][y][0] <= w.level]
                 if ok:  # a Metropolis move is accepted iff inside; a Gibbs block moves uniformly among its inside
                     y = rng.choice(ok)
                     w.accepted += y != st[c]
                     st[c] = y
-                if step >= steps // 2:
+                if step >= began[q][2] and seen[q][st[c]][0] <= epsilon:  # a relaxed chain's states inside epsilon
                     w.states[c].append(st[c])
-    for w, sq, k in zip(walks, seen, n_starts):
+    for w, sq, (st, _, _) in zip(walks, seen, began):
+        k = len(set(st))
         w.members = {x: v for x, v in sq.items() if v[0] <= epsilon}
         # chains that share a start are not independent: each start's chains count as one (chain c began at start
         # c % k), so a share's interval rests on the number of distinct starts where the chains mix slowly
@@ -142,13 +164,47 @@ def walk(
     return walks
 
 
+def _start(near, given, seen, epsilon, relaxed, chains: int, steps: int, rng) -> tuple[list[str], float, int]:
+    """A query's chains' start states, the distance they walk within (:func:`_level`) and their burn-in: none from
+    exact draws; from the members among ``given`` (the decoder's) where no draw landed inside, half the moves.
+    Distinct starts are spread over the chains in turn (chain c starts at start c % k)."""
+    lv, pick = _level(near, seen, epsilon, relaxed, chains)
+    burn = 0 if pick else steps // 2
+    # exact draws alone where there are any: the decoder's members are look-alikes of the query, and chains
+    # started there stay near them (a few exact starts give a wide interval, not a biased share)
+    pick = pick or [x for x in given if seen[x][0] <= epsilon]
+    st = rng.sample(pick, min(len(pick), chains))
+    return (st * chains)[:chains], lv, burn
+
+
+def _level(near: list[str], seen: dict, epsilon: float, relaxed: float, chains: int) -> tuple[float, list[str]]:
+    """The distance a query's chains walk within, and their starts among the generator draws ``near`` (inside
+    ``relaxed``): epsilon where half the chains can start inside it; ``relaxed`` where fewer can but at least a
+    quarter of the relaxed draws are inside epsilon (so the relaxed chains keep enough states); else epsilon."""
+    inside = [x for x in near if seen[x][0] <= epsilon]
+    if chains // 2 > len(inside) >= max(1, len(near) / 4):
+        return relaxed, near
+    return epsilon, inside
+
+
 def _draw_inside(
-    probed, task, site, zq, seen, epsilon: float, metric: str, rng: random.Random, draws: int, chains: int
+    probed,
+    task,
+    site,
+    zq,
+    seen,
+    epsilon: float,
+    relaxed: float,
+    metric: str,
+    rng: random.Random,
+    draws: int,
+    chains: int,
 ) -> list[list[str]]:
-    """Per query, the distinct generator draws that land inside epsilon: exact draws from its preimage. Draws come
-    in rounds of ``draws`` per query, until half the chains can start at one or MAX_DRAWS are spent."""
+    """Per query, the distinct generator draws that land inside ``relaxed`` (exact draws from the relaxed
+    preimage; those inside ``epsilon`` are exact draws from the preimage). Draws come in rounds of ``draws`` per
+    query, until half the chains can start inside epsilon or MAX_DRAWS are spent."""
     fresh: list[list[str]] = [[] for _ in seen]
-    inside: list[list[str]] = [[] for _ in seen]
+    near: list[list[str]] = [[] for _ in seen]
     need = list(range(len(seen))) if draws > 0 else []
     while need:
         new = [(q, task.generate(rng)) for q in need for _ in range(draws)]
@@ -156,9 +212,14 @@ def _draw_inside(
         for q, x in new:
             fresh[q].append(x)
         for q in need:
-            inside[q] = [x for x in dict.fromkeys(fresh[q]) if seen[q][x][0] <= epsilon]
-        need = [q for q in need if len(fresh[q]) < max(draws, MAX_DRAWS) and len(inside[q]) < chains // 2]
-    return inside
+            near[q] = [x for x in dict.fromkeys(fresh[q]) if seen[q][x][0] <= relaxed]
+
+        need = [
+            q
+            for q in need
+            if len(fresh[q]) < max(draws, MAX_DRAWS) and sum(seen[q][x][0] <= epsilon for x in near[q]) < chains // 2
+        ]
+    return near
 
 
 def _proposal(task, x: str, rng: random.Random) -> list[str]:
@@ -196,29 +257,31 @@ def wilson(p: float, n: float) -> tuple[float, float]:
 
 
 def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int | None = None) -> Share | None:
-    """The share of states for which ``hit`` holds, averaged per chain and then over chains (None without
-    states). The interval's effective size is p(1-p) over the between-chain variance of the mean, between the
-    number of chains and the number of states. Where every state agrees, or there is one chain, there is no
-    variance between chains to measure: it is then the number of ``distinct`` states (counted here when the states
-    are hashable), at least the number of chains and at most UNANIMOUS per chain (a few starts stuck in one mode
+    """The share of states for which ``hit`` holds, over all groups' states pooled (None without states): a
+    relaxed chain keeps only its states inside epsilon, so a group's number of states is part of the estimate (a
+    ratio estimator). The interval's effective size is p(1-p) over the ratio's variance between groups, between
+    the number of groups and the number of states. Where every state agrees, or there is one group, there is no
+    variance between groups to measure: it is then the number of ``distinct`` states (counted here when the states
+    are hashable), at least the number of groups and at most UNANIMOUS per group (a few starts stuck in one mode
     must not make a sure claim)."""
-    per = [sum(map(hit, s)) / len(s) for s in states if s]
-    if not per:
+    groups = [(sum(map(hit, s)), len(s)) for s in states if s]
+    if not groups:
         return None
-    c = len(per)
-    p = sum(per) / c
-    var = sum((x - p) ** 2 for x in per) / max(1, c - 1) / c
-    total = sum(len(s) for s in states)
+    c = len(groups)
+    total = sum(m for _, m in groups)
+    p = sum(h for h, _ in groups) / total
+    var = c / max(1, c - 1) * sum((h - p * m) ** 2 for h, m in groups) / total**2
     n: float
-    if p in (0.0, 1.0) or c == 1:  # no spread between chains to measure
+    if p in (0.0, 1.0) or c == 1:  # no spread between groups to measure
         if distinct is None:
             try:
                 distinct = len({x for s in states for x in s})
             except TypeError:  # unhashable states
                 distinct = c
         n = max(c, min(distinct, total, UNANIMOUS * c))
-    else:
-        n = total if var == 0 else min(max(p * (1 - p) / var, c), total)
+    else:  # the variance has c - 1 degrees of freedom: scaled by (z / t)^2, Wilson's interval is as wide as t's
+        t = T975[c - 2] if c - 1 <= len(T975) else Z + (Z**3 + Z) / (4 * (c - 1))
+        n = total if var == 0 else min(max(p * (1 - p) / var * (Z / t) ** 2, c), total)
     lo, hi = wilson(p, n)
     return Share(p, lo, hi, n)
 

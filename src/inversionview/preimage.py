@@ -412,6 +412,7 @@ def chains_record(w, epsilon: float, tokens_of) -> dict:
     used = dict.fromkeys(x for st in w.states for x in st)
     return {
         "epsilon": epsilon,
+        "level": w.level,  # the distance the chains walked within (epsilon, or relaxed where few draws landed inside)
         "states": w.states,
         "proposed": w.proposed,
         "accepted": w.accepted,

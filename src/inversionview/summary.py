@@ -144,6 +144,9 @@ def summarize(pre, task=None) -> list[str]:
             f"estimated over the preimage under the input distribution: {n_states} chain states from "
             f"{len(pop.chains)} distinct starts, {pop.distinct} distinct members; shares with 95% intervals"
         )
+        level = pre.chains.get("level", 0.0)
+        if level > pre.chains["epsilon"]:  # few generator draws landed inside: the chains walked a larger preimage
+            head += f" (the chains walked within {level:g}, where the preimage is better connected, and kept their states inside)"
     else:
         head = (
             f"shares among {pop.distinct} distinct decoder samples inside epsilon, with 95% intervals: they "

@@ -69,14 +69,17 @@ class Addition(Task):
         return (int(a), int(b)) if c == str(int(a) + int(b)) else None
 
     def propose(self, text: str, rng: random.Random) -> str | None:
-        """One of five moves, each reversible with respect to the generator (a and b uniform on 100..999):
+        """One of six moves, each reversible with respect to the generator (a and b uniform on 100..999):
         re-draw one digit; re-draw one column (both operands' digits at one place); swap the operands; re-draw
-        one operand; or move d from one operand to the other (keeping the sum)."""
+        one operand; move d from one operand to the other (keeping the sum); or re-draw one operand among the
+        values that keep all of the sum's digits but its last one or two (uniform over a set that is the same from
+        every member: symmetric). The last moves between a sum's carry patterns, e.g. 516+187=703 to 515+284=799,
+        which single-digit moves cross only through inputs with another leading digit of the sum."""
         p = self.parse(text)
         if p is None:
             return None
         digits = [int(x) for x in f"{p[0]}{p[1]}"]
-        move = rng.randrange(5)
+        move = rng.randrange(6)
         if move == 0:
             i = rng.randrange(6)
             digits[i] = rng.randint(1 if i % 3 == 0 else 0, 9)
@@ -92,25 +95,42 @@ class Addition(Task):
         if move == 4:
             d = rng.choice((-1, 1)) * rng.randint(1, 899)
             a, b = (a + d, b - d) if 100 <= a + d <= 999 and 100 <= b - d <= 999 else (a, b)
+        elif move == 5:
+            unit, keep = 10 ** rng.randint(1, 2), rng.randrange(2)  # keep: the operand that stays
+            x, y = (a, b) if keep == 0 else (b, a)
+            top = (x + y) // unit * unit
+            y = rng.randint(max(100, top - x), min(999, top + unit - 1 - x))
+            a, b = (x, y) if keep == 0 else (y, x)
         return f"{a}+{b}={a + b}"
 
     def block(self, text: str, rng: random.Random) -> list[str] | None:
-        """Half the time one of the six digits under each of its values (1-9 for a leading digit, else 0-9);
-        otherwise one column (both operands' digits at one place) under every pair with the same column sum, which
-        keeps a + b: a preimage that fixes the column's sum but not its digits mixes in one step."""
+        """One of three kinds, each closed and of equally probable inputs: one of the six digits under each of its
+        values (1-9 for a leading digit, else 0-9); one column (both operands' digits at one place) under every
+        pair with the same column sum, which keeps a + b; or one operand under every value that keeps all of the
+        sum's digits but its last one or two (as the last of :meth:`propose`'s moves, but all at once: a preimage
+        that keeps the sum's leading digit holds several carry patterns, and this crosses between them in one
+        step)."""
         p = self.parse(text)
         if p is None:
             return None
-        s = f"{p[0]}{p[1]}"
-        if rng.random() < 0.5:
+        a, b = p
+        s, u = f"{a}{b}", rng.random()
+        if u < 0.25:
             i = rng.randrange(6)
             low = 1 if i % 3 == 0 else 0
             ts = [f"{s[:i]}{v}{s[i + 1 :]}" for v in range(low, 10)]
-        else:
+        elif u < 0.5:
             i = rng.randrange(3)
             low, total = 1 if i == 0 else 0, int(s[i]) + int(s[i + 3])
             pairs = [(u, total - u) for u in range(low, 10) if low <= total - u <= 9]
             ts = [f"{s[:i]}{u}{s[i + 1 : i + 3]}{v}{s[i + 4 :]}" for u, v in pairs]
+        else:
+            unit = 10 ** rng.randint(1, 2)
+            top = (a + b) // unit * unit
+            if rng.random() < 0.5:
+                ts = [f"{a}{y}" for y in range(max(100, top - a), min(999, top + unit - 1 - a) + 1)]
+            else:
+                ts = [f"{x}{b}" for x in range(max(100, top - b), min(999, top + unit - 1 - b) + 1)]
         return [f"{t[:3]}+{t[3:]}={int(t[:3]) + int(t[3:])}" for t in ts]
 
     def all_inputs(self):
