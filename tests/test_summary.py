@@ -139,3 +139,16 @@ def test_terminal_shows_summary(colon):
     out = render(colon, limit=5, colour=False)
     for line in colon.summary:
         assert "  " + line in out
+
+
+def test_a_high_share_on_few_starts_is_unsure_not_shared(counting_iv):
+    # x0.post at ':' of a 24-letter input: its preimage is rare under the generator (few inputs that long), so the
+    # chains start from 2 draws; every state has the query's length, but 2 starts cannot make it a sure claim
+    pre = counting_iv.query("oohkokkhkhhhokokohkkoook|k:9", site="x0.post", position=27)
+    got = {x["feature"]: x for x in pre.shares}["length"]
+    assert got["share"] == 1.0 and got["low"] < 0.75 and len(pre.chains["states"]) < 8
+    assert (
+        f"unsure: length = 24 in 100% [{round(100 * got['low'])}%-100%]: too few independent members to call it shared"
+        in pre.summary
+    )
+    assert not any(x.startswith("shared by") and "length" in x for x in pre.summary)

@@ -152,18 +152,20 @@ def summarize(pre, task=None) -> list[str]:
             f"shares among {pop.distinct} distinct decoder samples inside epsilon, with 95% intervals: they "
             "describe the decoder's proposals, not the preimage (no input distribution to estimate it under)"
         )
-    lines, varies, shared = [head], [], []
+    lines, varies, shared, unsure = [head], [], [], []
     few = pop.distinct < FEW
     if few:
         lines.append(f"too few members ({pop.distinct} distinct) to say what the preimage shares")
     for name, top, s, values in items(pop, task):
         if not few and top is not None and is_shared(s):
             shared.append(f"shared by {_pct(s)}: {name} = {_fmt(top)}")
+        elif not few and top is not None and s is not None and s.share >= SHARED:  # high, but on too few starts
+            unsure.append(f"unsure: {name} = {_fmt(top)} in {_pct(s)}: too few independent members to call it shared")
         else:
             tops = ", ".join(f"{_short(v)} {c / n_states:.0%}" for v, c in values.most_common(EXAMPLES))
             more = f", ... {len(values)} values" if len(values) > EXAMPLES else ""
             varies.append(f"varies: {name} ({tops}{more})")
-    lines += shared
+    lines += shared + unsure
     if not few:
         lines += [x for x in (_aligned(pre, pop, matched=True), _aligned(pre, pop, matched=False)) if x]
     lines += varies
