@@ -474,8 +474,9 @@ class Explanation:
             f"each cell: the features the site carries at that position, FCR±(half its 95% interval) (baseline); "
             f"{self.rule}.",
             f"FCR: mean over {self.queries} held-out queries of the share of the preimage's members whose feature "
-            f"equals the query's, estimated under the task's input distribution by chains started from the "
-            f"decoder's members ({self.samples} candidates per query, Auto mix); baseline: the same share "
+            f"equals the query's, estimated under the task's input distribution by chains on the preimage started "
+            f"from exact generator draws (the decoder's members where none lands inside; {self.samples} candidates "
+            f"per query, Auto mix); baseline: the same share "
             f"among {BASELINE_INPUTS} random inputs of the task; [k empty]: queries with no sample inside epsilon, "
             "left out.",
         ]

@@ -159,8 +159,9 @@ class Reproduction:
         """The paragraphs under the table: what its columns measure, the rules, each check's detail, the roles."""
         notes = [
             f"measured: FCR = mean over {self.queries} held-out queries of the share of the preimage's members "
-            f"whose feature equals the query's, estimated under the task's input distribution by chains started "
-            f"from the decoder's members ({self.samples} candidates per query, Auto mix, epsilon 0.1), with its "
+            f"whose feature equals the query's, estimated under the task's input distribution by chains on the "
+            f"preimage started from exact generator draws (the decoder's members where none lands inside; "
+            f"{self.samples} candidates per query, Auto mix, epsilon 0.1), with its "
             "95% interval; n: distinct members / queries measured (queries with no member are left out: "
             "'empty'); baseline: the same share among random inputs of the task. For patching, measured is the "
             "mean LD with the row's components patched, baseline the mean LD before, n the contrast pairs.",

@@ -107,25 +107,24 @@ class Addition(Task):
         """One of three kinds, each closed and of equally probable inputs: one of the six digits under each of its
         values (1-9 for a leading digit, else 0-9); one column (both operands' digits at one place) under every
         pair with the same column sum, which keeps a + b; or one operand under every value that keeps all of the
-        sum's digits but its last one or two (as the last of :meth:`propose`'s moves, but all at once: a preimage
-        that keeps the sum's leading digit holds several carry patterns, and this crosses between them in one
-        step)."""
+        sum's digits but its last (as the last of :meth:`propose`'s moves, which may also free the last two, but
+        all at once). Ten alternatives at most each: a block's inputs are all verified."""
         p = self.parse(text)
         if p is None:
             return None
         a, b = p
         s, u = f"{a}{b}", rng.random()
-        if u < 0.25:
+        if u < 0.4:
             i = rng.randrange(6)
             low = 1 if i % 3 == 0 else 0
             ts = [f"{s[:i]}{v}{s[i + 1 :]}" for v in range(low, 10)]
-        elif u < 0.5:
+        elif u < 0.8:
             i = rng.randrange(3)
             low, total = 1 if i == 0 else 0, int(s[i]) + int(s[i + 3])
             pairs = [(u, total - u) for u in range(low, 10) if low <= total - u <= 9]
             ts = [f"{s[:i]}{u}{s[i + 1 : i + 3]}{v}{s[i + 4 :]}" for u, v in pairs]
         else:
-            unit = 10 ** rng.randint(1, 2)
+            unit = 10
             top = (a + b) // unit * unit
             if rng.random() < 0.5:
                 ts = [f"{a}{y}" for y in range(max(100, top - a), min(999, top + unit - 1 - a) + 1)]
