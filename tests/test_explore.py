@@ -139,7 +139,7 @@ def test_counts_mix_where_a_preimage_fixes_the_length():
     # exact P(target's count, sorted triple | length 20): counts are uniform and independent, the target uniform
     exact = Counter((c[k], tuple(sorted(c))) for c in triples for k in range(3))
 
-    def run(move, n=3000, steps=150):
+    def run(move, n=2000, steps=120):
         rng = random.Random(3)
         out = Counter()
         for _ in range(n):
