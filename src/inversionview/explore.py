@@ -18,8 +18,8 @@ local move.
 Where few generator draws land inside, the chains walk the relaxed preimage (within RELAX * epsilon), which is
 larger and better connected, and keep only their states inside epsilon: those are distributed as the target
 restricted to the preimage, exactly the target. Shares are pooled over the chains' states after burn-in
-(:func:`share`), with a 95% interval whose effective size comes from the spread between chains. Counterfactual checks (:func:`counterfactuals`) change one feature of
-members with the same moves and count how many stay inside.
+(:func:`share`), with a 95% interval whose effective size comes from the spread between chains. Counterfactual
+checks (:func:`counterfactuals`) change one feature of members with the same moves and count how many stay inside.
 """
 
 from __future__ import annotations
@@ -47,24 +47,10 @@ RELAX = 2.0  # where few draws land inside, the chains walk the preimage at RELA
 Z = 1.96  # 95% intervals
 # Student's t at 97.5% for 1..30 degrees of freedom: a share's variance measured between a few groups is itself
 # uncertain, so its interval widens as a t interval would (share())
-T975: tuple[float, ...] = (
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-)
-T975 += (2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# fmt: off
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+# fmt: on
 UNANIMOUS = 4  # a unanimous share rests on at most this many effective members per chain (share())
 
 
