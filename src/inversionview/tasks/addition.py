@@ -98,8 +98,8 @@ class Addition(Task):
         elif move == 5:
             unit, keep = 10 ** rng.randint(1, 2), rng.randrange(2)  # keep: the operand that stays
             x, y = (a, b) if keep == 0 else (b, a)
-            top = (x + y) // unit * unit
-            y = rng.randint(max(100, top - x), min(999, top + unit - 1 - x))
+            r = _same_leading(x, y, unit)
+            y = rng.randint(r.start, r.stop - 1)
             a, b = (x, y) if keep == 0 else (y, x)
         return f"{a}+{b}={a + b}"
 
@@ -123,13 +123,10 @@ class Addition(Task):
             low, total = 1 if i == 0 else 0, int(s[i]) + int(s[i + 3])
             pairs = [(u, total - u) for u in range(low, 10) if low <= total - u <= 9]
             ts = [f"{s[:i]}{u}{s[i + 1 : i + 3]}{v}{s[i + 4 :]}" for u, v in pairs]
+        elif rng.random() < 0.5:
+            ts = [f"{a}{y}" for y in _same_leading(a, b, 10)]
         else:
-            unit = 10
-            top = (a + b) // unit * unit
-            if rng.random() < 0.5:
-                ts = [f"{a}{y}" for y in range(max(100, top - a), min(999, top + unit - 1 - a) + 1)]
-            else:
-                ts = [f"{x}{b}" for x in range(max(100, top - b), min(999, top + unit - 1 - b) + 1)]
+            ts = [f"{x}{b}" for x in _same_leading(b, a, 10)]
         return [f"{t[:3]}+{t[3:]}={int(t[:3]) + int(t[3:])}" for t in ts]
 
     def all_inputs(self):
@@ -137,3 +134,10 @@ class Addition(Task):
         for a in range(100, 1000):
             for b in range(100, 1000):
                 yield f"{a}+{b}={a + b}"
+
+
+def _same_leading(x: int, y: int, unit: int) -> range:
+    """The operands y' (100..999) for which x + y' keeps x + y's digits above ``unit``: the same set from each of
+    its members, so a uniform draw from it is symmetric."""
+    top = (x + y) // unit * unit
+    return range(max(100, top - x), min(999, top + unit - 1 - x) + 1)
