@@ -38,6 +38,7 @@ VARIANTS = {
     "d256": {"decoder": {"d_model": 256}},
     "layers3": {"decoder": {"n_layers": 3}},
     "norebal": {"eval": {"rebalance": False}},
+    "counts": {"decoder": {"prefix_counts": True}},
 }
 
 

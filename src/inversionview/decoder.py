@@ -42,6 +42,7 @@ class DecoderConfig:
     n_layers: int = 2
     n_heads: int = 4
     n_act_blocks: int = 6
+    prefix_counts: bool = False  # add a running sum of a second token embedding: counts of each token so far
 
     def save(self, path: Path) -> None:
         atomic_write_text(Path(path), json.dumps({"format_version": DECODER_FORMAT, **asdict(self)}, indent=1))
@@ -129,6 +130,7 @@ class Decoder(nn.Module):
         )
         self.tok = nn.Embedding(c.vocab_size, c.d_model)
         self.pos = nn.Embedding(c.max_len, c.d_model)
+        self.cnt = nn.Embedding(c.vocab_size, c.d_model) if c.prefix_counts else None
         blocks = [_Block(c.d_model, c.n_heads) for _ in range(c.n_layers)]
         self.blocks = nn.ModuleList(blocks)
         self.ln_f = nn.LayerNorm(c.d_model)
@@ -171,6 +173,12 @@ class Decoder(nn.Module):
         start = caches[0][0].shape[2] - 1
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)
         x = self.tok(ids) + self.pos(pos)
+        if self.cnt is not None:  # counts so far: the running sum travels as the first layer's third cache entry
+            run = self.cnt(ids).cumsum(1)
+            if len(caches[0]) > 2:
+                run = run + caches[0][2][:, None]
+            caches[0][2:] = [run[:, -1]]
+            x = x + run
         for b, cache in zip(self.blocks, caches):
             x = b(x, cache)
         return self.ln_f(x) @ self.tok.weight.T
@@ -208,7 +216,7 @@ class Decoder(nn.Module):
                 alive, nxt = alive[keep], nxt[keep]
                 if len(alive) == 0:
                     break
-                caches = [[c[0][keep], c[1][keep]] for c in caches]
+                caches = [[t[keep] for t in c] for c in caches]
             tok = nxt[:, None]
         seqs = []
         for row in out.tolist():

@@ -116,6 +116,8 @@ class ModelSpec:
     """Attention heads per layer."""
     n_act_blocks: int = setting(6, lo=0)
     """Residual MLP blocks that read the query activation before the transformer."""
+    prefix_counts: bool = False
+    """Give every token the counts of each token so far (a running sum of a second token embedding)."""
 
 
 @dataclass(frozen=True)
