@@ -4,6 +4,7 @@ the command line writes the Fig. 11 PNG; a task whose inputs cannot be listed is
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -16,6 +17,7 @@ import torch
 from conftest import user_error
 from inversionview import completeness
 from inversionview.completeness import input_set, scan, scan_logprobs
+from inversionview.decoder import Decoder
 from inversionview.preimage import verify
 from inversionview.run import InversionView
 
@@ -75,18 +77,26 @@ def test_scan_agrees_with_brute_force(run_dir, site):
     assert res.feature_recall["count"]["total"] == len(true_counts)
 
 
-def test_shared_prefixes_equal_plain_forward(run_dir):
+@pytest.mark.parametrize("counts", [False, True])
+def test_shared_prefixes_equal_plain_forward(run_dir, counts):
     """All rows share their first tokens in groups of various sizes: the per-chunk prefix split (and chunks that
-    cut groups) give the plain forward's log-probabilities."""
+    cut groups) give the plain forward's log-probabilities; also for a decoder with prefix counts, whose tokens
+    after the shared prefix must add the prefix's counts (a decoder of random weights, counts made large)."""
     iv = InversionView.load(run_dir)
+    dec = iv.decoder
+    if counts:
+        torch.manual_seed(0)
+        dec = Decoder(dataclasses.replace(dec.config, prefix_counts=True)).eval()
+        with torch.no_grad():
+            dec.cnt.weight.mul_(50)
     texts = [f"{a}{b}{c}{d}|{a}:1" for a, b, c, d in itertools.product("abcz", repeat=4)]
     ids = torch.tensor([iv.probed.encode(t) for t in texts])
     zq = torch.randn(iv.probed.d_model)
     with torch.no_grad():
-        ref = iv.decoder(ids[:, :-1], zq.expand(len(ids), -1), torch.full((len(ids),), 1)).float().log_softmax(-1)
+        ref = dec(ids[:, :-1], zq.expand(len(ids), -1), torch.full((len(ids),), 1)).float().log_softmax(-1)
     ref = ref.gather(-1, ids[:, 1:, None])[..., 0].sum(1)
     for batch in (len(ids), 37):
-        torch.testing.assert_close(scan_logprobs(iv.decoder, 1, zq, ids, batch=batch), ref, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(scan_logprobs(dec, 1, zq, ids, batch=batch), ref, rtol=1e-5, atol=1e-4)
 
 
 def test_cli_writes_png_and_json(run_dir, tmp_path, monkeypatch, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -12,10 +14,11 @@ BOS, EOS = 1, 2
 CFG = DecoderConfig(vocab_size=11, max_len=16, d_act=8, n_sites=3, d_model=16, n_layers=2, n_heads=2, n_act_blocks=2)
 
 
-def make_decoder(seed: int = 0) -> Decoder:
-    """A tiny decoder with weights large enough that its outputs depend visibly on every input."""
+def make_decoder(seed: int = 0, counts: bool = False) -> Decoder:
+    """A tiny decoder with weights large enough that its outputs depend visibly on every input (with ``counts``,
+    also on the counts of the tokens so far)."""
     torch.manual_seed(seed)
-    dec = Decoder(CFG)
+    dec = Decoder(dataclasses.replace(CFG, prefix_counts=counts))
     norms = {f"{n}.weight" for n, m in dec.named_modules() if isinstance(m, torch.nn.LayerNorm)}
     with torch.no_grad():
         for name, p in dec.named_parameters():
@@ -50,7 +53,11 @@ def test_logit_shape(dec):
     assert torch.isfinite(out).all()
 
 
-def test_kv_cache_matches_full_recomputation(dec):
+@pytest.mark.parametrize("counts", [False, True])
+def test_kv_cache_matches_full_recomputation(counts):
+    """Token by token and in chunks, the cache gives the full forward; with prefix counts the running count travels
+    in the cache (a decoder that restarted the counts at each call would fail here)."""
+    dec = make_decoder(counts=counts)
     z, site, ids = _inputs()
     with torch.no_grad():
         full = dec(ids, z, site)
@@ -126,9 +133,9 @@ def _check_sequences(seqs, max_len):
         assert all(0 <= t < CFG.vocab_size for t in s)
 
 
-def _eos_prone(strength: float = 0.3):
+def _eos_prone(strength: float = 0.3, counts: bool = False):
     """A decoder whose EOS logit is raised by a constant, so that some samples end early and others run on."""
-    d = make_decoder(seed=3)
+    d = make_decoder(seed=3, counts=counts)
     with torch.no_grad():
         d.ln_f.bias[0] = 3.0
         d.tok.weight[EOS] = 0.0
@@ -176,8 +183,10 @@ def _greedy(d, z, site, max_len):
     return out
 
 
-def test_low_temperature_is_greedy():
-    d = _eos_prone(0.5)
+@pytest.mark.parametrize("counts", [False, True])
+def test_low_temperature_is_greedy(counts):
+    """Also with prefix counts: finished rows leave the batch, and the others keep their own running counts."""
+    d = _eos_prone(0.5, counts)
     z = torch.randn(4, CFG.d_act, generator=torch.Generator().manual_seed(0)) * 3
     site = torch.arange(4) % CFG.n_sites
     want = _greedy(d, z, site, 7)

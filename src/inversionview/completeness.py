@@ -168,24 +168,31 @@ class _Fast:
         c = dec.config
         self.H, self.dh = c.n_heads, c.d_model // c.n_heads
         b0 = dec.blocks[0]
-        emb = dec.tok.weight[None] + dec.pos.weight[:, None]  # (max_len, V, d)
-        self.qkv0 = b0.qkv(b0.ln1(emb))  # (max_len, V, 3d)
+        self.qkv0 = None  # with prefix counts a token's input depends on the tokens before it: no table
+        if dec.cnt is None:
+            emb = dec.tok.weight[None] + dec.pos.weight[:, None]  # (max_len, V, d)
+            self.qkv0 = b0.qkv(b0.ln1(emb))  # (max_len, V, 3d)
 
-    def run(self, ids: torch.Tensor, past: list, start: int, keep: bool = False):
+    def run(self, ids: torch.Tensor, past: list, start: int, keep: bool = False, before: torch.Tensor | None = None):
         """Log-softmax (n, L, V) after each token of ``ids`` (n, L) at positions ``start ..`` after the cached
         ``past`` (per layer (K, V), each (n or 1, H, start + 1, dh)); with ``keep``, also the per-layer keys and
         values of the cache and these tokens. Attention is taken over the cache and the new tokens separately
-        (one softmax over both), so the cache is never copied next to the new keys."""
+        (one softmax over both), so the cache is never copied next to the new keys. ``before`` (n, start): the
+        tokens in the cache, which a decoder with prefix counts adds up."""
         dec, H, dh = self.dec, self.H, self.dh
         n, L = ids.shape
         pos = torch.arange(start, start + L)
         x = dec.tok(ids) + dec.pos(pos)
+        if dec.cnt is not None:
+            x = x + dec.cnt(ids).cumsum(1)
+            if before is not None and before.shape[1]:
+                x = x + dec.cnt(before).sum(1)[:, None]
         Sp, scale = past[0][0].shape[2], dh**-0.5
         # scores are laid out (keys, queries): the softmax over dim 1 is much faster than over a short last dim
         causal = torch.full((L, L), float("-inf")).tril(-1)
         kv = []
         for layer, (b, (pk, pv)) in enumerate(zip(dec.blocks, past)):
-            qkv = self.qkv0[pos[None], ids] if layer == 0 else b.qkv(b.ln1(x))
+            qkv = self.qkv0[pos[None], ids] if layer == 0 and self.qkv0 is not None else b.qkv(b.ln1(x))
             q, k, v = (t.reshape(n * H, L, dh) for t in qkv.view(n, L, 3, H, dh).permute(2, 0, 3, 1, 4))
             pk, pv = (t.expand(n, -1, -1, -1).reshape(n * H, Sp, dh) for t in (pk, pv))
             if keep:
@@ -221,7 +228,7 @@ def _chunk_logprobs(fast: _Fast, ids: torch.Tensor) -> torch.Tensor:
     plp, pkv = fast.run(x[heads, :P], fast.cond, 0, keep=True)  # (u, P, V)
     prefix_sum = plp[:, :-1].gather(-1, ids[heads, 1:P, None])[..., 0].sum(1)  # tokens 1 .. P-1
     lp = prefix_sum[group] + plp[group, -1].gather(-1, ids[:, P, None])[:, 0]  # token P
-    slp, _ = fast.run(x[:, P:], [(k[group], v[group]) for k, v in pkv], P)  # predicts tokens P+1 .. T-1
+    slp, _ = fast.run(x[:, P:], [(k[group], v[group]) for k, v in pkv], P, before=x[:, :P])  # tokens P+1 .. T-1
     return lp + slp.gather(-1, ids[:, P + 1 :, None])[..., 0].sum(1)
 
 
