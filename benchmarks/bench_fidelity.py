@@ -197,6 +197,9 @@ def run_task(name: str, args) -> dict:
                             read=est.share,
                             low=est.low,
                             high=est.high,
+                            n=est.n,
+                            groups=len(chains[q]),
+                            states=sum(map(len, chains[q])),
                             site=site,
                             mode=mode,
                         )

@@ -187,13 +187,14 @@ def _draw_inside(
     chains: int,
 ) -> list[list[str]]:
     """Per query, the distinct generator draws that land inside ``relaxed`` (exact draws from the relaxed
-    preimage; those inside ``epsilon`` are exact draws from the preimage). Draws come in rounds of ``draws`` per
-    query, until half the chains can start inside epsilon or MAX_DRAWS are spent."""
+    preimage; those inside ``epsilon`` are exact draws from the preimage). Draws come in rounds (``draws`` per
+    query, then as many as drawn so far), until half the chains can start inside epsilon or MAX_DRAWS are spent."""
     fresh: list[list[str]] = [[] for _ in seen]
     near: list[list[str]] = [[] for _ in seen]
     need = list(range(len(seen))) if draws > 0 else []
     while need:
-        new = [(q, task.generate(rng)) for q in need for _ in range(draws)]
+        n = max(draws, min(len(fresh[need[0]]), MAX_DRAWS - len(fresh[need[0]])))  # rounds double after the first
+        new = [(q, task.generate(rng)) for q in need for _ in range(n)]
         _check(probed, site, zq, seen, [(q, x) for q, x in new if x not in seen[q]], metric)
         for q, x in new:
             fresh[q].append(x)
@@ -250,7 +251,15 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
     variance between groups to measure: it is then the number of ``distinct`` states (counted here when the states
     are hashable), at least the number of groups and at most UNANIMOUS per group (a few starts stuck in one mode
     must not make a sure claim)."""
-    groups = [(sum(map(hit, s)), len(s)) for s in states if s]
+    memo: dict[int, bool] = {}  # chains revisit their states: ``hit`` is taken once per state object
+
+    def once(x) -> bool:
+        v = memo.get(id(x))
+        if v is None:
+            v = memo[id(x)] = bool(hit(x))
+        return v
+
+    groups = [(sum(map(once, s)), len(s)) for s in states if s]
     if not groups:
         return None
     c = len(groups)

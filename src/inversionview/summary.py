@@ -196,7 +196,8 @@ def feature_shares(pre, task=None) -> list[dict]:
             v = f(pre.text)
         except Exception:
             v = None
-        s = None if v is None else pop.share(lambda m: _safe(f, m.text) == v)  # called at once
+        g = _feature_getter(f)
+        s = None if v is None else pop.share(lambda m: g(m) == v)  # called at once
         out.append(
             {
                 "feature": name,
@@ -212,8 +213,17 @@ def feature_shares(pre, task=None) -> list[dict]:
 
 
 def _feature_getter(f) -> Callable[[Member], object]:
-    """A member's value of the feature ``f`` (None where it raises)."""
-    return lambda m: _safe(f, m.text)
+    """A member's value of the feature ``f`` (None where it raises), taken once per member: a population's chains
+    hold the same Member object wherever they revisit a member, and the getter lives no longer than they do."""
+    memo: dict[int, object] = {}
+
+    def get(m: Member) -> object:
+        k = id(m)
+        if k not in memo:
+            memo[k] = _safe(f, m.text)
+        return memo[k]
+
+    return get
 
 
 def _safe(f, text):
