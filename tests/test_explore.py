@@ -293,12 +293,13 @@ def test_chains_from_look_alikes_estimate_the_true_share(addition):
 
 def test_relaxed_chains_keep_only_their_states_inside_epsilon(addition, monkeypatch):
     # head a0.0 at the query's third digit (index 3): inputs with another third digit are 0.11-0.21 away, outside
-    # epsilon 0.1 but inside the relaxed 0.2. With 256 generator draws (about 25 inside, fewer than half the
-    # chains; about 75 inside 0.2) the chains walk the relaxed preimage; a share over every state they visit would
-    # put other third digits in; over the states kept, none
+    # epsilon 0.1 but inside the relaxed 0.2. With 256 generator draws (about 25 inside, fewer than the half of
+    # the chains asked for here; about 75 inside 0.2) the chains walk the relaxed preimage; a share over every
+    # state they visit would put other third digits in; over the states kept, none
     from inversionview import explore
 
     monkeypatch.setattr(explore, "MAX_DRAWS", 256)
+    monkeypatch.setattr(explore, "STARTS", 0.5)
     iv, task = addition, addition.task
     query = "456+378=834"
     s = iv.probed.site("a0.0")

@@ -42,7 +42,8 @@ STEPS = 32  # moves per chain; the first half is burn-in for chains that start a
 GLOBAL = 0.15  # share of moves that are fresh draws from the generator
 BLOCK = 0.1  # share of moves that are Gibbs blocks (Task.block): every alternative verified, one inside taken
 DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
-MAX_DRAWS = 2048  # draws per query at most; they stop once half the chains can start inside
+MAX_DRAWS = 8192  # draws per query at most; they stop once STARTS of the chains can start inside
+STARTS = 0.25  # the share of chains that must start at distinct exact draws before the draws stop
 RELAX = 2.0  # where few draws land inside, the chains walk the preimage at RELAX * epsilon and keep their states inside
 Z = 1.96  # 95% intervals
 # Student's t at 97.5% for 1..30 degrees of freedom: a share's variance measured between a few groups is itself
@@ -165,12 +166,17 @@ def _start(near, given, seen, epsilon, relaxed, chains: int, steps: int, rng) ->
 
 def _level(near: list[str], seen: dict, epsilon: float, relaxed: float, chains: int) -> tuple[float, list[str]]:
     """The distance a query's chains walk within, and their starts among the generator draws ``near`` (inside
-    ``relaxed``): epsilon where half the chains can start inside it; ``relaxed`` where fewer can but at least a
+    ``relaxed``): epsilon where STARTS of the chains can start inside it; ``relaxed`` where fewer can but at least a
     quarter of the relaxed draws are inside epsilon (so the relaxed chains keep enough states); else epsilon."""
     inside = [x for x in near if seen[x][0] <= epsilon]
-    if chains // 2 > len(inside) >= max(1, len(near) / 4):
+    if _enough(chains) > len(inside) >= max(1, len(near) / 4):
         return relaxed, near
     return epsilon, inside
+
+
+def _enough(chains: int) -> int:
+    """Exact starts enough to stop drawing: STARTS of the chains."""
+    return max(1, int(chains * STARTS))
 
 
 def _draw_inside(
@@ -188,7 +194,7 @@ def _draw_inside(
 ) -> list[list[str]]:
     """Per query, the distinct generator draws that land inside ``relaxed`` (exact draws from the relaxed
     preimage; those inside ``epsilon`` are exact draws from the preimage). Draws come in rounds (``draws`` per
-    query, then as many as drawn so far), until half the chains can start inside epsilon or MAX_DRAWS are spent."""
+    query, then as many as drawn so far), until STARTS of the chains can start inside epsilon or MAX_DRAWS are spent."""
     fresh: list[list[str]] = [[] for _ in seen]
     near: list[list[str]] = [[] for _ in seen]
     need = list(range(len(seen))) if draws > 0 else []
@@ -204,7 +210,8 @@ def _draw_inside(
         need = [
             q
             for q in need
-            if len(fresh[q]) < max(draws, MAX_DRAWS) and sum(seen[q][x][0] <= epsilon for x in near[q]) < chains // 2
+            if len(fresh[q]) < max(draws, MAX_DRAWS)
+            and sum(seen[q][x][0] <= epsilon for x in near[q]) < _enough(chains)
         ]
     return near
 
