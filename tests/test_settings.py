@@ -71,7 +71,7 @@ def test_unknown_key_in_a_toml_config_names_the_closest_key(tmp_path):
     assert _toml(tmp_path, "[evl]\nevery = 2\n") == "unknown config key 'evl': did you mean 'eval'?"
     # nothing close: every key of the section
     assert _toml(tmp_path, "[decoder]\nzzz = 1\n") == (
-        "unknown config key 'zzz' in [decoder]: expected one of d_model, n_layers, n_heads, n_act_blocks"
+        "unknown config key 'zzz' in [decoder]: expected one of d_model, n_layers, n_heads, n_act_blocks, prefix_counts"
     )
 
 

@@ -12,6 +12,8 @@ Architecture (the paper's, METHOD.md §2):
    as one extra attention slot that every token attends to (no position embedding, no query row). With
    the KV cache it simply lives in the cache.
 4. A standard pre-LN GPT-2 body, trained from scratch.
+5. With ``prefix_counts`` (not in the paper) each token's input adds ``sum_{s <= t} C[ids_s]``, a linear map of the
+   counts of every token so far; the running sum lives in the first layer's cache while sampling.
 """
 
 from __future__ import annotations
