@@ -905,11 +905,11 @@ def test_hostile_requests_and_reading_bursts_leave_no_5xx_no_reset_and_flat_memo
         start = rss_mib(proc.pid)
         results = {}
         for _ in range(2):
-            with ThreadPoolExecutor(8) as pool:  # the hostile requests and 20 readings at once
+            with ThreadPoolExecutor(8) as pool:  # the hostile requests and 10 readings (chains included) at once
                 hostile = {name: pool.submit(send_hostile, addr, name, data) for name, data in hostile_requests(url)}
-                readings = reading_burst(url, 20, 64)
+                readings = reading_burst(url, 10, 64)
                 results.update({name: f.result() for name, f in hostile.items()})
-            assert readings == ["200"] * 20, readings
+            assert readings == ["200"] * 10, readings
         bad = {k: v for k, v in results.items() if not v.isdigit() or int(v) >= 500}
         assert bad == {}, bad  # every hostile request answered: no 5xx, no reset, no silence
         assert sum(v.startswith("4") for v in results.values()) >= len(results) - 2  # two harmless GETs get a 200
