@@ -239,9 +239,11 @@ def test_share_pools_states_and_widens_with_disagreement():
     s = share([[1, 1, 0, 0]] * 3 + [[1, 0]] * 3 + [[0] * 6] * 2, bool)  # 9 hits in 30 states; var by hand
     var = 8 / 7 * (3 * (2 - 4 * 0.3) ** 2 + 3 * (1 - 2 * 0.3) ** 2 + 2 * (6 * 0.3) ** 2) / 30**2
     assert s.share == pytest.approx(0.3) and s.n == pytest.approx(0.3 * 0.7 / var * (1.96 / 2.365) ** 2)  # t, 7 df
-    # two groups at 0.50 and 0.52: the t interval with 1 degree of freedom, 0.51 +- 12.706 * 0.01 (z alone: +-0.0196)
+    # two groups at 0.50 and 0.52 agree closely (the t interval with 1 degree of freedom would be 0.51 +- 0.127),
+    # but two starts are two independent members at most 4 times over: n = 8, Wilson's interval at 8
     two = share([[1] * 50 + [0] * 50, [1] * 52 + [0] * 48], bool)
-    assert two.high - two.low == pytest.approx(2 * 12.706 * 0.01, abs=0.01)
+    assert two.n == 8 and (two.low, two.high) == pytest.approx(wilson(0.51, 8))
+    assert two.high - two.low > 2 * 12.706 * 0.01
 
 
 def test_unanimous_share_rests_on_the_distinct_members_met():

@@ -52,7 +52,7 @@ Z = 1.96  # 95% intervals
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 # fmt: on
-UNANIMOUS = 4  # a unanimous share rests on at most this many effective members per chain (share())
+PER_START = 4  # a share rests on at most this many effective members per distinct start of the chains (share())
 
 
 @dataclass
@@ -256,8 +256,8 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
     ratio estimator). The interval's effective size is p(1-p) over the ratio's variance between groups, between
     the number of groups and the number of states. Where every state agrees, or there is one group, there is no
     variance between groups to measure: it is then the number of ``distinct`` states (counted here when the states
-    are hashable), at least the number of groups and at most UNANIMOUS per group (a few starts stuck in one mode
-    must not make a sure claim)."""
+    are hashable), at least the number of groups. Either way it is at most PER_START per group: a few starts whose
+    chains stay in one mode must not make a sure claim, however closely they agree."""
     memo: dict[int, bool] = {}  # chains revisit their states: ``hit`` is taken once per state object
 
     def once(x) -> bool:
@@ -280,10 +280,11 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
                 distinct = len({x for s in states for x in s})
             except TypeError:  # unhashable states
                 distinct = c
-        n = max(c, min(distinct, total, UNANIMOUS * c))
+        n = max(c, min(distinct, total, PER_START * c))
     else:  # the variance has c - 1 degrees of freedom: scaled by (z / t)^2, Wilson's interval is as wide as t's
         t = T975[c - 2] if c - 1 <= len(T975) else Z + (Z**3 + Z) / (4 * (c - 1))
         n = total if var == 0 else min(max(p * (1 - p) / var * (Z / t) ** 2, c), total)
+        n = min(n, PER_START * c)
     lo, hi = wilson(p, n)
     return Share(p, lo, hi, n)
 
