@@ -374,3 +374,35 @@ def test_chains_from_one_start_count_as_one(addition):
     for hit in (lambda x: x[0] == "4", lambda x: True):
         est = share(w.states, hit)
         assert est.n <= 4 and est.high - est.low > 0.3, est
+
+
+def test_readings_reuse_the_draws_of_earlier_readings_and_read_the_same(addition, monkeypatch):
+    # the draws are the first use of a reading's seeded generator: a second reading at the same site with the same
+    # seed finds their activations cached and must read exactly what it reads from scratch
+    from inversionview import explore
+
+    s = addition.probed.site("a0.3")
+
+    def read(q):
+        zq = addition.probed.run(torch.tensor([addition.probed.encode(q)]), [s])[s][0, 8].float()
+        w = walk(addition.probed, addition.task, s, zq[None], [[q]], 0.1, "euclidean", chains=16, steps=4, seed=3)[0]
+        return w.states, w.members, w.level
+
+    forwards = []
+    real = explore._activations
+    monkeypatch.setattr(
+        explore, "_activations", lambda p, site, texts: forwards.append(len(texts)) or real(p, site, texts)
+    )
+    explore._DRAWN.entries.clear()
+    first = read("456+378=834")
+    assert forwards  # the draws ran through the probed model
+    before = len(forwards)
+    assert read("456+378=834") == first and len(forwards) == before  # all from the cache
+    other = read("123+456=579")  # another query: the rounds it shares with the first come from the cache
+    explore._DRAWN.entries.clear()
+    assert read("123+456=579") == other  # from scratch: the same reading
+    # another seed draws other inputs: nothing stale is reused
+    zq = addition.probed.run(torch.tensor([addition.probed.encode("456+378=834")]), [s])[s][0, 8].float()
+    n = len(forwards)
+    walk(addition.probed, addition.task, s, zq[None], [["456+378=834"]], 0.1, "euclidean", chains=16, steps=4, seed=4)
+    assert len(forwards) > n

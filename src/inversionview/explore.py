@@ -27,6 +27,8 @@ from __future__ import annotations
 import logging
 import math
 import random
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -43,6 +45,8 @@ GLOBAL = 0.15  # share of moves that are fresh draws from the generator
 BLOCK = 0.1  # share of moves that are Gibbs blocks (Task.block): every alternative verified, one inside taken
 DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
 MAX_DRAWS = 8192  # draws per query at most; they stop once STARTS of the chains can start inside
+BATCH = 1024  # generator draws per forward pass of the probed model
+CACHED = 2  # (probed model, site) pairs whose draws' activations are kept for the next readings (_Drawn)
 STARTS = 0.25  # the share of chains that must start at distinct exact draws before the draws stop
 RELAX = 2.0  # where few draws land inside, the chains walk the preimage at RELAX * epsilon and keep their states inside
 Z = 1.96  # 95% intervals
@@ -193,27 +197,75 @@ def _draw_inside(
     chains: int,
 ) -> list[list[str]]:
     """Per query, the distinct generator draws that land inside ``relaxed`` (exact draws from the relaxed
-    preimage; those inside ``epsilon`` are exact draws from the preimage). Draws come in rounds (``draws`` per
-    query, then as many as drawn so far), until STARTS of the chains can start inside epsilon or MAX_DRAWS are spent."""
-    fresh: list[list[str]] = [[] for _ in seen]
+    preimage; those inside ``epsilon`` are exact draws from the preimage). Draws come in rounds (``draws``, then as
+    many as drawn so far), until STARTS of the chains can start inside epsilon or MAX_DRAWS are spent. The queries
+    still drawing share each round's draws: the probed model runs once per draw, whatever the number of queries
+    (each query's draws are still independent draws from the generator); a round drawn before at this site, by a
+    reading with the same seed, is not run again (:class:`_Drawn`)."""
+    fresh: list[str] = []
     near: list[list[str]] = [[] for _ in seen]
     need = list(range(len(seen))) if draws > 0 else []
+    rounds = _DRAWN.get(probed, site) if need else {}
     while need:
-        n = max(draws, min(len(fresh[need[0]]), MAX_DRAWS - len(fresh[need[0]])))  # rounds double after the first
-        new = [(q, task.generate(rng)) for q in need for _ in range(n)]
-        _check(probed, site, zq, seen, [(q, x) for q, x in new if x not in seen[q]], metric)
-        for q, x in new:
-            fresh[q].append(x)
+        new = [task.generate(rng) for _ in range(max(draws, min(len(fresh), MAX_DRAWS - len(fresh))))]
+        start, fresh = len(fresh), fresh + new
+        if start not in rounds or rounds[start][0] != new:  # not drawn before with this seed at this site
+            rounds[start] = (new, _activations(probed, site, new))
         for q in need:
-            near[q] = [x for x in dict.fromkeys(fresh[q]) if seen[q][x][0] <= relaxed]
-
+            _record(seen[q], new, rounds[start][1], zq[q], metric)
+            near[q] = [x for x in dict.fromkeys(fresh) if seen[q][x][0] <= relaxed]
         need = [
             q
             for q in need
-            if len(fresh[q]) < max(draws, MAX_DRAWS)
-            and sum(seen[q][x][0] <= epsilon for x in near[q]) < _enough(chains)
+            if len(fresh) < max(draws, MAX_DRAWS) and sum(seen[q][x][0] <= epsilon for x in near[q]) < _enough(chains)
         ]
     return near
+
+
+class _Drawn:
+    """The probed model's activations at a site for the generator draws of recent readings, by round: the draws
+    are the first use of a reading's seeded generator, so readings with the same seed at the same site draw the
+    same inputs, and a reading after the first pays only for the distances (a round is reused only where its
+    texts are identical). It holds the last CACHED (probed model, site) pairs."""
+
+    def __init__(self):
+        self.entries: OrderedDict[tuple[int, str], tuple[weakref.ref, dict]] = OrderedDict()
+
+    def get(self, probed, site) -> dict:
+        key = (id(probed), site.name)
+        hit = self.entries.get(key)
+        if hit is None or hit[0]() is not probed:  # a model since freed whose id was reused is not a hit
+            hit = self.entries[key] = (weakref.ref(probed), {})
+        self.entries.move_to_end(key)
+        while len(self.entries) > CACHED:
+            self.entries.popitem(last=False)
+        return hit[1]
+
+
+_DRAWN = _Drawn()
+
+
+@torch.no_grad()
+def _activations(probed, site, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The site's activations of ``texts`` and their invalid (PAD) positions, in batches of BATCH."""
+    out = []
+    for i in range(0, len(texts), BATCH):
+        b = probed.batch([probed.encode(x) for x in texts[i : i + BATCH]])
+        out.append((probed.run(b.ids, [site])[site].float(), ~b.valid))
+    return out
+
+
+def _record(seen: dict, texts: list[str], acts: list[tuple[torch.Tensor, torch.Tensor]], zq, metric: str) -> None:
+    """Record in ``seen`` each text's distance to ``zq`` and its arg-min position, as
+    :func:`inversionview.preimage.verify` computes them."""
+    from .probed import distances
+
+    i = 0
+    for act, invalid in acts:
+        dmin, amin = distances(zq.float(), act, metric).masked_fill(invalid.to(act.device), float("inf")).min(-1)
+        for x, d, a in zip(texts[i : i + len(act)], dmin.tolist(), amin.tolist()):
+            seen[x] = (d, a)
+        i += len(act)
 
 
 def _proposal(task, x: str, rng: random.Random) -> list[str]:
