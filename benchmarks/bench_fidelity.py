@@ -17,7 +17,8 @@ shares no code with the reading it checks, except the probed model's forward pas
 
 Prints per site and overall: the mean and max |FCR(reading) - FCR(true)| over queries and features (the max over
 those whose true share is known to within +-0.05), shared-claim violations (the summary calls a feature shared
-whose true share is below 0.75), the recall of distinct true members (addition) and the time per reading.
+whose true share is below 0.75), the recall of distinct true members (addition) and the time per reading: warm
+(the site's generator draws cached by the readings before, as in the viewer or a batch) and cold (none cached).
 
     python benchmarks/bench_fidelity.py [--task counting|addition|both] [--queries 32] [--sites a0.0,a1.0]
                                         [--chains 32] [--baseline]
@@ -38,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from inversionview import InversionView
+from inversionview import InversionView, explore
 from inversionview.explore import CHAINS, share, wilson
 from inversionview.features import builtin_features, preimages
 from inversionview.summary import is_shared
@@ -205,7 +206,17 @@ def run_task(name: str, args) -> dict:
                         )
                     )
             for q in range(min(args.timed, len(poss))):  # the default reading, one query at a time: time and recall
+                explore._DRAWN.entries.clear()  # cold: this site's generator draws run through the probed model again
                 t0 = time.perf_counter()
+                iv.query(
+                    qs[site][q],
+                    site=site,
+                    position=poss[q],
+                    samples=args.samples,
+                    chains=args.chains if mode == "chains" else 0,
+                )
+                cold = time.perf_counter() - t0
+                t0 = time.perf_counter()  # warm: the draws' activations of the reading before are reused
                 pre = iv.query(
                     qs[site][q],
                     site=site,
@@ -220,7 +231,11 @@ def run_task(name: str, args) -> dict:
                     else sum(1 for x in pre.samples if x.distance <= eps and task.propose(x.text, rng))
                 )
                 rows[(mode, site)].append(
-                    dict(reading=time.perf_counter() - t0, recall=found / size if name == "addition" and size else None)
+                    dict(
+                        reading=time.perf_counter() - t0,
+                        cold=cold,
+                        recall=found / size if name == "addition" and size else None,
+                    )
                 )
         print(
             f"  {site}: scanned in {t_scan:.1f} s; " + "; ".join(report(rows[(m, site)], m) for m in modes), flush=True
@@ -250,6 +265,7 @@ def report(rows: list[dict], mode: str) -> str:
     sure = [r["err"] for r in rows if r.get("sure")]
     rec = [r["recall"] for r in rows if r.get("recall") is not None]
     times = [r["reading"] for r in rows if "reading" in r]
+    cold = [r["cold"] for r in rows if "cold" in r]
     return (
         f"[{mode}] mean |dFCR| {statistics.mean(sure) if sure else float('nan'):.3f} known, "
         f"{statistics.mean(errs):.3f} all, max {max(sure) if sure else float('nan'):.3f} "
@@ -257,6 +273,7 @@ def report(rows: list[dict], mode: str) -> str:
         + (f", recall median {statistics.median(rec):.1%}" if rec else "")
         + f", {statistics.mean(r['time'] for r in rows if 'time' in r):.2f} s per query batched"
         + (f", {statistics.median(times):.2f} s per reading (median of {len(times)})" if times else "")
+        + (f", {statistics.median(cold):.2f} s cold (no draws cached)" if cold else "")
     )
 
 

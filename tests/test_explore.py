@@ -406,3 +406,22 @@ def test_readings_reuse_the_draws_of_earlier_readings_and_read_the_same(addition
     n = len(forwards)
     walk(addition.probed, addition.task, s, zq[None], [["456+378=834"]], 0.1, "euclidean", chains=16, steps=4, seed=4)
     assert len(forwards) > n
+
+
+def test_chains_started_at_the_decoders_members_count_as_one_start(addition):
+    # no generator draw (draws=0): the chains start at the given members, look-alikes of the query, with burn-in;
+    # however many distinct members they began at, they are one start for the interval: four effective members
+    # at most, so no share of theirs is a sure claim
+    s = addition.probed.site("a0.0")
+    query = "456+378=834"
+    zq = addition.probed.run(torch.tensor([addition.probed.encode(query)]), [s])[s][0, 8].float()
+    looks = ["451+327=778", "427+390=817", "490+303=793", "403+355=758"]  # hundreds {4, 3}: inside
+    w = walk(
+        addition.probed, addition.task, s, zq[None], [looks + [query]], 0.1, "euclidean", chains=16, steps=8, draws=0
+    )[0]
+    assert not w.exact and len(w.states) == 1 and len(w.states[0]) == 16 * 4  # every chain's second half, one group
+    sh = share(w.states, lambda x: x[0] == "4")
+    assert sh.n <= 4
+    # with draws the chains start at exact draws, and each distinct start is a group
+    w = walk(addition.probed, addition.task, s, zq[None], [[query]], 0.1, "euclidean", chains=16, steps=2)[0]
+    assert w.exact and len(w.states) > 1

@@ -70,6 +70,7 @@ class Walk:
     proposed: int = 0
     accepted: int = 0
     level: float = 0.0  # the distance the chains walked within: epsilon, or RELAX * epsilon (walk())
+    exact: bool = True  # the chains started at exact generator draws (False: at the decoder's members)
 
     @property
     def acceptance(self) -> float:
@@ -146,11 +147,14 @@ def walk(
                     st[c] = y
                 if step >= began[q][2] and seen[q][st[c]][0] <= epsilon:  # a relaxed chain's states inside epsilon
                     w.states[c].append(st[c])
-    for w, sq, (st, _, _) in zip(walks, seen, began):
-        k = len(set(st))
-        w.members = {x: v for x, v in sq.items() if v[0] <= epsilon}
+    for w, sq, (st, _, burn) in zip(walks, seen, began):
         # chains that share a start are not independent: each start's chains count as one (chain c began at start
-        # c % k), so a share's interval rests on the number of distinct starts where the chains mix slowly
+        # c % k), so a share's interval rests on the number of distinct starts where the chains mix slowly. Chains
+        # that began at the decoder's members are one start in all: those members are look-alikes of the query,
+        # and their agreement says nothing of the preimage's other members
+        w.exact = burn == 0
+        k = len(set(st)) if w.exact else min(1, len(st))
+        w.members = {x: v for x, v in sq.items() if v[0] <= epsilon}
         w.states = [[x for c in range(g, len(w.states), k) for x in w.states[c]] for g in range(k)] if k else []
     return walks
 

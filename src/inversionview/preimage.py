@@ -413,6 +413,7 @@ def chains_record(w, epsilon: float, tokens_of) -> dict:
     return {
         "epsilon": epsilon,
         "level": w.level,  # the distance the chains walked within (epsilon, or relaxed where few draws landed inside)
+        "exact": w.exact,  # the chains started at exact generator draws (else at the decoder's members: one start)
         "states": w.states,
         "proposed": w.proposed,
         "accepted": w.accepted,

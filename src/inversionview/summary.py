@@ -140,9 +140,14 @@ def summarize(pre, task=None) -> list[str]:
         return [f"no member found inside epsilon {pre.epsilon:g}: nothing to summarise"]
     n_states = sum(map(len, pop.chains))
     if pop.estimate:
+        starts = (
+            f"{len(pop.chains)} distinct starts"
+            if pre.chains.get("exact", True)
+            else "the decoder's members (no generator draw landed inside: they count as one start)"
+        )
         head = (
-            f"estimated over the preimage under the input distribution: {n_states} chain states from "
-            f"{len(pop.chains)} distinct starts, {pop.distinct} distinct members; shares with 95% intervals"
+            f"estimated over the preimage under the input distribution: {n_states} chain states from {starts}, "
+            f"{pop.distinct} distinct members; shares with 95% intervals"
         )
         level = pre.chains.get("level", 0.0)
         if level > pre.chains["epsilon"]:  # few generator draws landed inside: the chains walked a larger preimage
