@@ -149,9 +149,7 @@ def walk(
                     w.states[c].append(st[c])
     for w, sq, (st, _, burn) in zip(walks, seen, began):
         # chains that share a start are not independent: each start's chains count as one (chain c began at start
-        # c % k), so a share's interval rests on the number of distinct starts where the chains mix slowly. Chains
-        # that began at the decoder's members are one start in all: those members are look-alikes of the query,
-        # and their agreement says nothing of the preimage's other members
+        # c % k). Chains that began at the decoder's members (look-alikes of the query) are one start in all
         w.exact = burn == 0
         k = len(set(st)) if w.exact else min(1, len(st))
         w.members = {x: v for x, v in sq.items() if v[0] <= epsilon}
