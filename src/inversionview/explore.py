@@ -247,14 +247,11 @@ class _Drawn:
 _DRAWN = _Drawn()
 
 
-@torch.no_grad()
 def _activations(probed, site, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The site's activations of ``texts`` and their invalid (PAD) positions, in batches of BATCH."""
-    out = []
-    for i in range(0, len(texts), BATCH):
-        b = probed.batch([probed.encode(x) for x in texts[i : i + BATCH]])
-        out.append((probed.run(b.ids, [site])[site].float(), ~b.valid))
-    return out
+    """The site's activations of ``texts`` and their invalid positions, in batches of BATCH."""
+    from .preimage import activations
+
+    return list(activations(probed, site, [probed.encode(x) for x in texts], BATCH))
 
 
 def _record(seen: dict, texts: list[str], acts: list[tuple[torch.Tensor, torch.Tensor]], zq, metric: str) -> None:
@@ -264,7 +261,7 @@ def _record(seen: dict, texts: list[str], acts: list[tuple[torch.Tensor, torch.T
 
     i = 0
     for act, invalid in acts:
-        dmin, amin = distances(zq.float(), act, metric).masked_fill(invalid.to(act.device), float("inf")).min(-1)
+        dmin, amin = distances(zq.float(), act, metric).masked_fill(invalid, float("inf")).min(-1)
         for x, d, a in zip(texts[i : i + len(act)], dmin.tolist(), amin.tolist()):
             seen[x] = (d, a)
         i += len(act)

@@ -38,17 +38,25 @@ def verify(probed: ProbedModel, site, seqs: list[list[int]], zq: torch.Tensor, m
         return torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
     dmins, args, dists = [], [], []
     T = max(map(len, seqs))
-    for i in range(0, len(seqs), batch):
-        b = probed.batch(seqs[i : i + batch])
-        act = probed.run(b.ids, [site])[site].float()
+    for i, (act, invalid) in zip(range(0, len(seqs), batch), activations(probed, site, seqs, batch)):
         zz = zq.float()[i : i + batch, None] if zq.dim() == 2 else zq.float()
-        d = distances(zz, act, metric).masked_fill(~b.valid.to(act.device), float("inf")).cpu()
+        d = distances(zz, act, metric).masked_fill(invalid, float("inf")).cpu()
         d = torch.nn.functional.pad(d, (0, T - d.shape[1]), value=float("inf"))
         m, a = d.min(-1)
         dmins.append(m)
         args.append(a)
         dists.append(d)
     return torch.cat(dmins), torch.cat(args), torch.cat(dists)
+
+
+@torch.no_grad()
+def activations(probed: ProbedModel, site, seqs: list[list[int]], batch: int = 1024):
+    """The activations at ``site`` of token sequences ``seqs``, batch by batch: ``(act (B, T, d) float32, invalid
+    (B, T))`` with PAD/EOS positions invalid. The probed model stops after the site's layer."""
+    for i in range(0, len(seqs), batch):
+        b = probed.batch(seqs[i : i + batch])
+        act = probed.run(b.ids, [site])[site].float()
+        yield act, ~b.valid.to(act.device)
 
 
 def as_inputs(seqs: list[list[int]], tok) -> list[list[int]]:
