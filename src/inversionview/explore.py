@@ -247,24 +247,23 @@ class _Drawn:
 _DRAWN = _Drawn()
 
 
-def _activations(probed, site, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The site's activations of ``texts`` and their invalid positions, in batches of BATCH."""
+def _activations(probed, site, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The site's activations of ``texts`` in batches of BATCH: each batch's rows in ``texts``, its activations and
+    its invalid positions (:func:`inversionview.preimage.activations`)."""
     from .preimage import activations
 
     return list(activations(probed, site, [probed.encode(x) for x in texts], BATCH))
 
 
-def _record(seen: dict, texts: list[str], acts: list[tuple[torch.Tensor, torch.Tensor]], zq, metric: str) -> None:
+def _record(seen: dict, texts: list[str], acts: list, zq, metric: str) -> None:
     """Record in ``seen`` each text's distance to ``zq`` and its arg-min position, as
-    :func:`inversionview.preimage.verify` computes them."""
+    :func:`inversionview.preimage.verify` computes them (``acts`` as :func:`_activations` returns them)."""
     from .probed import distances
 
-    i = 0
-    for act, invalid in acts:
+    for rows, act, invalid in acts:
         dmin, amin = distances(zq.float(), act, metric).masked_fill(invalid, float("inf")).min(-1)
-        for x, d, a in zip(texts[i : i + len(act)], dmin.tolist(), amin.tolist()):
-            seen[x] = (d, a)
-        i += len(act)
+        for r, d, a in zip(rows.tolist(), dmin.tolist(), amin.tolist()):
+            seen[texts[r]] = (d, a)
 
 
 def _proposal(task, x: str, rng: random.Random) -> list[str]:

@@ -33,30 +33,28 @@ def verify(probed: ProbedModel, site, seqs: list[list[int]], zq: torch.Tensor, m
     """Distances of candidate inputs to ``zq`` (d,) or (N, d) at ``site``.
 
     Returns ``(dmin (N,), argmin (N,), dist (N, T))`` with ``inf`` at PAD/EOS positions. The probed model
-    runs in batches and stops after the site's layer."""
+    runs in batches of similar lengths (:func:`activations`) and stops after the site's layer."""
     if not seqs:
         return torch.zeros(0), torch.zeros(0, dtype=torch.long), torch.zeros(0, 0)
-    dmins, args, dists = [], [], []
-    T = max(map(len, seqs))
-    for i, (act, invalid) in zip(range(0, len(seqs), batch), activations(probed, site, seqs, batch)):
-        zz = zq.float()[i : i + batch, None] if zq.dim() == 2 else zq.float()
-        d = distances(zz, act, metric).masked_fill(invalid, float("inf")).cpu()
-        d = torch.nn.functional.pad(d, (0, T - d.shape[1]), value=float("inf"))
-        m, a = d.min(-1)
-        dmins.append(m)
-        args.append(a)
-        dists.append(d)
-    return torch.cat(dmins), torch.cat(args), torch.cat(dists)
+    dist = torch.full((len(seqs), max(map(len, seqs))), float("inf"))
+    for rows, act, invalid in activations(probed, site, seqs, batch):
+        zz = zq.float()[rows, None] if zq.dim() == 2 else zq.float()
+        dist[rows, : act.shape[1]] = distances(zz, act, metric).masked_fill(invalid, float("inf")).cpu()
+    dmin, amin = dist.min(-1)
+    return dmin, amin, dist
 
 
-@torch.no_grad()
 def activations(probed: ProbedModel, site, seqs: list[list[int]], batch: int = 1024):
-    """The activations at ``site`` of token sequences ``seqs``, batch by batch: ``(act (B, T, d) float32, invalid
-    (B, T))`` with PAD/EOS positions invalid. The probed model stops after the site's layer."""
+    """The activations at ``site`` of token sequences ``seqs``, batch by batch: ``(rows (B,), act (B, T, d)
+    float32, invalid (B, T))``, ``rows`` the batch's indices in ``seqs``, PAD/EOS positions invalid. Batches hold
+    sequences of similar lengths (sorted by length), so little of a batch is padding: where lengths vary (counting
+    draws are 9 to 33 tokens) that is about a third of the tokens. The probed model stops after the site's layer."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for i in range(0, len(seqs), batch):
-        b = probed.batch(seqs[i : i + batch])
+        rows = order[i : i + batch]
+        b = probed.batch([seqs[r] for r in rows])
         act = probed.run(b.ids, [site])[site].float()
-        yield act, ~b.valid.to(act.device)
+        yield torch.tensor(rows), act, ~b.valid.to(act.device)
 
 
 def as_inputs(seqs: list[list[int]], tok) -> list[list[int]]:
