@@ -116,8 +116,10 @@ def pool(task, n_pool: int, n_stratum: int, lengths, seed: int = 7):
     return texts, weights
 
 
-def truth(inside: torch.Tensor, match: torch.Tensor, w: torch.Tensor) -> tuple[float | None, float]:
-    """The weighted share of ``match`` among ``inside`` rows and its standard error: the larger of the delta
+def truth(inside: torch.Tensor, match: torch.Tensor, w: torch.Tensor, exact: bool) -> tuple[float | None, float]:
+    """The weighted share of ``match`` among ``inside`` rows and its standard error: 0 where the scan covered every
+    input (``exact``: addition), the share of a finite preimage being then known however small it is; else the
+    larger of the delta
     method's over the strata (which have constant weights within) and a binomial one at the members' effective
     number (Kish: (sum w)^2 / sum w^2), so that a share of 0 or 1 among few members is not taken as known;
     infinite below MIN_MEMBERS members, where it means nothing."""
@@ -126,6 +128,8 @@ def truth(inside: torch.Tensor, match: torch.Tensor, w: torch.Tensor) -> tuple[f
     if den == 0:
         return None, math.inf
     r = float((m * match).sum() / den)
+    if exact:
+        return r, 0.0
     if int(inside.sum()) < MIN_MEMBERS:
         return r, math.inf
     var = 0.0
@@ -182,7 +186,9 @@ def run_task(name: str, args) -> dict:
                 L = len(text.partition("|")[0]) if name == "counting" else None
                 for k, f in feats.items():
                     vq = f(text)
-                    tr, se = truth(inside[q], torch.tensor([v == vq for v in values[k]]), weights[L])
+                    tr, se = truth(
+                        inside[q], torch.tensor([v == vq for v in values[k]]), weights[L], name == "addition"
+                    )
                     est = share(chains[q], lambda x: f(x) == vq)
                     if tr is None or est is None:
                         continue
@@ -291,7 +297,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", action="store_true")
     ap.add_argument("--dump", default=None, help="write every compared (query, feature) row to this JSON file")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="a reading's constant (explore.BLOCK=0.6)"
+    )
     args = ap.parse_args()
+    for kv in args.set:  # a lever to measure: e.g. --set BLOCK=0.6 --set STEPS=64
+        k, _, v = kv.partition("=")
+        if not hasattr(explore, k):
+            raise SystemExit(f"--set {kv}: explore has no constant {k!r}")
+        setattr(explore, k, type(getattr(explore, k))(v))
+        print(f"explore.{k} = {getattr(explore, k)}")
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

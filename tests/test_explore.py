@@ -240,22 +240,44 @@ def test_share_pools_states_and_widens_with_disagreement():
     var = 8 / 7 * (3 * (2 - 4 * 0.3) ** 2 + 3 * (1 - 2 * 0.3) ** 2 + 2 * (6 * 0.3) ** 2) / 30**2
     assert s.share == pytest.approx(0.3) and s.n == pytest.approx(0.3 * 0.7 / var * (1.96 / 2.365) ** 2)  # t, 7 df
     # two groups at 0.50 and 0.52 agree closely (the t interval with 1 degree of freedom would be 0.51 +- 0.127),
-    # but two starts are two independent members at most 4 times over: n = 8, Wilson's interval at 8
+    # but each crossed between the sides once: a group counts for 1 + its crossings, n = 2 + 2, Wilson's at 4
     two = share([[1] * 50 + [0] * 50, [1] * 52 + [0] * 48], bool)
-    assert two.n == 8 and (two.low, two.high) == pytest.approx(wilson(0.51, 8))
+    assert two.n == 4 and (two.low, two.high) == pytest.approx(wilson(0.51, 4))
     assert two.high - two.low > 2 * 12.706 * 0.01
+    # groups that cross often count up to 4 each: n = 8
+    often = share([[1, 0] * 25, [1, 0] * 26], bool)
+    assert often.n == 8 and (often.low, often.high) == pytest.approx(wilson(0.5, 8))
 
 
-def test_unanimous_share_rests_on_the_distinct_members_met():
-    # every state agrees: no between-chain variance to measure, so the effective size is the number of distinct
-    # states (at least the number of chains): Wilson's low end for p = 1 is n / (n + 1.96^2)
+def test_share_rests_on_crossings_not_on_agreement():
+    # a counting reading's 5 exact starts all had target "k" where 36 % of the preimage has it: chains that never
+    # leave one side are 5 independent members, not 20. Four groups never cross, one crosses twice: n = 4 + 3 = 7.
+    # By hand: p = 39/40; the variance between groups alone would give n = 0.975 * 0.025 / var * (1.96 / 2.776)^2
+    # = 19.4 (4 degrees of freedom), which called the share sure (low end 0.79)
+    states = [[1] * 8] * 4 + [[1] * 6 + [0, 1]]
+    var = 5 / 4 * (4 * (8 - 0.975 * 8) ** 2 + (7 - 0.975 * 8) ** 2) / 40**2
+    assert 0.975 * 0.025 / var * (1.96 / 2.776) ** 2 == pytest.approx(19.44, abs=0.01)
+    s = share(states, bool)
+    assert s.share == pytest.approx(0.975) and s.n == 7
+    assert (s.low, s.high) == pytest.approx(wilson(0.975, 7)) and s.low < 0.75
+    assert wilson(0.975, 19.44)[0] > 0.75
+
+
+def test_unanimous_share_rests_on_its_groups():
+    # every state agrees: no between-chain variance to measure and no crossing, so the effective size is the number
+    # of groups, however many distinct states they met: Wilson's low end for p = 1 is n / (n + 1.96^2)
     yes = lambda x: True  # noqa: E731
-    assert share([["a", "b"], ["c", "d"]], yes).low == pytest.approx(4 / (4 + 1.96**2))
+    assert share([["a", "b"], ["c", "d"]], yes).low == pytest.approx(2 / (2 + 1.96**2))
     assert share([["a", "a"], ["a", "a"]], yes).low == pytest.approx(2 / (2 + 1.96**2))  # one member, two chains
-    assert share([["a"], ["b"]], yes, distinct=50).low == pytest.approx(2 / (2 + 1.96**2))  # capped by the states
-    assert share([list("abcdefgh")] * 2, lambda x: False).high == pytest.approx(1.96**2 / (8 + 1.96**2))
-    # and at most 4 per chain: one start that never left its mode is no sure claim, however far it walked
-    assert share([list("abcdefgh")], yes).low == pytest.approx(4 / (4 + 1.96**2))
+    assert share([["a"], ["b"]], yes, distinct=50).low == pytest.approx(2 / (2 + 1.96**2))
+    assert share([list("abcdefgh")] * 2, lambda x: False).high == pytest.approx(1.96**2 / (2 + 1.96**2))
+    # one start that never left its side is one member, however far it walked
+    assert share([list("abcdefgh")], yes).low == pytest.approx(1 / (1 + 1.96**2))
+    # 16 agreeing starts are a sure claim (low end 0.81), 8 are not (0.68)
+    assert share([["a"]] * 16, yes).low > 0.75 > share([["a"]] * 8, yes).low
+    # one group that crossed 3 times: 1 + 3 members, bounded by its 3 distinct states
+    one = share([["a", "b", "a", "b", "c"]], lambda x: x == "a")
+    assert one.share == 0.4 and one.n == 3
 
 
 @pytest.fixture(scope="module")

@@ -105,8 +105,8 @@ def walk(
     epsilon: float,
     metric: str,
     chains: int = CHAINS,
-    steps: int = STEPS,
-    draws: int = DRAWS,
+    steps: int | None = None,
+    draws: int | None = None,
     seed: int = 0,
 ) -> list[Walk]:
     """Run ``chains`` chains per query (``zq`` (Q, d)) for ``steps`` moves. Each query first verifies inputs from
@@ -114,7 +114,8 @@ def walk(
     start the chains, which are then stationary from the first move: every state is kept. Only where none lands
     inside do the chains start from the members among ``starts[q]`` (e.g. the decoder's, which the chains must then
     walk away from: the first half of the moves is burn-in). A query left with no member gets an empty walk. All
-    queries' proposals are verified together, in batches."""
+    queries' proposals are verified together, in batches. ``steps`` and ``draws`` default to STEPS and DRAWS."""
+    steps, draws = STEPS if steps is None else steps, DRAWS if draws is None else draws
     rng = random.Random(seed)
     # per query: every text verified -> (distance, arg-min position)
     seen: list[dict[str, tuple[float, int]]] = [{} for _ in starts]
@@ -303,11 +304,14 @@ def wilson(p: float, n: float) -> tuple[float, float]:
 def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int | None = None) -> Share | None:
     """The share of states for which ``hit`` holds, over all groups' states pooled (None without states): a
     relaxed chain keeps only its states inside epsilon, so a group's number of states is part of the estimate (a
-    ratio estimator). The interval's effective size is p(1-p) over the ratio's variance between groups, between
-    the number of groups and the number of states. Where every state agrees, or there is one group, there is no
-    variance between groups to measure: it is then the number of ``distinct`` states (counted here when the states
-    are hashable), at least the number of groups. Either way it is at most PER_START per group: a few starts whose
-    chains stay in one mode must not make a sure claim, however closely they agree."""
+    ratio estimator). The interval's effective size n is p(1-p) over the ratio's variance between groups, between
+    the number of groups and the number of states; where every state agrees, or there is one group, there is no
+    variance between groups to measure, and n is the number of ``distinct`` states (counted here when the states
+    are hashable), at least the number of groups. Either way a group counts for one member plus one for each time
+    its states change ``hit``, at most PER_START: only chains seen to cross between the two sides have mixed over
+    them. A few starts whose chains stay on one side are a few independent members, however closely they agree
+    (5 exact starts that all agree say little against a share of 0.4: 0.4^5 = 1 %), so a unanimous share rests
+    on its groups alone."""
     memo: dict[int, bool] = {}  # chains revisit their states: ``hit`` is taken once per state object
 
     def once(x) -> bool:
@@ -320,6 +324,7 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
     if not groups:
         return None
     c = len(groups)
+    cap = sum(min(PER_START, 1 + sum(once(a) != once(b) for a, b in zip(s, s[1:]))) for s in states if s)
     total = sum(m for _, m in groups)
     p = sum(h for h, _ in groups) / total
     var = c / max(1, c - 1) * sum((h - p * m) ** 2 for h, m in groups) / total**2
@@ -330,11 +335,11 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
                 distinct = len({x for s in states for x in s})
             except TypeError:  # unhashable states
                 distinct = c
-        n = max(c, min(distinct, total, PER_START * c))
+        n = max(c, min(distinct, total, cap))
     else:  # the variance has c - 1 degrees of freedom: scaled by (z / t)^2, Wilson's interval is as wide as t's
         t = T975[c - 2] if c - 1 <= len(T975) else Z + (Z**3 + Z) / (4 * (c - 1))
         n = total if var == 0 else min(max(p * (1 - p) / var * (Z / t) ** 2, c), total)
-        n = min(n, PER_START * c)
+        n = min(n, cap)
     lo, hi = wilson(p, n)
     return Share(p, lo, hi, n)
 
