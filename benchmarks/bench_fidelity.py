@@ -298,10 +298,10 @@ def main():
     ap.add_argument("--baseline", action="store_true")
     ap.add_argument("--dump", default=None, help="write every compared (query, feature) row to this JSON file")
     ap.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE", help="a reading's constant (explore.BLOCK=0.6)"
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="a reading's constant (explore.STEPS=48)"
     )
     args = ap.parse_args()
-    for kv in args.set:  # a lever to measure: e.g. --set BLOCK=0.6 --set STEPS=64
+    for kv in args.set:  # a lever to measure: e.g. --set STEPS=48 --set GLOBAL=0.05
         k, _, v = kv.partition("=")
         if not hasattr(explore, k):
             raise SystemExit(f"--set {kv}: explore has no constant {k!r}")

@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")  # a chain's state
 STEPS = 32  # moves per chain; the first half is burn-in for chains that start at the decoder's members (walk())
 GLOBAL = 0.15  # share of moves that are fresh draws from the generator
-BLOCK = 0.1  # share of moves that are Gibbs blocks (Task.block): every alternative verified, one inside taken
 DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
 MAX_DRAWS = 8192  # draws per query at most; they stop once STARTS of the chains can start inside
 BATCH = 1024  # generator draws per forward pass of the probed model
@@ -268,12 +267,12 @@ def _record(seen: dict, texts: list[str], acts: list, zq, metric: str) -> None:
 
 
 def _proposal(task, x: str, rng: random.Random) -> list[str]:
-    """One move of a chain at ``x``: a fresh generator draw (probability GLOBAL), a Gibbs block (BLOCK), or the
-    task's local move."""
+    """One move of a chain at ``x``: a fresh generator draw (probability GLOBAL), a Gibbs block (the task's share
+    ``blocks``: every alternative verified, one inside taken), or the task's local move."""
     u = rng.random()
     if u < GLOBAL:
         return [task.generate(rng)]
-    if u < GLOBAL + BLOCK:
+    if u < GLOBAL + task.blocks:
         b = task.block(x, rng)
         if b:
             return b
@@ -312,19 +311,13 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
     them. A few starts whose chains stay on one side are a few independent members, however closely they agree
     (5 exact starts that all agree say little against a share of 0.4: 0.4^5 = 1 %), so a unanimous share rests
     on its groups alone."""
-    memo: dict[int, bool] = {}  # chains revisit their states: ``hit`` is taken once per state object
-
-    def once(x) -> bool:
-        v = memo.get(id(x))
-        if v is None:
-            v = memo[id(x)] = bool(hit(x))
-        return v
-
-    groups = [(sum(map(once, s)), len(s)) for s in states if s]
-    if not groups:
+    memo: dict[int, bool] = {}
+    hits = [_hits(s, hit, memo) for s in states if s]
+    if not hits:
         return None
+    groups = [(sum(h), len(h)) for h in hits]
     c = len(groups)
-    cap = sum(min(PER_START, 1 + sum(once(a) != once(b) for a, b in zip(s, s[1:]))) for s in states if s)
+    cap = sum(min(PER_START, 1 + sum(a != b for a, b in zip(h, h[1:]))) for h in hits)
     total = sum(m for _, m in groups)
     p = sum(h for h, _ in groups) / total
     var = c / max(1, c - 1) * sum((h - p * m) ** 2 for h, m in groups) / total**2
@@ -342,6 +335,20 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
         n = min(n, cap)
     lo, hi = wilson(p, n)
     return Share(p, lo, hi, n)
+
+
+def _hits(states: Sequence[T], hit: Callable[[T], bool], memo: dict[int, bool]) -> list[bool]:
+    """``hit`` of each state, taken once per state object (``memo``, by id): chains revisit their states, and a
+    chain that stays put repeats its state."""
+    out: list[bool] = []
+    last, v = None, False
+    for x in states:
+        if x is not last:
+            if id(x) not in memo:
+                memo[id(x)] = bool(hit(x))
+            v, last = memo[id(x)], x
+        out.append(v)
+    return out
 
 
 def counterfactuals(

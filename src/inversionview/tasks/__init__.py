@@ -23,6 +23,7 @@ class Task:
     sites: tuple[str, ...]  # the paper's sites for this task
     model: dict  # GPT2Config fields of the paper's probed model
     test_fraction = 0.1
+    blocks = 0.1  # the share of a reading's chain moves that are Gibbs blocks (:meth:`block`; explore._proposal)
 
     @property
     def recipe(self) -> dict:

@@ -35,6 +35,10 @@ class Addition(Task):
     )
     model = dict(n_layer=2, n_head=4, n_embd=32, n_inner=128, n_positions=16)
     recipe = dict(steps=12000, batch_size=256, lr=3e-3, aux=0.0)
+    # a preimage here often leaves one digit, or one column's pair at a fixed sum, free, and a chain crosses it in one
+    # block: 60 % blocks against 10 % took the mean |FCR error| at x0.mid and a1.2 (32 queries x 2 seeds) from
+    # 0.035 to 0.029 and the rows over 0.15 from 88 to 41 (counting's blocks, letter names, did worse at 60 %)
+    blocks = 0.6
 
     def generate(self, rng: random.Random) -> str:
         a, b = rng.randint(100, 999), rng.randint(100, 999)
