@@ -44,6 +44,7 @@ def verify(probed: ProbedModel, site, seqs: list[list[int]], zq: torch.Tensor, m
     return dmin, amin, dist
 
 
+@torch.no_grad()
 def activations(probed: ProbedModel, site, seqs: list[list[int]], batch: int = 1024):
     """The activations at ``site`` of token sequences ``seqs``, batch by batch: ``(rows (B,), act (B, T, d)
     float32, invalid (B, T))``, ``rows`` the batch's indices in ``seqs``, PAD/EOS positions invalid. Batches hold
