@@ -45,6 +45,7 @@ from inversionview.features import builtin_features, preimages
 from inversionview.summary import is_shared
 
 SURE_HALF_WIDTH = 0.05  # a true share counts for the max when its 95% half-width is at most this
+MAX_BAR = 0.15  # issue 10's bar on the max error: rows over it are counted
 VIOLATION = 0.75
 MIN_MEMBERS = 40  # scanned members below which a true share is not known
 
@@ -254,6 +255,8 @@ def run_task(name: str, args) -> dict:
     for mode in ("chains", "decoder") if args.baseline else ("chains",):
         allr = [r for (m, _), v in rows.items() if m == mode for r in v]
         print(f"{name} overall [{mode}]: {report(allr, mode)}")
+        if mode == "chains":
+            print(f"    by distinct starts: {by_starts(allr)}")
         worst = sorted((r for r in allr if r.get("sure")), key=lambda r: -r["err"])[:3]
         for r in worst:
             print(
@@ -275,12 +278,24 @@ def report(rows: list[dict], mode: str) -> str:
     return (
         f"[{mode}] mean |dFCR| {statistics.mean(sure) if sure else float('nan'):.3f} known, "
         f"{statistics.mean(errs):.3f} all, max {max(sure) if sure else float('nan'):.3f} "
-        f"({len(sure)}/{len(errs)} known to +-{SURE_HALF_WIDTH}), violations {sum(r.get('violation', 0) for r in rows)}"
+        f"({len(sure)}/{len(errs)} known to +-{SURE_HALF_WIDTH}), {sum(e > MAX_BAR for e in sure)} known over {MAX_BAR}, "
+        f"violations {sum(r.get('violation', 0) for r in rows)}"
         + (f", recall median {statistics.median(rec):.1%}" if rec else "")
         + f", {statistics.mean(r['time'] for r in rows if 'time' in r):.2f} s per query batched"
         + (f", {statistics.median(times):.2f} s per reading (median of {len(times)})" if times else "")
         + (f", {statistics.median(cold):.2f} s cold (no draws cached)" if cold else "")
     )
+
+
+def by_starts(rows: list[dict]) -> str:
+    """The known rows' errors by the number of distinct starts their chains began at (a share's groups)."""
+    out = []
+    for lo, hi in ((1, 1), (2, 4), (5, 15), (16, math.inf)):
+        e = [r["err"] for r in rows if r.get("sure") and lo <= r["groups"] <= hi]
+        if e:
+            name = f"{lo}+" if hi == math.inf else f"{lo}" if lo == hi else f"{lo}-{hi}"
+            out.append(f"{name}: {len(e)} rows, mean {statistics.mean(e):.3f}, max {max(e):.3f}")
+    return "; ".join(out)
 
 
 def main():
