@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from inversionview.explore import can_explore, share, walk, wilson
+from inversionview.explore import Chains, can_explore, coverage, credit, share, walk, wilson
 from inversionview.features import builtin_features
 from inversionview.tasks import get_task
 
@@ -280,6 +280,45 @@ def test_unanimous_share_rests_on_its_groups():
     assert one.share == 0.4 and one.n == 3
 
 
+def test_coverage_matches_hand_values():
+    # Good-Turing: 2 members found once among 1 + 1 + 2 + 3 = 7 finds: 1 - 2/7
+    assert coverage([1, 1, 2, 3]) == pytest.approx(5 / 7)
+    assert coverage([4, 4]) == 1.0 and coverage([1, 1, 1]) == 0.0 and coverage([]) == 0.0
+
+
+def test_members_met_weigh_in_by_the_chains_coverage():
+    # coverage counts from SATURATED = 0.5: credit(0.8) = 0.6, credit(0.5) = 0, credit(1) = 1
+    assert (credit(0.8), credit(0.5), credit(0.3), credit(1.0)) == pytest.approx((0.6, 0.0, 0.0, 1.0))
+    # states: 2 of 6 hit (p = 1/3). Members met: a (weight 1), b (1), c (2): weighted share of a = 1/4. Coverage 0.8:
+    # 0.6 * 1/4 + 0.4 * 1/3 = 17/60. The interval is the states', widened to take the estimate in
+    states = [["a", "a", "b"], ["b", "b", "b"]]
+    hit = lambda x: x == "a"  # noqa: E731
+    alone = share(states, hit)
+    both = share(Chains(states, [("a", 1.0), ("b", 1.0), ("c", 2.0)], 0.8), hit)
+    assert alone.share == pytest.approx(1 / 3) and both.share == pytest.approx(17 / 60)
+    assert (both.low, both.high, both.n) == (alone.low, alone.high, alone.n)
+    # the weights count: unweighted, the members' share would be 1/3 and the estimate 1/3
+    assert share(Chains(states, [("a", 1.0), ("b", 1.0), ("c", 1.0)], 0.8), hit).share == pytest.approx(1 / 3)
+    # full coverage is the members' share alone; half or less is the states' alone; an estimate outside the states'
+    # interval widens it
+    assert share(Chains(states, [("a", 1.0), ("b", 3.0)], 1.0), hit).share == pytest.approx(1 / 4)
+    assert share(Chains(states, [("a", 1.0), ("b", 3.0)], 0.5), hit).share == pytest.approx(1 / 3)
+    wide = share(Chains([["b"] * 4] * 3, [("a", 9.0), ("b", 1.0)], 1.0), hit)
+    assert wide.share == pytest.approx(0.9) and wide.high == pytest.approx(0.9) and wide.low == 0.0
+
+
+def test_counting_weight_is_the_generators_probability_ratio():
+    # n1! n2! n3! / n!: "aabc" has 2! 1! 1! / 4! = 1/12. The recolour move's documented ratio p(y)/p(x) = (n1 + 1)/n2
+    # (one of n2 places of a letter recoloured as another letter present n1 times) must hold for the weights
+    task = get_task("counting")
+    assert task.weight("aabc|a:2") == pytest.approx(1 / 12) and task.weight("abcabc|b:2") == pytest.approx(8 / 720)
+    x, y = "aaabbc|a:3", "aaabcc|a:3"  # one b recoloured as c: n1 = 1 (c), n2 = 2 (b)
+    assert task.weight(y) / task.weight(x) == pytest.approx((1 + 1) / 2)
+    x, y = "aaaabc|c:1", "aaabbc|c:1"  # one a recoloured as b: n1 = 1, n2 = 4
+    assert task.weight(y) / task.weight(x) == pytest.approx(2 / 4)
+    assert get_task("addition").weight("123+456=579") == 1.0  # uniform operands
+
+
 @pytest.fixture(scope="module")
 def addition():
     from inversionview.run import InversionView
@@ -313,6 +352,8 @@ def test_chains_from_look_alikes_estimate_the_true_share(addition):
         est = share(w.states, lambda x: feats[k](x) == vq)
         assert est.low <= truth <= est.high and abs(est.share - truth) < 0.08, (k, est, truth)
     assert w.acceptance > 0.5 and len(w.members) > 300
+    # 810,000 members: nearly every member the proposals find is new, so the members met stand for little
+    assert w.states.coverage < 0.3 and len(w.states.members) == len(w.members)
 
 
 def test_relaxed_chains_keep_only_their_states_inside_epsilon(addition, monkeypatch):

@@ -34,10 +34,14 @@ def _share(line: str) -> tuple[int, int, int]:
 
 def _chain_share(pre, f, value) -> float:
     """The share by hand: over every chain's states inside the reading's epsilon, pooled, the fraction with the
-    value."""
+    value; where the chains' coverage is over one half, combined with the weighted fraction among every member met
+    inside epsilon: credit = (coverage - 0.5) / 0.5 times that, plus 1 - credit times the states'."""
     ch = pre.chains
     kept = [x for states in ch["states"] for x in states if ch["members"][x][0] <= pre.epsilon]
-    return sum(f(x) == value for x in kept) / len(kept)
+    states = sum(f(x) == value for x in kept) / len(kept)
+    c = max(0.0, (ch["coverage"] - 0.5) / 0.5)
+    met = [(x, v[3]) for x, v in ch["members"].items() if v[0] <= pre.epsilon]
+    return c * sum(w for x, w in met if f(x) == value) / sum(w for _, w in met) + (1 - c) * states
 
 
 def _members(pre):
@@ -114,6 +118,25 @@ def test_addition_reading_summary():
     # '+' and '=' stand at fixed places in every addition input
     start = [x for x in pre.summary if x.startswith("tokens aligned from the start")][0]
     assert "4='+' 100%" in start and "8='=' 100%" in start
+
+
+def test_a_saturated_reading_counts_every_member_met():
+    # the residual stream after layer 1 at A2 of 141+748=889: an exact scan of all 810,000 addition inputs finds 137
+    # members, 72 of them with the query's tens digit 4 (F2 share 0.526). The chains start at the decoder's members
+    # (no generator draw lands inside) and dwell there: their states alone put F2 at 0.24. Their proposals meet the
+    # same few members over and over (coverage near 1), so the members met weigh in nearly alone
+    from inversionview.run import InversionView
+
+    iv = InversionView.load("shipped:addition")
+    pre = iv.query("141+748=889", site="x1.post", position=10)
+    ch = pre.chains
+    assert ch["coverage"] > 0.95 and len(ch["members"]) >= 130
+    f = builtin_features("addition")["F2"]
+    got = {x["feature"]: x for x in pre.shares}["F2"]
+    assert got["value"] == 4 and got["share"] == pytest.approx(_chain_share(pre, f, 4))
+    assert abs(got["share"] - 72 / 137) < 0.03 and got["low"] <= got["share"] <= got["high"]
+    kept = [x for st in ch["states"] for x in st]
+    assert abs(sum(f(x) == 4 for x in kept) / len(kept) - 72 / 137) > 0.2
 
 
 def test_summary_follows_epsilon_and_round_trips(colon):

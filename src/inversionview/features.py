@@ -368,10 +368,10 @@ def consistency(
     """FCR and baseline of each feature over ``queries`` with their members ``inside``: per query, chains of states
     (:func:`preimages`) or a plain list of distinct samples (each a chain of one). The FCR's interval combines the
     queries' own 95% intervals."""
-    from .explore import Z, share
+    from .explore import Z, Chains, share
 
     out = []
-    inside = [[[x] if isinstance(x, str) else x for x in chains] for chains in inside]
+    inside = [c if isinstance(c, Chains) else [[x] if isinstance(x, str) else x for x in c] for c in inside]
     empty = sum(not any(c) for c in inside)
     for k, f in features.items():
         rates, base, var, n = [], [], 0.0, 0

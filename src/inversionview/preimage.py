@@ -415,8 +415,9 @@ def _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas: int) -> list[S
 
 
 def chains_record(w, epsilon: float, tokens_of) -> dict:
-    """A walk as a reading keeps it (JSON): its states, and distance, arg-min position and tokens of each state."""
-    used = dict.fromkeys(x for st in w.states for x in st)
+    """A walk as a reading keeps it (JSON): its states; the distance, arg-min position, tokens and weight under the
+    input distribution of every member met (:class:`inversionview.explore.Chains`); and the chains' coverage."""
+    weight = dict(w.states.members)
     return {
         "epsilon": epsilon,
         "level": w.level,  # the distance the chains walked within (epsilon, or relaxed where few draws landed inside)
@@ -425,7 +426,8 @@ def chains_record(w, epsilon: float, tokens_of) -> dict:
         "proposed": w.proposed,
         "accepted": w.accepted,
         "distinct": len(w.members),
-        "members": {x: [round(w.members[x][0], 5), w.members[x][1], tokens_of(x)] for x in used},
+        "coverage": w.states.coverage,
+        "members": {x: [round(d, 5), pos, tokens_of(x), weight.get(x, 1.0)] for x, (d, pos) in w.members.items()},
     }
 
 

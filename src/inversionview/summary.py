@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .explore import Share, share
+from .explore import Chains, Share, credit, share
 from .features import builtin_features
 
 SHARED = 0.9
@@ -75,12 +75,15 @@ def population(pre) -> Population:
 
         def member(x):
             if x not in memo:
-                d, pos, toks = ch["members"][x]
+                d, pos, toks = ch["members"][x][:3]
                 memo[x] = Member(x, toks[1:], pos, toks) if d <= pre.epsilon else None
             return memo[x]
 
-        chains = [[m for m in map(member, states) if m is not None] for states in ch["states"]]
-        return Population(chains, len({x for x, m in memo.items() if m is not None}), True)
+        states = [[m for m in map(member, st) if m is not None] for st in ch["states"]]
+        cov = ch.get("coverage", 0.0)  # a reading saved before members kept weights has none
+        met = [(member(x), v[3]) for x, v in ch["members"].items()] if credit(cov) > 0 else []
+        chains = Chains(states, [(m, w) for m, w in met if m is not None], cov)
+        return Population(chains, len({m.text for st in states for m in st}), True)
     inside = [
         Member(
             s.text,

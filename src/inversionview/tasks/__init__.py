@@ -72,6 +72,11 @@ class Task:
         None where the text is not an input the generator can produce, or the task defines no moves."""
         return None
 
+    def weight(self, text: str) -> float:
+        """The generator's probability of a valid input, up to a factor that is the same for every input: the
+        members a reading met are weighted by it (:mod:`inversionview.explore`). Uniform unless a task says."""
+        return 1.0
+
     def block(self, text: str, rng: random.Random) -> list[str] | None:
         """A random Gibbs block around a valid input: ``text`` and its alternatives in one part of the input (e.g.
         every letter one letter could be renamed to), all equally probable under the generator, and such that from

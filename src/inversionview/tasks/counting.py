@@ -7,6 +7,7 @@ An input is ``B`` + a shuffle of 3 distinct letters with counts 1..9 + ``|`` + o
 
 from __future__ import annotations
 
+import math
 import random
 import string
 
@@ -95,6 +96,13 @@ class Counting(Task):
                 i = rng.choice([i for i, x in enumerate(head) if x == old])
                 head = f"{head[:i]}{new}{head[i + 1 :]}"
         return f"{head}|{target}:{head.count(target)}"
+
+    def weight(self, text: str) -> float:
+        """n1! n2! n3! / n!: the generator draws the letters, the counts and the target uniformly and the order
+        uniformly given the counts, so an input's probability is this times a constant."""
+        head = text.partition("|")[0]
+        counts = [head.count(c) for c in set(head)]
+        return math.prod(math.factorial(k) for k in counts) / math.factorial(len(head))
 
     def block(self, text: str, rng: random.Random) -> list[str] | None:
         """Half the time the three choices of the target letter; otherwise one letter (of three) under each of
