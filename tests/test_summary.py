@@ -69,6 +69,10 @@ def test_reading_estimates_the_count_share(colon):
         assert f"8 {round(100 * got['share'])}%" in line and got["low"] < 0.75 or got["share"] < 0.9
     # every state is a verified member of the preimage
     assert all(colon.chains["members"][x][0] <= colon.epsilon for st in colon.chains["states"] for x in st)
+    # a large preimage: the chains' coverage gives the members met no weight, so the reading keeps the states' alone
+    states = {x for st in colon.chains["states"] for x in st}
+    assert colon.chains["coverage"] <= 0.5 and set(colon.chains["members"]) == states
+    assert colon.chains["distinct"] > len(states)
     # the matched position is ':' in every member (the minimum over positions lands on the same token)
     assert all(m["tokens"][m["position"]] == ":" for m in _members(colon))
     matched = [x for x in s if x.startswith("tokens aligned at the matched position")][0]

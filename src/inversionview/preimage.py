@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import UserError
-from .explore import CHAINS, can_explore, counterfactuals, walk
+from .explore import CHAINS, can_explore, counterfactuals, credit, walk
 from .probed import ProbedModel, distances
 from .settings import ReadSettings
 
@@ -416,8 +416,11 @@ def _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas: int) -> list[S
 
 def chains_record(w, epsilon: float, tokens_of) -> dict:
     """A walk as a reading keeps it (JSON): its states; the distance, arg-min position, tokens and weight under the
-    input distribution of every member met (:class:`inversionview.explore.Chains`); and the chains' coverage."""
+    input distribution of every member met (:class:`inversionview.explore.Chains`), or of the states' alone where
+    the chains' coverage gives the others no weight in a share (:func:`inversionview.explore.credit`: a large
+    preimage, whose members met can run to thousands); and the chains' coverage."""
     weight = dict(w.states.members)
+    kept = w.members if credit(w.states.coverage) > 0 else dict.fromkeys(x for st in w.states for x in st)
     return {
         "epsilon": epsilon,
         "level": w.level,  # the distance the chains walked within (epsilon, or relaxed where few draws landed inside)
@@ -427,7 +430,7 @@ def chains_record(w, epsilon: float, tokens_of) -> dict:
         "accepted": w.accepted,
         "distinct": len(w.members),
         "coverage": w.states.coverage,
-        "members": {x: [round(d, 5), pos, tokens_of(x), weight.get(x, 1.0)] for x, (d, pos) in w.members.items()},
+        "members": {x: [round(w.members[x][0], 5), w.members[x][1], tokens_of(x), weight.get(x, 1.0)] for x in kept},
     }
 
 
