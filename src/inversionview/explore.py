@@ -390,8 +390,8 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
 
 
 def _with_members(states, hit: Callable, s: Share) -> Share:
-    """The states' share ``s`` combined with the members met where ``states`` carries them (:class:`Chains`): C
-    times the weighted share among the members plus 1 - C times the states' share, C the chains' coverage. The
+    """The states' share ``s`` combined with the members met where ``states`` carries them (:class:`Chains`): c
+    times the weighted share among the members plus 1 - c times the states' share, c = credit(coverage). The
     interval is the states', widened to take the estimate in: where the members missed a part of the preimage the
     chains did not reach either (another component), the coverage cannot tell, and the states' spread is the
     honest width."""
