@@ -781,6 +781,17 @@ def rss_mib(pid: int) -> float:
         return next(int(x.split()[1]) for x in f if x.startswith("VmRSS:")) / 1024
 
 
+def settled_rss_mib(pid: int) -> float:
+    """The least RSS over two seconds: the queue's worker trims the heap just after it reports idle, and answers
+    still being sent hold their buffers, so one sample can read up to 25 % high (CI saw 521 -> 625 MiB where
+    settled figures read 426 -> 427)."""
+    least = float("inf")
+    for _ in range(10):
+        least = min(least, rss_mib(pid))
+        time.sleep(0.2)
+    return least
+
+
 def hostile_requests(url: str) -> list[tuple[str, bytes]]:
     """Requests a careless or hostile client sends: path tricks, nested JSON, huge numbers, non-finite floats,
     unknown methods, oversized and chunked bodies, garbage."""
@@ -902,14 +913,15 @@ def test_hostile_requests_and_reading_bursts_leave_no_5xx_no_reset_and_flat_memo
         port = int(Lines(proc).until(r"^(\d+)$").group(1))
         url, addr = f"http://127.0.0.1:{port}", ("127.0.0.1", port)
         assert reading_burst(url, 2, 64) == ["200", "200"]  # warm: the model's first readings allocate its caches
-        start = rss_mib(proc.pid)
-        results = {}
-        for _ in range(2):
+        results, rss = {}, []
+        for _ in range(3):  # the first round warms the threads' heaps; a leak grows over the next two
             with ThreadPoolExecutor(8) as pool:  # the hostile requests and 10 readings (chains included) at once
                 hostile = {name: pool.submit(send_hostile, addr, name, data) for name, data in hostile_requests(url)}
                 readings = reading_burst(url, 10, 64)
                 results.update({name: f.result() for name, f in hostile.items()})
             assert readings == ["200"] * 10, readings
+            wait_for(lambda: call(url, "/api/queue")[2]["running"] is False)
+            rss.append(settled_rss_mib(proc.pid))
         bad = {k: v for k, v in results.items() if not v.isdigit() or int(v) >= 500}
         assert bad == {}, bad  # every hostile request answered: no 5xx, no reset, no silence
         assert sum(v.startswith("4") for v in results.values()) >= len(results) - 2  # two harmless GETs get a 200
@@ -919,10 +931,8 @@ def test_hostile_requests_and_reading_bursts_leave_no_5xx_no_reset_and_flat_memo
             results["huge length"] == "413" and results["chunked"] == "413" and results["nested /api/tokens"] == "413"
         )
         assert call(url, "/api/info")[0] == 200
-        wait_for(lambda: call(url, "/api/queue")[2]["running"] is False)
-        end = rss_mib(proc.pid)
-        print(f"server RSS {start:.0f} MiB after warming up, {end:.0f} MiB after the bursts")
-        assert end <= 1.2 * start, f"RSS {start:.0f} MiB after warming up, {end:.0f} MiB after the bursts"
+        print("server RSS after each round (MiB):", " ".join(f"{x:.0f}" for x in rss))
+        assert rss[2] <= 1.15 * rss[0], f"RSS {rss[0]:.0f} MiB after the first round, {rss[2]:.0f} MiB after the third"
     finally:
         proc.kill()
         proc.wait()
