@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inversionview.errors import UserError
-from inversionview.preimage import Preimage, Sample, resolve_position, verify
+from inversionview.preimage import Preimage, Sample, activations, length_batches, resolve_position, verify
 from inversionview.probed import ProbedModel, distances
 from inversionview.sites import Site
 
@@ -110,6 +110,33 @@ def test_verify_includes_bos(probed):
     dmin, amin, _ = verify(probed, s, seqs, zq, "euclidean")
     assert dmin.abs().max() < 1e-6
     assert (amin == 0).all()
+
+
+def test_length_batches_sort_by_length_and_cut_where_it_changes():
+    lengths = [3, 1, 2, 1, 3, 3, 2, 1, 1]
+    # batch 8: an eighth is 1 row, so every change of length ends a batch
+    assert length_batches(lengths, 8) == [[1, 3, 7, 8], [2, 6], [0, 4, 5]]
+    # batch 3: a full batch ends too, within a length
+    assert length_batches(lengths, 3) == [[1, 3, 7], [8], [2, 6], [0, 4, 5]]
+    # batch 16: an eighth is 2 rows, so the lone length-1 row's batch goes on past the change
+    assert length_batches([1, 2, 2, 5, 5, 5], 16) == [[0, 1, 2], [3, 4, 5]]
+    assert length_batches([], 4) == []
+
+
+def test_activations_in_length_batches_equal_one_sequence_at_a_time(probed):
+    s = probed.site("a1.0")
+    texts = CANDIDATES + ["abcabcc|c:3", "zz|z:2", "aabbbccc|b:3", "q|q:1"]
+    seqs = [probed.encode(t) for t in texts]
+    seen = []
+    for rows, act, invalid in activations(probed, s, seqs, batch=2):
+        assert len(rows) <= 2 and act.shape[1] == max(len(seqs[r]) for r in rows)  # padded to the batch's own longest
+        for r, a, bad in zip(rows.tolist(), act, invalid):
+            alone = probed.run(torch.tensor([seqs[r]]), [s])[s][0].float()
+            n = len(seqs[r])
+            torch.testing.assert_close(a[:n], alone, atol=1e-5, rtol=1e-5)
+            assert bad.tolist() == [t >= n - 1 for t in range(act.shape[1])]  # EOS and PAD
+            seen.append(r)
+    assert sorted(seen) == list(range(len(texts)))
 
 
 def test_verify_excludes_eos(probed):

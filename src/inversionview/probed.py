@@ -432,9 +432,10 @@ class ProbedModel:
         lengths = torch.tensor([len(s) for s in seqs])
         T = int(lengths.max())
         ids = torch.full((len(seqs), T), self.tokenizer.pad_id, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
         valid = torch.arange(T)[None, :] < lengths[:, None]
+        # one copy of all the tokens, row-major as the mask's True cells: a copy per row took a fifth of a
+        # 1,024-row forward pass of the counting model
+        ids[valid] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
         for t in self.non_input_ids:  # anywhere in a sequence, not only at its end: a sample may hold a PAD mid-way
             valid &= ids != t
         return Batch(ids, valid, lengths)
