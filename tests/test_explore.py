@@ -11,6 +11,7 @@ import torch
 
 from inversionview.explore import Chains, can_explore, coverage, credit, share, walk, wilson
 from inversionview.features import builtin_features
+from inversionview.preimage import verify
 from inversionview.tasks import get_task
 
 
@@ -218,6 +219,28 @@ def test_moves_produce_valid_inputs_and_refuse_others():
     assert can_explore(get_task("counting")) and not can_explore(get_task("ioi")) and not can_explore(None)
 
 
+def test_addition_relatives_are_the_column_swaps():
+    task = get_task("addition")
+    assert task.relatives("294+381=675") == [
+        "394+281=675",
+        "284+391=675",
+        "384+291=675",
+        "291+384=675",
+        "391+284=675",
+        "281+394=675",
+        "381+294=675",
+    ]
+    assert task.relatives("505+901=1406") == ["905+501=1406", "501+905=1406", "901+505=1406"]  # tens hold 0 and 0
+    assert task.relatives("222+222=444") == [] and task.relatives("22+3=25") == []
+    rng = random.Random(0)
+    for _ in range(200):  # an orbit: the relatives of a relative are the same inputs, all with the same sum
+        x = task.generate(rng)
+        orbit = {x, *task.relatives(x)}
+        assert all({y, *task.relatives(y)} == orbit for y in orbit)
+        assert len({y.partition("=")[2] for y in orbit}) == 1
+    assert get_task("counting").relatives("aab|a:2") == []
+
+
 def test_wilson_interval_matches_hand_values():
     # p = 0.5, n = 100: centre 0.5, half-width 1.96 * sqrt(0.0025 + 0.96^2/40000... ) / (1 + 3.8416/100)
     lo, hi = wilson(0.5, 100)
@@ -354,6 +377,30 @@ def test_chains_from_look_alikes_estimate_the_true_share(addition):
     assert w.acceptance > 0.5 and len(w.members) > 300
     # 810,000 members: nearly every member the proposals find is new, so the members met stand for little
     assert w.states.coverage < 0.3 and len(w.states.members) == len(w.members)
+
+
+def test_a_saturated_small_reading_verifies_the_relatives_of_its_members(addition, monkeypatch):
+    # head a0.2 at A2 of 984+569=1553 (index 9): an exact scan of all 810,000 inputs finds 322 members, 192 of them
+    # with the query's third answer digit (C3 share 0.596). They fall into pieces of column swaps no move connects;
+    # the chains saturate theirs (coverage near 1) and met 186 members, C3 0.93. Their relatives are verified too
+    from inversionview import explore
+
+    q, truth = "984+569=1553", 192 / 322
+    pre = addition.query(q, site="a0.2", position=9)
+    members = set(pre.chains["members"])
+    assert pre.chains["coverage"] > 0.9 and len(members) >= 230
+    got = {x["feature"]: x for x in pre.shares}["C3"]
+    assert abs(got["share"] - truth) < 0.25
+    # every relative of a member met is a member met, or the probed model puts it outside epsilon
+    probed, s = addition.probed, addition.probed.site("a0.2")
+    zq = probed.run(torch.tensor([probed.encode(q)]), [s])[s][0, 9].float()
+    others = sorted({y for x in members for y in addition.task.relatives(x)} - members)
+    dmin, _, _ = verify(probed, s, [probed.encode(y) for y in others], zq, "euclidean")
+    assert len(others) > 100 and (dmin > pre.epsilon).all()
+    monkeypatch.setattr(explore, "RELATIVES", 0)  # without: fewer members met, and the share off by over 0.3
+    pre = addition.query(q, site="a0.2", position=9)
+    assert len(pre.chains["members"]) < 200
+    assert abs({x["feature"]: x for x in pre.shares}["C3"]["share"] - truth) > 0.3
 
 
 def test_relaxed_chains_keep_only_their_states_inside_epsilon(addition, monkeypatch):

@@ -26,7 +26,11 @@ the draws', every proposal verified inside) often cover most of a small preimage
 state), counted with multiplicity, the share not found only once (Good and Turing's estimate of the mass already
 seen, 1 - f1 / N). Above SATURATED the members met weigh in (:func:`credit`): the share is c times the share among
 them, each weighted by its probability under the input distribution (:meth:`~inversionview.tasks.Task.weight`),
-plus 1 - c times the pooled share of the states (:class:`Chains`, :func:`share`). Counterfactual checks
+plus 1 - c times the pooled share of the states (:class:`Chains`, :func:`share`). A preimage that keeps only what
+a symmetry of the generator keeps (addition's head a0.2: the unordered pairs of digits in some columns) falls apart
+into pieces no local move connects, and its coverage cannot see the pieces not reached; so where the members met
+weigh in and are few, their relatives under the task's symmetries (:meth:`~inversionview.tasks.Task.relatives`) are
+verified too and join them (:func:`_relatives`). Counterfactual checks
 (:func:`counterfactuals`) change one feature of members with the same moves and count how many stay inside.
 """
 
@@ -64,6 +68,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 # fmt: on
 SATURATED = 0.5  # the chains' coverage up to which the members met count for nothing in a share (credit())
+RELATIVES = 512  # members met up to which a saturated reading verifies their relatives (_relatives)
 PER_START = 4  # a share rests on at most this many effective members per distinct start of the chains (share())
 
 
@@ -174,9 +179,22 @@ def walk(
                     st[c] = y
                 if step >= began[q][2] and seen[q][st[c]][0] <= epsilon:  # a relaxed chain's states inside epsilon
                     w.states[c].append(st[c])
+    _relatives(probed, task, site, zq, seen, found, epsilon, metric)
     for w, sq, (st, _, burn), fq in zip(walks, seen, began, found):
         _finish(w, task, sq, st, burn, fq, epsilon)
     return walks
+
+
+def _relatives(probed, task, site, zq, seen: list[dict], found: list[dict], epsilon: float, metric: str) -> None:
+    """Verify the relatives (:meth:`~inversionview.tasks.Task.relatives`) of every member met, for the queries
+    whose chains' coverage gives the members met weight (:func:`credit`) and that met at most RELATIVES of them:
+    small preimages, whose pieces the chains' moves may not connect. The coverage is not changed."""
+    todo = []
+    for q, (sq, fq) in enumerate(zip(seen, found)):
+        members = [x for x, v in sq.items() if v[0] <= epsilon]
+        if credit(coverage(fq.values())) > 0 and len(members) <= RELATIVES:
+            todo += [(q, y) for x in members for y in task.relatives(x) if y not in sq]
+    _check(probed, site, zq, seen, todo, metric)
 
 
 def _finish(w: Walk, task, seen: dict, starts: list[str], burn: int, found: dict, epsilon: float) -> None:

@@ -85,6 +85,14 @@ class Task:
         that part in one step (:mod:`inversionview.explore`). None where the task defines no blocks."""
         return None
 
+    def relatives(self, text: str) -> list[str]:
+        """The other inputs a symmetry of the generator maps a valid input to: equally probable, and holding the
+        same parts up to that symmetry (addition: the operands' digits swapped column by column). Where a reading's
+        chains have met most of their part of the preimage, it verifies the relatives of the members met
+        (:mod:`inversionview.explore`): a preimage that keeps only what the symmetry keeps falls apart into pieces
+        no local move connects. Empty where the task defines none."""
+        return []
+
 
 def get_task(name: str) -> Task:
     from .addition import Addition

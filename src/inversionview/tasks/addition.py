@@ -133,6 +133,24 @@ class Addition(Task):
             ts = [f"{x}{b}" for x in _same_leading(b, a, 10)]
         return [f"{t[:3]}+{t[3:]}={int(t[:3]) + int(t[3:])}" for t in ts]
 
+    def relatives(self, text: str) -> list[str]:
+        """The inputs with the operands' digits swapped in some of the columns (all three: the operands swapped),
+        e.g. 294+381 gives 394+281, 284+391, 291+384, ...: 7 at most, fewer where a column holds equal digits.
+        Each is as probable as ``text`` and has its sum. Head a0.2's preimages at the answer digits keep the
+        unordered pairs of some columns and fall apart into such pieces: `294+381=675` has 174 members; its
+        reading met 13, all in one piece, and their relatives are 37 members."""
+        p = self.parse(text)
+        if p is None:
+            return []
+        a, b = map(str, p)
+        out = []
+        for mask in range(1, 8):
+            x = "".join(b[i] if mask >> i & 1 else a[i] for i in range(3))
+            y = "".join(a[i] if mask >> i & 1 else b[i] for i in range(3))
+            if x != a:
+                out.append(f"{x}+{y}={int(x) + int(y)}")
+        return list(dict.fromkeys(out))
+
     def all_inputs(self):
         """Every input of the task, in order (810,000)."""
         for a in range(100, 1000):
