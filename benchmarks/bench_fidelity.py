@@ -17,8 +17,9 @@ shares no code with the reading it checks, except the probed model's forward pas
 
 Prints per site and overall: the mean and max |FCR(reading) - FCR(true)| over queries and features (the max over
 those whose true share is known to within +-0.05), shared-claim violations (the summary calls a feature shared
-whose true share is below 0.75), the recall of distinct true members (addition) and the time per reading: warm
-(the site's generator draws cached by the readings before, as in the viewer or a batch) and cold (none cached).
+whose true share is below 0.75), how often the reading's 95% interval holds the true share, the recall of
+distinct true members (addition) and the time per reading: warm (the site's generator draws cached by the
+readings before, as in the viewer or a batch) and cold (none cached).
 
     python benchmarks/bench_fidelity.py [--task counting|addition|both] [--queries 32] [--sites a0.0,a1.0]
                                         [--chains 32] [--baseline]
@@ -275,11 +276,21 @@ def report(rows: list[dict], mode: str) -> str:
     rec = [r["recall"] for r in rows if r.get("recall") is not None]
     times = [r["reading"] for r in rows if "reading" in r]
     cold = [r["cold"] for r in rows if "cold" in r]
+    held = [r["low"] - 1e-9 <= r["truth"] <= r["high"] + 1e-9 for r in rows if r.get("sure") and "low" in r]
+    held_over = [
+        r["low"] - 1e-9 <= r["truth"] <= r["high"] + 1e-9 for r in rows if r.get("sure") and r["err"] > MAX_BAR
+    ]
     return (
         f"[{mode}] mean |dFCR| {statistics.mean(sure) if sure else float('nan'):.3f} known, "
         f"{statistics.mean(errs):.3f} all, max {max(sure) if sure else float('nan'):.3f} "
         f"({len(sure)}/{len(errs)} known to +-{SURE_HALF_WIDTH}), {sum(e > MAX_BAR for e in sure)} known over {MAX_BAR}, "
         f"violations {sum(r.get('violation', 0) for r in rows)}"
+        + (
+            f", the 95% interval holds the truth in {statistics.mean(held):.1%} of known rows "
+            f"({sum(held_over)} of the {len(held_over)} over {MAX_BAR})"
+            if held
+            else ""
+        )
         + (f", recall median {statistics.median(rec):.1%}" if rec else "")
         + f", {statistics.mean(r['time'] for r in rows if 'time' in r):.2f} s per query batched"
         + (f", {statistics.median(times):.2f} s per reading (median of {len(times)})" if times else "")
