@@ -156,14 +156,8 @@ def walk(
     found: list[dict[str, int]] = [{} for _ in starts]  # per query: member -> times a proposal found it inside
     for step in range(steps):
         props = [[_proposal(task, x, rng) for x in st] for st in state]  # each a list: one text, or a Gibbs block
-        _check(
-            probed,
-            site,
-            zq,
-            seen,
-            [(q, y) for q, ps in enumerate(props) for p in ps for y in p if y not in seen[q]],
-            metric,
-        )
+        todo = [(q, y) for q, ps in enumerate(props) for p in ps for y in p if y not in seen[q]]
+        _check(probed, site, zq, seen, todo, metric)
         for q, (st, ps) in enumerate(zip(state, props)):
             w = walks[q]
             w.proposed += len(ps)
