@@ -185,9 +185,10 @@ def _relatives(probed, task, site, zq, seen: list[dict], found: list[dict], epsi
     small preimages, whose pieces the chains' moves may not connect. The coverage is not changed."""
     todo = []
     for q, (sq, fq) in enumerate(zip(seen, found)):
-        members = [x for x, v in sq.items() if v[0] <= epsilon]
-        if credit(coverage(fq.values())) > 0 and len(members) <= RELATIVES:
-            todo += [(q, y) for x in members for y in task.relatives(x) if y not in sq]
+        if credit(coverage(fq.values())) > 0:
+            members = [x for x, v in sq.items() if v[0] <= epsilon]
+            if len(members) <= RELATIVES:
+                todo += [(q, y) for x in members for y in task.relatives(x) if y not in sq]
     _check(probed, site, zq, seen, todo, metric)
 
 
