@@ -44,11 +44,14 @@ from inversionview import InversionView, explore
 from inversionview.explore import CHAINS, share, wilson
 from inversionview.features import builtin_features, preimages
 from inversionview.summary import is_shared
+from inversionview.tasks.addition import Addition
+from inversionview.tasks.counting import Counting
 
 SURE_HALF_WIDTH = 0.05  # a true share counts for the max when its 95% half-width is at most this
 MAX_BAR = 0.15  # issue 10's bar on the max error: rows over it are counted
 VIOLATION = 0.75
 MIN_MEMBERS = 40  # scanned members below which a true share is not known
+TASKS = {"addition": Addition, "counting": Counting}  # whose class constants --set may change (addition.draws)
 
 
 def length_probability(length: int) -> float:
@@ -327,12 +330,14 @@ def main():
         "--set", action="append", default=[], metavar="NAME=VALUE", help="a reading's constant (explore.STEPS=48)"
     )
     args = ap.parse_args()
-    for kv in args.set:  # a lever to measure: e.g. --set STEPS=48 --set GLOBAL=0.05
+    for kv in args.set:  # a lever to measure: e.g. --set STEPS=48 --set GLOBAL=0.05 --set addition.draws=8192
         k, _, v = kv.partition("=")
-        if not hasattr(explore, k):
-            raise SystemExit(f"--set {kv}: explore has no constant {k!r}")
-        setattr(explore, k, type(getattr(explore, k))(v))
-        print(f"explore.{k} = {getattr(explore, k)}")
+        owner, _, k = k.rpartition(".")
+        where = TASKS.get(owner, explore) if owner else explore
+        if owner not in ("", *TASKS) or not hasattr(where, k):
+            raise SystemExit(f"--set {kv}: expected an explore constant (STEPS) or a task's (addition.draws)")
+        setattr(where, k, type(getattr(where, k))(v))
+        print(f"{owner or 'explore'}.{k} = {getattr(where, k)}")
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "

@@ -124,14 +124,18 @@ def test_addition_reading_summary():
     assert "4='+' 100%" in start and "8='=' 100%" in start
 
 
-def test_a_saturated_reading_counts_every_member_met():
+def test_a_saturated_reading_counts_every_member_met(monkeypatch):
     # the residual stream after layer 1 at A2 of 141+748=889: an exact scan of all 810,000 addition inputs finds 137
-    # members, 72 of them with the query's tens digit 4 (F2 share 0.526). The chains start at the decoder's members
-    # (no generator draw lands inside) and dwell there: their states alone put F2 at 0.24. Their proposals meet the
-    # same few members over and over (coverage near 1), so the members met weigh in nearly alone
+    # members, 72 of them with the query's tens digit 4 (F2 share 0.526). With 8,192 generator draws none lands
+    # inside: the chains start at the decoder's members and dwell there, and their states alone put F2 at 0.24.
+    # Their proposals meet the same few members over and over (coverage near 1), so the members met weigh in nearly
+    # alone. (With addition's 65,536 draws some land inside and the chains start there.)
     from inversionview.run import InversionView
 
     iv = InversionView.load("shipped:addition")
+    got = {x["feature"]: x for x in iv.query("141+748=889", site="x1.post", position=10).shares}["F2"]
+    assert abs(got["share"] - 72 / 137) < 0.05
+    monkeypatch.setattr(iv.task, "draws", 8192)
     pre = iv.query("141+748=889", site="x1.post", position=10)
     ch = pre.chains
     assert ch["coverage"] > 0.95 and len(ch["members"]) >= 130
@@ -172,9 +176,7 @@ def test_a_high_share_on_few_starts_is_unsure_not_shared(counting_iv, monkeypatc
     # x0.post at ':' of a 24-letter input: its preimage is rare under the generator (few inputs that long), so with
     # 2,048 draws the chains start from 2 of them; every state has the query's length, but 2 starts cannot make it
     # a sure claim
-    from inversionview import explore
-
-    monkeypatch.setattr(explore, "MAX_DRAWS", 2048)
+    monkeypatch.setattr(counting_iv.task, "draws", 2048)
     pre = counting_iv.query("oohkokkhkhhhokokohkkoook|k:9", site="x0.post", position=27)
     got = {x["feature"]: x for x in pre.shares}["length"]
     assert got["share"] == 1.0 and got["low"] < 0.75 and len(pre.chains["states"]) < 8

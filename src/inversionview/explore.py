@@ -55,9 +55,8 @@ T = TypeVar("T")  # a chain's state
 STEPS = 32  # moves per chain; the first half is burn-in for chains that start at the decoder's members (walk())
 GLOBAL = 0.15  # share of moves that are fresh draws from the generator
 DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
-MAX_DRAWS = 8192  # draws per query at most; they stop once STARTS of the chains can start inside
 BATCH = 1024  # generator draws per forward pass of the probed model
-CACHED = 2  # (probed model, site) pairs whose draws' activations are kept for the next readings (_Drawn)
+CACHE_MB = 256  # the draws' activations kept for the next readings, at most (_Drawn)
 STARTS = 0.25  # the share of chains that must start at distinct exact draws before the draws stop
 RELAX = 2.0  # where few draws land inside, the chains walk the preimage at RELAX * epsilon and keep their states inside
 Z = 1.96  # 95% intervals
@@ -266,7 +265,8 @@ def _draw_inside(
 ) -> list[list[str]]:
     """Per query, the distinct generator draws that land inside ``relaxed`` (exact draws from the relaxed
     preimage; those inside ``epsilon`` are exact draws from the preimage). Draws come in rounds (``draws``, then as
-    many as drawn so far), until STARTS of the chains can start inside epsilon or MAX_DRAWS are spent. The queries
+    many as drawn so far), until STARTS of the chains can start inside epsilon or the task's
+    :attr:`~inversionview.tasks.Task.draws` are spent. The queries
     still drawing share each round's draws: the probed model runs once per draw, whatever the number of queries
     (each query's draws are still independent draws from the generator); a round drawn before at this site, by a
     reading with the same seed, is not run again (:class:`_Drawn`)."""
@@ -275,17 +275,20 @@ def _draw_inside(
     need = list(range(len(seen))) if draws > 0 else []
     rounds = _DRAWN.get(probed, site) if need else {}
     while need:
-        new = [task.generate(rng) for _ in range(max(draws, min(len(fresh), MAX_DRAWS - len(fresh))))]
+        new = [task.generate(rng) for _ in range(max(draws, min(len(fresh), task.draws - len(fresh))))]
         start, fresh = len(fresh), fresh + new
-        if start not in rounds or rounds[start][0] != new:  # not drawn before with this seed at this site
-            rounds[start] = (new, _activations(probed, site, new))
+        if start in rounds and rounds[start][0] == new:  # drawn before with this seed at this site
+            acts = rounds[start][1]
+        else:
+            acts = _activations(probed, site, new)
+            _DRAWN.keep(rounds, start, new, acts)
         for q in need:
-            _record(seen[q], new, rounds[start][1], zq[q], metric)
+            _record(seen[q], new, acts, zq[q], metric)
             near[q] = [x for x in dict.fromkeys(fresh) if seen[q][x][0] <= relaxed]
         need = [
             q
             for q in need
-            if len(fresh) < max(draws, MAX_DRAWS) and sum(seen[q][x][0] <= epsilon for x in near[q]) < _enough(chains)
+            if len(fresh) < max(draws, task.draws) and sum(seen[q][x][0] <= epsilon for x in near[q]) < _enough(chains)
         ]
     return near
 
@@ -294,7 +297,9 @@ class _Drawn:
     """The probed model's activations at a site for the generator draws of recent readings, by round: the draws
     are the first use of a reading's seeded generator, so readings with the same seed at the same site draw the
     same inputs, and a reading after the first pays only for the distances (a round is reused only where its
-    texts are identical). It holds the last CACHED (probed model, site) pairs."""
+    texts are identical). It holds at most CACHE_MB: the sites read least recently go first, and a round that
+    does not fit beside the current site's earlier rounds is not kept (a small preimage's reading at an addition
+    site draws up to 65,536 inputs, whose activations take 0.1 GiB)."""
 
     def __init__(self):
         self.entries: OrderedDict[tuple[int, str], tuple[weakref.ref, dict]] = OrderedDict()
@@ -305,9 +310,23 @@ class _Drawn:
         if hit is None or hit[0]() is not probed:  # a model since freed whose id was reused is not a hit
             hit = self.entries[key] = (weakref.ref(probed), {})
         self.entries.move_to_end(key)
-        while len(self.entries) > CACHED:
-            self.entries.popitem(last=False)
         return hit[1]
+
+    def keep(self, rounds: dict, start: int, texts: list[str], acts: list) -> None:
+        """Keep a round of the current site (``rounds`` from :meth:`get`) if it fits within CACHE_MB, making room
+        by dropping the sites read least recently."""
+        size = _nbytes(acts)
+        while len(self.entries) > 1 and self.nbytes() + size > CACHE_MB * 2**20:
+            self.entries.popitem(last=False)
+        if self.nbytes() + size <= CACHE_MB * 2**20:
+            rounds[start] = (texts, acts)
+
+    def nbytes(self) -> int:
+        return sum(_nbytes(a) for _, rounds in self.entries.values() for _, a in rounds.values())
+
+
+def _nbytes(acts: list) -> int:
+    return sum(t.numel() * t.element_size() for batch in acts for t in batch)
 
 
 _DRAWN = _Drawn()

@@ -24,6 +24,7 @@ class Task:
     model: dict  # GPT2Config fields of the paper's probed model
     test_fraction = 0.1
     blocks = 0.1  # the share of a reading's chain moves that are Gibbs blocks (:meth:`block`; explore._proposal)
+    draws = 8192  # generator draws a reading verifies per query at most, before its chains (explore._draw_inside)
 
     @property
     def recipe(self) -> dict:
