@@ -7,8 +7,8 @@ it and count the members it finds) and compare, per feature of the task,
 the share of members that have the query's value (the FCR of one query):
 
 - addition: all 810,000 inputs (exact);
-- counting: a random scan from the task's generator (--pool inputs) plus, for each query length, --stratum inputs
-  drawn with that length (the preimage of a site at the target character is mostly inputs of the query's length,
+- counting: --stratum inputs of every length 3..27, drawn from the generator conditioned on the length (a
+  preimage at the target character is mostly inputs of the query's length and some of the lengths next to it,
   rare under the generator); strata are weighted by their exact probability and each true share comes with its
   standard error (delta method).
 
@@ -99,33 +99,26 @@ def scan(iv, site, zq: torch.Tensor, texts: list[str], epsilon: float, chunk: in
     return torch.cat(inside, 1)
 
 
-def pool(task, n_pool: int, n_stratum: int, lengths, seed: int = 7):
-    """Scan inputs with their stratum weights: addition, all inputs (weight 1); counting, generator draws plus
-    length strata. Returns texts, and per query length a weight vector (stratified estimator)."""
+def pool(task, n_stratum: int, seed: int = 7):
+    """Scan inputs with their weights: addition, all inputs (weight 1); counting, n_stratum inputs of every length
+    3..27, each weighted by its length's exact probability over n_stratum. A preimage at the target character holds
+    mostly inputs of the query's length, but often some of the lengths next to it: a plain generator scan meets
+    few of those where they are rare, and calls a share known that leaves them out."""
     if task.name == "addition":
         texts = list(task.all_inputs())
-        return texts, {None: torch.ones(len(texts))}
+        return texts, torch.ones(len(texts))
     rng = random.Random(seed)
-    base = [task.generate(rng) for _ in range(n_pool)]
-    strata = {L: [counting_with_length(rng, L) for _ in range(n_stratum)] for L in sorted(set(lengths))}
-    texts = base + [t for L in strata for t in strata[L]]
-    base_len = torch.tensor([len(t.partition("|")[0]) for t in base], dtype=torch.float)
-    weights, start = {}, n_pool
-    for L in strata:
-        w = torch.zeros(len(texts))
-        other = base_len != L
-        w[:n_pool][other] = (1 - length_probability(L)) / max(1, int(other.sum()))
-        w[start : start + n_stratum] = length_probability(L) / n_stratum
-        weights[L] = w
-        start += n_stratum
-    return texts, weights
+    texts = [counting_with_length(rng, L) for L in range(3, 28) for _ in range(n_stratum)]
+    w = torch.tensor([length_probability(L) / n_stratum for L in range(3, 28) for _ in range(n_stratum)])
+    return texts, w
 
 
 def truth(inside: torch.Tensor, match: torch.Tensor, w: torch.Tensor, exact: bool) -> tuple[float | None, float]:
     """The weighted share of ``match`` among ``inside`` rows and its standard error: 0 where the scan covered every
     input (``exact``: addition), the share of a finite preimage being then known however small it is; else the
     larger of the delta
-    method's over the strata (which have constant weights within) and a binomial one at the members' effective
+    method's over the strata (which have constant weights within; counting's lengths L and 30 - L, of equal
+    probability, are pooled there, which overstates the error a little) and a binomial one at the members' effective
     number (Kish: (sum w)^2 / sum w^2), so that a share of 0 or 1 among few members is not taken as known;
     infinite below MIN_MEMBERS members, where it means nothing."""
     m = inside.float() * w
@@ -160,9 +153,8 @@ def run_task(name: str, args) -> dict:
         s: [task.sample(r, "test") for r in [random.Random(f"{args.seed}:{s}")] for _ in range(args.queries)]
         for s in sites
     }  # each site's queries depend on the site alone, so runs on a subset of sites compare
-    lengths = [len(t.partition("|")[0]) for v in qs.values() for t in v] if name == "counting" else []
     t0 = time.perf_counter()
-    texts, weights = pool(task, args.pool, args.stratum, lengths)
+    texts, weights = pool(task, args.stratum)
     values = {k: [f(t) for t in texts] for k, f in feats.items()}
     print(f"{name}: scan pool of {len(texts):,} inputs ({time.perf_counter() - t0:.0f} s to build)")
     rows = defaultdict(list)
@@ -188,12 +180,9 @@ def run_task(name: str, args) -> dict:
             )
             t_batch = (time.perf_counter() - t0) / len(poss)
             for q, text in enumerate(qs[site]):
-                L = len(text.partition("|")[0]) if name == "counting" else None
                 for k, f in feats.items():
                     vq = f(text)
-                    tr, se = truth(
-                        inside[q], torch.tensor([v == vq for v in values[k]]), weights[L], name == "addition"
-                    )
+                    tr, se = truth(inside[q], torch.tensor([v == vq for v in values[k]]), weights, name == "addition")
                     est = share(chains[q], lambda x: f(x) == vq)
                     if tr is None or est is None:
                         continue
@@ -320,7 +309,6 @@ def main():
     ap.add_argument("--chains", type=int, default=CHAINS)
     ap.add_argument("--samples", type=int, default=1024, help="decoder candidates per query (the default reading's)")
     ap.add_argument("--timed", type=int, default=4, help="queries per site also read one at a time (time, recall)")
-    ap.add_argument("--pool", type=int, default=100_000)
     ap.add_argument("--stratum", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

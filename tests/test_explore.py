@@ -586,3 +586,96 @@ def test_chains_started_at_the_decoders_members_count_as_one_start(addition):
     # with draws the chains start at exact draws, and each distinct start is a group
     w = walk(addition.probed, addition.task, s, zq[None], [[query]], 0.1, "euclidean", chains=16, steps=2)[0]
     assert w.exact and len(w.states) > 1
+
+
+def test_counting_strata_are_the_lengths_with_the_generators_probabilities():
+    # three counts uniform on 1..9: lengths 3 and 27 have 1 triple of 729; 24 has 10 (9+9+6 in 3 orders, 9+8+7 in
+    # 6, 8+8+8); 15 has 61 (a+b+c = 12 with each 0..8: C(14, 2) = 91, less 3 x C(5, 2) = 30 with one over 8); the
+    # probabilities of all lengths sum to 1
+    task = get_task("counting")
+    assert task.stratum("abc|a:1") == (3, pytest.approx(1 / 729))
+    assert task.stratum("oohkokkhkhhhokokohkkoook|k:9") == (24, pytest.approx(10 / 729))
+    assert task.stratum(task.generate_in(15, random.Random(0)))[1] == pytest.approx(61 / 729)
+    assert sum(task.stratum(task.generate_in(n, random.Random(n)))[1] for n in range(3, 28)) == pytest.approx(1.0)
+    assert task.stratum("abc|a:2") is None  # not an input the generator can produce
+    # a draw in a stratum is the generator's draw conditioned on its length: at length 6 the count triples are 114
+    # (3 orders), 123 (6) and 222 (1), so the sorted counts are 1,1,4 / 1,2,3 / 2,2,2 in 3:6:1, and the target's
+    # count follows; compared with the generator's own draws of length 6 (rejection)
+    rng = random.Random(0)
+    inside = [task.generate_in(6, rng) for _ in range(3000)]
+    ref = []
+    while len(ref) < 3000:
+        x = task.generate(rng)
+        ref += [x] * (len(x.partition("|")[0]) == 6)
+    assert all(task.parse(x) and task.stratum(x)[0] == 6 for x in inside)
+
+    def pattern(x):
+        return tuple(sorted(Counter(x.partition("|")[0]).values()))
+
+    assert abs(Counter(map(pattern, inside))[(1, 2, 3)] / 3000 - 0.6) < 0.04
+    for stat in (pattern, lambda x: x[-1], lambda x: x[0]):
+        s, df = chi2(Counter(map(stat, inside)), Counter(map(stat, ref)))
+        assert s / max(1, df) < 4, (s, df)
+    generator = Counter(len(task.generate(rng).partition("|")[0]) for _ in range(72_900))
+    assert abs(generator[24] / 72_900 - 10 / 729) < 0.002 and abs(generator[15] / 72_900 - 61 / 729) < 0.005
+
+
+def test_chains_start_in_each_stratum_by_its_mass_in_the_preimage():
+    # 10 draws inside among 1,000 drawn apart at length 24 (probability 10/729) against 4 inside among 8,192 plain
+    # draws in strata not drawn apart: the masses are 10/729 x 10/1000 = 1.37e-4 and 4/8192 = 4.88e-4, so 21.9 % of
+    # the chains start at length 24 (over the draws alone: 10/14 = 71 %; without the probability: 95 %)
+    from inversionview.explore import _allocate, _Near
+
+    task = get_task("counting")
+    rng = random.Random(0)
+    rare, common = [task.generate_in(24, rng) for _ in range(10)], [task.generate_in(15, rng) for _ in range(4)]
+    near = _Near(rare + common, plain=8192, strata={24: (10 / 729, 1000)})
+    starts = _allocate(task, near, rare + common, 20_000, random.Random(1))
+    assert len(starts) == 20_000
+    assert sum(task.stratum(x)[0] == 24 for x in starts) / 20_000 == pytest.approx(0.2193, abs=0.01)
+    # within a stratum the starts are distinct until they run out
+    starts = _allocate(task, near, rare + common, 64, random.Random(2))
+    assert len(set(x for x in starts if x in rare)) == min(10, sum(x in rare for x in starts))
+
+
+@pytest.mark.slow
+def test_a_rare_lengths_preimage_starts_its_chains_at_draws_of_that_length(monkeypatch):
+    # x0.post at the target of a 24-letter input: the preimage holds inputs of length 24 alone (none among 200,000
+    # generator draws of other lengths), which the generator draws 10 times in 729: 8,192 draws meet about 4
+    # members, too few independent starts for the count, which each chain keeps (the count share varies 0-0.9
+    # between starts). Drawn apart at length 24 the reading starts 16+ chains there and reads the count's share
+    # within 0.1 of the truth, scanned here over 20,000 inputs of length 24 built independently of the task's code
+    from itertools import product
+
+    from inversionview.explore import _enough
+    from inversionview.run import InversionView
+    from inversionview.settings import CHAINS
+    from inversionview.tasks.counting import Counting
+
+    iv = InversionView.load("shipped:counting")
+    q, position = "oohkokkhkhhhokokohkkoook|k:9", 27
+    rng = random.Random(5)
+    triples = [c for c in product(range(1, 10), repeat=3) if sum(c) == 24]
+    xs = []
+    for _ in range(20_000):
+        letters, counts = rng.sample("abcdefghijklmnopqrstuvwxyz", 3), rng.choice(triples)
+        head = [a for a, n in zip(letters, counts) for _ in range(n)]
+        rng.shuffle(head)
+        k = rng.randrange(3)
+        xs.append(f"{''.join(head)}|{letters[k]}:{counts[k]}")
+    s = iv.probed.site("x0.post")
+    zq = iv.probed.run(torch.tensor([iv.probed.encode(q)]), [s])[s][0, position].float()
+    dmin, _, _ = verify(iv.probed, s, [iv.probed.encode(x) for x in xs], zq, "euclidean")
+    members = [x for x, d in zip(xs, dmin.tolist()) if d <= 0.1]
+    truth = sum(x.endswith(":9") for x in members) / len(members)
+    assert len(members) > 500 and 0.3 < truth < 0.5
+
+    def read():
+        pre = iv.query(q, site="x0.post", position=position)
+        return len(pre.chains["states"]), {x["feature"]: x["share"] for x in pre.shares}["count"]
+
+    starts, count = read()
+    assert starts >= _enough(CHAINS) and abs(count - truth) < 0.1, (starts, count, truth)
+    monkeypatch.setattr(Counting, "stratum", lambda self, text: None)  # no strata: the plain draws alone
+    starts, _ = read()
+    assert starts < _enough(CHAINS)

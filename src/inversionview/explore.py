@@ -15,7 +15,12 @@ input (the target letter's name, one digit) is verified at once, and the chain m
 drawn uniformly; a part the activation barely keeps then mixes in one step instead of waiting for a rare accepted
 local move.
 
-Where few generator draws land inside, the chains walk the relaxed preimage (within RELAX * epsilon), which is
+Where few generator draws land inside because the preimage lies in a part of the input space the generator
+rarely draws (a task's *strata*, :meth:`~inversionview.tasks.Task.stratum`: counting's inputs of one length), the
+reading draws apart in the strata of the members it knows (:func:`_draw_strata`), with the generator conditioned
+on the stratum; each stratum's draws inside are exact draws from its part of the preimage, and the chains start in
+each stratum in proportion to its estimated mass there, its probability times the share of its draws inside
+(:func:`_allocate`). Where few draws land inside all the same, the chains walk the relaxed preimage (within RELAX * epsilon), which is
 larger and better connected, and keep only their states inside epsilon: those are distributed as the target
 restricted to the preimage, exactly the target. Shares are pooled over the chains' states after burn-in
 (:func:`share`), with a 95% interval whose effective size comes from the spread between chains.
@@ -40,7 +45,7 @@ import logging
 import math
 import random
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -147,9 +152,10 @@ def walk(
     starts = [[x for x in dict.fromkeys(st) if task.propose(x, random.Random(0))] for st in starts]  # valid inputs
     _check(probed, site, zq, seen, [(q, x) for q, st in enumerate(starts) for x in st], metric)
     relaxed = RELAX * epsilon
-    near = _draw_inside(probed, task, site, zq, seen, epsilon, relaxed, metric, rng, draws, chains)
+    near, fresh = _draw_inside(probed, task, site, zq, seen, epsilon, relaxed, metric, rng, draws, chains)
+    _draw_strata(probed, task, site, zq, seen, near, fresh, epsilon, relaxed, metric, seed, draws, chains)
     # per query: the chains' start states, the distance they walk within, their burn-in
-    began = [_start(near[q], g, seen[q], epsilon, relaxed, chains, steps, rng) for q, g in enumerate(starts)]
+    began = [_start(task, near[q], g, seen[q], epsilon, relaxed, chains, steps, rng) for q, g in enumerate(starts)]
     state = [list(st) for st, _, _ in began]  # the chains' current states
     walks = [Walk(states=Chains([] for _ in st), level=lv) for st, lv, _ in began]
     found: list[dict[str, int]] = [{} for _ in starts]  # per query: member -> times a proposal found it inside
@@ -193,13 +199,15 @@ def _relatives(probed, task, site, zq, seen: list[dict], found: list[dict], epsi
 
 def _finish(w: Walk, task, seen: dict, starts: list[str], burn: int, found: dict, epsilon: float) -> None:
     """Group a walk's states by start, and record its members, their weights and the chains' coverage. Chains that
-    share a start are not independent: each start's chains count as one (chain c began at start c % k). Chains that
-    began at the decoder's members (look-alikes of the query) are one start in all."""
+    share a start are not independent: each start's chains count as one (chain c began at ``starts[c]``). Chains
+    that began at the decoder's members (look-alikes of the query) are one start in all."""
     w.exact = burn == 0
-    k = len(set(starts)) if w.exact else min(1, len(starts))
+    by: dict[str, list[int]] = {}
+    for c, x in enumerate(starts):
+        by.setdefault(x if w.exact else "", []).append(c)
     w.members = {x: v for x, v in seen.items() if v[0] <= epsilon}
     w.states = Chains(
-        [[x for c in range(g, len(w.states), k) for x in w.states[c]] for g in range(k)] if k else [],
+        [[x for c in cs for x in w.states[c]] for cs in by.values()],
         [(x, task.weight(x)) for x in w.members],
         coverage(found.values()),
     )
@@ -222,12 +230,17 @@ def coverage(counts) -> float:
     return 1 - sum(c == 1 for c in counts) / n if n else 0.0
 
 
-def _start(near, given, seen, epsilon, relaxed, chains: int, steps: int, rng) -> tuple[list[str], float, int]:
+def _start(
+    task, near: _Near, given, seen, epsilon, relaxed, chains: int, steps: int, rng
+) -> tuple[list[str], float, int]:
     """A query's chains' start states, the distance they walk within (:func:`_level`) and their burn-in: none from
     exact draws; from the members among ``given`` (the decoder's) where no draw landed inside, half the moves.
-    Distinct starts are spread over the chains in turn (chain c starts at start c % k)."""
-    lv, pick = _level(near, seen, epsilon, relaxed, chains)
+    Distinct starts are spread over the chains in turn (chain c starts at start c % k); where strata were drawn
+    apart, in proportion to each stratum's mass (:func:`_allocate`)."""
+    lv, pick = _level(near.texts, seen, epsilon, relaxed, chains)
     burn = 0 if pick else steps // 2
+    if pick and near.strata:
+        return _allocate(task, near, pick, chains, rng), lv, burn
     # exact draws alone where there are any: the decoder's members are look-alikes of the query, and chains
     # started there stay near them (a few exact starts give a wide interval, not a biased share)
     pick = pick or [x for x in given if seen[x][0] <= epsilon]
@@ -250,6 +263,17 @@ def _enough(chains: int) -> int:
     return max(1, int(chains * STARTS))
 
 
+@dataclass
+class _Near:
+    """A query's generator draws inside the relaxed level (``texts``), and how they were drawn: ``plain`` draws
+    from the generator, and per stratum drawn apart (:func:`_draw_strata`) its probability and its draws, the
+    plain ones in it included."""
+
+    texts: list[str]
+    plain: int = 0
+    strata: dict = field(default_factory=dict)  # stratum -> (probability, draws)
+
+
 def _draw_inside(
     probed,
     task,
@@ -262,7 +286,7 @@ def _draw_inside(
     rng: random.Random,
     draws: int,
     chains: int,
-) -> list[list[str]]:
+) -> tuple[list[_Near], list[str]]:
     """Per query, the distinct generator draws that land inside ``relaxed`` (exact draws from the relaxed
     preimage; those inside ``epsilon`` are exact draws from the preimage). Draws come in rounds (``draws``, then as
     many as drawn so far), until STARTS of the chains can start inside epsilon or the task's
@@ -271,7 +295,7 @@ def _draw_inside(
     (each query's draws are still independent draws from the generator); a round drawn before at this site, by a
     reading with the same seed, is not run again (:class:`_Drawn`)."""
     fresh: list[str] = []
-    near: list[list[str]] = [[] for _ in seen]
+    near = [_Near([]) for _ in seen]
     need = list(range(len(seen))) if draws > 0 else []
     rounds = _DRAWN.get(probed, site) if need else {}
     while need:
@@ -284,13 +308,79 @@ def _draw_inside(
             _DRAWN.keep(rounds, start, new, acts)
         for q in need:
             _record(seen[q], new, acts, zq[q], metric)
-            near[q] = [x for x in dict.fromkeys(fresh) if seen[q][x][0] <= relaxed]
+            near[q] = _Near([x for x in dict.fromkeys(fresh) if seen[q][x][0] <= relaxed], len(fresh))
         need = [
             q
             for q in need
-            if len(fresh) < max(draws, task.draws) and sum(seen[q][x][0] <= epsilon for x in near[q]) < _enough(chains)
+            if len(fresh) < max(draws, task.draws)
+            and sum(seen[q][x][0] <= epsilon for x in near[q].texts) < _enough(chains)
         ]
-    return near
+    return near, fresh
+
+
+def _draw_strata(
+    probed, task, site, zq, seen, near: list[_Near], fresh, epsilon, relaxed, metric: str, seed: int, draws: int, chains
+) -> None:
+    """For the queries whose generator draws (``fresh``) left them short of exact starts, draw apart in the strata
+    (:meth:`~inversionview.tasks.Task.stratum`) of the members they know (the decoder's, the draws'): rounds of
+    ``draws`` from the generator conditioned on the stratum, doubling, until STARTS of the chains can start inside
+    epsilon in that stratum or the query's strata have spent the task's draws. Each stratum's draws are exact draws
+    from its part of the preimage; :func:`_allocate` weighs the strata. Queries needing a stratum share its
+    draws, which are seeded by the reading's seed and the stratum (so cached as the plain draws, :class:`_Drawn`)."""
+    if draws <= 0:
+        return
+    short = [q for q, n in enumerate(near) if sum(seen[q][x][0] <= epsilon for x in n.texts) < _enough(chains)]
+    need: dict = {}  # stratum -> the queries drawing in it
+    for q in short:
+        for st in {task.stratum(x) for x, (d, _) in seen[q].items() if d <= epsilon} - {None}:
+            need.setdefault(st, set()).add(q)
+    if not need:
+        return
+    plain = {n: Counter(task.stratum(x) for x in fresh[:n]) for n in {near[q].plain for q in short}}
+    rounds, spent = _DRAWN.get(probed, site), dict.fromkeys(short, 0)
+    for (key, prob), qs in need.items():
+        rng, drawn = random.Random(f"{seed}:{key}"), 0
+        while qs:
+            new = [task.generate_in(key, rng) for _ in range(max(draws, drawn))]
+            if (key, drawn) in rounds and rounds[key, drawn][0] == new:
+                acts = rounds[key, drawn][1]
+            else:
+                acts = _activations(probed, site, new)
+                _DRAWN.keep(rounds, (key, drawn), new, acts)
+            drawn += len(new)
+            for q in qs:
+                _record(seen[q], new, acts, zq[q], metric)
+                n = near[q]
+                n.texts = list(dict.fromkeys(n.texts + [x for x in new if seen[q][x][0] <= relaxed]))
+                n.strata[key] = (prob, drawn + plain[n.plain][key, prob])
+                spent[q] += len(new)
+            qs = {
+                q
+                for q in qs
+                if spent[q] < task.draws
+                and sum(seen[q][x][0] <= epsilon and task.stratum(x)[0] == key for x in near[q].texts) < _enough(chains)
+            }
+
+
+def _allocate(task, near: _Near, pick: list[str], chains: int, rng: random.Random) -> list[str]:
+    """The chains' starts among the draws ``pick`` where strata were drawn apart: each chain's stratum drawn in
+    proportion to its estimated mass in the preimage (a stratum drawn apart: its probability times the share of its
+    draws in ``pick``; the rest: the share of the plain draws in ``pick`` that are in no such stratum), its start
+    among that stratum's draws, distinct until they run out (then repeated: such chains count as one start)."""
+    groups: dict = {}
+    for x in pick:
+        key = task.stratum(x)[0]
+        groups.setdefault(key if key in near.strata else None, []).append(x)
+    keys = list(groups)
+    mass = [
+        near.strata[k][0] * len(groups[k]) / near.strata[k][1] if k is not None else len(groups[k]) / near.plain
+        for k in keys
+    ]
+    starts = []
+    for k, n in Counter(rng.choices(keys, weights=mass, k=chains)).items():
+        xs = rng.sample(groups[k], min(n, len(groups[k])))
+        starts += (xs * n)[:n]
+    return starts
 
 
 class _Drawn:
@@ -312,7 +402,7 @@ class _Drawn:
         self.entries.move_to_end(key)
         return hit[1]
 
-    def keep(self, rounds: dict, start: int, texts: list[str], acts: list) -> None:
+    def keep(self, rounds: dict, start, texts: list[str], acts: list) -> None:
         """Keep a round of the current site (``rounds`` from :meth:`get`) if it fits within CACHE_MB, making room
         by dropping the sites read least recently."""
         size = _nbytes(acts)

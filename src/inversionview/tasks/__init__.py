@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Hashable
 
 from ..errors import UserError
 from ..tokenizer import CharVocab
@@ -85,6 +86,18 @@ class Task:
         of the block drawn uniformly among those inside epsilon then keeps its target distribution, and mixes along
         that part in one step (:mod:`inversionview.explore`). None where the task defines no blocks."""
         return None
+
+    def stratum(self, text: str) -> tuple[Hashable, float] | None:
+        """The stratum of a valid input under the generator (a part of the input space the generator can draw in
+        alone, :meth:`generate_in`) and the stratum's probability. Where few generator draws land in a preimage
+        because its members lie in strata the generator rarely draws (counting: inputs of one length), a reading
+        draws its chains' starts in the strata of the members it knows, and weighs each stratum by its probability
+        (:mod:`inversionview.explore`). None where the task defines no strata."""
+        return None
+
+    def generate_in(self, key: Hashable, rng: random.Random) -> str:
+        """A draw from the generator conditioned on the stratum ``key`` (:meth:`stratum`)."""
+        raise NotImplementedError
 
     def relatives(self, text: str) -> list[str]:
         """The other inputs a symmetry of the generator maps a valid input to: equally probable, and holding the

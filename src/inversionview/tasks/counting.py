@@ -7,6 +7,7 @@ An input is ``B`` + a shuffle of 3 distinct letters with counts 1..9 + ``|`` + o
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import string
@@ -18,6 +19,19 @@ LETTERS = string.ascii_lowercase
 DIGITS = "123456789"
 
 
+_TRIPLES = {
+    n: [c for c in itertools.product(range(1, 10), repeat=3) if sum(c) == n] for n in range(3, 28)
+}  # count triples by length
+
+
+def _arrange(letters: list[str], counts: list[int], rng: random.Random) -> str:
+    """The generator's input with these letters and counts: the letters shuffled, the target drawn among them."""
+    seq = [c for c, n in zip(letters, counts) for _ in range(n)]
+    rng.shuffle(seq)
+    k = rng.randrange(3)
+    return f"{''.join(seq)}|{letters[k]}:{counts[k]}"
+
+
 class Counting(Task):
     name = "counting"
     vocab = CharVocab(tokens=("P", "B", "E", *LETTERS, "|", ":", *DIGITS), bos="B", eos="E", pad="P")
@@ -27,11 +41,19 @@ class Counting(Task):
 
     def generate(self, rng: random.Random) -> str:
         letters = rng.sample(LETTERS, 3)
-        counts = [rng.randint(1, 9) for _ in letters]
-        seq = [c for c, n in zip(letters, counts) for _ in range(n)]
-        rng.shuffle(seq)
-        k = rng.randrange(3)
-        return f"{''.join(seq)}|{letters[k]}:{counts[k]}"
+        return _arrange(letters, [rng.randint(1, 9) for _ in letters], rng)
+
+    def stratum(self, text: str) -> tuple[int, float] | None:
+        """The number of letters and its probability: the generator draws three counts uniformly from 1..9, so a
+        length n has probability (count triples summing to n) / 729, from 1/729 (3 and 27) to 61/729 (15). A
+        preimage at the target character holds mostly inputs of the query's length (positions are part of the
+        activations), and 8,192 generator draws meet few of a rare length's members."""
+        p = self.parse(text)
+        return None if p is None else (len(p[0]), len(_TRIPLES[len(p[0])]) / 729)
+
+    def generate_in(self, key, rng: random.Random) -> str:
+        """A generator draw with ``key`` letters: the count triple uniform among those summing to ``key``."""
+        return _arrange(rng.sample(LETTERS, 3), list(rng.choice(_TRIPLES[key])), rng)
 
     def positions(self, text: str) -> list[int]:
         """The target character (after ``|``) and the ``:``; +1 for BOS."""
