@@ -17,7 +17,7 @@ local move.
 
 Where few generator draws land inside because the preimage lies in a part of the input space the generator
 rarely draws (a task's *strata*, :meth:`~inversionview.tasks.Task.stratum`: counting's inputs of one length), the
-reading draws apart in the strata of the inputs it knows inside or near it (:func:`_draw_strata`), with the generator conditioned
+reading draws apart in the strata of the members it knows (:func:`_draw_strata`), with the generator conditioned
 on the stratum; each stratum's draws inside are exact draws from its part of the preimage, and the chains start in
 each stratum in proportion to its estimated mass there, its probability times the share of its draws inside
 (:func:`_allocate`). Where few draws land inside all the same, the chains walk the relaxed preimage (within RELAX * epsilon), which is
@@ -322,45 +322,44 @@ def _draw_strata(
     probed, task, site, zq, seen, near: list[_Near], fresh, epsilon, relaxed, metric: str, seed: int, draws: int, chains
 ) -> None:
     """For the queries whose generator draws (``fresh``) left them short of exact starts, draw apart in the strata
-    (:meth:`~inversionview.tasks.Task.stratum`) of the inputs they know within ``relaxed`` (the decoder's, the
-    draws': members and near misses, for a part of the preimage in a stratum where no member is known yet has near
-    misses there, e.g. counting's 7-letter members of a 5-letter query's preimage): a round of ``draws`` from the
-    generator conditioned on each stratum in turn, doubling, until STARTS of the chains can start inside epsilon
-    or the query's strata have spent the task's draws. Each stratum's draws are exact draws from its part of the
-    preimage; :func:`_allocate` weighs the strata. Queries needing a stratum share its draws, which are seeded by
-    the reading's seed and the stratum (so cached as the plain draws, :class:`_Drawn`)."""
+    (:meth:`~inversionview.tasks.Task.stratum`) of the members they know (the decoder's, the draws'): rounds of
+    ``draws`` from the generator conditioned on the stratum, doubling, until STARTS of the chains can start inside
+    epsilon in that stratum or the query's strata have spent the task's draws. Each stratum's draws are exact draws
+    from its part of the preimage; :func:`_allocate` weighs the strata. Queries needing a stratum share its
+    draws, which are seeded by the reading's seed and the stratum (so cached as the plain draws, :class:`_Drawn`)."""
     if draws <= 0:
         return
     short = [q for q, n in enumerate(near) if sum(seen[q][x][0] <= epsilon for x in n.texts) < _enough(chains)]
     need: dict = {}  # stratum -> the queries drawing in it
     for q in short:
-        for st in {task.stratum(x) for x, (d, _) in seen[q].items() if d <= relaxed} - {None}:
+        for st in {task.stratum(x) for x, (d, _) in seen[q].items() if d <= epsilon} - {None}:
             need.setdefault(st, set()).add(q)
+    if not need:
+        return
     plain = {n: Counter(task.stratum(x) for x in fresh[:n]) for n in {near[q].plain for q in short}}
     rounds, spent = _DRAWN.get(probed, site), dict.fromkeys(short, 0)
-    rngs, drawn = {st: random.Random(f"{seed}:{st[0]}") for st in need}, dict.fromkeys(need, 0)
-    while need:
-        for (key, prob), qs in need.items():
-            start = drawn[key, prob]
-            new = [task.generate_in(key, rngs[key, prob]) for _ in range(max(draws, start))]
-            if (key, start) in rounds and rounds[key, start][0] == new:
-                acts = rounds[key, start][1]
+    for (key, prob), qs in need.items():
+        rng, drawn = random.Random(f"{seed}:{key}"), 0
+        while qs:
+            new = [task.generate_in(key, rng) for _ in range(max(draws, drawn))]
+            if (key, drawn) in rounds and rounds[key, drawn][0] == new:
+                acts = rounds[key, drawn][1]
             else:
                 acts = _activations(probed, site, new)
-                _DRAWN.keep(rounds, (key, start), new, acts)
-            drawn[key, prob] += len(new)
+                _DRAWN.keep(rounds, (key, drawn), new, acts)
+            drawn += len(new)
             for q in qs:
                 _record(seen[q], new, acts, zq[q], metric)
                 n = near[q]
                 n.texts = list(dict.fromkeys(n.texts + [x for x in new if seen[q][x][0] <= relaxed]))
-                n.strata[key] = (prob, drawn[key, prob] + plain[n.plain][key, prob])
+                n.strata[key] = (prob, drawn + plain[n.plain][key, prob])
                 spent[q] += len(new)
-        done = {
-            q
-            for q in short
-            if spent[q] >= task.draws or sum(seen[q][x][0] <= epsilon for x in near[q].texts) >= _enough(chains)
-        }
-        need = {st: qs - done for st, qs in need.items() if qs - done}
+            qs = {
+                q
+                for q in qs
+                if spent[q] < task.draws
+                and sum(seen[q][x][0] <= epsilon and task.stratum(x)[0] == key for x in near[q].texts) < _enough(chains)
+            }
 
 
 def _allocate(task, near: _Near, pick: list[str], chains: int, rng: random.Random) -> list[str]:
