@@ -20,10 +20,11 @@ rarely draws (a task's *strata*, :meth:`~inversionview.tasks.Task.stratum`: coun
 reading draws apart in the strata of the members it knows (:func:`_draw_strata`), with the generator conditioned
 on the stratum; each stratum's draws inside are exact draws from its part of the preimage, and the chains start in
 each stratum in proportion to its estimated mass there, its probability times the share of its draws inside
-(:func:`_allocate`). Where few draws land inside all the same, the chains walk the relaxed preimage (within RELAX * epsilon), which is
-larger and better connected, and keep only their states inside epsilon: those are distributed as the target
-restricted to the preimage, exactly the target. Shares are pooled over the chains' states after burn-in
-(:func:`share`), with a 95% interval whose effective size comes from the spread between chains.
+(:func:`_allocate`). Where few draws land inside all the same, the chains walk the relaxed preimage (within
+RELAX * epsilon), which is larger and better connected, and keep only their states inside epsilon: those are
+distributed as the target restricted to the preimage, exactly the target. Shares are pooled over the chains'
+states after burn-in (:func:`share`), with a 95% interval whose effective size comes from the spread between
+chains.
 
 A few starts whose chains mix slowly make the pooled share noisy, while the members the reading met (the decoder's,
 the draws', every proposal verified inside) often cover most of a small preimage. So the chains also measure their
