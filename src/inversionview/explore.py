@@ -302,11 +302,7 @@ def _draw_inside(
     while need:
         new = [task.generate(rng) for _ in range(max(draws, min(len(fresh), task.draws - len(fresh))))]
         start, fresh = len(fresh), fresh + new
-        if start in rounds and rounds[start][0] == new:  # drawn before with this seed at this site
-            acts = rounds[start][1]
-        else:
-            acts = _activations(probed, site, new)
-            _DRAWN.keep(rounds, start, new, acts)
+        acts = _DRAWN.activations(probed, site, rounds, start, new)
         for q in need:
             _record(seen[q], new, acts, zq[q], metric)
             near[q] = _Near([x for x in dict.fromkeys(fresh) if seen[q][x][0] <= relaxed], len(fresh))
@@ -343,11 +339,7 @@ def _draw_strata(
         rng, drawn = random.Random(f"{seed}:{key}"), 0
         while qs:
             new = [task.generate_in(key, rng) for _ in range(max(draws, drawn))]
-            if (key, drawn) in rounds and rounds[key, drawn][0] == new:
-                acts = rounds[key, drawn][1]
-            else:
-                acts = _activations(probed, site, new)
-                _DRAWN.keep(rounds, (key, drawn), new, acts)
+            acts = _DRAWN.activations(probed, site, rounds, (key, drawn), new)
             drawn += len(new)
             for q in qs:
                 _record(seen[q], new, acts, zq[q], metric)
@@ -402,6 +394,15 @@ class _Drawn:
             hit = self.entries[key] = (weakref.ref(probed), {})
         self.entries.move_to_end(key)
         return hit[1]
+
+    def activations(self, probed, site, rounds: dict, start, texts: list[str]) -> list:
+        """The site's activations of a round of draws (``rounds`` from :meth:`get`, ``start`` its key): from the
+        cache where the same texts were drawn there before (the same seed at this site), else computed and kept."""
+        if start in rounds and rounds[start][0] == texts:
+            return rounds[start][1]
+        acts = _activations(probed, site, texts)
+        self.keep(rounds, start, texts, acts)
+        return acts
 
     def keep(self, rounds: dict, start, texts: list[str], acts: list) -> None:
         """Keep a round of the current site (``rounds`` from :meth:`get`) if it fits within CACHE_MB, making room
