@@ -335,31 +335,37 @@ def _draw_strata(
         return
     plain = {n: Counter(task.stratum(x) for x in fresh[:n]) for n in {near[q].plain for q in short}}
     rounds, spent = _DRAWN.get(probed, site), dict.fromkeys(short, 0)
-    for (key, prob), qs in need.items():
-        rng, drawn = random.Random(f"{seed}:{key}"), 0
-        while qs:
-            new = [task.generate_in(key, rng) for _ in range(max(draws, drawn))]
-            acts = _DRAWN.activations(probed, site, rounds, (key, drawn), new)
-            drawn += len(new)
+    drawn = {st: 0 for st in need}
+    gen = {st: random.Random(f"{seed}:{st[0]}") for st in need}
+    while need:  # a round in each stratum in turn: a stratum whose draws rarely land inside does not starve the rest
+        for (key, prob), qs in list(need.items()):
+            new = [task.generate_in(key, gen[key, prob]) for _ in range(max(draws, drawn[key, prob]))]
+            acts = _DRAWN.activations(probed, site, rounds, (key, drawn[key, prob]), new)
+            drawn[key, prob] += len(new)
             for q in qs:
                 _record(seen[q], new, acts, zq[q], metric)
                 n = near[q]
                 n.texts = list(dict.fromkeys(n.texts + [x for x in new if seen[q][x][0] <= relaxed]))
-                n.strata[key] = (prob, drawn + plain[n.plain][key, prob])
+                n.strata[key] = (prob, drawn[key, prob] + plain[n.plain][key, prob])
                 spent[q] += len(new)
-            qs = {
+        for st, qs in list(need.items()):
+            need[st] = {
                 q
                 for q in qs
                 if spent[q] < task.draws
-                and sum(seen[q][x][0] <= epsilon and task.stratum(x)[0] == key for x in near[q].texts) < _enough(chains)
+                and sum(seen[q][x][0] <= epsilon and task.stratum(x)[0] == st[0] for x in near[q].texts)
+                < _enough(chains)
             }
+            if not need[st]:
+                del need[st]
 
 
 def _allocate(task, near: _Near, pick: list[str], chains: int, rng: random.Random) -> list[str]:
-    """The chains' starts among the draws ``pick`` where strata were drawn apart: each chain's stratum drawn in
-    proportion to its estimated mass in the preimage (a stratum drawn apart: its probability times the share of its
-    draws in ``pick``; the rest: the share of the plain draws in ``pick`` that are in no such stratum), its start
-    among that stratum's draws, distinct until they run out (then repeated: such chains count as one start)."""
+    """The chains' starts among the draws ``pick`` where strata were drawn apart: the chains split between the strata
+    in proportion to their estimated mass in the preimage (:func:`_apportion`; a stratum drawn apart: its
+    probability times the share of its draws in ``pick``; the rest: the share of the plain draws in ``pick`` that
+    are in no such stratum), each chain's start among its stratum's draws, distinct until they run out (then
+    repeated: such chains count as one start)."""
     groups: dict = {}
     for x in pick:
         key = task.stratum(x)[0]
@@ -370,10 +376,21 @@ def _allocate(task, near: _Near, pick: list[str], chains: int, rng: random.Rando
         for k in keys
     ]
     starts = []
-    for k, n in Counter(rng.choices(keys, weights=mass, k=chains)).items():
+    for k, n in zip(keys, _apportion(mass, chains)):
         xs = rng.sample(groups[k], min(n, len(groups[k])))
         starts += (xs * n)[:n]
     return starts
+
+
+def _apportion(mass: list[float], seats: int) -> list[int]:
+    """``seats`` split in proportion to ``mass`` by largest remainders (Hamilton): each part within one seat of its
+    exact quota. A random split (each chain's stratum drawn) would add to a share's error the spread of a
+    multinomial draw, about 0.06 at 64 chains for a stratum holding half the mass."""
+    quota = [seats * m / sum(mass) for m in mass]
+    out = [math.floor(x) for x in quota]
+    for i in sorted(range(len(mass)), key=lambda i: out[i] - quota[i])[: seats - sum(out)]:
+        out[i] += 1
+    return out
 
 
 class _Drawn:
