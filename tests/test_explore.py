@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from itertools import product
 
 import pytest
 import torch
@@ -635,7 +636,9 @@ def test_chains_start_in_each_stratum_by_its_mass_in_the_preimage():
     assert len(starts) == 20_000
     assert sum(task.stratum(x)[0] == 24 for x in starts) / 20_000 == pytest.approx(0.2193, abs=0.001)
     for seed in range(5):
-        assert sum(task.stratum(x)[0] == 24 for x in _allocate(task, near, rare + common, 64, random.Random(seed))) == 14
+        assert (
+            sum(task.stratum(x)[0] == 24 for x in _allocate(task, near, rare + common, 64, random.Random(seed))) == 14
+        )
     # within a stratum the starts are distinct until they run out
     starts = _allocate(task, near, rare + common, 64, random.Random(2))
     assert len(set(x for x in starts if x in rare)) == min(10, sum(x in rare for x in starts))
@@ -648,8 +651,6 @@ def test_a_rare_lengths_preimage_starts_its_chains_at_draws_of_that_length(monke
     # members, too few independent starts for the count, which each chain keeps (the count share varies 0-0.9
     # between starts). Drawn apart at length 24 the reading starts 16+ chains there and reads the count's share
     # within 0.1 of the truth, scanned here over 20,000 inputs of length 24 built independently of the task's code
-    from itertools import product
-
     from inversionview.explore import _enough
     from inversionview.run import InversionView
     from inversionview.settings import CHAINS
@@ -657,15 +658,7 @@ def test_a_rare_lengths_preimage_starts_its_chains_at_draws_of_that_length(monke
 
     iv = InversionView.load("shipped:counting")
     q, position = "oohkokkhkhhhokokohkkoook|k:9", 27
-    rng = random.Random(5)
-    triples = [c for c in product(range(1, 10), repeat=3) if sum(c) == 24]
-    xs = []
-    for _ in range(20_000):
-        letters, counts = rng.sample("abcdefghijklmnopqrstuvwxyz", 3), rng.choice(triples)
-        head = [a for a, n in zip(letters, counts) for _ in range(n)]
-        rng.shuffle(head)
-        k = rng.randrange(3)
-        xs.append(f"{''.join(head)}|{letters[k]}:{counts[k]}")
+    xs = _counting_inputs(random.Random(5), 24, 20_000)
     s = iv.probed.site("x0.post")
     zq = iv.probed.run(torch.tensor([iv.probed.encode(q)]), [s])[s][0, position].float()
     dmin, _, _ = verify(iv.probed, s, [iv.probed.encode(x) for x in xs], zq, "euclidean")
@@ -682,3 +675,50 @@ def test_a_rare_lengths_preimage_starts_its_chains_at_draws_of_that_length(monke
     monkeypatch.setattr(Counting, "stratum", lambda self, text: None)  # no strata: the plain draws alone
     starts, _ = read()
     assert starts < _enough(CHAINS)
+
+
+def _counting_inputs(rng: random.Random, length: int, n: int) -> list[str]:
+    """``n`` counting inputs of ``length`` letters as the generator draws them (three distinct letters, counts
+    uniform over the triples of 1..9 with that sum, shuffled, one of the letters asked), built here apart from the
+    task's code."""
+    triples = [c for c in product(range(1, 10), repeat=3) if sum(c) == length]
+    xs = []
+    for _ in range(n):
+        letters, counts = rng.sample("abcdefghijklmnopqrstuvwxyz", 3), rng.choice(triples)
+        head = [a for a, k in zip(letters, counts) for _ in range(k)]
+        rng.shuffle(head)
+        k = rng.randrange(3)
+        xs.append(f"{''.join(head)}|{letters[k]}:{counts[k]}")
+    return xs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "q, site, position, lengths",
+    [
+        # members of 4-7 letters; none of 7 letters (22 % of the mass) among the members a reading knows before
+        # drawing apart, but some among its near misses
+        ("hdfhd|h:2", "x0.post", 8, range(3, 10)),
+        # members of 6-10 letters; length 6's draws rarely land inside (0.4 %): drawn first until its 16 members,
+        # it spent the draws, and lengths 7-9 got one round each (2-4 members, 0.26 read against 0.45)
+        ("dodggdgd|g:3", "m1", 10, range(5, 13)),
+    ],
+)
+def test_a_reading_weighs_the_lengths_by_their_scanned_mass(q, site, position, lengths):
+    # the share of the query's length among the members: the truth scanned over 3,000 inputs of every length near
+    # the query's, each length weighted by its probability (the triples of 1..9 with that sum, over 729)
+    from inversionview.run import InversionView
+
+    iv = InversionView.load("shipped:counting")
+    s = iv.probed.site(site)
+    zq = iv.probed.run(torch.tensor([iv.probed.encode(q)]), [s])[s][0, position].float()
+    mass = {}
+    for n in lengths:
+        xs = _counting_inputs(random.Random(n), n, 3000)
+        dmin, _, _ = verify(iv.probed, s, [iv.probed.encode(x) for x in xs], zq, "euclidean")
+        p = sum(1 for c in product(range(1, 10), repeat=3) if sum(c) == n) / 729
+        mass[n] = p * float((dmin <= 0.1).float().mean())
+    truth = mass[len(q.split("|")[0])] / sum(mass.values())
+    assert mass[min(lengths)] + mass[max(lengths)] < 0.01 * sum(mass.values())  # the scan spans the preimage
+    read = {x["feature"]: x["share"] for x in iv.query(q, site=site, position=position).shares}["length"]
+    assert abs(read - truth) < 0.1, (read, truth)

@@ -15,12 +15,14 @@ input (the target letter's name, one digit) is verified at once, and the chain m
 drawn uniformly; a part the activation barely keeps then mixes in one step instead of waiting for a rare accepted
 local move.
 
-Where few generator draws land inside because the preimage lies in a part of the input space the generator
-rarely draws (a task's *strata*, :meth:`~inversionview.tasks.Task.stratum`: counting's inputs of one length), the
-reading draws apart in the strata of the members it knows (:func:`_draw_strata`), with the generator conditioned
-on the stratum; each stratum's draws inside are exact draws from its part of the preimage, and the chains start in
-each stratum in proportion to its estimated mass there, its probability times the share of its draws inside
-(:func:`_allocate`). Where few draws land inside all the same, the chains walk the relaxed preimage (within
+Where the task has *strata* (:meth:`~inversionview.tasks.Task.stratum`: counting's inputs of one length), the
+reading also draws apart in the strata of the members and near misses it knows (:func:`_draw_strata`), with the
+generator conditioned on the stratum, a round in each stratum in turn; each stratum's draws inside are exact draws
+from its part of the preimage, and the chains split between the strata in proportion to their estimated mass
+there, the stratum's probability times the share of its draws inside (:func:`_allocate`). A share that varies
+between strata (counting's length) then rests on every stratum's draws, not on the few plain draws inside; a near
+misses' stratum is drawn as deep as the strata with members, so that a stratum the reading knew no member in is
+not left out for too few draws. Where few draws land inside all the same, the chains walk the relaxed preimage (within
 RELAX * epsilon), which is larger and better connected, and keep only their states inside epsilon: those are
 distributed as the target restricted to the preimage, exactly the target. Shares are pooled over the chains'
 states after burn-in (:func:`share`), with a 95% interval whose effective size comes from the spread between
@@ -99,8 +101,7 @@ class Chains(list):
     """A query's chains, as :func:`share` takes them: per distinct start, the states kept, one list each. It also
     carries every member the reading met (``members``: (member, weight under the input distribution) pairs) and the
     chains' sample coverage (``coverage``, the share of the preimage's mass they are estimated to have met; 0
-    where not measured): :func:`share` then weighs the members met by that coverage. A plain list of lists is read
-    as states alone."""
+    where not measured): :func:`share` then weighs the members met by that coverage. A plain list of lists is read as states alone."""
 
     def __init__(self, states=(), members: Sequence[tuple] = (), coverage: float = 0.0):
         super().__init__(states)
@@ -318,23 +319,27 @@ def _draw_inside(
 def _draw_strata(
     probed, task, site, zq, seen, near: list[_Near], fresh, epsilon, relaxed, metric: str, seed: int, draws: int, chains
 ) -> None:
-    """For the queries whose generator draws (``fresh``) left them short of exact starts, draw apart in the strata
-    (:meth:`~inversionview.tasks.Task.stratum`) of the members they know (the decoder's, the draws'): rounds of
-    ``draws`` from the generator conditioned on the stratum, doubling, until STARTS of the chains can start inside
-    epsilon in that stratum or the query's strata have spent the task's draws. Each stratum's draws are exact draws
-    from its part of the preimage; :func:`_allocate` weighs the strata. Queries needing a stratum share its
-    draws, which are seeded by the reading's seed and the stratum (so cached as the plain draws, :class:`_Drawn`)."""
+    """Draw apart in the strata (:meth:`~inversionview.tasks.Task.stratum`) of the members each query knows (the
+    decoder's, the generator draws' ``fresh``) and of its near misses (within ``relaxed``, where members of a stratum
+    no member is known in often lie): rounds of ``draws`` from the generator conditioned on the stratum, one stratum
+    after the other, each doubling, until STARTS of the chains can start inside epsilon in that stratum, or the
+    query's strata have spent the task's draws; a near misses' stratum with none inside goes on as long as a
+    stratum with members does (a stratum the chains reach but too few draws to see it would be left out). Each stratum's draws are exact draws from its part of the preimage, and :func:`_allocate` weighs the
+    strata by them: a share that varies between strata (counting's length) then rests on each stratum's draws, not
+    on the few plain draws that happen to land inside. Queries needing a stratum share its draws, which are seeded
+    by the reading's seed and the stratum (so cached as the plain draws, :class:`_Drawn`)."""
     if draws <= 0:
         return
-    short = [q for q, n in enumerate(near) if sum(seen[q][x][0] <= epsilon for x in n.texts) < _enough(chains)]
     need: dict = {}  # stratum -> the queries drawing in it
-    for q in short:
-        for st in {task.stratum(x) for x, (d, _) in seen[q].items() if d <= epsilon} - {None}:
+    known: list[set] = []  # per query: the strata of its members known
+    for q, sq in enumerate(seen):
+        known.append({task.stratum(x) for x, (d, _) in sq.items() if d <= epsilon} - {None})
+        for st in known[q] | {task.stratum(x) for x, (d, _) in sq.items() if d <= relaxed} - {None}:
             need.setdefault(st, set()).add(q)
     if not need:
         return
-    plain = {n: Counter(task.stratum(x) for x in fresh[:n]) for n in {near[q].plain for q in short}}
-    rounds, spent = _DRAWN.get(probed, site), dict.fromkeys(short, 0)
+    plain = {n: Counter(task.stratum(x) for x in fresh[:n]) for n in {m.plain for m in near}}
+    rounds, spent = _DRAWN.get(probed, site), dict.fromkeys(range(len(seen)), 0)
     drawn = {st: 0 for st in need}
     gen = {st: random.Random(f"{seed}:{st[0]}") for st in need}
     while need:  # a round in each stratum in turn: a stratum whose draws rarely land inside does not starve the rest
@@ -348,16 +353,20 @@ def _draw_strata(
                 n.texts = list(dict.fromkeys(n.texts + [x for x in new if seen[q][x][0] <= relaxed]))
                 n.strata[key] = (prob, drawn[key, prob] + plain[n.plain][key, prob])
                 spent[q] += len(new)
-        for st, qs in list(need.items()):
-            need[st] = {
-                q
-                for q in qs
-                if spent[q] < task.draws
-                and sum(seen[q][x][0] <= epsilon and task.stratum(x)[0] == st[0] for x in near[q].texts)
-                < _enough(chains)
-            }
-            if not need[st]:
-                del need[st]
+        inside = {
+            (st, q): sum(seen[q][x][0] <= epsilon and task.stratum(x) == st for x in near[q].texts)
+            for st, qs in need.items()
+            for q in qs
+        }
+        more = {  # a stratum with members goes on until STARTS of the chains can start there
+            (st, q)
+            for (st, q), c in inside.items()
+            if spent[q] < task.draws and (c or st in known[q]) and c < _enough(chains)
+        }
+        going = {q for _, q in more}  # a near misses' stratum with none inside yet goes on beside them
+        more |= {(st, q) for (st, q), c in inside.items() if not c and st not in known[q] and q in going}
+        need = {st: qs & {q for s2, q in more if s2 == st} for st, qs in need.items()}
+        need = {st: qs for st, qs in need.items() if qs}
 
 
 def _allocate(task, near: _Near, pick: list[str], chains: int, rng: random.Random) -> list[str]:

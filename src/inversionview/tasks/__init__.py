@@ -89,10 +89,11 @@ class Task:
 
     def stratum(self, text: str) -> tuple[Hashable, float] | None:
         """The stratum of a valid input under the generator (a part of the input space the generator can draw in
-        alone, :meth:`generate_in`) and the stratum's probability. Where few generator draws land in a preimage
-        because its members lie in strata the generator rarely draws (counting: inputs of one length), a reading
-        draws its chains' starts in the strata of the members it knows, and weighs each stratum by its probability
-        (:mod:`inversionview.explore`). None where the task defines no strata."""
+        alone, :meth:`generate_in`) and the stratum's probability. A reading draws apart in the strata of the
+        members and near misses it knows, and weighs each stratum by its probability and the share of its draws
+        inside (:mod:`inversionview.explore`): a preimage whose members lie in strata the generator rarely draws
+        (counting: inputs of one length) gets enough exact starts, and a share that varies between strata rests on
+        each stratum's draws. None where the task defines no strata."""
         return None
 
     def generate_in(self, key: Hashable, rng: random.Random) -> str:
