@@ -242,6 +242,26 @@ def test_addition_relatives_are_the_column_swaps():
     assert get_task("counting").relatives("aab|a:2") == []
 
 
+def test_addition_neighbours_are_one_part_away_and_symmetric():
+    task = get_task("addition")
+    x = "156+247=403"
+    near = task.neighbours(x)
+    assert x not in near and len(near) == len(set(near)) and all(task.parse(y) for y in near)
+    # by hand, 78: each hundreds digit under its 8 other values 1-9 (16), each other digit under its 9 other values
+    # (36); the column pairs with the same sum, less the input itself: hundreds 3 (2+1: 1), tens 9 (0+9 .. 9+0: 9),
+    # units 13 (4+9 .. 9+4: 5); the values of b that keep the sum's 40x (244..253) and of a (153..162) that no
+    # digit change gives (4 and 3); the relatives that swap two or three columns (4; one swap is a column pair)
+    assert len(near) == 78
+    assert {"256+247=503", "156+248=404", "166+237=403", "156+253=409", "162+247=409", "247+156=403"} <= set(near)
+    assert "264+136=400" not in near  # two parts away
+    rng = random.Random(0)
+    for _ in range(100):  # y is x's neighbour iff x is y's: a closure reaches the same inputs from every member
+        x = task.generate(rng)
+        y = rng.choice(task.neighbours(x))
+        assert x in task.neighbours(y)
+    assert get_task("counting").neighbours("aab|a:2") == []
+
+
 def test_wilson_interval_matches_hand_values():
     # p = 0.5, n = 100: centre 0.5, half-width 1.96 * sqrt(0.0025 + 0.96^2/40000... ) / (1 + 3.8416/100)
     lo, hi = wilson(0.5, 100)
@@ -271,6 +291,21 @@ def test_share_pools_states_and_widens_with_disagreement():
     # groups that cross often count up to 4 each: n = 8
     often = share([[1, 0] * 25, [1, 0] * 26], bool)
     assert often.n == 8 and (often.low, often.high) == pytest.approx(wilson(0.5, 8))
+
+
+def test_generator_draws_inside_join_a_share_by_their_number():
+    # by hand: 4 one-state groups, 3 hits: p = 0.75, n = 4 (the t interval's n, 1.1, is clamped to the 4 groups);
+    # 16 independent draws inside, 6 hits, join with weight 16 against the states' 4: p = (6 + 4 * 0.75) / 20
+    states = [["a1"], ["a2"], ["a3"], ["b1"]]
+    hit = lambda x: x.startswith("a")  # noqa: E731
+    alone = share(states, hit)
+    assert (alone.share, alone.n) == (0.75, 4)
+    both = share(Chains(states, draws=["a"] * 6 + ["b"] * 10), hit)
+    assert both.share == pytest.approx(0.45) and both.n == 20
+    assert (both.low, both.high) == pytest.approx(wilson(0.45, 20))
+    # draws alone (no state inside): their share; neither: none
+    only = share(Chains([], draws=["a"] * 3 + ["b"]), hit)
+    assert only.share == 0.75 and only.n == 4 and share(Chains([]), hit) is None
 
 
 def test_share_rests_on_crossings_not_on_agreement():
@@ -380,34 +415,32 @@ def test_chains_from_look_alikes_estimate_the_true_share(addition):
     assert w.states.coverage < 0.3 and len(w.states.members) == len(w.members)
 
 
-def test_a_saturated_small_reading_verifies_the_relatives_of_its_members(addition, monkeypatch):
+def test_a_small_preimage_is_closed_by_the_neighbours_of_its_members(addition, monkeypatch):
     # head a0.2 at A2 of 984+569=1553 (index 9): an exact scan of all 810,000 inputs finds 322 members, 192 of them
     # with the query's third answer digit (C3 share 0.596). They fall into pieces of column swaps no move connects.
-    # With 8,192 generator draws and no relatives the chains saturated their pieces and met 186 members, C3 0.93;
-    # addition's 65,536 draws start the chains in more pieces, and the relatives of the members met are verified too
+    # With 8,192 generator draws and no closure the chains saturated their pieces and met 186 members, C3 0.93;
+    # the closure verifies the neighbours of every member met until no new member turns up, and meets them all
     from inversionview import explore
 
     q, truth = "984+569=1553", 192 / 322
     pre = addition.query(q, site="a0.2", position=9)
     members = set(pre.chains["members"])
-    assert pre.chains["coverage"] > 0.9 and len(members) >= 300
+    assert pre.chains["coverage"] == 1.0 and len(members) == 322
     got = {x["feature"]: x for x in pre.shares}["C3"]
-    assert abs(got["share"] - truth) < 0.1
-    # every relative of a member met is a member met, or the probed model puts it outside epsilon
+    assert abs(got["share"] - truth) < 0.01
+    # closed: every neighbour of a member is a member, or the probed model puts it outside epsilon
     probed, s = addition.probed, addition.probed.site("a0.2")
     zq = probed.run(torch.tensor([probed.encode(q)]), [s])[s][0, 9].float()
-    others = sorted({y for x in members for y in addition.task.relatives(x)} - members)
+    others = sorted({y for x in members for y in addition.task.neighbours(x)} - members)
     dmin, _, _ = verify(probed, s, [probed.encode(y) for y in others], zq, "euclidean")
-    assert len(others) > 100 and (dmin > pre.epsilon).all()
-    # each lever alone meets fewer members; without both the share is off by over 0.3
-    monkeypatch.setattr(explore, "RELATIVES", 0)
-    assert len(addition.query(q, site="a0.2", position=9).chains["members"]) < 300
+    assert len(others) > 1000 and (dmin > pre.epsilon).all()
+    # fewer draws alone still close it; without the closure (RELATIVES = 0) fewer members, the share off by over 0.3
     monkeypatch.setattr(addition.task, "draws", 8192)
+    assert len(addition.query(q, site="a0.2", position=9).chains["members"]) == 322
+    monkeypatch.setattr(explore, "RELATIVES", 0)
     pre = addition.query(q, site="a0.2", position=9)
-    assert len(pre.chains["members"]) < 200
+    assert len(pre.chains["members"]) < 200 and pre.chains["coverage"] < 1
     assert abs({x["feature"]: x for x in pre.shares}["C3"]["share"] - truth) > 0.3
-    monkeypatch.setattr(explore, "RELATIVES", 512)
-    assert len(addition.query(q, site="a0.2", position=9).chains["members"]) < 300
 
 
 def test_relaxed_chains_keep_only_their_states_inside_epsilon(addition, monkeypatch):
@@ -559,7 +592,7 @@ def test_the_draws_cache_keeps_to_its_budget_and_reads_the_same(addition, monkey
     explore._DRAWN.entries.clear()
     forwards.clear()
     read("a0.3", 8)
-    assert forwards == [256]
+    assert forwards[:2] == [256, 256] and sum(forwards) <= explore.IID_DRAWS  # until IID draws inside
     size = explore._DRAWN.nbytes()
     monkeypatch.setattr(explore, "CACHE_MB", budget * 1.01)
     explore._DRAWN.entries.clear()

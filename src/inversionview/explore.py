@@ -76,6 +76,10 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 # fmt: on
 SATURATED = 0.5  # the chains' coverage up to which the members met count for nothing in a share (credit())
 RELATIVES = 512  # members met up to which a saturated reading verifies their relatives (_relatives)
+CLOSURE = 16384  # verifications per query at most for the closure of a small preimage (_close)
+CLOSE_LEVEL = 1.0  # the closure links members through near misses within CLOSE_LEVEL * epsilon (_close)
+IID = 256  # generator draws inside epsilon a query draws for, at most IID_DRAWS draws (_more)
+IID_DRAWS = 8192
 PER_START = 4  # a share rests on at most this many effective members per distinct start of the chains (share())
 
 
@@ -101,12 +105,15 @@ class Chains(list):
     """A query's chains, as :func:`share` takes them: per distinct start, the states kept, one list each. It also
     carries every member the reading met (``members``: (member, weight under the input distribution) pairs) and the
     chains' sample coverage (``coverage``, the share of the preimage's mass they are estimated to have met; 0
-    where not measured): :func:`share` then weighs the members met by that coverage. A plain list of lists is read as states alone."""
+    where not measured): :func:`share` then weighs the members met by that coverage; and the generator draws that
+    landed inside (``draws``, independent members of the preimage, the chains' starts left out), which join the
+    states in a share. A plain list of lists is read as states alone."""
 
-    def __init__(self, states=(), members: Sequence[tuple] = (), coverage: float = 0.0):
+    def __init__(self, states=(), members: Sequence[tuple] = (), coverage: float = 0.0, draws: Sequence = ()):
         super().__init__(states)
         self.members = list(members)
         self.coverage = coverage
+        self.draws = list(draws)
 
 
 @dataclass(frozen=True)
@@ -180,26 +187,52 @@ def walk(
                     st[c] = y
                 if step >= began[q][2] and seen[q][st[c]][0] <= epsilon:  # a relaxed chain's states inside epsilon
                     w.states[c].append(st[c])
-    _relatives(probed, task, site, zq, seen, found, epsilon, metric)
-    for w, sq, (st, _, burn), fq in zip(walks, seen, began, found):
-        _finish(w, task, sq, st, burn, fq, epsilon)
+    closed = _close(probed, task, site, zq, seen, epsilon, metric)
+    for q, (w, (st, _, burn), c) in enumerate(zip(walks, began, closed)):
+        iid = Counter(x for x in fresh[: near[q].plain] if seen[q][x][0] <= epsilon) - Counter(set(st))
+        _finish(w, task, seen[q], st, burn, found[q], epsilon, c, list(iid.elements()))
     return walks
 
 
-def _relatives(probed, task, site, zq, seen: list[dict], found: list[dict], epsilon: float, metric: str) -> None:
-    """Verify the relatives (:meth:`~inversionview.tasks.Task.relatives`) of every member met, for the queries
-    whose chains' coverage gives the members met weight (:func:`credit`) and that met at most RELATIVES of them:
-    small preimages, whose pieces the chains' moves may not connect. The coverage is not changed."""
-    todo = []
-    for q, (sq, fq) in enumerate(zip(seen, found)):
-        if credit(coverage(fq.values())) > 0:
-            members = [x for x, v in sq.items() if v[0] <= epsilon]
-            if len(members) <= RELATIVES:
-                todo += [(q, y) for x in members for y in task.relatives(x) if y not in sq]
-    _check(probed, site, zq, seen, todo, metric)
+def _close(probed, task, site, zq, seen: list[dict], epsilon: float, metric: str) -> list[bool]:
+    """The closure of a small preimage: for each query that met at most RELATIVES members, verify every neighbour
+    (:meth:`~inversionview.tasks.Task.neighbours`) of every member and near miss (within CLOSE_LEVEL * epsilon)
+    met, then of those found among them, until no new one is found (the query's preimage is *closed*: every member
+    one part away from another, or linked to one through near misses, is known) or CLOSURE verifications are
+    spent. Returns per query whether it closed."""
+    from .tasks import Task
+
+    if type(task).neighbours is Task.neighbours:
+        return [False] * len(seen)
+    level = CLOSE_LEVEL * epsilon
+    frontier = [
+        [x for x, v in sq.items() if v[0] <= level]
+        if 0 < sum(v[0] <= epsilon for v in sq.values()) <= RELATIVES
+        else []
+        for sq in seen
+    ]
+    closed, spent, done = [bool(f) for f in frontier], [0] * len(seen), [set(f) for f in frontier]
+    while any(frontier):
+        todo = []
+        for q, f in enumerate(frontier):
+            near = list(dict.fromkeys(y for x in f for y in task.neighbours(x)))
+            new = [y for y in near if y not in seen[q]]
+            if spent[q] + len(new) > CLOSURE:
+                closed[q], frontier[q] = False, []
+                continue
+            spent[q] += len(new)
+            todo += [(q, y) for y in new]
+            frontier[q] = near
+        _check(probed, site, zq, seen, todo, metric)
+        for q, f in enumerate(frontier):
+            frontier[q] = [y for y in f if seen[q][y][0] <= level and y not in done[q]]
+            done[q].update(frontier[q])
+    return closed
 
 
-def _finish(w: Walk, task, seen: dict, starts: list[str], burn: int, found: dict, epsilon: float) -> None:
+def _finish(
+    w: Walk, task, seen: dict, starts: list[str], burn: int, found: dict, epsilon: float, closed: bool, iid: list[str]
+) -> None:
     """Group a walk's states by start, and record its members, their weights and the chains' coverage. Chains that
     share a start are not independent: each start's chains count as one (chain c began at ``starts[c]``). Chains
     that began at the decoder's members (look-alikes of the query) are one start in all."""
@@ -211,7 +244,8 @@ def _finish(w: Walk, task, seen: dict, starts: list[str], burn: int, found: dict
     w.states = Chains(
         [[x for c in cs for x in w.states[c]] for cs in by.values()],
         [(x, task.weight(x)) for x in w.members],
-        coverage(found.values()),
+        1.0 if closed else coverage(found.values()),
+        iid,
     )
 
 
@@ -307,13 +341,20 @@ def _draw_inside(
         for q in need:
             _record(seen[q], new, acts, zq[q], metric)
             near[q] = _Near([x for x in dict.fromkeys(fresh) if seen[q][x][0] <= relaxed], len(fresh))
-        need = [
-            q
-            for q in need
-            if len(fresh) < max(draws, task.draws)
-            and sum(seen[q][x][0] <= epsilon for x in near[q].texts) < _enough(chains)
-        ]
+        need = [q for q in need if _more(seen[q], near[q].texts, fresh, epsilon, task, draws, chains)]
     return near, fresh
+
+
+def _more(seen: dict, near: list[str], fresh: list[str], epsilon: float, task, draws: int, chains: int) -> bool:
+    """Whether a query with generator draws ``fresh`` (``near``: the distinct ones within the relaxed level) draws
+    another round: until STARTS of the chains can start at distinct draws inside or the task's draws are spent, then
+    on until IID draws inside or IID_DRAWS draws (the draws inside are independent members that join the share,
+    :func:`share`)."""
+    if len(fresh) >= max(draws, task.draws):
+        return False
+    if sum(seen[x][0] <= epsilon for x in near) < _enough(chains):
+        return True
+    return len(fresh) < IID_DRAWS and sum(seen[x][0] <= epsilon for x in fresh) < IID
 
 
 def _draw_strata(
@@ -517,7 +558,7 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
     memo: dict[int, bool] = {}
     hits = [_hits(s, hit, memo) for s in states if s]
     if not hits:
-        return None
+        return _with_members(states, hit, _with_draws(states, hit, None, memo))  # the draws' share, if any
     groups = [(sum(h), len(h)) for h in hits]
     c = len(groups)
     cap = sum(min(PER_START, 1 + sum(a != b for a, b in zip(h, h[1:]))) for h in hits)
@@ -536,17 +577,30 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
         t = T975[c - 2] if c - 1 <= len(T975) else Z + (Z**3 + Z) / (4 * (c - 1))
         n = total if var == 0 else min(max(p * (1 - p) / var * (Z / t) ** 2, c), total)
         n = min(n, cap)
-    return _with_members(states, hit, Share(p, *wilson(p, n), n))
+    return _with_members(states, hit, _with_draws(states, hit, Share(p, *wilson(p, n), n), memo))
 
 
-def _with_members(states, hit: Callable, s: Share) -> Share:
+def _with_draws(states, hit: Callable, s: Share | None, memo: dict[int, bool]) -> Share | None:
+    """The states' share ``s`` pooled with the generator draws inside where ``states`` carries them
+    (:class:`Chains`): two independent estimates of the same share, each weighed by its effective number of
+    members (the inverse of its variance), which add up."""
+    draws = getattr(states, "draws", ())
+    if not draws:
+        return s
+    k, m = sum(_hits(draws, hit, memo)), len(draws)
+    n = m + (s.n if s else 0.0)
+    p = (k + (s.n * s.share if s else 0.0)) / n
+    return Share(p, *wilson(p, n), n)
+
+
+def _with_members(states, hit: Callable, s: Share | None) -> Share | None:
     """The states' share ``s`` combined with the members met where ``states`` carries them (:class:`Chains`): c
     times the weighted share among the members plus 1 - c times the states' share, c = credit(coverage). The
     interval is the states', widened to take the estimate in: where the members missed a part of the preimage the
     chains did not reach either (another component), the coverage cannot tell, and the states' spread is the
     honest width."""
     c, members = credit(getattr(states, "coverage", 0.0)), getattr(states, "members", ())
-    if not (c > 0 and members):
+    if s is None or not (c > 0 and members):
         return s
     mass = sum(wt for _, wt in members)
     p = c * sum(wt for x, wt in members if hit(x)) / mass + (1 - c) * s.share

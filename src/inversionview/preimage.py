@@ -431,7 +431,11 @@ def chains_record(w, epsilon: float, tokens_of) -> dict:
     the chains' coverage gives the others no weight in a share (:func:`inversionview.explore.credit`: a large
     preimage, whose members met can run to thousands); and the chains' coverage."""
     weight = dict(w.states.members)
-    kept = w.members if credit(w.states.coverage) > 0 else dict.fromkeys(x for st in w.states for x in st)
+    kept = (
+        w.members
+        if credit(w.states.coverage) > 0
+        else dict.fromkeys([x for st in w.states for x in st] + w.states.draws)
+    )
     return {
         "epsilon": epsilon,
         "level": w.level,  # the distance the chains walked within (epsilon, or relaxed where few draws landed inside)
@@ -441,6 +445,7 @@ def chains_record(w, epsilon: float, tokens_of) -> dict:
         "accepted": w.accepted,
         "distinct": len(w.members),
         "coverage": w.states.coverage,
+        "draws": w.states.draws,  # the generator draws inside epsilon, the chains' starts left out: they join a share
         "members": {x: [round(w.members[x][0], 5), w.members[x][1], tokens_of(x), weight.get(x, 1.0)] for x in kept},
     }
 

@@ -82,7 +82,8 @@ def population(pre) -> Population:
         states = [[m for m in map(member, st) if m is not None] for st in ch["states"]]
         cov = ch.get("coverage", 0.0)  # a reading saved before members kept weights has none
         met = [(member(x), v[3]) for x, v in ch["members"].items()] if credit(cov) > 0 else []
-        chains = Chains(states, [(m, w) for m, w in met if m is not None], cov)
+        draws = [m for m in map(member, ch.get("draws", ())) if m is not None]  # none in a reading saved before
+        chains = Chains(states, [(m, w) for m, w in met if m is not None], cov, draws)
         return Population(chains, len({m.text for st in states for m in st}), True)
     inside = [
         Member(

@@ -100,6 +100,12 @@ class Task:
         """A draw from the generator conditioned on the stratum ``key`` (:meth:`stratum`)."""
         raise NotImplementedError
 
+    def neighbours(self, text: str) -> list[str]:
+        """Every input one part away from a valid input (each member of each :meth:`block` around it, and its
+        :meth:`relatives`): a reading closes a small preimage by verifying the neighbours of its members
+        (:mod:`inversionview.explore`). Empty where the task defines none."""
+        return []
+
     def relatives(self, text: str) -> list[str]:
         """The other inputs a symmetry of the generator maps a valid input to: equally probable, and holding the
         same parts up to that symmetry (addition: the operands' digits swapped column by column). Where a reading's

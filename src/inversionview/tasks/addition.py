@@ -122,22 +122,23 @@ class Addition(Task):
         p = self.parse(text)
         if p is None:
             return None
-        a, b = p
-        s, u = f"{a}{b}", rng.random()
+        u = rng.random()
         if u < 0.4:
-            i = rng.randrange(6)
-            low = 1 if i % 3 == 0 else 0
-            ts = [f"{s[:i]}{v}{s[i + 1 :]}" for v in range(low, 10)]
-        elif u < 0.8:
-            i = rng.randrange(3)
-            low, total = 1 if i == 0 else 0, int(s[i]) + int(s[i + 3])
-            pairs = [(u, total - u) for u in range(low, 10) if low <= total - u <= 9]
-            ts = [f"{s[:i]}{u}{s[i + 1 : i + 3]}{v}{s[i + 4 :]}" for u, v in pairs]
-        elif rng.random() < 0.5:
-            ts = [f"{a}{y}" for y in _same_leading(a, b, 10)]
-        else:
-            ts = [f"{x}{b}" for x in _same_leading(b, a, 10)]
-        return [f"{t[:3]}+{t[3:]}={int(t[:3]) + int(t[3:])}" for t in ts]
+            return _digit_block(*p, rng.randrange(6))
+        if u < 0.8:
+            return _column_block(*p, rng.randrange(3))
+        return _leading_block(*p, 0 if rng.random() < 0.5 else 1)
+
+    def neighbours(self, text: str) -> list[str]:
+        """Every input in a block around ``text`` (:meth:`block`: each digit's values, each column's pairs with the
+        same sum, each operand's values that keep the sum's leading digits) and its :meth:`relatives`: at most
+        about 110 inputs, each one part of ``text`` away."""
+        p = self.parse(text)
+        if p is None:
+            return []
+        out = [y for i in range(6) for y in _digit_block(*p, i)]
+        out += [y for i in range(3) for y in _column_block(*p, i)] + _leading_block(*p, 0) + _leading_block(*p, 1)
+        return [y for y in dict.fromkeys(out + self.relatives(text)) if y != text]
 
     def relatives(self, text: str) -> list[str]:
         """The inputs with the operands' digits swapped in some of the columns (all three: the operands swapped),
@@ -169,3 +170,30 @@ def _same_leading(x: int, y: int, unit: int) -> range:
     its members, so a uniform draw from it is symmetric."""
     top = (x + y) // unit * unit
     return range(max(100, top - x), min(999, top + unit - 1 - x) + 1)
+
+
+def _text(a: int, b: int) -> str:
+    return f"{a}+{b}={a + b}"
+
+
+def _digit_block(a: int, b: int, i: int) -> list[str]:
+    """The inputs with the ``i``-th of the six digits (a's three, then b's) under each of its values."""
+    s = f"{a}{b}"
+    ts = [f"{s[:i]}{v}{s[i + 1 :]}" for v in range(1 if i % 3 == 0 else 0, 10)]
+    return [_text(int(t[:3]), int(t[3:])) for t in ts]
+
+
+def _column_block(a: int, b: int, i: int) -> list[str]:
+    """The inputs with column ``i`` (both operands' digits at one place) under every pair with its sum."""
+    s = f"{a}{b}"
+    low, total = 1 if i == 0 else 0, int(s[i]) + int(s[i + 3])
+    ts = [f"{s[:i]}{u}{s[i + 1 : i + 3]}{total - u}{s[i + 4 :]}" for u in range(low, 10) if low <= total - u <= 9]
+    return [_text(int(t[:3]), int(t[3:])) for t in ts]
+
+
+def _leading_block(a: int, b: int, which: int) -> list[str]:
+    """The inputs with one operand (``which``: 0 for b, 1 for a) under every value that keeps the sum's digits but
+    its last."""
+    return (
+        [_text(a, y) for y in _same_leading(a, b, 10)] if which == 0 else [_text(x, b) for x in _same_leading(b, a, 10)]
+    )
