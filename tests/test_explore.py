@@ -434,10 +434,10 @@ def test_a_small_preimage_is_closed_by_the_neighbours_of_its_members(addition, m
     others = sorted({y for x in members for y in addition.task.neighbours(x)} - members)
     dmin, _, _ = verify(probed, s, [probed.encode(y) for y in others], zq, "euclidean")
     assert len(others) > 1000 and (dmin > pre.epsilon).all()
-    # fewer draws alone still close it; without the closure (RELATIVES = 0) fewer members, the share off by over 0.3
+    # fewer draws alone still close it; without the closure (CLOSE_AT = 0) fewer members, the share off by over 0.3
     monkeypatch.setattr(addition.task, "draws", 8192)
     assert len(addition.query(q, site="a0.2", position=9).chains["members"]) == 322
-    monkeypatch.setattr(explore, "RELATIVES", 0)
+    monkeypatch.setattr(explore, "CLOSE_AT", 0)
     pre = addition.query(q, site="a0.2", position=9)
     assert len(pre.chains["members"]) < 200 and pre.chains["coverage"] < 1
     assert abs({x["feature"]: x for x in pre.shares}["C3"]["share"] - truth) > 0.3
