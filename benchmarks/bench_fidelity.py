@@ -244,6 +244,12 @@ def run_task(name: str, args) -> dict:
             print(
                 f"    worst: {r['query']} {r['feature']}: read {r['read']:.2f} [{r['low']:.2f}, {r['high']:.2f}], true {r['truth']:.2f}"
             )
+        if name == "addition" and "chains" in modes:  # why a query is over the bar: the pieces its reading missed
+            over = dict.fromkeys(r["query"] for r in rows[("chains", site)] if r.get("sure") and r["err"] > MAX_BAR)
+            for q, text in enumerate(qs[site]):
+                if text in over:
+                    members = [texts[i] for i in inside[q].nonzero().flatten().tolist()]
+                    print(f"    over {MAX_BAR}: {text}: {pieces(task, members, getattr(chains[q], 'members', []))}")
     out = {}
     for mode in ("chains", "decoder") if args.baseline else ("chains",):
         allr = [r for (m, _), v in rows.items() if m == mode for r in v]
@@ -258,6 +264,25 @@ def run_task(name: str, args) -> dict:
             )
         out[mode] = allr
     return out
+
+
+def pieces(task, members: list[str], met: list[tuple]) -> str:
+    """The true members split into pieces (connected by the task's neighbours, one part apart: no move of the
+    reading's chains or closure crosses between pieces) and how many of each piece the reading met."""
+    left, met_set, out = set(members), {x for x, _ in met}, []
+    while left:
+        piece, frontier = set(), [left.pop()]
+        while frontier:
+            piece.update(frontier)
+            frontier = [y for x in frontier for y in task.neighbours(x) if y in left]
+            left.difference_update(frontier)
+        out.append((len(piece & met_set), len(piece)))
+    out.sort(key=lambda m: (-m[0], -m[1]))
+    reached = [m for m in out if m[0]]
+    return (
+        f"{len(members)} true members in {len(out)} pieces; the reading met {sum(m for m, _ in out)} in "
+        f"{len(reached)} of them (met/size: {', '.join(f'{m}/{n}' for m, n in out[:8])}{' ...' if len(out) > 8 else ''})"
+    )
 
 
 def report(rows: list[dict], mode: str) -> str:

@@ -443,6 +443,29 @@ def test_a_small_preimage_is_closed_by_the_neighbours_of_its_members(addition, m
     assert abs({x["feature"]: x for x in pre.shares}["C3"]["share"] - truth) > 0.3
 
 
+def test_a_closure_reaches_pieces_through_the_neighbours_of_near_misses(addition):
+    # head a0.2 at `=` of 731+156=887 (index 8): an exact scan of all 810,000 inputs finds 69 members in 6 pieces
+    # that no move connects; the query's piece holds 16, another the 12 below (swaps of 1/7, 5/7, 6/6, 2/6 digit
+    # pairs). 766+162=928 is 0.104 from the query, a near miss one part away from four of them. Closed from the
+    # query alone, the closure meets its own piece only; with the near miss verified too, that piece as well
+    from inversionview.explore import _check, _close
+
+    q = "731+156=887"
+    piece = {"152+776=928", "156+772=928", "162+766=928", "166+762=928", "172+756=928", "176+752=928",
+             "752+166=918", "752+176=928", "756+172=928", "762+156=918", "772+156=928", "776+152=928"}  # fmt: skip
+    probed, s = addition.probed, addition.probed.site("a0.2")
+    zq = probed.run(torch.tensor([probed.encode(q)]), [s])[s][:, 8].float()
+    met = []
+    for known in ([q], [q, "766+162=928"]):
+        seen: list[dict] = [{}]
+        _check(probed, s, zq, seen, [(0, x) for x in known], "euclidean")
+        assert 0.1 < seen[0].get("766+162=928", (0.15,))[0] <= 0.2  # a near miss, inside the relaxed level
+        assert _close(probed, addition.task, s, zq, seen, 0.1, "euclidean") == [True]
+        met.append({x for x, (d, _) in seen[0].items() if d <= 0.1})
+    assert len(met[0]) == 16 and not met[0] & piece
+    assert met[1] == met[0] | piece
+
+
 def test_relaxed_chains_keep_only_their_states_inside_epsilon(addition, monkeypatch):
     # head a0.0 at the query's third digit (index 3): inputs with another third digit are 0.11-0.21 away, outside
     # epsilon 0.1 but inside the relaxed 0.2. With 256 generator draws (about 25 inside, fewer than the half of

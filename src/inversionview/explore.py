@@ -40,7 +40,9 @@ into pieces no chain's move connects, and its coverage cannot see the pieces not
 few members, it closes them (:func:`_close`): the neighbours of every member met
 (:meth:`~inversionview.tasks.Task.neighbours`, each one part away, the relatives under the task's symmetries among
 them) are verified, then those of the new members, until none turns up; a closed preimage's members met are every
-member of its pieces reached, and weigh in fully. The generator draws inside that no chain starts at are
+member of its pieces reached, and weigh in fully. Pieces no member met reaches often lie one part away from the
+near misses the reading verified (within RELAX * epsilon): the neighbours of the nearest are verified first, and
+the members among them are closed as well. The generator draws inside that no chain starts at are
 independent members: they join the states' share, each estimate weighed by its effective size (:func:`share`).
 Counterfactual checks
 (:func:`counterfactuals`) change one feature of members with the same moves and count how many stay inside.
@@ -81,6 +83,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 SATURATED = 0.5  # the chains' coverage up to which the members met count for nothing in a share (credit())
 CLOSE_AT = 512  # members met up to which a reading closes its preimage (_close)
 CLOSURE = 16384  # verifications per query at most for the closure of a small preimage (_close)
+NEAR_CLOSURE = 0.5  # verifications of near misses' neighbours per closure, at most, in CLOSUREs (_around_near)
 IID = 256  # generator draws inside epsilon a query draws for, at most IID_DRAWS draws (_more)
 IID_DRAWS = 8192
 PER_START = 4  # a share rests on at most this many effective members per distinct start of the chains (share())
@@ -201,14 +204,22 @@ def _close(probed, task, site, zq, seen: list[dict], epsilon: float, metric: str
     """Close each small preimage: for each query that met at most CLOSE_AT members, verify every neighbour
     (:meth:`~inversionview.tasks.Task.neighbours`) of every member met, then of the new members among them, until
     none turns up (the query's preimage is *closed*: every member one part away from a member met is met) or
-    CLOSURE inputs are verified. Returns per query whether it closed. (Closing through the near misses within twice
-    epsilon as well did not close `294+381=675` at head a0.2 within CLOSURE, nor meet more of its members.)"""
+    CLOSURE inputs are verified. Returns per query whether it closed. A preimage in pieces no move connects
+    (addition's head a0.2) has pieces the members met do not reach; the near misses the reading verified (within
+    RELAX * epsilon) lie around them, so the neighbours of the nearest are verified first, NEAR_CLOSURE * CLOSURE
+    of them at most (:func:`_around_near`; beside the CLOSURE of the members'), and the members among them start
+    pieces of their own. (Closing *through*
+    the near misses, their neighbours' neighbours and on, did not close `294+381=675` at head a0.2 within
+    CLOSURE.)"""
     from .tasks import Task
 
     if type(task).neighbours is Task.neighbours:
         return [False] * len(seen)
     frontier = [[x for x, v in sq.items() if v[0] <= epsilon] for sq in seen]
     frontier = [f if len(f) <= CLOSE_AT else [] for f in frontier]
+    around = [_around_near(task, sq, epsilon) if f else [] for sq, f in zip(seen, frontier)]
+    _check(probed, site, zq, seen, [(q, y) for q, ys in enumerate(around) for y in ys], metric)
+    frontier = [f + [y for y in ys if seen[q][y][0] <= epsilon] for q, (f, ys) in enumerate(zip(frontier, around))]
     closed, spent, done = [bool(f) for f in frontier], [0] * len(seen), [set(f) for f in frontier]
     while any(frontier):
         todo = []
@@ -225,6 +236,18 @@ def _close(probed, task, site, zq, seen: list[dict], epsilon: float, metric: str
             frontier[q] = [y for y in f if seen[q][y][0] <= epsilon and y not in done[q]]
             done[q].update(frontier[q])
     return closed
+
+
+def _around_near(task, seen: dict, epsilon: float) -> list[str]:
+    """The unverified neighbours of a query's near misses (verified, outside epsilon, within RELAX * epsilon), the
+    nearest misses' first, at most NEAR_CLOSURE * CLOSURE of them."""
+    out: dict[str, None] = {}
+    for _, x in sorted((v[0], x) for x, v in seen.items() if epsilon < v[0] <= RELAX * epsilon):
+        new = [y for y in task.neighbours(x) if y not in seen and y not in out]
+        if len(out) + len(new) > NEAR_CLOSURE * CLOSURE:
+            break
+        out.update(dict.fromkeys(new))
+    return list(out)
 
 
 def _finish(
