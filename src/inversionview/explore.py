@@ -208,9 +208,8 @@ def _close(probed, task, site, zq, seen: list[dict], epsilon: float, metric: str
     (addition's head a0.2) has pieces the members met do not reach; the near misses the reading verified (within
     RELAX * epsilon) lie around them, so the neighbours of the nearest are verified first, NEAR_CLOSURE * CLOSURE
     of them at most (:func:`_around_near`; beside the CLOSURE of the members'), and the members among them start
-    pieces of their own. (Closing *through*
-    the near misses, their neighbours' neighbours and on, did not close `294+381=675` at head a0.2 within
-    CLOSURE.)"""
+    pieces of their own. (Closing *through* the near misses, their neighbours' neighbours and on, did not close
+    `294+381=675` at head a0.2 within CLOSURE.)"""
     from .tasks import Task
 
     if type(task).neighbours is Task.neighbours:
