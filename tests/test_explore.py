@@ -242,6 +242,18 @@ def test_addition_relatives_are_the_column_swaps():
     assert get_task("counting").relatives("aab|a:2") == []
 
 
+def test_addition_kin_keeps_the_sums_digits_but_the_last():
+    task = get_task("addition")
+    kin = task.kin("156+247=403")
+    # by hand: a sum s has s - 199 pairs with a, b in 100..999 up to s = 1099 (a from 100 to s - 100), so the sums
+    # 400..409 have 201 + ... + 210 = 2,055; from 1,099 on, 1999 - s + 1 (a from s - 999 to 999): 1,990..1,999 have
+    # 9 + ... + 0 = 45; 1,000..1,009 have 801 + ... + 810 = 8,055
+    assert len(kin) == len(set(kin)) == 2055 and all(task.parse(y) for y in kin)
+    assert {y.partition("=")[2][:-1] for y in kin} == {"40"} and {"156+247=403", "264+136=400"} <= set(kin)
+    assert len(task.kin("999+995=1994")) == 45 and len(task.kin("500+505=1005")) == 8055
+    assert task.kin("264+136=400") == kin and task.kin("22+3=25") == [] and get_task("counting").kin("ab|a:1") == []
+
+
 def test_addition_neighbours_are_one_part_away_and_symmetric():
     task = get_task("addition")
     x = "156+247=403"
@@ -464,6 +476,34 @@ def test_a_closure_reaches_pieces_through_the_neighbours_of_near_misses(addition
         met.append({x for x, (d, _) in seen[0].items() if d <= 0.1})
     assert len(met[0]) == 16 and not met[0] & piece
     assert met[1] == met[0] | piece
+
+
+def test_a_closure_verifies_the_kin_of_few_members(addition, monkeypatch):
+    # head a1.0 at A1 of 156+247=403 (index 9): an exact scan of all 810,000 inputs finds three members, the query,
+    # 157+246=403 (0.030) and 264+136=400 (0.084), five digits from the query; no path of one-part moves through
+    # inputs within 0.3 of the query reaches it, and the decoder proposed it in none of 24,576 samples. It keeps
+    # the sum's digits but the last: kin of the query (Task.kin). Without the kin, a closure meets two members
+    from inversionview import explore
+    from inversionview.explore import _check, _close
+
+    q, members = "156+247=403", {"156+247=403", "157+246=403", "264+136=400"}
+    probed, s = addition.probed, addition.probed.site("a1.0")
+    zq = probed.run(torch.tensor([probed.encode(q)]), [s])[s][:, 9].float()
+    met = []
+    for kin_at in (0, explore.KIN_AT):
+        monkeypatch.setattr(explore, "KIN_AT", kin_at)
+        seen: list[dict] = [{}]
+        _check(probed, s, zq, seen, [(0, q)], "euclidean")
+        assert _close(probed, addition.task, s, zq, seen, 0.1, "euclidean") == [True]
+        met.append({x for x, (d, _) in seen[0].items() if d <= 0.1})
+    assert met == [members - {"264+136=400"}, members]
+    # the reading closes the preimage: its shares are the true ones, and so are the shares its summary shows for
+    # what varies (the chains' states, all at the first two members, would say F1 = 1 in 100 %)
+    pre = addition.query(q, site="a1.0", position=9)
+    assert set(pre.chains["members"]) == members and pre.chains["coverage"] == 1.0
+    shares = {x["feature"]: x["share"] for x in pre.shares}
+    assert shares["F1"] == pytest.approx(2 / 3) and shares["S2"] == pytest.approx(2 / 3)
+    assert "varies: F1 (1 67%, 2 33%)" in pre.summary and "too few members (3 distinct) to say" in pre.summary[1]
 
 
 def test_relaxed_chains_keep_only_their_states_inside_epsilon(addition, monkeypatch):

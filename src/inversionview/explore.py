@@ -42,7 +42,8 @@ few members, it closes them (:func:`_close`): the neighbours of every member met
 them) are verified, then those of the new members, until none turns up; a closed preimage's members met are every
 member of its pieces reached, and weigh in fully. Pieces no member met reaches often lie one part away from the
 near misses the reading verified (within RELAX * epsilon): the neighbours of the nearest are verified first, and
-the members among them are closed as well. The generator draws inside that no chain starts at are
+the members among them are closed as well; where few members are known, so is their kin
+(:meth:`~inversionview.tasks.Task.kin`: addition's inputs whose sum keeps all its digits but the last). The generator draws inside that no chain starts at are
 independent members: they join the states' share, each estimate weighed by its effective size (:func:`share`).
 Counterfactual checks
 (:func:`counterfactuals`) change one feature of members with the same moves and count how many stay inside.
@@ -84,6 +85,8 @@ SATURATED = 0.5  # the chains' coverage up to which the members met count for no
 CLOSE_AT = 512  # members met up to which a reading closes its preimage (_close)
 CLOSURE = 16384  # verifications per query at most for the closure of a small preimage (_close)
 NEAR_CLOSURE = 0.5  # verifications of near misses' neighbours per closure, at most, in CLOSUREs (_around_near)
+KIN_AT = 32  # members met up to which a closure first verifies the members' kin (_around_kin)
+KIN = 8192  # kin verifications per query at most
 IID = 256  # generator draws inside epsilon a query draws for, at most IID_DRAWS draws (_more)
 IID_DRAWS = 8192
 PER_START = 4  # a share rests on at most this many effective members per distinct start of the chains (share())
@@ -209,7 +212,9 @@ def _close(probed, task, site, zq, seen: list[dict], epsilon: float, metric: str
     RELAX * epsilon) lie around them, so the neighbours of the nearest are verified first, NEAR_CLOSURE * CLOSURE
     of them at most (:func:`_around_near`; beside the CLOSURE of the members'), and the members among them start
     pieces of their own. (Closing *through* the near misses, their neighbours' neighbours and on, did not close
-    `294+381=675` at head a0.2 within CLOSURE.)"""
+    `294+381=675` at head a0.2 within CLOSURE.) Where at most KIN_AT members are known by then, their kin
+    (:meth:`~inversionview.tasks.Task.kin`, inputs that keep what the answer is read from) is verified too, KIN
+    inputs at most (:func:`_around_kin`): a member may lie many parts away from every input near the preimage."""
     from .tasks import Task
 
     if type(task).neighbours is Task.neighbours:
@@ -219,6 +224,9 @@ def _close(probed, task, site, zq, seen: list[dict], epsilon: float, metric: str
     around = [_around_near(task, sq, epsilon) if f else [] for sq, f in zip(seen, frontier)]
     _check(probed, site, zq, seen, [(q, y) for q, ys in enumerate(around) for y in ys], metric)
     frontier = [f + [y for y in ys if seen[q][y][0] <= epsilon] for q, (f, ys) in enumerate(zip(frontier, around))]
+    kin = [_around_kin(task, sq, f) if len(f) <= KIN_AT else [] for sq, f in zip(seen, frontier)]
+    _check(probed, site, zq, seen, [(q, y) for q, ys in enumerate(kin) for y in ys], metric)
+    frontier = [f + [y for y in ys if seen[q][y][0] <= epsilon] for q, (f, ys) in enumerate(zip(frontier, kin))]
     closed, spent, done = [bool(f) for f in frontier], [0] * len(seen), [set(f) for f in frontier]
     while any(frontier):
         todo = []
@@ -246,6 +254,17 @@ def _around_near(task, seen: dict, epsilon: float) -> list[str]:
         if len(out) + len(new) > NEAR_CLOSURE * CLOSURE:
             break
         out.update(dict.fromkeys(new))
+    return list(out)
+
+
+def _around_kin(task, seen: dict, members: list[str]) -> list[str]:
+    """The unverified kin (:meth:`~inversionview.tasks.Task.kin`) of a query's members, at most KIN of them: a
+    member whose kin would pass KIN is passed over."""
+    out: dict[str, None] = {}
+    for x in members:
+        new = [y for y in task.kin(x) if y not in seen and y not in out]
+        if len(out) + len(new) <= KIN:
+            out.update(dict.fromkeys(new))
     return list(out)
 
 

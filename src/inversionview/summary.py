@@ -84,7 +84,8 @@ def population(pre) -> Population:
         met = [(member(x), v[3]) for x, v in ch["members"].items()] if credit(cov) > 0 else []
         draws = [m for m in map(member, ch.get("draws", ())) if m is not None]  # none in a reading saved before
         chains = Chains(states, [(m, w) for m, w in met if m is not None], cov, draws)
-        return Population(chains, len({m.text for st in states for m in st}), True)
+        distinct = {m.text for st in states for m in st} | {m.text for m, _ in chains.members}
+        return Population(chains, len(distinct), True)
     inside = [
         Member(
             s.text,
@@ -118,19 +119,21 @@ def _aligned(pre, pop: Population, matched: bool) -> str | None:
     return f"tokens aligned {where}: " + ", ".join(items)
 
 
-def items(pop: Population, task) -> list[tuple[str, object, Share, Counter]]:
-    """Each item's most common value, its share and the value counts: the task's features, then the multiset of
-    tokens and the number of tokens."""
+def items(pop: Population, task) -> list[tuple[str, list[tuple[object, Share]], int]]:
+    """Per item (the task's features, then the multiset of tokens and the number of tokens), its most common
+    values with their estimated shares, the largest first (at most EXAMPLES), and its number of distinct values.
+    The values are counted over the chains' states and the members met that weigh in (the members of a closed
+    preimage, whose states may have met only some of them); each value's share is estimated (:meth:`Population.share`)."""
     getters = {name: _feature_getter(f) for name, f in builtin_features(task).items()}
     getters["multiset of tokens"] = lambda m: _multiset(m.tokens)
     getters["number of tokens"] = lambda m: len(m.tokens)
+    met = [m for m, _ in getattr(pop.chains, "members", ())]
     out = []
     for name, g in getters.items():
-        values = Counter(g(m) for c in pop.chains for m in c)
-        top = values.most_common(1)[0][0]
-        s = pop.share(lambda m: g(m) == top)  # called at once
-        assert s is not None  # top exists, so some chain has a member
-        out.append((name, top, s, values))
+        values = Counter(g(m) for c in pop.chains for m in c) + Counter(g(m) for m in met)
+        shares = [(v, pop.share(lambda m: g(m) == v)) for v, _ in values.most_common(EXAMPLES)]  # called at once
+        known = [(v, x) for v, x in shares if x is not None]  # None: no state (at a smaller epsilon) and no draw
+        out.append((name, sorted(known, key=lambda vx: -vx[1].share), len(values)))
     return out
 
 
@@ -165,14 +168,17 @@ def summarize(pre, task=None) -> list[str]:
     few = pop.distinct < FEW
     if few:
         lines.append(f"too few members ({pop.distinct} distinct) to say what the preimage shares")
-    for name, top, s, values in items(pop, task):
+    for name, shares, n_values in items(pop, task):
+        if not shares:
+            continue
+        top, s = shares[0]
         if not few and top is not None and is_shared(s):
             shared.append(f"shared by {_pct(s)}: {name} = {_fmt(top)}")
         elif not few and top is not None and s is not None and s.share >= SHARED:  # high, but on too few starts
             unsure.append(f"unsure: {name} = {_fmt(top)} in {_pct(s)}: too few independent members to call it shared")
         else:
-            tops = ", ".join(f"{_short(v)} {c / n_states:.0%}" for v, c in values.most_common(EXAMPLES))
-            more = f", ... {len(values)} values" if len(values) > EXAMPLES else ""
+            tops = ", ".join(f"{_short(v)} {x.share:.0%}" for v, x in shares)
+            more = f", ... {n_values} values" if n_values > EXAMPLES else ""
             varies.append(f"varies: {name} ({tops}{more})")
     lines += shared + unsure
     if not few:

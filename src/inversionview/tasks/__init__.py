@@ -106,6 +106,14 @@ class Task:
         (:mod:`inversionview.explore`). Empty where the task defines none."""
         return []
 
+    def kin(self, text: str) -> list[str]:
+        """The inputs that keep what the task's answer is read from, all else free (addition: every input whose sum
+        has the digits of ``text``'s sum but the last, 2,000-8,000 inputs): a member of a small preimage may be
+        many parts away from every other member, and from every input near the preimage. A reading that met few
+        members verifies their kin before it closes them (:mod:`inversionview.explore`). Empty where the task
+        defines none."""
+        return []
+
     def relatives(self, text: str) -> list[str]:
         """The other inputs a symmetry of the generator maps a valid input to: equally probable, and holding the
         same parts up to that symmetry (addition: the operands' digits swapped column by column). Where a reading's
