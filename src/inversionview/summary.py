@@ -46,6 +46,12 @@ class Population:
     def share(self, f: Callable[[Member], bool]) -> Share | None:
         return share(self.chains, f, self.distinct)
 
+    def members(self) -> int:
+        """Distinct members in all: the states' (``distinct``) and those of the members met that weigh in (a
+        closed preimage's, which the chains may not have reached)."""
+        met = {m.text for m, _ in getattr(self.chains, "members", ())}
+        return len({m.text for c in self.chains for m in c} | met)
+
 
 def _fmt(v) -> str:
     return "(none)" if v is None else str(v)
@@ -84,8 +90,7 @@ def population(pre) -> Population:
         met = [(member(x), v[3]) for x, v in ch["members"].items()] if credit(cov) > 0 else []
         draws = [m for m in map(member, ch.get("draws", ())) if m is not None]  # none in a reading saved before
         chains = Chains(states, [(m, w) for m, w in met if m is not None], cov, draws)
-        distinct = {m.text for st in states for m in st} | {m.text for m, _ in chains.members}
-        return Population(chains, len(distinct), True)
+        return Population(chains, len({m.text for st in states for m in st}), True)
     inside = [
         Member(
             s.text,
@@ -145,7 +150,7 @@ def summarize(pre, task=None) -> list[str]:
     pop = population(pre)
     if not pop.distinct:
         return [f"no member found inside epsilon {pre.epsilon:g}: nothing to summarise"]
-    n_states = sum(map(len, pop.chains))
+    n_states, n_members = sum(map(len, pop.chains)), pop.members()
     if pop.estimate:
         starts = (
             f"{len(pop.chains)} distinct starts"
@@ -154,7 +159,7 @@ def summarize(pre, task=None) -> list[str]:
         )
         head = (
             f"estimated over the preimage under the input distribution: {n_states} chain states from {starts}, "
-            f"{pop.distinct} distinct members; shares with 95% intervals"
+            f"{n_members} distinct members; shares with 95% intervals"
         )
         level = pre.chains.get("level", 0.0)
         if level > pre.chains["epsilon"]:  # few generator draws landed inside: the chains walked a larger preimage
@@ -165,9 +170,9 @@ def summarize(pre, task=None) -> list[str]:
             "describe the decoder's proposals, not the preimage (no input distribution to estimate it under)"
         )
     lines, varies, shared, unsure = [head], [], [], []
-    few = pop.distinct < FEW
+    few = n_members < FEW
     if few:
-        lines.append(f"too few members ({pop.distinct} distinct) to say what the preimage shares")
+        lines.append(f"too few members ({n_members} distinct) to say what the preimage shares")
     for name, shares, n_values in items(pop, task):
         if not shares:
             continue
