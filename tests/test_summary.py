@@ -129,7 +129,7 @@ def test_a_saturated_reading_counts_every_member_met(monkeypatch):
     # members, 72 of them with the query's tens digit 4 (F2 share 0.526). With 8,192 generator draws none lands
     # inside: the chains start at the decoder's members and dwell there, and their states alone put F2 at 0.24.
     # Their proposals meet the same few members over and over (coverage near 1), so the members met weigh in nearly
-    # alone. (With addition's 65,536 draws some land inside and the chains start there.)
+    # alone. (With addition's 32,768 draws some land inside and the chains start there.)
     from inversionview.run import InversionView
 
     iv = InversionView.load("shipped:addition")

@@ -487,7 +487,7 @@ class _Drawn:
     same inputs, and a reading after the first pays only for the distances (a round is reused only where its
     texts are identical). It holds at most CACHE_MB: the sites read least recently go first, and a round that
     does not fit beside the current site's earlier rounds is not kept (a small preimage's reading at an addition
-    site draws up to 65,536 inputs, whose activations take 0.1 GiB)."""
+    site draws up to 32,768 inputs, whose activations take 0.05 GiB)."""
 
     def __init__(self):
         self.entries: OrderedDict[tuple[int, str], tuple[weakref.ref, dict]] = OrderedDict()
