@@ -4,7 +4,7 @@ decoder finds likely?
 For a task whose inputs can be listed, :func:`scan` computes, for every input of the set:
 
 - its true distance to the query activation z_q: the minimum over its positions (PAD and EOS excluded, BOS
-  included), as :func:`inversionview.preimage.verify` takes it; the probed model runs in batches and stops
+  included), as :func:`inversionview.verify.verify` takes it; the probed model runs in batches and stops
   after the site's layer;
 - the decoder's log-probability of the whole input given z_q (teacher-forced, from the token after BOS to EOS,
   with the site's id), log p(x | z_q) = sum_i log p(x_i | x_<i, z_q).
@@ -122,7 +122,7 @@ def scan_distances(
     probed, site, ids: torch.Tensor, zq: torch.Tensor, metric: str, batch: int = BATCH, progress=None
 ) -> torch.Tensor:
     """Minimum distance to ``zq`` over the positions of each row of ``ids`` (N, T) (all rows BOS ... EOS, no PAD):
-    EOS is excluded, BOS included, as in :func:`inversionview.preimage.verify`."""
+    EOS is excluded, BOS included, as in :func:`inversionview.verify.verify`."""
     eos = probed.tokenizer.eos_id
     out = []
     for i in range(0, len(ids), batch):

@@ -531,15 +531,15 @@ _DRAWN = _Drawn()
 
 def _activations(probed, site, texts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The site's activations of ``texts`` in batches of BATCH: each batch's rows in ``texts``, its activations and
-    its invalid positions (:func:`inversionview.preimage.activations`)."""
-    from .preimage import activations
+    its invalid positions (:func:`inversionview.verify.activations`)."""
+    from .verify import activations
 
     return list(activations(probed, site, [probed.encode(x) for x in texts], BATCH))
 
 
 def _record(seen: dict, texts: list[str], acts: list, zq, metric: str) -> None:
     """Record in ``seen`` each text's distance to ``zq`` and its arg-min position, as
-    :func:`inversionview.preimage.verify` computes them (``acts`` as :func:`_activations` returns them)."""
+    :func:`inversionview.verify.verify` computes them (``acts`` as :func:`_activations` returns them)."""
     from .probed import distances
 
     for rows, act, invalid in acts:
@@ -563,7 +563,7 @@ def _proposal(task, x: str, rng: random.Random) -> list[str]:
 
 def _check(probed, site, zq, seen: list[dict], todo: list[tuple[int, str]], metric: str) -> None:
     """Verify the distinct (query, text) pairs of ``todo`` and record them in ``seen``."""
-    from .preimage import verify
+    from .verify import verify
 
     todo = list(dict.fromkeys(todo))
     if todo:
@@ -665,7 +665,7 @@ def counterfactuals(
     """Change the feature ``f`` in each of ``members`` with the task's moves (the first move that changes its value,
     at most ``tries``) and return the changed inputs' distances: how many of them stay inside epsilon shows whether
     the activation keeps the feature."""
-    from .preimage import verify
+    from .verify import verify
 
     rng = random.Random(seed)
     edits = []

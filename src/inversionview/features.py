@@ -281,7 +281,8 @@ def _propose_all(
 ) -> tuple[list[list[int]], list[int]]:
     """``samples`` decoder candidates (the Auto mix) for each query activation of ``zq`` (N, d), generated in chunks
     of ``chunk``, with the query each belongs to."""
-    from .preimage import AUTO_MIX, as_inputs
+    from .preimage import AUTO_MIX
+    from .verify import as_inputs
 
     probed, tok = iv.probed, iv.probed.tokenizer
     g = torch.Generator().manual_seed(seed)
@@ -304,7 +305,7 @@ def _propose_all(
 
 def _inside(iv, s, zq: torch.Tensor, seqs: list[list[int]], owner: list[int], eps: float) -> list[list[str]]:
     """Per query: the texts of its distinct candidates within ``eps`` of its activation (verified in batches)."""
-    from .preimage import verify
+    from .verify import verify
 
     probed, tok = iv.probed, iv.probed.tokenizer
     uniq = list(dict.fromkeys((owner[i], tuple(x)) for i, x in enumerate(seqs)))
