@@ -113,15 +113,25 @@ def check_limit(args) -> None:
 
 
 def _read(args, iv, site, position):
-    return iv.query(args.text, site=site, position=position, **dataclasses.asdict(_settings(args, ReadSettings)))
+    kw = dataclasses.asdict(_settings(args, ReadSettings))
+    return iv.query(args.text, site=site, position=position, features=getattr(args, "features", None), **kw)
+
+
+def _load(args):
+    """The run of a reading command, read under ``--data`` where given."""
+    from .run import InversionView
+
+    iv = InversionView.load(args.run, device=getattr(args, "device", "cpu"))
+    if getattr(args, "data", None):
+        iv.data = args.data
+        iv.dataset()  # a bad data file answers before any reading
+    return iv
 
 
 def cmd_query(args) -> int:
     check_limit(args)
     _settings(args, ReadSettings)
-    from .run import InversionView
-
-    iv = InversionView.load(args.run, device=args.device)
+    iv = _load(args)
     pre = _read(args, iv, args.site, args.position)
     _emit(args, [pre])
     return 0
@@ -171,10 +181,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .run import InversionView
     from .viewer.server import make_server
 
-    iv = InversionView.load(args.run, device=args.device)
+    iv = _load(args)
     server = make_server(
         iv, args.host, args.port, db=args.db, allow_remote=args.allow_remote, allowed_hosts=tuple(args.allowed_host)
     )
@@ -196,10 +205,9 @@ def cmd_serve(args) -> int:
 
 def cmd_query_batch(args) -> int:
     defaults = _settings(args)
-    from .run import InversionView
     from .store import ReadingStore, query_batch, read_queries
 
-    iv = InversionView.load(args.run, device=args.device)
+    iv = _load(args)
     queries = read_queries(args.queries, iv, **dataclasses.asdict(defaults))
     with ReadingStore(args.db, create=True) as store:
         query_batch(iv, store, queries)  # logs the summary
@@ -208,9 +216,8 @@ def cmd_query_batch(args) -> int:
 
 def cmd_explain(args) -> int:
     from .features import explain
-    from .run import InversionView
 
-    iv = InversionView.load(args.run)
+    iv = _load(args)
     sites = [x.strip() for x in args.site.split(",") if x.strip()] if args.site else None
     res = explain(iv, sites=sites, queries=args.queries, samples=args.samples, features=args.features, seed=args.seed)
     print(json.dumps(res.to_dict(), indent=1) if args.json else res.table())
@@ -235,10 +242,9 @@ def cmd_reproduce(args) -> int:
 def cmd_completeness(args) -> int:
     _settings(args)  # before the imports (torch): bad values answer at once
     from .completeness import scan
-    from .run import InversionView
 
     res = scan(
-        InversionView.load(args.run),
+        _load(args),
         args.text,
         args.site,
         args.position,
@@ -316,10 +322,25 @@ def _query_args(s, text_required: bool = True) -> None:
             help="token index (BOS = 0; negative counts back from the last text token) or a token like ':'",
         )
     _settings_args(s, READING)
+    if text_required:
+        _data_arg(s)
+        s.add_argument(
+            "--features",
+            help="features to measure, separated by commas: built-in names or module:function (default: the task's)",
+        )
     s.add_argument("--limit", type=int, default=20, help="samples shown in the terminal")
     s.add_argument("--json", action="store_true", help="print the reading as JSON")
     s.add_argument("--html", metavar="FILE", help="also write a self-contained HTML report")
     _device_arg(s)
+
+
+def _data_arg(s) -> None:
+    s.add_argument(
+        "--data",
+        metavar="PATH",
+        help="read under this data set (a text, JSONL or saved HF data file): its inputs are the input distribution "
+        "the shares estimate (default: the run's own data file, or its task's generator)",
+    )
 
 
 def _device_arg(s) -> None:
@@ -373,6 +394,7 @@ def add_query(sub) -> None:
 def add_serve(sub) -> None:
     s = sub.add_parser("serve", help="the live web viewer: query, compare and download readings in a browser")
     _run_arg(s)
+    _data_arg(s)
     s.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     s.add_argument(
         "--host",
@@ -402,6 +424,7 @@ def add_query_batch(sub) -> None:
         "query-batch", help="read many queries (JSONL) into a SQLite readings DB; resumes if interrupted"
     )
     _run_arg(s)
+    _data_arg(s)
     s.add_argument("queries", help='JSONL file, one query a line: {"text": ..., "site": ..., "position": ...}')
     s.add_argument("--db", required=True, metavar="FILE", help="the SQLite readings DB (created if missing)")
     _settings_args(s)
@@ -412,6 +435,7 @@ def add_query_batch(sub) -> None:
 def add_explain(sub) -> None:
     s = sub.add_parser("explain", help="which features each site carries: FCRs per site and position (Table 3)")
     _run_arg(s)
+    _data_arg(s)
     s.add_argument("--site", help="sites, separated by commas (default: all the decoder's sites)")
     s.add_argument("--queries", type=int, default=16, help="held-out queries per site and position (default 16)")
     s.add_argument("--samples", type=int, default=256, help="candidates per query (default 256)")
@@ -440,6 +464,7 @@ def add_completeness(sub) -> None:
     s.add_argument(
         "run", help="run directory, or shipped:addition (addition: all 810,000 inputs; counting: a fixed pool)"
     )
+    _data_arg(s)
     s.add_argument("--text", required=True, help="the query input (without BOS/EOS)")
     s.add_argument("--site", required=True, help="site: TransformerLens name or short name (a0.0, x0.mid)")
     s.add_argument("--position", required=True, help="token index (BOS = 0; negative from the end) or a token like '='")

@@ -18,7 +18,9 @@ from typing import NamedTuple
 import torch
 
 from .errors import UserError
+from .dataset import find_members
 from .explore import CHAINS, can_explore, counterfactuals, credit, walk
+from .features import builtin_features, resolve_features
 from .probed import ProbedModel
 from .settings import ReadSettings
 from .verify import activations as activations, as_inputs, length_batches as length_batches, verify  # re-exported
@@ -106,6 +108,8 @@ class Preimage:
     shares: list[dict] | None = None  # per feature: the query's value and its estimated share with a 95% interval
     checks: list[dict] | None = None  # per shared feature: members changed in it, and how many stay inside
     chains: dict | None = None  # the chains' states and their members (inversionview.explore), or None
+    distribution: dict | None = None  # what the shares estimate: kind "data" (with its members), "generator", "decoder"
+    sources: dict | None = None  # distinct members found by each source (decoder, data, chains, generator draws)
 
     @property
     def inside(self) -> list[Sample]:
@@ -190,6 +194,8 @@ def read(
     seed: int = 0,
     deltas: int = 256,
     chains: int = CHAINS,
+    data=None,
+    features=None,
 ) -> Preimage:
     """Read the activation of ``text`` at ``site`` and ``position``.
 
@@ -200,7 +206,13 @@ def read(
     Where the task defines moves, ``chains`` Metropolis-Hastings chains then walk the preimage from the decoder's
     members and the query (:mod:`inversionview.explore`): the summary's shares are estimates over the preimage
     under the task's input distribution, and up to :data:`CHAIN_SAMPLES` members they met join the samples
-    (``source="chain"``). ``chains=0`` reads the decoder's samples alone."""
+    (``source="chain"``). ``chains=0`` reads the decoder's samples alone.
+
+    Under a data set (``data``: a path or a :class:`~inversionview.dataset.DataSet`; by default the data file of a run
+    trained on one) the input distribution is the data's: the members of the preimage within the data are found
+    exactly by a scan of the site's cached activations (:mod:`inversionview.dataset`), the shares are taken over
+    them, and the nearest and some random members join the samples (``source="data"``). ``features``: names or
+    ``module:function`` specs of the features to measure (default: the task's built-ins)."""
     probed, tok = iv.probed, iv.probed.tokenizer
     s, si = iv.site_index(site)
     eps, metric, mix = _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chains)
@@ -211,8 +223,13 @@ def read(
     checked = verify(probed, s, uniq, q.zq, metric)
     n_in = sum(counts[tuple(u)] for u, d in zip(uniq, checked[0]) if d <= eps)
     texts = [tok.text(u) for u in uniq]
-    w = None
-    if chains and can_explore(iv.task):
+    feats = resolve_features(iv.task, features) if features is not None else builtin_features(iv.task)
+    ds = iv.dataset(data)
+    w, found, n_decoder = None, None, len(uniq)
+    if ds is not None:
+        found = find_members(probed, s, q.zq, ds, iv.data_index(s, ds), eps, metric, feats, seed)
+        uniq, texts, checked = _with_texts(probed, s, q.zq, metric, found.listed, uniq, texts, checked)
+    elif chains and can_explore(iv.task):
         inside = [t for t, d in zip(texts, checked[0]) if d <= eps]
         w = walk(probed, iv.task, s, q.zq[None], [inside + [text]], eps, metric, chains=chains, seed=seed)[0]
         uniq, texts, checked = _with_members(probed, s, q.zq, metric, w, uniq, texts, checked, seed)
@@ -220,14 +237,41 @@ def read(
         "mix": [list(m) for m in mix],
         "samples": samples,
         "seed": seed,
-        "chains": chains,
+        "chains": chains if ds is None else 0,
         "dropped": dropped,
         "task": iv.task.name if iv.task else None,
+        "features": list(feats),
     }
-    rows = _rows(iv, si, q.zq, q.zbos, uniq, texts, checked, counts, deltas)
+    rows = _rows(iv, si, q.zq, q.zbos, uniq, texts, checked, counts, deltas, "data" if ds is not None else "chain")
     pre = _preimage(iv, text, q, s, eps, metric, rows, n_in, settings)
-    _explain(iv, s, q.zq, pre, w, seed)
+    pre.distribution = _distribution(iv, ds, found)
+    pre.sources = _sources(texts[:n_decoder], checked[0][:n_decoder], eps, ds, found, w)
+    _explain(iv, s, q.zq, pre, w, seed, feats)
     return pre
+
+
+def _distribution(iv, ds, found) -> dict:
+    """The input distribution a reading's shares estimate, as the views name it: a data set (with its members), the
+    task's generator (chains), or none (the decoder's samples)."""
+    if ds is not None:
+        return {**ds.describe(), **found.record}
+    if iv.task is not None and can_explore(iv.task):
+        return {"kind": "generator", "name": f"task {iv.task.name}"}
+    return {"kind": "decoder", "name": "the decoder's samples (no input distribution)"}
+
+
+def _sources(dec_texts: list[str], dmin, eps: float, ds, found, w) -> dict:
+    """How many distinct members of the preimage each source found: the decoder (and of those, how many the data
+    does not hold), the data scan, the generator's draws and the chains."""
+    mine = {t for t, d in zip(dec_texts, dmin.tolist()) if d <= eps}
+    out: dict = {"decoder": len(mine)}
+    if ds is not None:
+        out["data"] = found.record["found"]
+        out["decoder, not in the data"] = len(mine - set(ds.texts))
+    if w is not None:
+        out["chains"] = sum(1 for d, _ in w.members.values() if d <= eps)
+        out["generator draws"] = len(w.states.draws)
+    return out
 
 
 class _Query(NamedTuple):
@@ -290,7 +334,7 @@ def _preimage(iv, text: str, q: _Query, s, eps: float, metric: str, rows, n_in: 
     )
 
 
-def _explain(iv, s, zq: torch.Tensor, pre: Preimage, w, seed: int) -> None:
+def _explain(iv, s, zq: torch.Tensor, pre: Preimage, w, seed: int, feats: dict) -> None:
     """Add to ``pre`` the chains' record (where they ran), the feature shares, the counterfactual checks and the
     summary."""
     probed = iv.probed
@@ -298,9 +342,9 @@ def _explain(iv, s, zq: torch.Tensor, pre: Preimage, w, seed: int) -> None:
         pre.chains = chains_record(w, pre.epsilon, lambda x: probed.tokenizer.tokens_of(probed.encode(x)))
     from .summary import feature_shares, summarize
 
-    pre.shares = feature_shares(pre, iv.task)
-    pre.checks = _checks(iv, s, zq, pre, w, pre.metric, seed)
-    pre.summary = summarize(pre, iv.task)
+    pre.shares = feature_shares(pre, iv.task, feats)
+    pre.checks = _checks(iv, s, zq, pre, w, pre.metric, seed, feats)
+    pre.summary = summarize(pre, iv.task, feats)
 
 
 def _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chains):
@@ -333,11 +377,22 @@ def propose(iv, zq: torch.Tensor, si: int, mix, samples: int, g: torch.Generator
 
 def _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed):
     """The decoder's distinct samples plus up to :data:`CHAIN_SAMPLES` members the chains met (verified)."""
-    extra = [
-        x
-        for x in random.Random(seed).sample(sorted(w.members), min(len(w.members), CHAIN_SAMPLES))
-        if x not in set(texts)
-    ]
+    return _with_texts(
+        probed,
+        s,
+        zq,
+        metric,
+        random.Random(seed).sample(sorted(w.members), min(len(w.members), CHAIN_SAMPLES)),
+        uniq,
+        texts,
+        checked,
+    )
+
+
+def _with_texts(probed, s, zq, metric, more_texts: list[str], uniq, texts, checked):
+    """The decoder's distinct samples plus the inputs ``more_texts`` that are not among them, verified."""
+    known = set(texts)
+    extra = [x for x in dict.fromkeys(more_texts) if x not in known]
     if not extra:
         return uniq, texts, checked
     more = [probed.encode(x) for x in extra]
@@ -351,7 +406,7 @@ def _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed):
     return uniq + more, texts + extra, (torch.cat([dmin, d2]), torch.cat([amin, a2]), torch.cat([pad(dist), pad(t2)]))
 
 
-def _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas: int) -> list[Sample]:
+def _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas: int, other: str = "chain") -> list[Sample]:
     """The samples sorted by distance, with delta colours for the ``deltas`` closest."""
     tok = iv.probed.tokenizer
     dmin, amin, dist = checked
@@ -371,7 +426,7 @@ def _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas: int) -> list[S
                 delta=delta[rank] if rank < len(delta) else [],
                 count=counts.get(tuple(seq), 0),
                 annotation=iv.task.annotate(texts[i]) if iv.task else None,
-                source="decoder" if tuple(seq) in counts else "chain",
+                source="decoder" if tuple(seq) in counts else other,
             )
         )
     return out
@@ -402,18 +457,21 @@ def chains_record(w, epsilon: float, tokens_of) -> dict:
     }
 
 
-def _checks(iv, s, zq, pre, w, metric: str, seed: int) -> list[dict]:
-    """Counterfactual checks: each feature the estimate calls shared, changed in up to :data:`CHECKS` members."""
-    from .features import builtin_features
+def _checks(iv, s, zq, pre, w, metric: str, seed: int, feats: dict) -> list[dict]:
+    """Counterfactual checks: each feature the estimate calls shared, changed in up to :data:`CHECKS` members with
+    the task's moves; where there are none (a data set without a task), each check says it could not be made."""
     from .summary import is_shared
 
-    if w is None:
+    pool = sorted(w.members) if w is not None else sorted((pre.distribution or {}).get("members") or ())
+    if not pool:
         return []
-    feats = builtin_features(iv.task)
-    members = random.Random(seed).sample(sorted(w.members), min(len(w.members), CHECKS))
+    members = random.Random(seed).sample(pool, min(len(pool), CHECKS))
     out = []
     for sh in pre.shares or []:
         if is_shared(sh) and sh["feature"] in feats:
+            if not can_explore(iv.task):
+                out.append({"feature": sh["feature"], "value": sh["value"], "distances": [], "edit": None})
+                continue
             d = counterfactuals(iv.probed, iv.task, s, zq, members, feats[sh["feature"]], metric, seed=seed)
             out.append({"feature": sh["feature"], "value": sh["value"], "distances": [round(x, 5) for x in d]})
     return out

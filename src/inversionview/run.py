@@ -208,6 +208,8 @@ class InversionView:
         self.sites = [probed.site(s) for s in spec.sites]
         if decoder.config.n_sites != len(self.sites) or decoder.config.d_act != probed.d_model:
             raise UserError(f"decoder in {run_dir} does not match its run.json (sites or activation width differ)")
+        self.data: str | None = None
+        """A data file or directory to read under in place of the run's own (``--data``; None: the run's)."""
         self.task = None
         if spec.task:
             from .tasks import get_task
@@ -253,6 +255,40 @@ class InversionView:
         from .preimage import read
 
         return read(self, text, site, position, **kw)
+
+    def dataset(self, data=None):
+        """The data set a reading's shares estimate under: ``data`` (a path or a
+        :class:`~inversionview.dataset.DataSet`), else the data file this run was trained on, else None (the task's
+        generator, or the decoder's samples). Files are read once per InversionView."""
+        from .dataset import DataSet
+
+        if isinstance(data, DataSet):
+            return data
+        data = data if data is not None else getattr(self, "data", None)
+        spec = self.spec.data or {}
+        if data is None and not spec.get("path"):
+            return None
+        path = str(data if data is not None else spec["path"])
+        if data is None and not Path(path).exists():
+            log.warning("this run's data file %s is missing: readings fall back to the decoder's samples", path)
+            return None
+        cache = self.__dict__.setdefault("_datasets", {})
+        if path not in cache:
+            same = data is None or Path(path).resolve() == Path(spec.get("path", "")).resolve()
+            fmt, field = (spec.get("format", ""), spec.get("field", "text")) if same else ("", "text")
+            cache[path] = DataSet.open(path, fmt, field)
+        return cache[path]
+
+    def data_index(self, site, data):
+        """The cached activations of ``site`` over the data set ``data`` (:class:`~inversionview.dataset.
+        ActivationIndex`), built on first use; kept open for the next readings."""
+        from .dataset import ActivationIndex
+
+        cache = self.__dict__.setdefault("_indexes", {})
+        key = (self.probed.site(site).name, data.key)
+        if key not in cache:
+            cache[key] = ActivationIndex.open(self.probed, self.probed.site(site), data)
+        return cache[key]
 
     def data_source(self):
         """Where this run's inputs come from (its task or its data file): held-out queries are drawn from it."""

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .explore import Chains, Share, credit, share
+from .explore import Chains, Share, credit, share, wilson
 from .features import builtin_features
 
 SHARED = 0.9
@@ -32,6 +32,7 @@ class Member:
     tokens: list[str]  # without BOS, EOS and PAD
     offset: int  # the arg-min position, as an index into the full token list (BOS = 0)
     full: list[str]  # all tokens, BOS included
+    values: dict | None = None  # the user's own features' values, where the reading recorded them (data members)
 
 
 @dataclass
@@ -42,8 +43,16 @@ class Population:
     chains: list[list[Member]]
     distinct: int
     estimate: bool
+    weights: list[float] | None = None  # a data set's members (one per chain): each one's weight in the data
+    n_eff: float = 0.0  # their intervals' effective size
 
     def share(self, f: Callable[[Member], bool]) -> Share | None:
+        if self.weights is not None:  # the data set's preimage: a weighted share over its members
+            total = sum(self.weights)
+            if not total:
+                return None
+            p = sum(w for c, w in zip(self.chains, self.weights) if f(c[0])) / total
+            return Share(p, *wilson(p, self.n_eff), self.n_eff)
         return share(self.chains, f, self.distinct)
 
     def members(self) -> int:
@@ -75,6 +84,9 @@ def population(pre) -> Population:
     """The reading's members: the chains' states where the reading has them and its epsilon is within the one the
     chains ran at (a state inside the smaller epsilon is still a draw from the smaller preimage), else the
     decoder's distinct samples inside epsilon."""
+    dist = getattr(pre, "distribution", None) or {}
+    if dist.get("kind") == "data" and pre.epsilon <= dist.get("epsilon", -1.0):
+        return _data_population(pre, dist)
     ch = pre.chains
     if ch and pre.epsilon <= ch["epsilon"]:
         memo = {}
@@ -103,6 +115,17 @@ def population(pre) -> Population:
     return Population([[m] for m in inside], len(inside), False)
 
 
+def _data_population(pre, dist: dict) -> Population:
+    """The members of the data set's preimage the reading kept, within the reading's epsilon, with their weights. The
+    intervals' effective size shrinks with the kept weight that is inside (a smaller epsilon than the scan's)."""
+    kept = [(x, v) for x, v in dist["members"].items() if v[0] <= pre.epsilon]
+    weights = [float(v[3]) for _, v in kept]
+    all_w = sum(float(v[3]) for v in dist["members"].values())
+    n_eff = float(dist.get("n_eff", 0.0)) * (sum(weights) / all_w if all_w else 0.0)
+    members = [[Member(x, v[2][1:], v[1], v[2], v[4] if len(v) > 4 else None)] for x, v in kept]
+    return Population(members, len(members), True, weights, n_eff)
+
+
 def _aligned(pre, pop: Population, matched: bool) -> str | None:
     """Tokens held at fixed positions, aligned from the start or at the matched position; None if none is shared."""
     q = len(pre.tokens)
@@ -124,12 +147,26 @@ def _aligned(pre, pop: Population, matched: bool) -> str | None:
     return f"tokens aligned {where}: " + ", ".join(items)
 
 
-def items(pop: Population, task) -> list[tuple[str, list[tuple[object, Share]], int]]:
+def _features(pre, task, features: dict | None) -> dict:
+    """The features to summarise, by name: ``features`` where given (the reading's own, callables), else the task's
+    built-ins and, by name, the user's features the reading recorded (their values are kept with the data members,
+    never computed again from a reading's JSON)."""
+    if features is not None:
+        return dict(features)
+    out: dict = dict(builtin_features(task))
+    for name in (getattr(pre, "settings", None) or {}).get("features") or ():
+        if isinstance(name, str) and ":" in name:
+            out.setdefault(name, None)
+    return out
+
+
+def items(pop: Population, task, features: dict | None = None) -> list[tuple[str, list[tuple[object, Share]], int]]:
     """Per item (the task's features, then the multiset of tokens and the number of tokens), its most common
     values with their estimated shares, the largest first (at most EXAMPLES), and its number of distinct values.
     The values are counted over the chains' states and the members met that weigh in (the members of a closed
     preimage, whose states may have met only some of them); each value's share is estimated (:meth:`Population.share`)."""
-    getters = {name: _feature_getter(f) for name, f in builtin_features(task).items()}
+    feats = builtin_features(task) if features is None else features
+    getters = {name: _feature_getter(f, name) for name, f in feats.items()}
     getters["multiset of tokens"] = lambda m: _multiset(m.tokens)
     getters["number of tokens"] = lambda m: len(m.tokens)
     met = [m for m, _ in getattr(pop.chains, "members", ())]
@@ -142,16 +179,25 @@ def items(pop: Population, task) -> list[tuple[str, list[tuple[object, Share]], 
     return out
 
 
-def summarize(pre, task=None) -> list[str]:
+def summarize(pre, task=None, features: dict | None = None) -> list[str]:
     """What the members of the reading ``pre``'s preimage share, with an estimated share and interval for each
     item, what varies, and the counterfactual checks (``pre.checks``). ``task`` (a Task or its name; default: the
-    one in ``pre.settings``) supplies the features."""
+    one in ``pre.settings``) supplies the features, or ``features`` (by name: callables) where given."""
     task = task if task is not None else pre.settings.get("task")
     pop = population(pre)
     if not pop.distinct:
         return [f"no member found inside epsilon {pre.epsilon:g}: nothing to summarise"]
     n_states, n_members = sum(map(len, pop.chains)), pop.members()
-    if pop.estimate:
+    dist = getattr(pre, "distribution", None) or {}
+    if pop.weights is not None:
+        head = (
+            f"exact over the data set's preimage: {dist.get('found', n_members):,} distinct inputs of {dist.get('name')} "
+            f"({dist.get('distinct', 0):,} distinct of {dist.get('inputs', 0):,} inputs) lie within epsilon; shares "
+            f"over them, with 95% intervals for the distribution the data was drawn from"
+        )
+        if dist.get("subsampled"):
+            head += f" (taken over a random sample of {n_members:,} of them by weight)"
+    elif pop.estimate:
         starts = (
             f"{len(pop.chains)} distinct starts"
             if pre.chains.get("exact", True)
@@ -173,7 +219,7 @@ def summarize(pre, task=None) -> list[str]:
     few = n_members < FEW
     if few:
         lines.append(f"too few members ({n_members} distinct) to say what the preimage shares")
-    for name, shares, n_values in items(pop, task):
+    for name, shares, n_values in items(pop, task, _features(pre, task, features)):
         if not shares:
             continue
         top, s = shares[0]
@@ -191,6 +237,9 @@ def summarize(pre, task=None) -> list[str]:
     lines += varies
     for c in pre.checks or []:
         d = c["distances"]
+        if "edit" in c and c["edit"] is None:
+            lines.append(f"check: {c['feature']} cannot be changed in members: the data set has no edits for it")
+            continue
         inside = sum(x <= pre.epsilon for x in d)
         lines.append(
             f"check: {c['feature']} changed in {len(d)} members: {inside} stay inside epsilon"
@@ -205,18 +254,23 @@ def is_shared(s: dict | Share) -> bool:
     return share_ is not None and share_ >= SHARED and low >= SURE
 
 
-def feature_shares(pre, task=None) -> list[dict]:
+def feature_shares(pre, task=None, features: dict | None = None) -> list[dict]:
     """Per feature of the task: the query's value and the estimated share of members that have it (FCR of this one
     query), with its 95% interval; share None where the reading has no member or the query's value is None."""
     task = task if task is not None else pre.settings.get("task")
     pop = population(pre)
     out = []
-    for name, f in builtin_features(task).items():
-        try:
-            v = f(pre.text)
-        except Exception:
-            v = None
-        g = _feature_getter(f)
+    before = {x.get("feature"): x.get("value") for x in pre.shares or [] if isinstance(x, dict)}
+    for name, f in _features(pre, task, features).items():
+        if f is None:  # a user feature recorded by name: the query's value as the reading measured it
+            v = before.get(name)
+            v = tuple(v) if isinstance(v, list) else v
+        else:
+            try:
+                v = f(pre.text)
+            except Exception:
+                v = None
+        g = _feature_getter(f, name)
         s = None if v is None else pop.share(lambda m: g(m) == v)  # called at once
         out.append(
             {
@@ -232,15 +286,20 @@ def feature_shares(pre, task=None) -> list[dict]:
     return out
 
 
-def _feature_getter(f) -> Callable[[Member], object]:
+def _feature_getter(f, name: str = "") -> Callable[[Member], object]:
     """A member's value of the feature ``f`` (None where it raises), taken once per member: a population's chains
-    hold the same Member object wherever they revisit a member, and the getter lives no longer than they do."""
+    hold the same Member object wherever they revisit a member, and the getter lives no longer than they do. Where
+    the member carries the value the reading recorded (``Member.values``), or ``f`` is None, that value is taken."""
     memo: dict[int, object] = {}
 
     def get(m: Member) -> object:
         k = id(m)
         if k not in memo:
-            memo[k] = _safe(f, m.text)
+            if m.values is not None and name in m.values:
+                v = m.values[name]
+                memo[k] = tuple(v) if isinstance(v, list) else v
+            else:
+                memo[k] = None if f is None else _safe(f, m.text)
         return memo[k]
 
     return get
@@ -251,3 +310,29 @@ def _safe(f, text):
         return f(text)
     except Exception:
         return None
+
+
+def distribution_line(pre) -> str:
+    """The input distribution the reading's shares estimate, in one line (every view shows it)."""
+    dist = getattr(pre, "distribution", None) or {}
+    kind = dist.get("kind")
+    if kind == "data":
+        return (
+            f"shares estimate the data set {dist.get('name')} ({dist.get('inputs', 0):,} inputs): its members within "
+            "epsilon found exactly by a scan"
+        )
+    if kind == "generator":
+        return (
+            f"shares estimate the input distribution of {dist.get('name')} (its generator, with chains on the preimage)"
+        )
+    if kind == "decoder" or (pre.chains is None and not dist):
+        return "shares are over the decoder's samples: no input distribution (give --data to read under a data set)"
+    return "shares estimate the task's input distribution (chains on the preimage)"
+
+
+def sources_line(pre) -> str | None:
+    """How many distinct members of the preimage each source found, or None where the reading does not say."""
+    src = getattr(pre, "sources", None)
+    if not src:
+        return None
+    return "members found by source: " + ", ".join(f"{k} {v:,}" for k, v in src.items())

@@ -48,6 +48,8 @@ SHOWN = {
     "shares",
     "checks",
     "chains",
+    "distribution",
+    "sources",
 }  # the estimate: shown through the summary's lines, whole in the JSON
 SAMPLE_SHOWN = {"tokens", "text", "distance", "position", "distances", "delta", "count", "annotation", "source"}
 
@@ -120,8 +122,12 @@ def render_reading(p, limit: int = 100) -> str:
     top = max([s.distance for s in shown if math.isfinite(s.distance)] + [p.epsilon * 2])
     mix = (p.settings or {}).get("mix") if isinstance(p.settings, dict) else None
     how = ("Auto mix" if len(mix) > 1 else f"temperature {mix[0][0]:g}, noise {mix[0][1]:g}") if mix else ""
+    from ..summary import distribution_line, sources_line
+
     return ENV.get_template("reading.html").render(
         p=p,
+        distribution=distribution_line(p),
+        sources=sources_line(p),
         rows=[sample_row(s, p.epsilon, top) for s in shown],
         hidden=len(p.samples) - len(shown),
         how=how,

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import sys
 
+from ..summary import distribution_line, sources_line
+
 
 def _colour_enabled() -> bool:
     if os.environ.get("NO_COLOR"):
@@ -57,6 +59,9 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
         f"true fraction of candidates inside epsilon: {pre.fraction_inside:.1%}"
         + (f"; {d} dropped (a PAD or EOS inside: no input)" if (d := pre.settings.get("dropped")) else "")
     )
+    lines.append(distribution_line(pre))
+    if src := sources_line(pre):
+        lines.append(src)
     if pre.summary:
         lines.append("summary:")
         lines += [f"  {x}" for x in pre.summary]
