@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -74,7 +75,7 @@ class DataSet:
         texts, _, _, _ = read_records(Path(path), fmt, field)
         return cls.from_texts(texts, str(path))
 
-    @property
+    @cached_property
     def key(self) -> str:
         """A hash of the inputs and their weights: the cache's key for this data."""
         h = hashlib.sha256()
@@ -82,6 +83,11 @@ class DataSet:
             h.update(t.encode())
             h.update(b"\0%d\n" % int(w))
         return h.hexdigest()[:16]
+
+    @cached_property
+    def distinct(self) -> frozenset[str]:
+        """The distinct inputs as a set."""
+        return frozenset(self.texts)
 
     def describe(self) -> dict:
         """The distribution as a reading names it."""

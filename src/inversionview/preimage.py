@@ -267,7 +267,7 @@ def _sources(dec_texts: list[str], dmin, eps: float, ds, found, w) -> dict:
     out: dict = {"decoder": len(mine)}
     if ds is not None:
         out["data"] = found.record["found"]
-        out["decoder, not in the data"] = len(mine - set(ds.texts))
+        out["decoder, not in the data"] = len(mine - ds.distinct)
     if w is not None:
         out["chains"] = sum(1 for d, _ in w.members.values() if d <= eps)
         out["generator draws"] = len(w.states.draws)
