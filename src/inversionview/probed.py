@@ -610,6 +610,38 @@ class ProbedModel:
             allowed &= i[None, :] > i[:, None] - window
         return scores.masked_fill(~allowed, float("-inf")).softmax(-1)
 
+    @torch.no_grad()
+    def check_token_order(self, texts: list[str], shuffles: int = 8, margin: float = 0.05) -> None:
+        """Refuse a character vocabulary in the wrong order: the model must predict the next token of its own
+        inputs ``texts`` better than it does with the ordinary tokens' ids shuffled (what a list in the wrong order
+        does to them). Measured: the shipped counting model gets 0.44 of next tokens right, 0.15-0.21 shuffled."""
+        tok = self.tokenizer
+        if not isinstance(tok, CharVocab) or not texts:
+            return
+        ids = self.batch([self.encode(t) for t in texts[:64]]).ids
+        special = {tok.bos_id, tok.eos_id, tok.pad_id}
+        ordinary = torch.tensor([i for i in range(tok.vocab_size) if i not in special])
+        if len(ordinary) < 3:
+            return
+
+        def accuracy(x: torch.Tensor) -> float:
+            pred = self._forward(x).logits[:, :-1].argmax(-1).cpu()
+            target, real = x[:, 1:], x[:, 1:] != tok.pad_id
+            return float(((pred == target) & real).sum() / real.sum().clamp_min(1))
+
+        g = torch.Generator().manual_seed(0)
+        mine, shuffled = accuracy(ids), []
+        for _ in range(shuffles):
+            perm = torch.arange(tok.vocab_size)
+            perm[ordinary] = ordinary[torch.randperm(len(ordinary), generator=g)]
+            shuffled.append(accuracy(perm[ids]))
+        if mine < max(shuffled) + margin:
+            raise UserError(
+                f"the probed model predicts its own inputs no better than with its vocabulary shuffled (next-token "
+                f"accuracy {mine:.2f}, shuffled up to {max(shuffled):.2f}): the vocabulary's tokens are probably not "
+                "in the order the model was trained with (a token's id is its index in [probed] vocab.tokens)"
+            )
+
     def _forward(self, ids: torch.Tensor):
         return self.model(
             input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids, device=self.device), use_cache=False

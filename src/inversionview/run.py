@@ -215,6 +215,8 @@ class InversionView:
             from .tasks import get_task
 
             self.task = get_task(spec.task)
+        if spec.vocab is not None:  # a character vocabulary from the config: refuse one in the wrong order
+            probed.check_token_order(self._own_inputs(64))
 
     @classmethod
     def load(
@@ -255,6 +257,16 @@ class InversionView:
         from .preimage import read
 
         return read(self, text, site, position, **kw)
+
+    def _own_inputs(self, n: int) -> list[str]:
+        """Up to ``n`` inputs of the run's own data file, or of its task."""
+        import random
+
+        ds = self.dataset()
+        if ds is not None:
+            return list(ds.texts[:n])
+        rng = random.Random(0)
+        return [self.task.sample(rng) for _ in range(n)] if self.task is not None else []
 
     def dataset(self, data=None):
         """The data set a reading's shares estimate under: ``data`` (a path or a

@@ -388,6 +388,9 @@ class Trainer:
         )
         check_vocabulary(self.probed)
         self.source = open_source(self.cfg.data.task, self.cfg.data.record(), self.probed)  # a Task or a DataSource
+        if p.vocab is not None:  # a character vocabulary from the config: refuse one in the wrong order
+            rng = random.Random(0)
+            self.probed.check_token_order([self.source.sample(rng) for _ in range(64)])
         self.sites = [self.probed.site(x) for x in (self.cfg.data.sites or self.source.sites)]
         if len(set(self.sites)) != len(self.sites):
             raise UserError("data.sites lists a site twice")
