@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import user_error
+from inversionview.cli import main
 from inversionview import completeness
 from inversionview.completeness import input_set, scan, scan_logprobs
 from inversionview.decoder import Decoder
@@ -149,15 +149,19 @@ def test_cli_writes_png_and_json(run_dir, tmp_path, monkeypatch, capsys):
     assert rc == 0 and "true preimage: 400 of 400 inputs" in text and "recall of its count values" in text
 
 
-def test_non_enumerable_run_is_refused(run_dir, tmp_path, capsys):
+def test_a_data_run_scans_its_data(run_dir, tmp_path, capsys, monkeypatch):
+    """A run on a data file has an input set that can be listed: its data (issue 27; it used to be refused)."""
+    monkeypatch.setenv("INVERSIONVIEW_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     spec = json.loads((run / "run.json").read_text())
-    (tmp_path / "inputs.txt").write_text("abcabc|a:2\n")
+    (tmp_path / "inputs.txt").write_text(f"abcabc|a:2\n{TEXT}\nabcabc|a:2\n")
     spec.update(task=None, data={"path": "../inputs.txt", "positions": "all"})
     (run / "run.json").write_text(json.dumps(spec))
-    line = user_error(capsys, "completeness", run, "--text", TEXT, "--site", "a0.1", "--position", ":")
-    assert "can be listed" in line and "data file" in line
+    argv = ["completeness", str(run), "--text", TEXT, "--site", "a0.1", "--position", ":", "--samples", "8", "--json"]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_inputs"] == 2 and out["n_inside"] >= 1 and out["reading_recall"] == 1.0  # the query is an input
 
 
 def test_ioi_task_is_refused():

@@ -248,3 +248,60 @@ def test_members_at_the_edge_of_epsilon_are_verified_exactly(counting):
         exact_members(probed, site, data, index, zq, dmin[0], amin[0], eps, "euclidean")
         assert int((dmin[0] <= eps).sum()) == k + 1
     assert missed > 0  # the scan alone gets some edges wrong: the check above can fail
+
+
+def test_explain_and_completeness_under_a_data_set(counting, tmp_path, capsys):
+    """FCRs over the data's members and the completeness scan of a data set, against the scan written here."""
+    from inversionview.features import explain, query_texts
+
+    texts = counting_texts(1500, seed=5)
+    path = data_file(tmp_path / "data.txt", texts)
+    iv = InversionView.load("shipped:counting")
+    iv.data = str(path)
+    res = explain(iv, sites=["a1.0"], queries=4, features="count,target", progress=False)
+    assert res.data == str(path)
+    weight = Counter(texts)
+    feats = builtin_features("counting")
+    probed, s = iv.probed, iv.probed.site("a1.0")
+    for k, name in enumerate(res.positions):
+        rates = []
+        for q in query_texts(iv.dataset(), 4, 0):
+            p = Counting().positions(q)[k]
+            zq = probed.run(torch.tensor([probed.encode(q)]), [s])[s][0, p].float()
+            inside = [t for t, d in truth(probed, "a1.0", texts, zq).items() if d <= iv.spec.epsilon]
+            if inside:
+                f = feats["count"]
+                rates.append(sum(weight[t] for t in inside if f(t) == f(q)) / sum(weight[t] for t in inside))
+        (row,) = [r for r in res.rows if r.position == name and r.feature == "count"]
+        assert row.fcr == pytest.approx(sum(rates) / len(rates), abs=1e-9) and row.queries == len(rates)
+    assert "data set" in res.table()
+
+    q = "vvzccvczvvvzvcvc|v:8"
+    argv = ["completeness", "shipped:counting", "--data", str(path), "--text", q, "--site", "a1.0", "--position", ":"]
+    assert main([*argv, "--samples", "64", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    zq = probed.run(torch.tensor([probed.encode(q)]), [s])[s][0, 19].float()
+    n_in = sum(d <= iv.spec.epsilon for d in truth(probed, "a1.0", texts, zq).values())
+    assert out["n_inputs"] == len(set(texts)) and out["n_inside"] == n_in and out["reading_recall"] == 1.0
+    assert "data set" in out["input_set"]
+
+
+def test_query_features_on_the_command_line_under_a_data_set(tmp_path, capsys, monkeypatch):
+    texts = counting_texts(1200, seed=9)
+    path = data_file(tmp_path / "data.txt", texts)
+    (tmp_path / "feats.py").write_text("def first(t):\n    return t[0]\n")
+    monkeypatch.chdir(tmp_path)
+    q = "vvzccvczvvvzvcvc|v:8"
+    argv = ["query", "shipped:counting", "--text", q, "--site", "a1.0", "--position", ":", "--samples", "32"]
+    assert main([*argv, "--data", str(path), "--features", "count,feats:first", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    iv = InversionView.load("shipped:counting")
+    s = iv.probed.site("a1.0")
+    zq = iv.probed.run(torch.tensor([iv.probed.encode(q)]), [s])[s][0, 19].float()
+    inside = [t for t, d in truth(iv.probed, "a1.0", texts, zq).items() if d <= iv.spec.epsilon]
+    weight = Counter(texts)
+    shares = {x["feature"]: x for x in out["shares"]}
+    assert set(shares) == {"count", "feats:first"}
+    want = sum(weight[t] for t in inside if t[0] == "v") / sum(weight[t] for t in inside)
+    assert shares["feats:first"]["value"] == "v" and shares["feats:first"]["share"] == pytest.approx(want)
+    assert out["distribution"]["kind"] == "data" and out["sources"]["data"] == len(inside)

@@ -251,6 +251,7 @@ class Completeness:
     n_sampled: int  # distinct samples that are inputs of the set
     n_sampled_inside: int  # ... and inside epsilon
     recall: float | None  # n_sampled_inside / n_inside
+    reading_recall: float | None  # under a data set: the reading's members / n_inside (None otherwise)
     feature_recall: dict  # feature -> {"found", "total", "recall"}: distinct values of in-epsilon samples vs preimage
     min_inside_logp: float | None
     outside_above: float | None  # share of inputs outside epsilon more likely than the least likely input inside
@@ -275,6 +276,8 @@ class Completeness:
             f"{self.n_sampled_inside} inside epsilon",
             f"recall of the preimage's inputs: {pct(self.recall)} ({self.n_sampled_inside} of {self.n_inside})",
         ]
+        if self.reading_recall is not None:
+            out.append(f"recall of the reading (its members within the data): {pct(self.reading_recall)}")
         for name, r in self.feature_recall.items():
             out.append(f"recall of its {name} values: {pct(r['recall'])} ({r['found']} of {r['total']})")
         if self.min_inside_logp is not None:
@@ -361,7 +364,10 @@ def scan(
     """Scan every input of the task's set (:func:`input_set`, or ``inputs``) for the query ``text`` at ``site`` and
     ``position``; ``samples`` decoder samples (Auto mix) are checked against the true preimage."""
     t_start = time.perf_counter()
-    texts, described = _inputs(iv.task, inputs)
+    ds = iv.dataset() if inputs is None else None
+    texts, described = _inputs(iv.task, list(ds.texts) if ds is not None else inputs)
+    if ds is not None:  # a data run, or --data: its inputs are the set, and the reading's members are the data's
+        described = f"the data set {ds.name} ({len(ds.texts):,} distinct of {ds.inputs:,} inputs)"
     if not isinstance(iv.probed.tokenizer, CharVocab):
         raise UserError("completeness scans inputs of a character vocabulary (the built-in toy tasks)")
     s, si = iv.site_index(site)
@@ -379,6 +385,7 @@ def scan(
     hit = int((sampled & inside).sum())
 
     frec = _feature_recall(iv.task, [texts[i] for i in np.nonzero(inside)[0]], pre)
+    reading = (pre.distribution or {}).get("found") if ds is not None else None
     min_in, above = _least_likely_inside(logp, inside)
     sec["total"] = time.perf_counter() - t_start
     log.info("scanned %d inputs in %.1f s", len(texts), sec["total"])
@@ -396,6 +403,7 @@ def scan(
         n_sampled=int(sampled.sum()),
         n_sampled_inside=hit,
         recall=hit / n_in if n_in else None,
+        reading_recall=(reading / n_in if n_in else None) if reading is not None else None,
         feature_recall=frec,
         min_inside_logp=min_in,
         outside_above=above,
@@ -432,10 +440,10 @@ def _query(probed, s, text: str, position: int | str) -> tuple[int, torch.Tensor
 
 
 def _sampled(texts: list[str], pre) -> np.ndarray:
-    """Which of ``texts`` the reading ``pre`` sampled."""
+    """Which of ``texts`` the reading ``pre``'s decoder sampled (not the members the chains or a data scan added)."""
     where = {t: i for i, t in enumerate(texts)}
     sampled = np.zeros(len(texts), dtype=bool)
-    sampled[[where[x.text] for x in pre.samples if x.text in where]] = True
+    sampled[[where[x.text] for x in pre.samples if x.text in where and x.source == "decoder"]] = True
     return sampled
 
 
@@ -468,7 +476,7 @@ def _feature_recall(task, inside_texts: list[str], pre) -> dict[str, dict]:
     for k, f in _recall_features(task).items():
         vals = {f(t) for t in inside_texts} - {None}
         if vals:
-            found = len(vals & {f(x.text) for x in pre.inside})
+            found = len(vals & {f(x.text) for x in pre.inside if x.source != "data"})  # a data scan's are all in
             frec[k] = {"found": found, "total": len(vals), "recall": found / len(vals)}
     return frec
 

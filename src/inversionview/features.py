@@ -257,6 +257,9 @@ def preimages(
     eps = iv.spec.epsilon if epsilon is None else float(epsilon)
     b = probed.batch([probed.encode(t) for t in texts])
     zq = probed.run(b.ids, [s])[s].float()[torch.arange(len(texts)), torch.tensor(positions)]
+    ds = iv.dataset()
+    if ds is not None:
+        return _data_preimages(iv, s, zq, ds, eps, seed)
     seqs, owner = _propose_all(iv, si, zq, samples, seed, chunk)
     inside = _inside(iv, s, zq, seqs, owner, eps)
     chains = CHAINS if chains is None else chains
@@ -274,6 +277,30 @@ def preimages(
         seed=seed,
     )
     return [w.states for w in walks]
+
+
+def _data_preimages(iv, s, zq: torch.Tensor, ds, eps: float, seed: int) -> list[list[list[str]]]:
+    """Under a data set: each query's members within the data (exact: :mod:`inversionview.dataset`), as chains of one
+    state, a member as many times as the data holds it; beyond :data:`~inversionview.dataset.KEEP` distinct members, a
+    random sample of KEEP draws by weight."""
+    import numpy as np
+
+    from .dataset import KEEP, exact_members, scan
+
+    index = iv.data_index(s, ds)
+    dmin, amin = scan(index, zq, iv.spec.metric, len(ds.texts))
+    rng = np.random.default_rng(seed)
+    out = []
+    for q in range(len(zq)):
+        exact_members(iv.probed, s, ds, index, zq[q], dmin[q], amin[q], eps, iv.spec.metric)
+        inside = (dmin[q] <= eps).nonzero()[:, 0].numpy()
+        w = ds.weights[inside]
+        if len(inside) > KEEP:
+            picks = rng.choice(inside, size=KEEP, p=w / w.sum())
+        else:
+            picks = np.repeat(inside, w.astype(int))
+        out.append([[ds.texts[i]] for i in picks.tolist()])
+    return out
 
 
 def _propose_all(
@@ -348,9 +375,10 @@ class Consistency:
 
 
 def random_values(task, features: dict[str, Feature], n: int = BASELINE_INPUTS, seed: int = 0) -> dict[str, Counter]:
-    """The value counts of each feature over ``n`` random inputs of the task (the baseline's reference)."""
+    """The value counts of each feature over ``n`` random inputs of the task, or of a data set (drawn by weight): the
+    baseline's reference."""
     rng = random.Random(seed + 40_000)
-    texts = [task.sample(rng, "test") for _ in range(n)]
+    texts = _draw(task, n, rng)
     return {k: Counter(value(k, f, t) for t in texts) for k, f in features.items()}
 
 
@@ -401,9 +429,23 @@ def position_names(task) -> tuple[str, ...]:
 
 
 def query_texts(task, n: int, seed: int = 0) -> list[str]:
-    """``n`` held-out inputs of the task (the queries of :func:`measure` and :func:`explain`)."""
+    """``n`` held-out inputs of the task, or of a data set (the queries of :func:`measure` and :func:`explain`)."""
     rng = random.Random(seed + 30_000)
-    return [task.sample(rng, "test") for _ in range(n)]
+    return _draw(task, n, rng)
+
+
+def _draw(source, n: int, rng: random.Random) -> list[str]:
+    """``n`` held-out inputs of a task (its test side) or of a data set (its held-out inputs by weight, every input
+    where none is held out: :func:`inversionview.data.is_test`)."""
+    from .dataset import DataSet
+
+    if not isinstance(source, DataSet):
+        return [source.sample(rng, "test") for _ in range(n)]
+    from .data import is_test
+
+    held = [(t, w) for t, w in zip(source.texts, source.weights.tolist()) if is_test(t)]
+    held = held or list(zip(source.texts, source.weights.tolist()))
+    return rng.choices([t for t, _ in held], weights=[w for _, w in held], k=n)
 
 
 def measure(
@@ -443,6 +485,7 @@ class Explanation:
     queries: int
     samples: int
     rule: str = RULE
+    data: str | None = None  # the data set the FCRs are taken under (None: the task's generator)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "rows": [r.to_dict() for r in self.rows]}
@@ -474,6 +517,16 @@ class Explanation:
         notes = [
             f"each cell: the features the site carries at that position, FCR±(half its 95% interval) (baseline); "
             f"{self.rule}.",
+        ]
+        if self.data is not None:
+            notes.append(
+                f"FCR: mean over {self.queries} held-out queries of the data set {self.data} of the share of the "
+                "data's members of each query's preimage (found exactly by a scan, weighted as the data holds them) "
+                f"whose feature equals the query's; baseline: the same share among {BASELINE_INPUTS} random inputs "
+                "of the data; [k empty]: queries with no member inside epsilon, left out."
+            )
+            return "\n".join(lines + [""] + [textwrap.fill(n, 118) for n in notes])
+        notes += [
             f"FCR: mean over {self.queries} held-out queries of the share of the preimage's members whose feature "
             f"equals the query's, estimated under the task's input distribution by chains on the preimage started "
             f"from exact generator draws (the decoder's members where none lands inside; {self.samples} candidates "
@@ -502,25 +555,36 @@ def explain(
 ) -> Explanation:
     """FCR and baseline of every feature at every site (default: the decoder's) and query position of the task's
     rule, over ``queries`` held-out inputs with ``samples`` candidates each."""
-    task = iv.task
-    if task is None:
-        raise UserError("explain needs a run on a built-in task (its inputs give the queries and the baseline)")
+    task, ds = iv.task, iv.dataset()
+    if task is None and ds is None:
+        raise UserError("explain needs a run on a built-in task or on a data file (its inputs give the queries)")
     if queries < 1 or samples < 1:
         raise UserError(f"queries and samples must be at least 1, got {queries} and {samples}")
     feats = resolve_features(task, features)
     if not feats:
-        raise UserError(f"the task {task.name!r} has no built-in features: give --features module:function")
+        what = f"the task {task.name!r} has" if task is not None else "a data run has"
+        raise UserError(f"{what} no built-in features: give --features module:function")
     sites = [iv.site_index(s)[0] for s in (sites or iv.sites)]
-    texts = query_texts(task, queries, seed)
-    n_pos = min(len(task.positions(t)) for t in texts)
+    source = ds if ds is not None else task
+    rule = task if task is not None else iv.data_source()  # the query positions: the task's rule, or the run's
+    texts = query_texts(source, queries, seed)
+    n_pos = min(len(rule.positions(t)) for t in texts)
     names = list(position_names(task)[:n_pos]) + [f"p{k}" for k in range(len(position_names(task)), n_pos)]
-    reference = random_values(task, feats, seed=seed)
+    reference = random_values(source, feats, seed=seed)
     rows = []
     bar = tqdm(total=len(sites) * n_pos, desc="explain", disable=not progress)
     for s in sites:
         for k in range(n_pos):
-            inside = preimages(iv, texts, s, [task.positions(t)[k] for t in texts], samples, seed=seed)
+            inside = preimages(iv, texts, s, [rule.positions(t)[k] for t in texts], samples, seed=seed)
             rows += consistency(feats, texts, inside, reference, s.short, names[k])
             bar.update()
     bar.close()
-    return Explanation(task.name, tuple(s.short for s in sites), tuple(names), tuple(rows), queries, samples)
+    return Explanation(
+        task.name if task is not None else "",
+        tuple(s.short for s in sites),
+        tuple(names),
+        tuple(rows),
+        queries,
+        samples,
+        data=ds.name if ds is not None else None,
+    )
