@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_probed_dir, recording_trainer, user_error, write_config
+from conftest import recording_trainer, user_error, write_config
 from inversionview.cli import main
 from inversionview.data import FileSource, PositionRule, RuledTask, is_test, open_source, read_records, record
 from inversionview.errors import UserError
 from inversionview.probed import ProbedModel
-from inversionview.run import InversionView, RunSpec
+from inversionview.run import SHIPPED, InversionView, RunSpec
 from inversionview.tasks import get_task
 from inversionview.tasks.counting import Counting
 from inversionview.train import DataSpec, TrainConfig
@@ -400,9 +400,13 @@ def _readme_example() -> str:
 
 def test_readme_example_trains_as_written(tmp_path, capsys):
     example = _readme_example()
-    # the user's directory: a GPT-2-architecture model with only config.json and weights, and a text file
-    model = make_probed_dir(tmp_path / "my-model")
-    (model / "vocab.json").unlink()
+    # the user's directory: a trained GPT-2-architecture model (the shipped counting model, whose vocabulary is the
+    # example's) with only config.json and weights, and a text file; a random model would be refused, for it predicts
+    # its inputs no better with the vocabulary shuffled (ProbedModel.check_token_order)
+    model = tmp_path / "my-model"
+    shutil.copytree(SHIPPED / "counting" / "probed", model)
+    for extra in ("vocab.json", "training.json", "generation_config.json"):
+        (model / extra).unlink(missing_ok=True)
     assert {"config.json", "model.safetensors"} <= {p.name for p in model.iterdir()}
     assert not list(model.glob("*vocab*")) and not list(model.glob("tokenizer*"))
     (tmp_path / "inputs.txt").write_text("\n".join(counting_lines(300)) + "\n")

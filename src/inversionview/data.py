@@ -561,6 +561,10 @@ def open_source(task: str | None, data: dict | None, probed, check: bool = True)
         )
     if probed is not None:
         check_task_tokenizer(t, probed)
+    from .tasks import GeneratorTask
+
+    if rule is None and isinstance(t, GeneratorTask):  # a user's generator has no position rule of its own
+        rule = ALL
     return t if rule is None else RuledTask(t, rule, probed, check=check)
 
 

@@ -18,13 +18,10 @@ Table 3, made automatic). A site *carries* a feature when FCR >= :data:`CARRIES`
 
 from __future__ import annotations
 
-import importlib
 import logging
 import math
-import os
 import random
 import re
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Hashable
@@ -164,7 +161,11 @@ def _task_name(task) -> str:
 
 
 def builtin_features(task) -> dict[str, Feature]:
-    """The built-in features of a task (a Task or its name), by name; {} for a task without any."""
+    """The built-in features of a task (a Task or its name), by name, and a user's task's own (its ``features``);
+    {} for a task without any."""
+    own = getattr(task, "features", None)
+    if isinstance(own, dict):
+        return dict(own)
     return {k: f for k, (f, _) in BUILTIN.get(_task_name(task), {}).items()}
 
 
@@ -175,22 +176,11 @@ def describe(task, name: str) -> str:
 
 def load_feature(spec: str) -> Feature:
     """A user feature ``module:function`` (the current directory is importable)."""
-    mod, _, fn = spec.partition(":")
-    if not mod or not fn:
+    from .plugins import load_object
+
+    if not spec.partition(":")[0] or not spec.partition(":")[2]:
         raise UserError(f"feature {spec!r}: expected module:function")
-    added = os.getcwd() not in sys.path
-    if added:
-        sys.path.insert(0, os.getcwd())
-    try:
-        m = importlib.import_module(mod)
-    except Exception as e:  # an ImportError or anything the module raises at import
-        raise UserError(f"cannot import feature {spec!r}: {type(e).__name__}: {e}") from None
-    finally:
-        if added:
-            sys.path.remove(os.getcwd())
-    f = getattr(m, fn, None)
-    if f is None:
-        raise UserError(f"cannot import feature {spec!r}: module {mod!r} has no attribute {fn!r}")
+    f = load_object(spec, "feature")
     if not callable(f):
         raise UserError(f"feature {spec!r} is not callable: expected a function text -> value")
     return f
@@ -566,7 +556,7 @@ def explain(
         raise UserError(f"{what} no built-in features: give --features module:function")
     sites = [iv.site_index(s)[0] for s in (sites or iv.sites)]
     source = ds if ds is not None else task
-    rule = task if task is not None else iv.data_source()  # the query positions: the task's rule, or the run's
+    rule = iv.data_source()  # the query positions: the task's rule, or the run's
     texts = query_texts(source, queries, seed)
     n_pos = min(len(rule.positions(t)) for t in texts)
     names = list(position_names(task)[:n_pos]) + [f"p{k}" for k in range(len(position_names(task)), n_pos)]

@@ -279,7 +279,7 @@ class InversionView:
         data = data if data is not None else getattr(self, "data", None)
         spec = self.spec.data or {}
         if data is None and not spec.get("path"):
-            return None
+            return self._drawn()
         path = str(data if data is not None else spec["path"])
         if data is None and not Path(path).exists():
             log.warning("this run's data file %s is missing: readings fall back to the decoder's samples", path)
@@ -290,6 +290,24 @@ class InversionView:
             fmt, field = (spec.get("format", ""), spec.get("field", "text")) if same else ("", "text")
             cache[path] = DataSet.open(path, fmt, field)
         return cache[path]
+
+    def _drawn(self):
+        """A user's own task without moves (``module:function`` or a Task subclass that defines no ``propose``):
+        ``task.draws`` of its generator's inputs, read as a data set. None for any other run."""
+        from .dataset import DataSet
+        from .explore import can_explore
+
+        task = self.task
+        if task is None or ":" not in task.name or can_explore(task):
+            return None
+        if getattr(self, "_drawn_set", None) is None:
+            import random
+
+            rng = random.Random(0)
+            n = int(getattr(task, "draws", 20_000))
+            texts = [task.generate(rng) for _ in range(n)]
+            self._drawn_set = DataSet.from_texts(texts, f"{n:,} draws of the generator {task.name}")
+        return self._drawn_set
 
     def data_index(self, site, data):
         """The cached activations of ``site`` over the data set ``data`` (:class:`~inversionview.dataset.
@@ -306,7 +324,7 @@ class InversionView:
         """Where this run's inputs come from (its task or its data file): held-out queries are drawn from it."""
         from .data import open_source
 
-        if self.spec.data is None and self.task is not None:
+        if self.spec.data is None and self.task is not None and ":" not in self.task.name:
             return self.task
         return open_source(self.spec.task, self.spec.data, self.probed)
 
