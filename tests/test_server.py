@@ -407,23 +407,31 @@ def test_nested_json_huge_numbers_and_non_finite_readings_are_400(url):
         assert "<section" in pre.to_html()
 
 
+SCHEMA_NO_TEXT = ("metric", "samples.source", "chains", "sources")  # a choice, or numbers keyed by texts
+
+
 def test_payloads_in_every_field_are_escaped_in_reports_and_fragments(url, iv):
     """Every field of a reading that can hold text (from the dataclasses' type hints: a field added later is
     covered) carries markup that would run, show or break an attribute; the report and the page's fragment keep
-    it as text."""
+    it as text, or the reading's schema refuses it where the field holds no free text."""
     good = call(url, "/api/query", query(samples=16))[2]["reading"]
     paths = [p for p, _ in text_fields()]
     assert {"metric", "mode", "site_short", "tokens", "samples.tokens", "samples.annotation", "summary"} <= set(paths)
     for path in paths:
         bad = with_payload(good, path)
         status, _, report = call(url, "/api/report", {"readings": [bad]})
+        if path in SCHEMA_NO_TEXT:  # the reading's schema (inversionview.schema) admits no such text there
+            assert status == 400 and "not a reading's JSON" in report["error"], (path, report)
+            assert path.removeprefix("samples.") in report["error"] and "\n" not in report["error"], report
+            continue
         assert status == 200, report
         assert injected(report) == [], path
         assert report == Preimage.from_dict(bad).to_html()  # the library's reports are the same
         status, _, r = call(url, "/api/epsilon", {"reading": bad, "epsilon": 0.3})
         assert status == 200 and injected(r["html"]) == [], path
-        if path not in ("text", "decoder", "samples.text", "settings", "shares", "checks", "chains"):  # shown (the
-            # texts as their tokens; of the settings, the mix; the estimate through the summary's lines)
+        if path not in ("text", "decoder", "samples.text", "settings", "shares", "checks", "distribution"):  # shown
+            # (the texts as their tokens; of the settings, the mix; the estimate through the summary's lines; the
+            # distribution by its name where its kind is known, and the payload replaced its kind)
             assert shown_as_text(report, path), path
 
 
@@ -639,6 +647,43 @@ def test_bad_stored_requests(stored, iv, tmp_path):
 
     with pytest.raises(UserError, match="no readings DB"):
         make_server(iv, port=0, db=str(tmp_path / "none.sqlite"))
+
+
+def test_stored_ids_beyond_ascii_digits_and_huge_ones_are_404(stored):
+    """#30: '²' and '①' pass str.isdigit() but not int(); Arabic-Indic '١' passed both and loaded reading 1; a
+    5,000-digit id broke int()'s digit limit. Each is a one-line 404 now."""
+    url, ids, _ = stored
+    for quoted in ("%C2%B2", "%E2%91%A0", "%D9%A1", "1%D9%A1", "%EF%BC%91"):  # ², ①, ١, 1١, fullwidth 1
+        assert "ids are whole numbers (0-9)" in refused(url, f"/api/stored/{quoted}", 404)
+    assert "(5,000 digits)" in refused(url, "/api/stored/" + "9" * 5000, 404)
+    assert call(url, f"/api/stored/{'0' * 40}{ids[0]}")[0] == 200  # leading zeros are still the same id
+
+
+def test_a_corrupt_stored_reading_is_a_404_not_a_500(iv, tmp_path):
+    import sqlite3
+
+    from inversionview.store import ReadingStore
+
+    db = tmp_path / "r.sqlite"
+    with ReadingStore(db, create=True) as store:
+        ids = [store.put(iv.query(TEXT, site="a1.0", position=19, samples=16, seed=k), iv.fingerprint) for k in (1, 2)]
+        pre = iv.query(TEXT, site="a1.0", position=19, samples=16, seed=3)
+        pre.samples[0].distance = float("inf")  # the library stores what it is given; the page takes JSON only
+        ids.append(store.put(pre, iv.fingerprint))
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE readings SET body = '{' WHERE id = ?", (ids[0],))
+        c.execute("UPDATE samples SET count = -5 WHERE reading_id = ?", (ids[1],))
+    server = serving(iv, db=str(db))
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert "is corrupt (Expecting property name" in refused(url, f"/api/stored/{ids[0]}", 404)
+        assert "samples[0].count must be a whole number" in refused(url, f"/api/stored/{ids[1]}", 404)
+        assert "samples[0].distance must be a finite number" in refused(url, f"/api/stored/{ids[2]}", 404)
+        assert call(url, "/api/stored")[0] == 200  # the list still answers
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.viewer.store.close()
 
 
 def test_stored_list_says_when_it_is_cut(iv, tmp_path, caplog):

@@ -245,6 +245,38 @@ def test_refuses_another_schema_version(tmp_path):
 def test_get_unknown_id(tmp_path):
     with pytest.raises(UserError, match=r"no reading with id 7 in .* \(0 readings stored\)"):
         ReadingStore(tmp_path / "r.sqlite", create=True).get(7)
+    with pytest.raises(UserError, match=r"no reading with id of 16,610 bits \(beyond SQLite's integers\)"):
+        ReadingStore(tmp_path / "r.sqlite").get(10**5000)  # str() of it would pass int's digit limit
+
+
+CORRUPTIONS = [  # (SQL run on reading 1, what the one-line refusal says)
+    ("UPDATE readings SET body = '{\"text\": ' WHERE id = 1", "Expecting value"),
+    ("UPDATE readings SET body = '[1, 2]' WHERE id = 1", "its body is not a JSON object"),
+    ("UPDATE sample_data SET data = x'00ff' WHERE reading_id = 1", "Error -3 while decompressing"),
+    ("DELETE FROM sample_data WHERE reading_id = 1", "its sample data does not match"),
+    ("DELETE FROM samples WHERE reading_id = 1 AND rank = 0", "its sample data does not match"),
+    ("UPDATE samples SET count = -5 WHERE reading_id = 1 AND rank = 0", "samples[0].count must be a whole number"),
+    ("UPDATE samples SET position = 999 WHERE reading_id = 1 AND rank = 1", "samples[1].position must be a token"),
+    ("UPDATE samples SET text = x'41' WHERE reading_id = 1 AND rank = 0", "samples[0].text must be a string"),
+    ("UPDATE readings SET body = json_set(body, '$.chains', json('[1]')) WHERE id = 1", "chains must be an object"),
+]
+
+
+@pytest.mark.parametrize("sql, words", CORRUPTIONS)
+def test_a_corrupt_row_is_one_line_naming_the_reading(iv, tmp_path, sql, words):
+    """A row edited or damaged by hand (#30): a UserError naming the reading and what is wrong, not a traceback."""
+    pre = iv.query("abcab|a:2", site="x1.mid", position=-1, samples=16)
+    with ReadingStore(tmp_path / "r.sqlite", create=True) as store:
+        rid = store.put(pre, iv.fingerprint)
+        assert rid == 1 and store.get(rid) == pre
+    with sqlite3.connect(tmp_path / "r.sqlite") as db:
+        db.execute(sql)
+    with ReadingStore(tmp_path / "r.sqlite") as store:
+        with pytest.raises(UserError) as e:
+            store.get(1)
+    msg = str(e.value)
+    assert msg.startswith(f"reading 1 in {tmp_path / 'r.sqlite'} is corrupt (") and "\n" not in msg, msg
+    assert words in msg and msg.endswith("read the query again into a new --db"), msg
 
 
 def test_cli_refuses_foreign_db_and_another_decoder(iv, run_dir, tmp_path, capsys):

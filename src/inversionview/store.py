@@ -43,7 +43,8 @@ from typing import NamedTuple
 
 from .artifacts import check_fields
 from .errors import UserError
-from .preimage import AUTO_MIX, Preimage, Sample
+from .preimage import AUTO_MIX, Preimage
+from .schema import NotAReading, reading_from_dict
 from .settings import SamplingSettings, build
 
 log = logging.getLogger(__name__)
@@ -372,34 +373,50 @@ class ReadingStore:
         return self.id_of(fingerprint, text, site, position, settings) is not None
 
     def get(self, reading_id: int) -> Preimage:
-        """The stored reading, equal to the Preimage that was put."""
+        """The stored reading, equal to the Preimage that was put. A row that does not hold a reading (the file
+        edited or damaged) is a :class:`UserError` naming it: its JSON is checked against the reading's schema
+        (:mod:`inversionview.schema`), non-finite distances allowed (a reading is stored as it was given)."""
+        rid = int(reading_id)
         with self._lock:
             row = (
-                self._db.execute("SELECT body FROM readings WHERE id = ?", (int(reading_id),)).fetchone()
-                if _INT64[0] <= int(reading_id) <= _INT64[1]
+                self._db.execute("SELECT body FROM readings WHERE id = ?", (rid,)).fetchone()
+                if _INT64[0] <= rid <= _INT64[1]
                 else None
             )
             if row is None:
-                raise UserError(f"no reading with id {reading_id} in {self.path} ({len(self)} readings stored)")
+                shown = (
+                    str(rid) if rid.bit_length() < 64 else f"of {rid.bit_length():,} bits (beyond SQLite's integers)"
+                )
+                raise UserError(f"no reading with id {shown} in {self.path} ({len(self)} readings stored)")
             rows = self._db.execute(
                 "SELECT text, distance, position, count, annotation FROM samples WHERE reading_id = ? ORDER BY rank",
-                (int(reading_id),),
+                (rid,),
             ).fetchall()
-            data = self._db.execute("SELECT data FROM sample_data WHERE reading_id = ?", (int(reading_id),)).fetchone()[
-                0
+            data = self._db.execute("SELECT data FROM sample_data WHERE reading_id = ?", (rid,)).fetchone()
+        try:
+            rest = json.loads(zlib.decompress(data[0])) if data is not None else None
+            if not isinstance(rest, list) or len(rest) != len(rows) or not all(isinstance(r, dict) for r in rest):
+                raise ValueError(f"its sample data does not match its {len(rows)} samples")
+            samples = [
+                {
+                    **r,
+                    "text": text,
+                    "distance": float("nan") if dist is None else dist,
+                    "position": pos,
+                    "count": count,
+                    "annotation": ann,
+                }
+                for (text, dist, pos, count, ann), r in zip(rows, rest)
             ]
-        samples = [
-            Sample(
-                text=text,
-                distance=float("nan") if dist is None else dist,
-                position=pos,
-                count=count,
-                annotation=ann,
-                **rest,
-            )
-            for (text, dist, pos, count, ann), rest in zip(rows, json.loads(zlib.decompress(data)), strict=True)
-        ]
-        return Preimage(**{**json.loads(row[0]), "samples": samples})
+            body = json.loads(row[0])
+            if not isinstance(body, dict):
+                raise ValueError("its body is not a JSON object")
+            return reading_from_dict({**body, "samples": samples}, finite=False)
+        except (ValueError, TypeError, zlib.error, NotAReading) as e:
+            raise UserError(
+                f"reading {rid} in {self.path} is corrupt ({e.detail if isinstance(e, NotAReading) else e}): the "
+                "file was edited or damaged; read the query again into a new --db"
+            ) from None
 
     def find(
         self,
