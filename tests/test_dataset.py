@@ -305,3 +305,29 @@ def test_query_features_on_the_command_line_under_a_data_set(tmp_path, capsys, m
     want = sum(weight[t] for t in inside if t[0] == "v") / sum(weight[t] for t in inside)
     assert shares["feats:first"]["value"] == "v" and shares["feats:first"]["share"] == pytest.approx(want)
     assert out["distribution"]["kind"] == "data" and out["sources"]["data"] == len(inside)
+
+
+@pytest.mark.slow
+def test_index_on_two_torchrun_processes_merges_to_the_one_process_scan(counting, tmp_path):
+    """A real 2-process torchrun run of `inversionview index`: each rank stores its shard, a reading merges them."""
+    import os
+    import subprocess
+
+    texts = counting_texts(600, seed=21)
+    path = data_file(tmp_path / "data.txt", texts)
+    env = {**os.environ, "INVERSIONVIEW_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    cmd += ["inversionview", "index", "shipped:counting", "--data", str(path), "--site", "a1.0"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "in 2 shard(s)" in res.stdout
+    probed, site = counting.probed, counting.probed.site("a1.0")
+    data = DataSet.open(path)
+    two = ActivationIndex.open(probed, site, data, tmp_path / "cache" / "activations")
+    assert [p.name for p in sorted(two.path.iterdir()) if p.is_dir()] == ["shard-0-of-2", "shard-1-of-2"]
+    one = ActivationIndex.open(probed, site, data, tmp_path / "one")
+    zq = probed.run(torch.tensor([probed.encode(texts[3])]), [site])[site][0, -2].float()
+    d1, a1 = scan(one, zq[None], "euclidean", len(data.texts))
+    d2, a2 = scan(two, zq[None], "euclidean", len(data.texts))
+    # other batches in each process: the forward pass rounds differently, by far less than the storage's error
+    assert torch.allclose(d1, d2, atol=1e-5, rtol=0) and float((a1 == a2).float().mean()) > 0.99

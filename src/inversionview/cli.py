@@ -214,6 +214,34 @@ def cmd_query_batch(args) -> int:
     return 0
 
 
+def cmd_index(args) -> int:
+    """Build the activation cache of a data set at some sites before reading (one shard per torchrun process)."""
+    import time
+
+    from .dataset import ActivationIndex, build
+    from .distributed import resolve_device, session
+
+    dev = resolve_device(args.device)
+    with session(dev) as d:
+        iv = _load(args)
+        ds = iv.dataset()
+        if ds is None:
+            raise UserError("index needs a data set: this run has no data file, give --data PATH")
+        sites = [iv.site_index(x.strip())[0] for x in args.site.split(",") if x.strip()] if args.site else iv.sites
+        for s in sites:
+            t0 = time.perf_counter()
+            build(iv.probed, s, ds, rank=d.rank, world=d.world, barrier=d.barrier)
+            if d.main:
+                index = ActivationIndex.open(iv.probed, s, ds)
+                print(
+                    f"{s.short}: {index.rows:,} activations of {len(ds.texts):,} inputs in {len(index.shards)} "
+                    f"shard(s), {index.nbytes / 2**20:.1f} MiB ({index.meta['storage']}) at {index.path}, "
+                    f"{time.perf_counter() - t0:.1f} s",
+                    flush=True,
+                )
+    return 0
+
+
 def cmd_explain(args) -> int:
     from .features import explain
 
@@ -432,6 +460,18 @@ def add_query_batch(sub) -> None:
     s.set_defaults(fn=cmd_query_batch)
 
 
+def add_index(sub) -> None:
+    s = sub.add_parser(
+        "index",
+        help="cache a data set's activations at some sites before reading (torchrun: one shard per process)",
+    )
+    s.add_argument("run", help="run directory, or shipped:counting")
+    _data_arg(s)
+    s.add_argument("--site", help="sites, separated by commas (default: all the decoder's sites)")
+    _device_arg(s)
+    s.set_defaults(fn=cmd_index)
+
+
 def add_explain(sub) -> None:
     s = sub.add_parser("explain", help="which features each site carries: FCRs per site and position (Table 3)")
     _run_arg(s)
@@ -506,6 +546,7 @@ SUBCOMMANDS = (
     add_serve,
     add_query_batch,
     add_explain,
+    add_index,
     add_reproduce,
     add_completeness,
     add_patch,
