@@ -40,7 +40,7 @@ from _common import peak_rss_mib
 
 from inversionview import InversionView
 from inversionview.dataset import ActivationIndex, DataSet
-from inversionview.explore import wilson
+from inversionview.explore import Z, wilson
 from inversionview.features import builtin_features
 from inversionview.summary import FEW, is_shared
 from inversionview.verify import activations, length_batches
@@ -74,7 +74,7 @@ def fidelity(task: str, args) -> list[dict]:
         data_texts, truth_texts = everything[: len(everything) // 2], everything[len(everything) // 2 :]
     else:
         data_texts = [iv.task.generate(rng) for _ in range(args.data_size)]
-        truth_texts = [iv.task.generate(rng) for _ in range(args.data_size)]
+        truth_texts = [iv.task.generate(rng) for _ in range(args.truth_size or args.data_size)]
     data = DataSet.from_texts(data_texts, f"{task} data ({len(data_texts):,} inputs, seed {args.seed})")
     feats = builtin_features(task)
     sites = [s.strip() for s in args.sites.split(",")] if args.sites else [s.short for s in iv.sites]
@@ -109,6 +109,7 @@ def fidelity(task: str, args) -> list[dict]:
                         "position": p,
                         "feature": sh["feature"],
                         "truth": t,
+                        "truth_se": math.sqrt(t * (1 - t) / m) if m else None,
                         "members": m,
                         "known": m >= KNOWN_MEMBERS and (hi - lo) / 2 <= KNOWN_HALF_WIDTH,
                         "share": sh["share"] if found >= FEW else None,
@@ -132,6 +133,10 @@ def report(rows: list[dict], label: str) -> None:
     big = [r for r in rows if r["data_members"] >= REPORT_AT]
     viol = [r for r in rows if r["shared"] and r["truth"] is not None and r["truth"] < VIOLATION]
     held = [r["low"] - 1e-9 <= r["truth"] <= r["high"] + 1e-9 for r in scored]
+    # the truth is a sample too: the reading's half-width and the truth's own, combined
+    both = [
+        abs(r["share"] - r["truth"]) <= math.hypot((r["high"] - r["low"]) / 2, Z * r["truth_se"]) + 1e-9 for r in scored
+    ]
     print(
         f"{label:>14}: rows {len(rows)}, known {len(known)} (unknown {len(rows) - len(known)}), scored {len(scored)}; "
         + (
@@ -139,7 +144,8 @@ def report(rows: list[dict], label: str) -> None:
             if errs
             else ""
         )
-        + f"false shared {len(viol)}; interval holds {sum(held) / max(1, len(held)):.1%}; "
+        + f"false shared {len(viol)}; interval holds {sum(held) / max(1, len(held)):.1%} "
+        f"({sum(both) / max(1, len(both)):.1%} with the truth's own noise); "
         f"reported at >= {REPORT_AT} data members {sum(r['share'] is not None for r in big) / max(1, len(big)):.1%}"
     )
 
@@ -226,7 +232,8 @@ def main() -> None:
     f.add_argument(
         "--samples", type=int, default=64, help="decoder candidates per reading (the shares do not use them)"
     )
-    f.add_argument("--data-size", type=int, default=200_000, help="counting: inputs in the data, and in the truth")
+    f.add_argument("--data-size", type=int, default=200_000, help="counting: inputs in the data")
+    f.add_argument("--truth-size", type=int, default=0, help="counting: inputs the truth scans (default: --data-size)")
     f.add_argument("--threads", type=int, default=int(os.environ.get("BENCH_THREADS", 1)))
     f.set_defaults(fn=cmd_fidelity)
     s = sub.add_parser("scale")
