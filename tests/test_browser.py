@@ -6,6 +6,7 @@ in every field of a reading (under the page's own content policy)."""
 
 from __future__ import annotations
 
+import random
 import re
 import threading
 
@@ -16,6 +17,7 @@ from playwright.sync_api import sync_playwright
 from inversionview import InversionView
 from inversionview.preimage import Preimage
 from inversionview.store import ReadingStore
+from inversionview.tasks.counting import Counting
 from inversionview.viewer.server import MAX_SAMPLES, make_server
 
 CHROMIUM = dict(
@@ -144,6 +146,9 @@ def test_type_click_pick_and_read(page):
     assert all(c == "in" and d <= 0.15 for c, d in got[:k]) and all(c == "out" and d > 0.15 for c, d in got[k + 1 :])
     assert sec.locator("tr.eps").inner_text().strip() == "epsilon = 0.15"
     assert re.search(r"true fraction inside epsilon: \d+\.\d%", sec.inner_text())
+    # the distribution the shares estimate, and what each source found
+    dist = sec.locator("p.distribution").inner_text()
+    assert dist.startswith("shares estimate the input distribution of task counting") and "decoder " in dist
     # each sample: its matched position underlined, the distance at every position on hover, delta colours
     first = sec.locator("table.samples tr.in, table.samples tr.out").first
     toks = first.locator(".toks .tok")
@@ -153,6 +158,34 @@ def test_type_click_pick_and_read(page):
     assert any(c.startswith("rgba(42, 111, 219") or c.startswith("rgba(220, 40, 40") for c in colours)
     assert re.search(r"count=\d", first.inner_text())  # the task's annotation
     assert "read in" in page.inner_text("#status")
+
+
+def test_a_viewer_under_a_data_set_names_it_and_marks_its_members(browser, tmp_path, monkeypatch):
+    """`serve --data`: the page's readings are under the data set; its members are listed, marked `data`."""
+    monkeypatch.setenv("INVERSIONVIEW_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(4)
+    (tmp_path / "data.txt").write_text("\n".join(Counting().generate(rng) for _ in range(2000)) + "\n")
+    own = InversionView.load("shipped:counting")
+    own.data = str(tmp_path / "data.txt")
+    server = _start(own)
+    try:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
+        page.wait_for_selector("#tokens .tok")
+        page.fill("#samples", "32")
+        type_query(page)
+        read(page, site="a1.0", position=19)
+        sec = page.locator("#current section.reading")
+        dist = sec.locator("p.distribution").inner_text()
+        assert dist.startswith(f"shares estimate the data set {tmp_path / 'data.txt'} (2,000 inputs)")
+        assert re.search(r"data \d+", dist)
+        assert "exact over the data set's preimage" in sec.locator("ul.summary").inner_text()
+        assert sec.locator("td", has_text="· data").count() >= 1
+        context.close()
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_pin_two_readings_compare_and_download_the_report(page, tmp_path):

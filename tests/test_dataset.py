@@ -331,3 +331,17 @@ def test_index_on_two_torchrun_processes_merges_to_the_one_process_scan(counting
     d2, a2 = scan(two, zq[None], "euclidean", len(data.texts))
     # other batches in each process: the forward pass rounds differently, by far less than the storage's error
     assert torch.allclose(d1, d2, atol=1e-5, rtol=0) and float((a1 == a2).float().mean()) > 0.99
+
+
+def test_stored_readings_are_keyed_by_the_data_set(counting, tmp_path):
+    """A reading under one data set is never served from the store for another (or for none)."""
+    a = data_file(tmp_path / "a.txt", counting_texts(300, seed=1))
+    b = data_file(tmp_path / "b.txt", counting_texts(300, seed=2))
+    iv = InversionView.load("shipped:counting")
+    plain = iv.fingerprint
+    iv.data = str(a)
+    under_a = iv.fingerprint
+    iv.data = str(b)
+    assert len({plain, under_a, iv.fingerprint}) == 3
+    iv.data = str(a)
+    assert iv.fingerprint == under_a

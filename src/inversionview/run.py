@@ -122,10 +122,8 @@ class RunSpec:
             version = check_version(d.pop("format_version", None), RUN_FORMAT, path)
             check_fields(d, [f.name for f in fields(cls)], path)
             d["sites"] = tuple(d["sites"])
+            unversioned = d["fingerprint"] if version == 0 else None
             if version == 0:  # before format 1 the fingerprint was the weights' alone: mode and dtype are trusted
-                log.warning(
-                    "%s predates format_version 1: its mode and dtype are not checked against its fingerprint", path
-                )
                 d["fingerprint"] = probed_fingerprint(d["fingerprint"], d["mode"], d.get("dtype", "float32"))
             spec = cls(**d)
         except FileNotFoundError:
@@ -140,6 +138,8 @@ class RunSpec:
         data = spec.data
         if data and data.get("path") and not Path(data["path"]).is_absolute():
             spec = cls(**{**asdict(spec), "data": {**data, "path": str((run_dir / data["path"]).resolve())}})
+        # a run.json without format_version: its fingerprint as written, and where (check() says which it was)
+        object.__setattr__(spec, "_unversioned", (unversioned, path) if unversioned is not None else None)
         return spec
 
     def load_probed(self, device="cpu") -> ProbedModel:
@@ -159,8 +159,21 @@ class RunSpec:
         from .probed import MODES
 
         dtype = dtype_name(probed)
-        if probed_fingerprint(probed.fingerprint, probed.mode, dtype) == self.fingerprint:
+        mine = probed_fingerprint(probed.fingerprint, probed.mode, dtype)
+        unversioned = getattr(self, "_unversioned", None)
+        if mine == self.fingerprint:
+            if unversioned is not None:
+                log.warning(
+                    "%s has no format_version, so it predates format_version 1: its mode and dtype are not checked "
+                    "against its fingerprint",
+                    unversioned[1],
+                )
             return
+        if unversioned is not None and unversioned[0] == mine:  # format 1's fingerprint: the version was removed
+            raise UserError(
+                f"{unversioned[1]} has no format_version, but its fingerprint is format 1's (it covers the mode and "
+                'dtype): the field was removed; add "format_version": 1 back'
+            )
         for mode in MODES:
             for dt in {self.dtype, dtype, "float32", "bfloat16", "float16"}:
                 if probed_fingerprint(probed.fingerprint, mode, dt) != self.fingerprint:
@@ -236,12 +249,18 @@ class InversionView:
 
     @property
     def fingerprint(self) -> str:
-        """A hash of the decoder's weights, its probed model's fingerprint, mode and sites: stored readings are
-        keyed by it (see :mod:`inversionview.store`)."""
+        """A hash of the decoder's weights, its probed model's fingerprint, mode and sites, and of the data set its
+        readings are under where there is one: stored readings are keyed by it (see :mod:`inversionview.store`), so
+        a reading under one data set is never served for another."""
         if getattr(self, "_fingerprint", None) is None:
             context = [self.spec.fingerprint, self.spec.mode, list(self.spec.sites)]
             self._fingerprint = weights_fingerprint(self.decoder.state_dict(), context)
-        return self._fingerprint
+        ds = self.dataset()
+        if ds is None:
+            return self._fingerprint
+        import hashlib
+
+        return hashlib.sha256(f"{self._fingerprint} data {ds.key}".encode()).hexdigest()[: len(self._fingerprint)]
 
     def site_index(self, site: str | Site) -> tuple[Site, int]:
         s = self.probed.site(site)
