@@ -4,6 +4,7 @@ temporary directory, and a tiny decoder run trained on it for a few steps with t
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -105,10 +106,17 @@ def run_dir(tmp_path_factory, probed_dir) -> Path:
 
 
 def user_error(capsys, *argv) -> str:
-    """Run the CLI; assert exit status 2 and exactly one stderr line starting with 'error: '; return it."""
+    """Run the CLI; assert exit status 2 and exactly one stderr line starting with 'error: ' (the command's log
+    lines included: nothing may come before the error); return it."""
     from inversionview.cli import main
 
-    rc = main([str(a) for a in argv])
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers = []  # main()'s logging.basicConfig then logs to this test's stderr, as the command does
+    try:
+        rc = main([str(a) for a in argv])
+    finally:
+        root.handlers, root.level = saved
     _, err = capsys.readouterr()
     assert "Traceback" not in err
     lines = err.strip().splitlines()

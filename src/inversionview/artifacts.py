@@ -73,6 +73,16 @@ def probed_fingerprint(weights: str, mode: str, dtype: str) -> str:
     return hashlib.sha256(json.dumps(["probed", weights, mode, dtype]).encode()).hexdigest()[:16]
 
 
+def plain_mode(path: Path) -> None:
+    """Give ``path`` the mode a plain new file gets (0644 under the usual umask 022), as the run's other files have:
+    safetensors writes its files for the owner alone (0600)."""
+    import os
+
+    mask = os.umask(0o022)  # Python reads the umask only by setting it: put it back at once
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader sees the old file or the new one."""
     tmp = path.with_suffix(path.suffix + ".tmp")

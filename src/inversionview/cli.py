@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import settings
 from .errors import UserError
+from .progress import on_terminal
 from .settings import ReadSettings, SamplingSettings
 
 log = logging.getLogger(__name__)
@@ -565,11 +566,36 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not on_terminal():  # progress bars only on a terminal (ours: inversionview.progress; transformers' too)
+        _no_hf_progress_bars()
     try:
-        return args.fn(args)
+        rc = args.fn(args)
+        sys.stdout.flush()  # a reader that has gone (| head) is met here, not at the interpreter's exit
+        return rc
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output has gone (| head): stop quietly, as a killed pipe does
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, what the shell reports for a command that a closed pipe ends
+
+
+def _no_hf_progress_bars() -> None:
+    """No progress bars from transformers and huggingface_hub ("Writing model shards"): they read the variable when
+    they are imported, which is later unless this process imported them already."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers.utils.logging" in sys.modules:
+        sys.modules["transformers.utils.logging"].disable_progress_bar()
+
+
+def _quiet_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's last flush does not fail again on the closed
+    pipe (Python's recipe for SIGPIPE: docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured in a test)
+        pass

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifacts import DECODER_FORMAT, atomic_write_text, check_fields, check_version
+from .artifacts import DECODER_FORMAT, atomic_write_text, check_fields, check_version, plain_mode
 from .errors import UserError
 
 
@@ -248,6 +248,7 @@ class Decoder(nn.Module):
         self.config.save(run_dir / "config.json")
         tmp = run_dir / "model.safetensors.tmp"
         save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(tmp))
+        plain_mode(tmp)  # 0644 like the run's other files, not safetensors' 0600
         tmp.replace(run_dir / "model.safetensors")
 
     @classmethod

@@ -586,7 +586,7 @@ def read_queries(
 def query_batch(iv, store: ReadingStore, queries: list[Query], progress: bool = True) -> BatchSummary:
     """Read every query whose key is not stored yet and store each reading in its own transaction. Stopping
     (Ctrl-C, a kill) loses at most the reading in progress; calling this again resumes."""
-    from tqdm.auto import tqdm
+    from .progress import Progress
 
     store.check_decoder(iv.fingerprint)
     t0 = time.time()
@@ -609,14 +609,15 @@ def query_batch(iv, store: ReadingStore, queries: list[Query], progress: bool = 
     done = 0
     stopped: str | None = "stopped"  # why the batch ended early; None once every query is read
     try:
-        with tqdm(todo, desc="query-batch", unit="reading", disable=not progress or None, dynamic_ncols=True) as bar:
-            for q in bar:
+        with Progress(len(todo), "query-batch", "reading", enabled=progress) as bar:  # a bar on a terminal only
+            for q in todo:
                 try:
                     pre = iv.query(q.text, q.site, q.position, **q.settings)
                 except UserError as e:
                     raise UserError(f"query on line {q.line}: {e}") from None
                 store.put(pre, iv.fingerprint, q.key[4])
                 done += 1
+                bar.update()
         stopped = None
     except KeyboardInterrupt:
         stopped = "interrupted"

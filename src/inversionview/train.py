@@ -19,6 +19,7 @@ loss are those of one process, and a run may resume with any number of processes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,6 +48,7 @@ from .decoder import Decoder, DecoderConfig
 from .distributed import Dist
 from .errors import UserError
 from .preimage import hit_rates, make_queries
+from .progress import Progress
 from .probed import ProbedModel
 from .run import InversionView, RunSpec, resolve_model
 from .settings import setting
@@ -336,6 +338,29 @@ def train(cfg: TrainConfig, progress: bool = True) -> InversionView:
         return Trainer(cfg, d, dev).run(progress and d.main)
 
 
+@contextlib.contextmanager
+def _held_logs():
+    """The package's log lines held back until the block succeeds, then logged in order; dropped where it raises:
+    a run that is refused while it sets up ("data: 30 inputs from ...", then the error) says only why."""
+    pkg = logging.getLogger("inversionview")
+    held: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record)
+
+    hold, propagate = Hold(), pkg.propagate
+    pkg.addHandler(hold)
+    pkg.propagate = False
+    try:
+        yield
+    finally:
+        pkg.removeHandler(hold)
+        pkg.propagate = propagate
+    for record in held:
+        logging.getLogger(record.name).handle(record)
+
+
 class Trainer:
     """The training loop in named steps: set up or resume (the constructor), :meth:`step`, :meth:`evaluate`,
     :meth:`checkpoint` and :meth:`stop`; :meth:`run` calls them until the run is done, spent or interrupted.
@@ -350,29 +375,30 @@ class Trainer:
         self.dev = torch.device(device) if device is not None else distributed.resolve_device(cfg.train.device)
         self.out = Path(cfg.out)
         self.halt = False
-        self.bf16, why = distributed.choose_bf16(cfg.train.bf16, self.dev)
-        if self.d.main:
-            log.info("decoder precision: %s (%s)", "bfloat16" if self.bf16 else "float32", why)
-        self._load_inputs()
-        session = provenance(self.dev, self.d.world, self.bf16, why)
-        if (self.out / "checkpoint.pt").exists():
-            self._resume(session)
-        else:
-            self._start(session)
-        self.model: Decoder | torch.nn.parallel.DistributedDataParallel = self.decoder
-        if self.d.world > 1:  # rank 0's weights are broadcast here; gradients are averaged in backward()
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.decoder, device_ids=[self.dev.index] if self.dev.type == "cuda" else None
-            )
-        log_dir = os.environ.get(STEP_LOG)
-        self.step_log = Path(log_dir) / f"rank{self.d.rank}.jsonl" if log_dir else None
-        if self.d.main:
-            with _writing(self.out / "metrics.jsonl"):
-                _truncate_metrics(self.out / "metrics.jsonl", self.state.step)
-            self.queries = make_queries(
-                self.probed, self.source, self.sites, cfg.eval.queries, seed=cfg.train.seed + 10_000
-            )
-        self._restart_clock()
+        with _held_logs():  # a refusal while setting up is the command's one line, with no log line before it
+            self.bf16, why = distributed.choose_bf16(cfg.train.bf16, self.dev)
+            if self.d.main:
+                log.info("decoder precision: %s (%s)", "bfloat16" if self.bf16 else "float32", why)
+            self._load_inputs()
+            session = provenance(self.dev, self.d.world, self.bf16, why)
+            if (self.out / "checkpoint.pt").exists():
+                self._resume(session)
+            else:
+                self._start(session)
+            self.model: Decoder | torch.nn.parallel.DistributedDataParallel = self.decoder
+            if self.d.world > 1:  # rank 0's weights are broadcast here; gradients are averaged in backward()
+                self.model = torch.nn.parallel.DistributedDataParallel(
+                    self.decoder, device_ids=[self.dev.index] if self.dev.type == "cuda" else None
+                )
+            log_dir = os.environ.get(STEP_LOG)
+            self.step_log = Path(log_dir) / f"rank{self.d.rank}.jsonl" if log_dir else None
+            if self.d.main:
+                with _writing(self.out / "metrics.jsonl"):
+                    _truncate_metrics(self.out / "metrics.jsonl", self.state.step)
+                self.queries = make_queries(
+                    self.probed, self.source, self.sites, cfg.eval.queries, seed=cfg.train.seed + 10_000
+                )
+            self._restart_clock()
 
     # ------------------------------------------------------------------ set up or resume
     def _load_inputs(self) -> None:
@@ -486,7 +512,7 @@ class Trainer:
                 log.info("%s is already trained (%d steps, %.0f s)", self.out, st.step, st.elapsed)
             return self.stop()
         self._restart_clock()
-        bar = tqdm(total=o.steps, initial=st.step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        bar = Progress(o.steps, "train", "step", initial=st.step, enabled=progress)  # a bar on a terminal only
         with _Interrupt() as signals:
             while not (self.done or self.halt):
                 loss = self.step(interrupted=signals.hit)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..progress import Progress
 from ..probed import ProbedModel
 from . import Task
 
@@ -106,9 +106,9 @@ def _fit(model, task: Task, rng: random.Random, steps: int, batch_size: int, lr:
     """``steps`` AdamW steps (one-cycle schedule) on fresh training inputs: the answer loss plus ``aux`` times the
     next-token loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
-    bar = tqdm(range(steps), desc=f"train-probed {task.name}", unit="step")
-    for step in bar:
+    sched = _one_cycle(opt, lr, steps)
+    bar = Progress(steps, f"train-probed {task.name}", "step")  # a bar on a terminal, plain lines elsewhere
+    for step in range(steps):
         ids, labels = _batch(task, [task.sample(rng) for _ in range(batch_size)])
         logits = model(input_ids=ids).logits
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
@@ -121,3 +121,14 @@ def _fit(model, task: Task, rng: random.Random, steps: int, batch_size: int, lr:
         sched.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update()
+    bar.close()
+
+
+def _one_cycle(opt, lr: float, steps: int):
+    """The one-cycle schedule over ``steps``: 5% warm-up, at least 1.5 steps of it (OneCycleLR divides by the
+    warm-up's length less one: 20 steps at 5% divided by zero); a constant rate for 1 or 2 steps, too few for a
+    cycle."""
+    if steps < 3:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=max(0.05, 1.5 / steps))
