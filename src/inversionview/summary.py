@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .explore import Chains, Share, credit, share, wilson
 from .features import builtin_features
@@ -33,6 +33,7 @@ class Member:
     offset: int  # the arg-min position, as an index into the full token list (BOS = 0)
     full: list[str]  # all tokens, BOS included
     values: dict | None = None  # the user's own features' values, where the reading recorded them (data members)
+    cache: dict = field(default_factory=dict, repr=False, compare=False)  # feature values taken (_feature_getter)
 
 
 @dataclass
@@ -172,6 +173,14 @@ def items(pop: Population, task, features: dict | None = None) -> list[tuple[str
     met = [m for m, _ in getattr(pop.chains, "members", ())]
     out = []
     for name, g in getters.items():
+        if pop.weights is not None:  # a data set's members: one pass, each value's weight
+            tally: Counter = Counter()
+            for c, w in zip(pop.chains, pop.weights):
+                tally[g(c[0])] += w
+            total = sum(tally.values())
+            top = [(v, w / total) for v, w in tally.most_common(EXAMPLES)]
+            out.append((name, [(v, Share(p, *wilson(p, pop.n_eff), pop.n_eff)) for v, p in top], len(tally)))
+            continue
         values = Counter(g(m) for c in pop.chains for m in c) + Counter(g(m) for m in met)
         shares = [(v, pop.share(lambda m: g(m) == v)) for v, _ in values.most_common(EXAMPLES)]  # called at once
         known = [(v, x) for v, x in shares if x is not None]  # None: no state (at a smaller epsilon) and no draw
@@ -295,11 +304,15 @@ def _feature_getter(f, name: str = "") -> Callable[[Member], object]:
     def get(m: Member) -> object:
         k = id(m)
         if k not in memo:
-            if m.values is not None and name in m.values:
+            if name and name in m.cache:  # taken by another getter of the same feature (items, shares, summary)
+                memo[k] = m.cache[name]
+            elif m.values is not None and name in m.values:
                 v = m.values[name]
                 memo[k] = tuple(v) if isinstance(v, list) else v
             else:
                 memo[k] = None if f is None else _safe(f, m.text)
+            if name:
+                m.cache[name] = memo[k]
         return memo[k]
 
     return get
