@@ -11,8 +11,9 @@ Target: the query appears in the page in under 2 s on 2 CPU cores.
 Bursts (``--part burst``): a server process of its own (so that its RSS is the server's alone), then
 ``--bursts`` times ``--readings`` concurrent readings of ``--samples`` candidates, each burst with hostile
 requests at the same time (path tricks, nested JSON, huge numbers, non-finite floats, bodies that never finish,
-unknown methods). Prints each reading's wait, the place in line the queue reported, the statuses, 5xx and reset
-connections, and the server's RSS at start-up, after a warm-up reading and after each burst; run it with
+unknown methods). Prints the readings' waits, the statuses (the queue holds 8: the readings beyond them are refused
+at once with 429 and a Retry-After hint, whose time to answer and hints are printed), 5xx and reset connections,
+and the server's RSS at start-up, after a warm-up reading and after each burst; run it with
 ``--no-trim`` to see the server without ``malloc_trim`` after bursts. Targets: no 5xx, no reset, RSS within 20%
 of where it was after the warm-up.
 
@@ -237,17 +238,23 @@ def send(port: int, data: bytes, partial: bool = False) -> str:
     return m.group(1).decode() if m else "no answer"
 
 
-def one_reading(url: str, i: int, samples: int, t0: float) -> tuple[str, float]:
-    ticket = f"b{i}"
+def one_reading(url: str, i: int, samples: int, t0: float) -> tuple[str, float, str | None]:
+    """(status, seconds from the burst's start to the answer, the answer's Retry-After)."""
+    body = {"text": TEXT, "site": SITE, "position": POS, "samples": samples, "seed": i, "ticket": f"b{i}"}
+    req = urllib.request.Request(
+        url + "/api/query", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    retry = None
     try:
-        status, _ = post_json(
-            url,
-            "/api/query",
-            {"text": TEXT, "site": SITE, "position": POS, "samples": samples, "seed": i, "ticket": ticket},
-        )
+        with urllib.request.urlopen(req, timeout=3600) as r:
+            status = r.status
+            r.read()
+    except urllib.error.HTTPError as e:
+        status, retry = e.code, e.headers.get("Retry-After")
+        e.read()
     except RESETS + (urllib.error.URLError,):
         status = "reset"
-    return str(status), time.perf_counter() - t0
+    return str(status), time.perf_counter() - t0, retry
 
 
 def watch_queue(url: str, n: int, done: threading.Event, places: dict):
@@ -276,10 +283,11 @@ def burst(url: str, port: int, n: int, samples: int) -> dict:
         done.set()
         watcher.result()
         statuses = [f.result() for f in bad + slow]
-    waits = [t for _, t in results]
+    waits = [t for s, t, _ in results if s == "200"]
     return {
         "seconds": time.perf_counter() - t0,
-        "reading_status": collections.Counter(s for s, _ in results),
+        "reading_status": collections.Counter(s for s, _, _ in results),
+        "refused": [(t, r) for s, t, r in results if s == "429"],
         "hostile_status": collections.Counter(statuses),
         "waits": waits,
         "places": places,
@@ -311,13 +319,20 @@ def bursts(run: str, n: int, k: int, samples: int, trim: bool):
             resets = sum(v for s, v in (r["reading_status"] + r["hostile_status"]).items() if not s.isdigit())
             resets += r["places"].get("resets", 0)
             bad += fives + resets
-            w = sorted(r["waits"])
+            w = sorted(r["waits"]) or [0.0]
+            refused = r["refused"]
             print(
-                f"burst {b + 1}: {n} readings of {samples} samples at once in {r['seconds']:.1f} s "
-                f"({n / r['seconds']:.2f} readings/s); waits first {w[0]:.1f} s, median {statistics.median(w):.1f} s, "
-                f"last {w[-1]:.1f} s; statuses {dict(r['reading_status'])}; the last reading's place in line "
-                f"went {r['places'].get('first')} -> {r['places'].get('last')}"
+                f"burst {b + 1}: {n} readings of {samples} samples at once in {r['seconds']:.1f} s; "
+                f"{len(r['waits'])} read ({len(r['waits']) / r['seconds']:.2f} readings/s), waits first {w[0]:.1f} s, "
+                f"median {statistics.median(w):.1f} s, last {w[-1]:.1f} s; statuses {dict(r['reading_status'])}"
             )
+            if refused:
+                after = sorted(int(x) for _, x in refused if x is not None)
+                print(
+                    f"         {len(refused)} refused with 429, answered within {max(t for t, _ in refused):.2f} s of "
+                    f"the burst's start; Retry-After {after[0]}-{after[-1]} s"
+                    + ("" if len(after) == len(refused) else f" ({len(refused) - len(after)} without one)")
+                )
             print(
                 f"         {sum(r['hostile_status'].values())} hostile requests meanwhile: "
                 f"{dict(sorted(r['hostile_status'].items()))}; 5xx {fives}, resets or no answer {resets}; "

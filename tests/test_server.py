@@ -244,7 +244,11 @@ def test_a_full_queue_refuses_with_429(iv):
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(call, url, "/api/query", query(ticket="w"))
             wait_for(lambda: queue_state(url, "w")["position"] == 1)
-            assert "readings are waiting" in refused(url, "/api/query", 429, query())
+            t = time.monotonic()
+            status, headers, out = call(url, "/api/query", query())
+            assert status == 429 and "readings are waiting" in out["error"] and time.monotonic() - t < 10
+            # a retry hint: the line's expected time (one waiting and one running, 5 s each before any has run)
+            assert headers["Retry-After"] == "10" and "try again in about 10 s" in out["error"]
             gate.set()
             assert waiting.result(120)[0] == 200
     finally:
@@ -291,9 +295,21 @@ def test_binding_beyond_loopback_needs_allow_remote_and_keeps_the_host_check(iv,
         # a rebinding page's own name, or another name of this machine that was not allowed, is refused
         assert host_status(server, f"evil.example:{port}") == 403 and host_status(server, "10.1.2.3") == 403
         assert host_status(server, "") == 403
+        # the address the command prints is one the check answers (#30: it printed http://0.0.0.0:PORT/, refused)
+        assert server.url == f"http://viewer.lan:{port}/"
     finally:
         server.shutdown()
         server.server_close()
+    for host, allowed in (("0.0.0.0", ()), ("::", ())):
+        server = serving(iv, host=host, allow_remote=True, allowed_hosts=allowed)
+        try:
+            port = server.server_address[1]
+            assert server.url == f"http://127.0.0.1:{port}/" and host_status(server, f"127.0.0.1:{port}") == 200
+            with urllib.request.urlopen(server.url + "api/info", timeout=30) as r:
+                assert r.status == 200
+        finally:
+            server.shutdown()
+            server.server_close()
     # bound to a loopback address the check holds too
     server = serving(iv, host="127.0.0.1")
     try:
@@ -340,6 +356,38 @@ def raw(url: str, data: bytes, timeout: float = 60) -> tuple[int, dict, bytes]:
     lines = head.decode("latin-1").split("\r\n")
     headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
     return int(lines[0].split()[1]), headers, body
+
+
+def test_viewer_docs_state_the_caps_the_code_has():
+    """#30 item 8: docs/viewer.md said 4,096 samples while the code allows 8,192."""
+    from pathlib import Path
+
+    from inversionview.viewer.server import MAX_HEAD
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "docs" / "viewer.md").read_text().split())
+    assert f"queries at {MAX_SAMPLES:,} samples" in text and f"{MAX_TEXT:,} characters" in text
+    assert f"{MAX_HEAD // 1024} KiB of head" in text and f"431 for a request head over {MAX_HEAD // 1024} KiB" in text
+    assert f"up to {Limits().queue} waiting" in text and "Retry-After" in text
+
+
+def test_request_heads_are_bounded_at_16_kib(url):
+    """#30 item 8: a 70 KB header line, sent at once, got 200 (h11 bounds a head only while it trickles in)."""
+    host = url.split("//")[1]
+    for size, status in ((15_000, 200), (70_000, 431), (17_000, 431)):
+        head = b"GET /api/info HTTP/1.1\r\nHost: %s\r\nX-Big: %s\r\nConnection: close\r\n\r\n" % (
+            host.encode(),
+            b"a" * size,
+        )
+        got, headers, body = raw(url, head)
+        assert got == status, (size, body[:200])
+        if status == 431:
+            msg = json.loads(body)["error"]
+            assert msg == "the request's head is over 16 KiB" and headers["connection"] == "close"
+    # a body of any size (within the body's limit) in the same packet as its head is no head
+    body = json.dumps({"text": "a" * 900}).encode() + b" " * 40_000
+    head = b"POST /api/tokens HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n" % host.encode()
+    got, _, out = raw(url, head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    assert got == 400 and b"head" not in out, out[:200]  # refused for its text (too long for the model), not its head
 
 
 @pytest.mark.parametrize(

@@ -188,13 +188,8 @@ def cmd_serve(args) -> int:
     server = make_server(
         iv, args.host, args.port, db=args.db, allow_remote=args.allow_remote, allowed_hosts=tuple(args.allowed_host)
     )
-    host, port = server.server_address[:2]
     try:
-        print(
-            f"InversionView viewer for {iv.run_dir} at http://{f'[{host}]' if ':' in host else host}:{port}/  "
-            "(Ctrl-C stops it)",
-            flush=True,
-        )
+        print(f"InversionView viewer for {iv.run_dir} at {server.url}  (Ctrl-C stops it)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -12,7 +12,7 @@ Routes (JSON in and out; a bad request gets a 4xx with ``{"error": "one line"}``
 user error or malformed JSON, 403 for a request addressed to another host name, 404 for an unknown route or
 file, 405 for a wrong or unknown method, 408 for a request whose head or body does not arrive in time, 413 for
 an oversized body, 415 for a POST body not sent as ``application/json``, 429 when the reading queue is full or
-a reading waited too long; a GET route also answers HEAD):
+a reading waited too long, 431 for a request head over 16 KiB; a GET route also answers HEAD):
 
 =======  ======================  ============================================================================
 GET      ``/``                   the page
@@ -32,7 +32,10 @@ GET      ``/api/stored/ID``      one stored reading, as ``/api/query`` returns i
 =======  ======================  ============================================================================
 
 Readings run one at a time, in order of arrival, in one worker thread (:class:`ReadingQueue`); a reading whose
-client goes away while it waits is dropped. Parsing and rendering big bodies (reports, epsilon changes, stored
+client goes away while it waits is dropped. At most :attr:`Limits.queue` (8) wait: beyond them a reading is refused
+at once with 429 and ``Retry-After`` (the line's expected time, from the readings' mean duration), rather than
+waiting many minutes in a long line (a burst of 50 readings of 1,024 samples on 2 busy cores waited up to 900 s;
+``benchmarks/bench_serve.py --part burst``). Parsing and rendering big bodies (reports, epsilon changes, stored
 readings) run in a second thread, and everything else on the event loop, so the page stays responsive while
 readings run. Every request is bounded in size (:data:`MAX_BODY`, :data:`MAX_REPORT_BODY`, 16 KiB of head) and
 in time (:class:`Limits`). When the queue runs dry the worker hands freed memory back to the system
@@ -47,6 +50,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import random
 import socket
 import threading
@@ -82,6 +86,7 @@ MAX_TEXT = 1000  # characters of a query input
 QUERY_FIELDS = ("text", "site", "position", "ticket")  # a query's fields besides its settings (SamplingSettings)
 MAX_BODY = 64 * 1024  # bytes of a request body, except a report's
 MAX_REPORT_BODY = 64 * 1024 * 1024  # a report carries the pinned readings' JSON (~0.5 MB each at 1024 samples)
+MAX_HEAD = 16 * 1024  # bytes of a request's line and headers (h11 refuses a longer one only while it trickles in)
 DRAIN = 1024 * 1024  # a refused body of up to this many bytes is read (and dropped) before the answer
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TYPES = {
@@ -105,7 +110,7 @@ class Limits:
     head_seconds: float = 10.0  # from a connection's first byte (or the previous response) to a whole request head
     body_seconds: float = 60.0  # to receive a request's body
     idle_seconds: float = 5.0  # an idle keep-alive connection is closed
-    queue: int = 64  # readings waiting (beyond the one running); more are refused with 429
+    queue: int = 8  # readings waiting (beyond the one running); more are refused at once with 429 and Retry-After
     wait_seconds: float = 900.0  # a reading still waiting after this long is dropped with 429
 
 
@@ -167,8 +172,11 @@ class ReadingQueue:
     page's, to show its place in line) and can be cancelled until it starts. When the queue runs dry the freed
     memory is handed back (:func:`trim_memory`)."""
 
+    SECONDS = 5.0  # what a reading is taken to last before one has run (1,024 samples on a busy 2-core machine)
+
     def __init__(self, limit: int):
         self.limit, self.done, self.cancelled = limit, 0, 0
+        self.seconds = self.SECONDS  # a running mean of how long the readings took (Retry-After)
         # (ticket, future, job); (None, None, None) tells the worker to stop
         self.waiting: deque[tuple[str | None, Future | None, Callable[[], object] | None]] = deque()
         self.running: str | None | bool = False  # the running job's ticket (None: it has none); False: idle
@@ -180,14 +188,20 @@ class ReadingQueue:
         fut: Future = Future()
         with self.cond:
             if len(self.waiting) >= self.limit:
+                after = self.retry_after()
                 raise Reject(
                     429,
-                    f"{len(self.waiting)} readings are waiting, the most this viewer queues: "
-                    "try again when some have finished",
+                    f"{len(self.waiting)} readings are waiting, the most this viewer queues: try again in about "
+                    f"{after} s, when some have finished",
+                    {"Retry-After": str(after)},
                 )
             self.waiting.append((ticket, fut, fn))
             self.cond.notify()
         return fut
+
+    def retry_after(self) -> int:
+        """Seconds until the line has moved on by the waiting readings and the running one (at their mean time)."""
+        return max(1, math.ceil(self.seconds * (len(self.waiting) + (self.running is not False))))
 
     def cancel(self, fut: Future) -> bool:
         """Drop a reading that has not started; False once it runs (it finishes, and nobody reads it)."""
@@ -238,6 +252,7 @@ class ReadingQueue:
                 assert fn is not None  # a job has its function; only the stop signal has none
                 self.running = ticket
             result = error = None
+            t0 = time.perf_counter()
             if ran := fut.set_running_or_notify_cancel():
                 try:
                     result = fn()
@@ -245,6 +260,8 @@ class ReadingQueue:
                     error = e
             with self.cond:
                 self.running, self.done = False, self.done + ran
+                if ran and error is None:
+                    self.seconds = 0.7 * self.seconds + 0.3 * (time.perf_counter() - t0)
                 idle = not self.waiting
             if ran:
                 fut.set_exception(error) if error is not None else fut.set_result(result)
@@ -681,11 +698,17 @@ class Protocol(H11Protocol):
         self._arm()
 
     def _arm(self):
-        self._armed_cycle, self._got = self.cycle, False
+        self._armed_cycle, self._got, self._head = self.cycle, False, b""
         self._deadline = self.loop.call_later(self.head_seconds, self._head_timeout)
 
     def data_received(self, data: bytes) -> None:
         self._got = True
+        if self._head is not None:  # the next request's head, until its blank line: at most MAX_HEAD bytes
+            self._head += data
+            end = self._head.find(b"\r\n\r\n")
+            if (end + 4 if end >= 0 else len(self._head)) > MAX_HEAD:
+                return self._refuse(431, f"the request's head is over {MAX_HEAD // 1024} KiB")
+            self._head = None if end >= 0 else self._head
         super().data_received(data)
         if self.cycle is not self._armed_cycle:  # a whole head arrived: the app's own limits take over
             self._deadline.cancel()
@@ -704,11 +727,18 @@ class Protocol(H11Protocol):
         if self.transport.is_closing() or self.cycle is not self._armed_cycle:
             return
         if self._got and self.conn.our_state is h11.IDLE:
-            body = json.dumps({"error": f"the request's head did not arrive within {self.head_seconds:g} s"}).encode()
-            self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-            )
+            return self._refuse(408, f"the request's head did not arrive within {self.head_seconds:g} s")
+        self.transport.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer ``status`` with one line of JSON before any request reached the app, and close."""
+        self._deadline.cancel()
+        body = json.dumps({"error": message}).encode()
+        reason = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}[status]
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, reason, len(body), body)
+        )
         self.transport.close()
 
 
@@ -716,8 +746,8 @@ class ViewerServer:
     """The viewer's server on a bound socket: :meth:`serve_forever` (in any thread; in the main thread SIGINT and
     SIGTERM stop it gracefully), :meth:`shutdown` from another thread, :meth:`server_close` when done."""
 
-    def __init__(self, viewer: Viewer, sock: socket.socket, names: frozenset[str]):
-        self.viewer, self.socket, self.names = viewer, sock, names
+    def __init__(self, viewer: Viewer, sock: socket.socket, names: frozenset[str], allowed: tuple[str, ...] = ()):
+        self.viewer, self.socket, self.names, self.allowed = viewer, sock, names, allowed
         self.server_address = sock.getsockname()
         limits = viewer.limits
         protocol = type("Protocol", (Protocol,), {"head_seconds": limits.head_seconds})
@@ -733,6 +763,15 @@ class ViewerServer:
         )
         self.uvicorn = Server(config)
         self.serving, self.stopped = threading.Event(), threading.Event()
+
+    @property
+    def url(self) -> str:
+        """The page's address, as the Host check accepts it: the bound address; for a wildcard (0.0.0.0, ::) the
+        first ``allowed_hosts`` name, else 127.0.0.1 (every loopback name is answered)."""
+        host, port = self.server_address[:2]
+        if host in ("0.0.0.0", "::", ""):
+            host = self.allowed[0] if self.allowed else "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
     def serve_forever(self) -> None:
         self.serving.set()
@@ -803,7 +842,7 @@ def make_server(
             sock.getsockname()[1],
             ", ".join(sorted(names)),
         )
-    return ViewerServer(viewer, sock, names)
+    return ViewerServer(viewer, sock, names, tuple(n.strip().lower() for n in allowed_hosts if n.strip()))
 
 
 def _is_loopback(address: str) -> bool:
