@@ -158,14 +158,16 @@ def test_query_terminal_output_has_epsilon_rule(run_dir, capsys):
     for i, dist in samples:  # inside epsilon above the rule, outside below it
         assert (dist <= 0.5) == (i < rule[0])
     m = re.search(
-        r"^48 candidates, (\d+) distinct, (\d+) distinct inside epsilon; true fraction of candidates inside "
-        r"epsilon: [\d.]+%(; \d+ dropped \(a PAD or EOS inside: no input\))?$",
+        r"^48 candidates, (\d+) distinct among them(?: \(\+(\d+) met by the chains\))?; (\d+) distinct samples "
+        r"inside epsilon; true fraction of candidates inside epsilon: [\d.]+%"
+        r"(; \d+ dropped \(a BOS, PAD or EOS inside: no input\))?$",
         out,
         re.M,
     )
-    assert m
-    if int(m.group(1)) > len(samples):
-        assert f"({int(m.group(1)) - len(samples)} more distinct samples not shown;" in out
+    assert m and int(m.group(1)) <= 48
+    rows = int(m.group(1)) + int(m.group(2) or 0)
+    if rows > len(samples):
+        assert f"({rows - len(samples)} more distinct samples not shown;" in out
 
 
 def test_subprocess_query(run_dir):

@@ -331,4 +331,4 @@ def test_a_sample_with_pad_inside_is_dropped_and_counted():
     assert pre.fraction_inside == pytest.approx(4 / 8)
     from inversionview.viewer.terminal import render
 
-    assert "4 dropped (a PAD or EOS inside: no input)" in render(pre, colour=False)
+    assert "4 dropped (a BOS, PAD or EOS inside: no input)" in render(pre, colour=False)

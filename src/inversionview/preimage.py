@@ -301,6 +301,7 @@ def _distinct(probed: ProbedModel, seqs: list[list[int]]) -> tuple[Counter, int]
     eos = probed.tokenizer.eos_id
     special = set(probed.non_input_ids)
     kept = [x for x in seqs if not special.intersection(x[1:-1] if x[-1] == eos else x[1:])]
+    kept = [x for x in kept if probed.tokenizer.round_trips(x)]  # its text re-encodes to it (no BOS inside, ...)
     return Counter(tuple(x) for x in kept), len(seqs) - len(kept)
 
 

@@ -1,8 +1,9 @@
 """Tokenizers for probed models: a character-level vocabulary described in a config, or an HF tokenizer.
 
 Both expose the same small interface: ``encode`` (text -> ids, with BOS and, where the vocabulary has
-one, EOS), ``tokens`` (ids -> token strings), ``text`` (ids -> the user-facing text) and the ids of the
-special tokens. Positions are always counted in tokens, BOS being position 0.
+one, EOS), ``tokens`` (ids -> token strings), ``text`` (ids -> the user-facing text), ``round_trips`` (whether
+ids are what ``encode`` gives for their text: a reading keeps only such samples, so that the text it shows is the
+input it scored) and the ids of the special tokens. Positions are always counted in tokens, BOS being position 0.
 
 ``appends_eos`` says whether ``encode`` ends an input with EOS (a character vocabulary does; an HF
 tokenizer does not). Where it does not, the decoder still learns to end its samples: its training target
@@ -98,6 +99,15 @@ class CharVocab:
         special = (self.bos_id, self.eos_id, self.pad_id)
         return "".join(self.tokens[int(i)] for i in ids if int(i) not in special)
 
+    def round_trips(self, ids) -> bool:
+        """Whether ``ids`` are what :meth:`encode` gives for their :meth:`text`, the EOS that ends them aside (no
+        distance is taken there): BOS first, then no special token (a BOS, EOS or PAD inside would vanish from the
+        text, and the text a user copies would be another input)."""
+        ids = [int(i) for i in ids]
+        body = ids[1:-1] if len(ids) > 1 and ids[-1] == self.eos_id else ids[1:]
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        return bool(ids) and ids[0] == self.bos_id and not special.intersection(body)
+
 
 class HFTokenizer:
     """A ``transformers`` tokenizer: BOS is prepended where the tokenizer has one; no EOS is appended.
@@ -123,6 +133,16 @@ class HFTokenizer:
 
     def text(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids if int(i) not in (self.bos_id, self.pad_id)])
+
+    def round_trips(self, ids) -> bool:
+        """Whether no special token that :meth:`text` leaves out stands inside ``ids`` (after the BOS; an ending
+        EOS aside): a BOS or PAD inside vanishes from the text. A split the tokenizer would not make (``"h"
+        "ello"``) is not caught here: an untrained decoder proposes little else, and dropping them would leave its
+        readings empty (the sample is shown by its tokens as well as its text)."""
+        ids = [int(i) for i in ids]
+        start = 1 if self.bos_id is not None and ids[:1] == [self.bos_id] else 0
+        body = ids[start:-1] if len(ids) > start and ids[-1] == self.eos_id else ids[start:]
+        return not {self.bos_id, self.pad_id, self.eos_id}.intersection(body)
 
     def to_dict(self) -> None:
         return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 
 from ..summary import distribution_line, sources_line
 
@@ -54,10 +55,14 @@ def render(pre, limit: int = 20, colour: bool | None = None) -> str:
             "attention from the query position: "
             + ", ".join(f"{pre.tokens[i]!r}@{i} {pre.attention[i]:.2f}" for i in top)
         )
+    own = sum(1 for s in pre.samples if s.count > 0)  # the candidates' distinct inputs; the others joined them
+    joined = Counter(s.source for s in pre.samples if s.count == 0)
     lines.append(
-        f"{pre.n_candidates} candidates, {len(pre.samples)} distinct, {inside} distinct inside epsilon; "
-        f"true fraction of candidates inside epsilon: {pre.fraction_inside:.1%}"
-        + (f"; {d} dropped (a PAD or EOS inside: no input)" if (d := pre.settings.get("dropped")) else "")
+        f"{pre.n_candidates} candidates, {own} distinct among them"
+        + "".join(f" (+{n} met by {'the chains' if k == 'chain' else f'the {k}'})" for k, n in sorted(joined.items()))
+        + f"; {inside} distinct samples inside epsilon; true fraction of candidates inside epsilon: "
+        + f"{pre.fraction_inside:.1%}"
+        + (f"; {d} dropped (a BOS, PAD or EOS inside: no input)" if (d := pre.settings.get("dropped")) else "")
     )
     lines.append(distribution_line(pre))
     if src := sources_line(pre):
