@@ -1,75 +1,69 @@
-"""Fidelity of readings against exact preimages: the measure of record for faithful readings (issue 10).
+"""Fidelity of readings against true preimages: the measure of record for faithful readings (issues 10, 28).
 
 For the built-in enumerable tasks and the shipped models, compute the true epsilon-preimage of random held-out
-queries by scanning, then read the same queries with the default reading (the decoder's Auto mix, then chains on the preimage; run for all
-queries of a site at once, as ``explain`` runs it, and also one query at a time for --timed queries per site, to time
-it and count the members it finds) and compare, per feature of the task,
-the share of members that have the query's value (the FCR of one query):
+queries (drawn with --seed, which every figure names), then read the same queries with the default reading (the
+decoder's Auto mix, then chains on the preimage; run for all queries of a site at once, as ``explain`` runs it, and
+also one query at a time for --timed queries per site, to time it and count the members it finds) and compare,
+per feature of the task, the share of members that have a value: the query's value (the FCR of one query) and
+every value a summary prints (a feature's top values among the reading's states and members met).
 
-- addition: all 810,000 inputs (exact);
-- counting: --stratum inputs of every length 3..27, drawn from the generator conditioned on the length (a
-  preimage at the target character is mostly inputs of the query's length and some of the lengths next to it,
-  rare under the generator); strata are weighted by their exact probability and each true share comes with its
-  standard error (delta method).
+- addition: all 810,000 inputs scanned (exact);
+- counting (benchmarks/_truth.py): cells of exact probability under the generator (length x t_q's count x how the
+  letter set and target relate to the query's), a pool of --stratum plain draws per length for every query, then
+  draws conditioned on each query's cells (a pilot where the letter set shares two letters with the query's, then
+  Neyman allocation over the cells with members and their neighbours) until each feature's share of the query's
+  value is known to +-(--truth-target) or --truth-budget draws are spent; post-stratified, each true share with a
+  standard error; the mass of the cells where no member was found is bounded (rule of three).
 
+A true share is known where the scan holds at least 40 members (counting) and its 95% half-width is at most 0.05.
 The scan is written here from scratch (tokens, the probed model's forward up to the site, distances, masks) and
 shares no code with the reading it checks, except the probed model's forward pass and the feature definitions.
 
-Prints per site and overall: the mean and max |FCR(reading) - FCR(true)| over queries and features (the max over
-those whose true share is known to within +-0.05), shared-claim violations (the summary calls a feature shared
-whose true share is below 0.75), how often the reading's 95% interval holds the true share, the recall of
-distinct true members (addition) and the time per reading: warm (the site's generator draws cached by the
-readings before, as in the viewer or a batch) and cold (none cached).
+Prints per site and overall, each line with its seed: over the rows of the query's own values, the mean and max
+|FCR(reading) - FCR(true)| over known rows, the known rows over 0.15, the unknown rows (and how many a plain pool
+alone leaves unknown; each one listed with its members and half-width); over every printed share whose truth is
+known, how often the reading's 95% interval holds it; false "shared" claims (the summary would call a value shared
+whose true share is below 0.75 by more than its error); the recall of distinct true members (addition) and times.
 
-    python benchmarks/bench_fidelity.py [--task counting|addition|both] [--queries 32] [--sites a0.0,a1.0]
-                                        [--chains 32] [--baseline]
+    python benchmarks/bench_fidelity.py --seed N [--task counting|addition|both] [--queries 32] [--sites a0.0,a1.0]
+                                        [--chains 32] [--baseline] [--validate]
 
 ``--baseline`` also reads each query with the decoder's samples alone (``chains=0``, the paper's reading).
-Bars: mean <= 0.03 and max <= 0.15 on both tasks with >= 32 queries per site; no violation.
+``--validate`` checks the counting truth (by hand, by enumeration, and against a much larger plain scan).
+Bars (issue 28): on a seed never used before, 32 queries per site: mean <= 0.03 and max <= 0.15 over known rows,
+>= 90 % of rows known, no false "shared", intervals holding the truth in >= 90 % of printed shares.
 """
 
 import argparse
+import hashlib
 import json
 import math
 import random
 import statistics
+import sys
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import product
 from pathlib import Path
 
+import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+import _truth  # noqa: E402
+from _truth import MIN_MEMBERS, Z  # noqa: E402
 from inversionview import InversionView, explore
-from inversionview.explore import CHAINS, share, wilson
+from inversionview.explore import CHAINS, share
 from inversionview.features import builtin_features, preimages
-from inversionview.summary import is_shared
+from inversionview.summary import EXAMPLES, SHARED, is_shared
 from inversionview.tasks.addition import Addition
 from inversionview.tasks.counting import Counting
 
 SURE_HALF_WIDTH = 0.05  # a true share counts for the max when its 95% half-width is at most this
 MAX_BAR = 0.15  # issue 10's bar on the max error: rows over it are counted
 VIOLATION = 0.75
-MIN_MEMBERS = 40  # scanned members below which a true share is not known
+UNSEEN = 0.1  # a known row is flagged where the cells without a member found may hold more of the preimage than this
 TASKS = {"addition": Addition, "counting": Counting}  # whose class constants --set may change (addition.draws)
-
-
-def length_probability(length: int) -> float:
-    """P(the counting generator draws ``length`` letters): counts are three independent uniform draws from 1..9."""
-    return sum(1 for c in product(range(1, 10), repeat=3) if sum(c) == length) / 729
-
-
-def counting_with_length(rng: random.Random, length: int) -> str:
-    """A counting input drawn from the generator conditioned on its number of letters."""
-    from inversionview.tasks.counting import LETTERS
-
-    triples = [c for c in product(range(1, 10), repeat=3) if sum(c) == length]
-    counts = rng.choice(triples)
-    letters = rng.sample(LETTERS, 3)
-    seq = [c for c, n in zip(letters, counts) for _ in range(n)]
-    rng.shuffle(seq)
-    k = rng.randrange(3)
-    return f"{''.join(seq)}|{letters[k]}:{counts[k]}"
 
 
 def encode(vocab, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,64 +93,85 @@ def scan(iv, site, zq: torch.Tensor, texts: list[str], epsilon: float, chunk: in
     return torch.cat(inside, 1)
 
 
-def pool(task, n_stratum: int, seed: int = 7):
-    """Scan inputs with their weights: addition, all inputs (weight 1); counting, n_stratum inputs of every length
-    3..27, each weighted by its length's exact probability over n_stratum. A preimage at the target character holds
-    mostly inputs of the query's length, but often some of the lengths next to it: a plain generator scan meets
-    few of those where they are rare, and calls a share known that leaves them out."""
-    if task.name == "addition":
-        texts = list(task.all_inputs())
-        return texts, torch.ones(len(texts))
-    rng = random.Random(seed)
-    texts = [counting_with_length(rng, L) for L in range(3, 28) for _ in range(n_stratum)]
-    w = torch.tensor([length_probability(L) / n_stratum for L in range(3, 28) for _ in range(n_stratum)])
-    return texts, w
+def counting_truth(iv, site, qs: list[str], poss: list[int], zq, feats, args, seed: str):
+    """Counting's truth (benchmarks/_truth.py): a pool of plain draws per length, then draws conditioned on each
+    query's cells (length x target count x relation of the letter set and target to the query's) until every
+    feature's share of the query's value is known to +-args.truth_target or args.truth_budget draws are spent.
+    Also returns, per query, which features' shares were known from the plain pool alone (the truth before)."""
+    tr = _truth.Counting(
+        iv, site, qs, poss, zq, iv.spec.epsilon, seed=int(hashlib.sha1(seed.encode()).hexdigest()[:8], 16)
+    )
+    tr.pool(args.stratum)
+
+    def status(q):
+        out = {}
+        for k, f in feats.items():
+            vq = f(qs[q])
+            r, se, m = tr.share(q, k, f, vq)
+            out[k] = (m, Z * se)
+        return out
+
+    def done(st):
+        return all(m >= MIN_MEMBERS and hw <= args.truth_target for m, hw in st.values())
+
+    before = [status(q) for q in range(len(qs))]
+    pilot = {q: tr.pilot(q) for q in range(len(qs)) if not done(before[q])}
+    tr.targeted(pilot)
+    spent = {q: sum(pilot.get(q, {}).values()) for q in range(len(qs))}
+    while True:
+        active = [q for q in range(len(qs)) if spent[q] < args.truth_budget and not done(status(q))]
+        plan = {q: tr.plan(q, min(args.truth_round, args.truth_budget - spent[q])) for q in active}
+        plan = {q: p for q, p in plan.items() if p}
+        if not plan:
+            break
+        tr.targeted(plan)
+        for q, p in plan.items():
+            spent[q] += sum(p.values())
+    return tr, before
 
 
-def truth(inside: torch.Tensor, match: torch.Tensor, w: torch.Tensor, exact: bool) -> tuple[float | None, float]:
-    """The weighted share of ``match`` among ``inside`` rows and its standard error: 0 where the scan covered every
-    input (``exact``: addition), the share of a finite preimage being then known however small it is; else the
-    larger of the delta
-    method's over the strata (which have constant weights within; counting's lengths L and 30 - L, of equal
-    probability, are pooled there, which overstates the error a little) and a binomial one at the members' effective
-    number (Kish: (sum w)^2 / sum w^2), so that a share of 0 or 1 among few members is not taken as known;
-    infinite below MIN_MEMBERS members, where it means nothing."""
-    m = inside.float() * w
-    den = m.sum()
-    if den == 0:
-        return None, math.inf
-    r = float((m * match).sum() / den)
-    if exact:
-        return r, 0.0
-    if int(inside.sum()) < MIN_MEMBERS:
-        return r, math.inf
-    var = 0.0
-    for wv in w.unique():
-        if wv == 0:
-            continue
-        rows = w == wv
-        n_h = int(rows.sum())
-        resid = inside[rows].float() * (match[rows].float() - r)
-        var += float((wv * n_h) ** 2 * resid.var(unbiased=True) / n_h) if n_h > 1 else 0.0
-    n_eff = float(den) ** 2 / float((m * m).sum())
-    lo, hi = wilson(r, n_eff)
-    return r, max(math.sqrt(var) / float(den), (hi - lo) / 2 / 1.96)
+def printed_values(states, f) -> list:
+    """The values of feature ``f`` whose shares a summary estimates for a reading's states: its top EXAMPLES values,
+    counted over the states and the members met (as summary.items)."""
+    met = [x for x, _ in getattr(states, "members", ())]
+    counts = Counter(safe(f, x) for s in states for x in s) + Counter(safe(f, x) for x in met)
+    return [v for v, _ in counts.most_common(EXAMPLES)]
+
+
+def printed(tops: dict) -> set:
+    """Of a feature's top values with their estimated shares, those the summary prints (as summary.summarize): the
+    largest alone where its share is at least SHARED (shared or unsure), else each ("varies")."""
+    vs = sorted((v for v, e in tops.items() if e is not None), key=lambda v: -tops[v].share)
+    return set(vs[:1] if vs and tops[vs[0]].share >= SHARED else vs)
+
+
+def safe(f, x):
+    try:
+        return f(x)
+    except Exception:
+        return None
 
 
 def run_task(name: str, args) -> dict:
     iv = InversionView.load(f"shipped:{name}")
     task, eps = iv.task, iv.spec.epsilon
     feats = builtin_features(task)
-    sites = args.sites.split(",") if args.sites else list(iv.spec.sites)
+    sites = args.sites.split(",") if args.sites else list(getattr(task, "sites", None) or iv.spec.sites)
     rng = random.Random(args.seed)
+    tag = f"seed {args.seed}"
     qs = {
         s: [task.sample(r, "test") for r in [random.Random(f"{args.seed}:{s}")] for _ in range(args.queries)]
         for s in sites
-    }  # each site's queries depend on the site alone, so runs on a subset of sites compare
-    t0 = time.perf_counter()
-    texts, weights = pool(task, args.stratum)
-    values = {k: [f(t) for t in texts] for k, f in feats.items()}
-    print(f"{name}: scan pool of {len(texts):,} inputs ({time.perf_counter() - t0:.0f} s to build)")
+    }  # each site's queries depend on the seed and the site alone, so runs on a subset of sites compare
+    if name == "addition":
+        t0 = time.perf_counter()
+        texts = list(task.all_inputs())
+        codes = {}
+        for k, f in feats.items():
+            vals = [f(t) for t in texts]
+            index = {v: i for i, v in enumerate(dict.fromkeys(vals))}
+            codes[k] = (index, torch.tensor([index[v] for v in vals]))
+        print(f"{name} [{tag}]: all {len(texts):,} inputs scanned ({time.perf_counter() - t0:.0f} s to build)")
     rows = defaultdict(list)
     modes = ("chains", "decoder") if args.baseline else ("chains",)
     for site in sites:
@@ -165,7 +180,25 @@ def run_task(name: str, args) -> dict:
         b = iv.probed.batch([iv.probed.encode(t) for t in qs[site]])
         zq = iv.probed.run(b.ids, [s])[s].float()[torch.arange(len(poss)), torch.tensor(poss)]
         t0 = time.perf_counter()
-        inside = scan(iv, s, zq, texts, eps)
+        if name == "addition":
+            inside = scan(iv, s, zq, texts, eps)
+
+            def true_share(q, k, v, inside=inside):
+                index, code = codes[k]
+                m = inside[q]
+                n = int(m.sum())
+                if not n or v not in index:
+                    return (None, math.inf, n) if not n else (0.0, 0.0, n)
+                return float((code[m] == index[v]).float().mean()), 0.0, n
+
+            before, bound = None, None
+        else:
+            tr, before = counting_truth(iv, site, qs[site], poss, zq, feats, args, f"{args.seed}:truth:{site}")
+
+            def true_share(q, k, v, tr=tr):
+                return tr.share(q, k, feats[k], v)
+
+            bound = [tr.bounds(q) for q in range(len(poss))]
         t_scan = time.perf_counter() - t0
         for mode in modes:
             t0 = time.perf_counter()
@@ -182,19 +215,29 @@ def run_task(name: str, args) -> dict:
             for q, text in enumerate(qs[site]):
                 for k, f in feats.items():
                     vq = f(text)
-                    tr, se = truth(inside[q], torch.tensor([v == vq for v in values[k]]), weights, name == "addition")
-                    est = share(chains[q], lambda x: f(x) == vq)
-                    if tr is None or est is None:
-                        continue
-                    rows[(mode, site)].append(
-                        dict(
-                            err=abs(est.share - tr),
-                            sure=1.96 * se <= SURE_HALF_WIDTH,
-                            violation=is_shared(est) and tr + 1.96 * se < VIOLATION,
+                    top = printed_values(chains[q], f)
+                    ests = {v: share(chains[q], lambda x, f=f, v=v: safe(f, x) == v) for v in dict.fromkeys([vq, *top])}
+                    shown = printed({v: ests[v] for v in top})
+                    for v, est in ests.items():
+                        tr_, se, members = true_share(q, k, v)
+                        if tr_ is None or est is None:
+                            continue
+                        known = members >= (1 if name == "addition" else MIN_MEMBERS) and Z * se <= SURE_HALF_WIDTH
+                        row = dict(
+                            fcr=v == vq,
+                            printed=v in shown,
+                            err=abs(est.share - tr_),
+                            sure=known,
+                            violation=is_shared(est) and tr_ + Z * se < VIOLATION,
+                            held=est.low - 1e-9 <= tr_ <= est.high + 1e-9,
                             time=t_batch,
                             feature=k,
+                            value=str(v),
                             query=text,
-                            truth=tr,
+                            position=poss[q],
+                            truth=tr_,
+                            se=se,
+                            members=members,
                             read=est.share,
                             low=est.low,
                             high=est.high,
@@ -204,7 +247,12 @@ def run_task(name: str, args) -> dict:
                             site=site,
                             mode=mode,
                         )
-                    )
+                        if before is not None and v == vq:
+                            m0, hw0 = before[q][k]
+                            row["known_before"] = m0 >= MIN_MEMBERS and hw0 <= SURE_HALF_WIDTH
+                        if bound is not None:
+                            row["mass"], row["near"], row["far"] = bound[q]
+                        rows[(mode, site)].append(row)
             for q in range(min(args.timed, len(poss))):  # the default reading, one query at a time: time and recall
                 explore._DRAWN.entries.clear()  # cold: this site's generator draws run through the probed model again
                 t0 = time.perf_counter()
@@ -224,7 +272,7 @@ def run_task(name: str, args) -> dict:
                     samples=args.samples,
                     chains=args.chains if mode == "chains" else 0,
                 )
-                size = int(inside[q].sum())
+                size = int(inside[q].sum()) if name == "addition" else 0
                 found = (
                     pre.chains["distinct"]
                     if pre.chains
@@ -237,33 +285,169 @@ def run_task(name: str, args) -> dict:
                         recall=found / size if name == "addition" and size else None,
                     )
                 )
-        print(
-            f"  {site}: scanned in {t_scan:.1f} s; " + "; ".join(report(rows[(m, site)], m) for m in modes), flush=True
-        )
-        for r in sorted((r for r in rows[("chains", site)] if r.get("sure")), key=lambda r: -r["err"])[:1]:
+        extra = ""
+        if name == "counting":
+            extra = (
+                f" ({tr.draws:,} draws: {25 * args.stratum:,} plain, the rest conditioned on cells; "
+                f"missing-mass bound, median/max over queries: near cells {statistics.median(b[1] for b in bound):.3f}/"
+                f"{max(b[1] for b in bound):.3f}, far cells {statistics.median(b[2] for b in bound):.3f}/"
+                f"{max(b[2] for b in bound):.3f})"
+            )
+        print(f"  {site} [{tag}]: truth in {t_scan:.1f} s{extra}", flush=True)
+        for m in modes:
+            print(f"    {report(rows[(m, site)], m)}", flush=True)
+        unknown = [r for r in rows[("chains", site)] if r.get("fcr") and not r["sure"]]
+        if unknown and name == "counting":
             print(
-                f"    worst: {r['query']} {r['feature']}: read {r['read']:.2f} [{r['low']:.2f}, {r['high']:.2f}], true {r['truth']:.2f}"
+                f"    unknown [{tag}]: "
+                + "; ".join(
+                    f"{r['query']} @{r['position']} {r['feature']} ({r['members']} members, +-{Z * r['se']:.3f})"
+                    for r in unknown
+                )
+            )
+        for r in sorted((r for r in rows[("chains", site)] if r.get("sure") and r.get("fcr")), key=lambda r: -r["err"])[
+            :1
+        ]:
+            print(
+                f"    worst [{tag}]: {r['query']} (position {r['position']}) {r['feature']}: read {r['read']:.3f} "
+                f"[{r['low']:.3f}, {r['high']:.3f}], true {r['truth']:.3f} +- {Z * r['se']:.3f}"
             )
         if name == "addition" and "chains" in modes:  # why a query is over the bar: the pieces its reading missed
-            over = dict.fromkeys(r["query"] for r in rows[("chains", site)] if r.get("sure") and r["err"] > MAX_BAR)
+            over = dict.fromkeys(
+                r["query"] for r in rows[("chains", site)] if r.get("fcr") and r.get("sure") and r["err"] > MAX_BAR
+            )
             for q, text in enumerate(qs[site]):
                 if text in over:
                     members = [texts[i] for i in inside[q].nonzero().flatten().tolist()]
                     print(f"    over {MAX_BAR}: {text}: {pieces(task, members, getattr(chains[q], 'members', []))}")
     out = {}
-    for mode in ("chains", "decoder") if args.baseline else ("chains",):
+    for mode in modes:
         allr = [r for (m, _), v in rows.items() if m == mode for r in v]
-        print(f"{name} overall [{mode}]: {report(allr, mode)}")
+        print(f"{name} overall [{tag}]: {report(allr, mode)}")
         if mode == "chains":
-            print(f"    by distinct starts: {by_starts(allr)}")
-        worst = sorted((r for r in allr if r.get("sure")), key=lambda r: -r["err"])[:3]
+            print(f"    by distinct starts [{tag}]: {by_starts(allr)}")
+        worst = sorted((r for r in allr if r.get("sure") and r.get("fcr")), key=lambda r: -r["err"])[:3]
         for r in worst:
             print(
-                f"    worst: {r['site']} {r['query']} {r['feature']}: read {r['read']:.2f} "
-                f"[{r['low']:.2f}, {r['high']:.2f}], true {r['truth']:.2f}"
+                f"    worst [{tag}]: {r['site']} {r['query']} (position {r['position']}) {r['feature']}: read "
+                f"{r['read']:.3f} [{r['low']:.3f}, {r['high']:.3f}], true {r['truth']:.3f} +- {Z * r['se']:.3f}"
             )
         out[mode] = allr
     return out
+
+
+def validate(args) -> None:
+    """Checks of the counting truth (--validate): the estimator on a case computed by hand, the cells' exact
+    probabilities against an enumeration of the generator's choices, every cell's draws against the cell they were
+    drawn for, and the post-stratified shares of a few queries against a much larger plain scan (the task's own
+    generator given the length, weighted by the length's probability)."""
+    tag = f"seed {args.seed}"
+    # 1. the estimator by hand: cell 0 (mass 0.2) drew 4 inputs, 2 members (match 1, 0); cell 1 (mass 0.8) drew 10,
+    # 1 member (match 1). Share = (0.2/4 * 1 + 0.8/10 * 1) / (0.2/4 * 2 + 0.8/10 * 1) = 0.13 / 0.18 = 13/18. With
+    # y = inside * (match - r): cell 0 has y = 5/18, -13/18, 0, 0: mean -2/18, variance (sum y^2 - 4 mean^2) / 3 =
+    # (25 + 169 - 4 * 4) / 324 / 3 = 178/972; cell 1 has y = 5/18 and nine 0: variance (25/324 - 25/3240) / 9 =
+    # 25/3240. Var(share) = (0.2^2 * 178/972 / 4 + 0.8^2 * 25/3240 / 10) / 0.18^2.
+    mass = np.array([0.2, 0.8])
+    r, se, k = _truth.stratified(np.array([0, 0, 1]), np.array([1.0, 0.0, 1.0]), np.array([4.0, 10.0]), mass)
+    delta = math.sqrt((0.04 * 178 / 972 / 4 + 0.64 * 25 / 3240 / 10) / 0.18**2)
+    w = np.array([0.05, 0.05, 0.08])
+    lo, hi = _truth.wilson(13 / 18, w.sum() ** 2 / (w * w).sum())
+    assert abs(r - 13 / 18) < 1e-12 and k == 3, r
+    assert abs(se - max(delta, (hi - lo) / 2 / Z)) < 1e-12, (se, delta, (hi - lo) / 2 / Z)
+    print(
+        f"estimator by hand: share {r:.6f} = 13/18, standard error {se:.6f} (delta method {delta:.6f}, Kish-Wilson {(hi - lo) / 2 / Z:.6f})"
+    )
+    # the rule-of-three bound: zero members in cells of masses 0.1, 0.3, 0.05 drawn 10, 100, 0 times: the never
+    # drawn cell holds up to all its 0.05; then sum n p <= 3 fills cell 0 (mass per draw 0.01) first: p = 0.3 puts
+    # 0.03 there and uses the budget: 0.08 in all
+    b = _truth.missing_bound(np.array([True, True, True]), np.array([10.0, 100.0, 0.0]), np.array([0.1, 0.3, 0.05]))
+    assert abs(b - 0.08) < 1e-12, b
+    print(f"rule-of-three bound by hand: {b:.4f} = 0.05 + 0.1 * 3/10")
+    # 2. the cells' probabilities against an enumeration of the generator's counts (t_q's count where present)
+    enum = defaultdict(float)
+    for n in product(range(1, 10), repeat=3):
+        for rel in np.flatnonzero(_truth.REL_COUNT):
+            enum[(sum(n), n[0] if _truth.HAS_A[rel] else 0, rel)] += _truth.REL_P[rel] / 729
+    cells = {_truth.split(int(h)): _truth.MASS[h] for h in np.flatnonzero(_truth.FEASIBLE)}
+    assert cells.keys() == enum.keys() and all(abs(cells[k] - enum[k]) < 1e-15 for k in enum)
+    assert abs(_truth.MASS.sum() - 1) < 1e-12
+    print(
+        f"cells: {int(_truth.FEASIBLE.sum())} of exact probability, summing to {_truth.MASS.sum():.12f}; (L, c) as enumerated"
+    )
+    # 3. every cell's draws are in the cell, by a string-level reading of their letters, target and counts
+    iv = InversionView.load("shipped:counting")
+    task, feats = iv.task, builtin_features(iv.task)
+    rq = random.Random(f"{args.seed}:validate")
+    qs = [task.sample(rq, "test") for _ in range(4)]
+    site = args.sites.split(",")[0] if args.sites else "a0.0"
+    s = iv.probed.site(site)
+    poss = [task.positions(t)[i % 2] for i, t in enumerate(qs)]
+    b_ = iv.probed.batch([iv.probed.encode(t) for t in qs])
+    zq = iv.probed.run(b_.ids, [s])[s].float()[torch.arange(len(poss)), torch.tensor(poss)]
+    tr = _truth.Counting(iv, site, qs, poss, zq, iv.spec.epsilon, seed=args.seed)
+    for q in range(len(qs)):
+        S, a, _ = tr.queries[q]
+        X = {chr(97 + x) for x in S} - {chr(97 + a)}
+        A = chr(97 + a)
+        for h in np.flatnonzero(_truth.FEASIBLE):
+            L, c, rel = _truth.split(int(h))
+            for row in tr.draw_cell(q, L, c, rel, 3):
+                x = tr._text(row)
+                head, t = task.parse(x)
+                letters = set(head)
+                code = 8 * (0 if t == A else 1 if t in X else 2) + 4 * (A in letters) + len(letters & X)
+                assert (len(head), head.count(A), code) == (L, c, rel), (x, L, c, rel)
+    print(f"draws: 3 in each cell of 4 queries, all in their cell (length, key count, rel read off the text) [{tag}]")
+    # 4. post-stratified shares against a much larger plain scan
+    targs = argparse.Namespace(
+        stratum=args.stratum,
+        truth_budget=args.truth_budget,
+        truth_round=args.truth_round,
+        truth_target=args.truth_target,
+    )
+    tr, _ = counting_truth(iv, site, qs, poss, zq, feats, targs, f"{args.seed}:validate:{site}")
+    near = {L for *_, L in tr.queries}
+    near = {L + d for L in near for d in (-2, -1, 0, 1, 2)}
+    gen = random.Random(f"{args.seed}:plain")
+    k_near, k_far = args.validate_plain, args.validate_plain // 10
+    t0 = time.perf_counter()
+    inside, texts, weights = [], [], []
+    for L in range(3, 28):
+        n = k_near if L in near else k_far
+        xs = [task.generate_in(L, gen) for _ in range(n)]
+        ins = scan(iv, s, zq, xs, iv.spec.epsilon)  # (Q, n)
+        keep = ins.any(0).nonzero().flatten().tolist()
+        inside.append(ins[:, keep])
+        texts += [xs[i] for i in keep]
+        weights += [_truth.PAIRS_L[L] / n] * len(keep)
+    inside = torch.cat(inside, 1)
+    weights = np.array(weights)
+    plain_n = np.array([0.0] * 3 + [k_near if L in near else k_far for L in range(3, 28)])
+    plain_mass = np.array([0.0] * 3 + [_truth.PAIRS_L[L] for L in range(3, 28)])
+    n_plain = sum(k_near if L in near else k_far for L in range(3, 28))
+    print(f"plain scan: {n_plain:,} generator draws given the length ({time.perf_counter() - t0:.0f} s) [{tag}]")
+    zs = []
+    for q, text in enumerate(qs):
+        m = inside[q].numpy()
+        for k, f in feats.items():
+            vq = f(text)
+            r, se, km = tr.share(q, k, f, vq)
+            match = np.array([f(texts[i]) == vq for i in np.flatnonzero(m)], dtype=float)
+            w = weights[m]
+            if len(w) < 2 or r is None:
+                print(f"  {text} (position {poss[q]}) {k}: stratified {r}, plain scan {len(w)} members")
+                continue
+            lens = np.array([len(texts[i].partition("|")[0]) for i in np.flatnonzero(m)])
+            rp, sp, _ = _truth.stratified(lens, match, plain_n, plain_mass)  # cells: the lengths
+            z = (r - rp) / math.sqrt(se**2 + sp**2)
+            zs.append(z)
+            print(
+                f"  {text} (position {poss[q]}) {k}: stratified {r:.3f} +- {Z * se:.3f} ({km} members), plain "
+                f"{rp:.3f} +- {Z * sp:.3f} ({len(w)} members): z = {z:+.2f}"
+            )
+    print(
+        f"validation [{tag}]: {len(zs)} shares, |z| > 1.96 in {sum(abs(z) > Z for z in zs)}, max |z| {max(map(abs, zs)):.2f}"
+    )
 
 
 def pieces(task, members: list[str], met: list[tuple]) -> str:
@@ -286,28 +470,35 @@ def pieces(task, members: list[str], met: list[tuple]) -> str:
 
 
 def report(rows: list[dict], mode: str) -> str:
-    errs = [r["err"] for r in rows if "err" in r]
-    if not errs:
+    """Over the rows of the query's own values (FCR): the mean and max error over known rows, the rows over MAX_BAR,
+    the unknown rows (and how many a plain pool alone left unknown); over every share a summary prints (its top
+    values of each feature): how often the 95% interval holds a known truth, and false "shared" claims."""
+    fcr = [r for r in rows if r.get("fcr")]
+    if not fcr:
         return f"[{mode}] no rows"
-    sure = [r["err"] for r in rows if r.get("sure")]
+    known = [r["err"] for r in fcr if r["sure"]]
+    printed = [r for r in rows if r.get("printed")]
+    held = [r["held"] for r in printed if r["sure"]]
+    held_fcr = [r["held"] for r in fcr if r["sure"]]
+    before = [r for r in fcr if "known_before" in r]
     rec = [r["recall"] for r in rows if r.get("recall") is not None]
     times = [r["reading"] for r in rows if "reading" in r]
     cold = [r["cold"] for r in rows if "cold" in r]
-    held = [r["low"] - 1e-9 <= r["truth"] <= r["high"] + 1e-9 for r in rows if r.get("sure") and "low" in r]
-    held_over = [
-        r["low"] - 1e-9 <= r["truth"] <= r["high"] + 1e-9 for r in rows if r.get("sure") and r["err"] > MAX_BAR
-    ]
+    nan = float("nan")
     return (
-        f"[{mode}] mean |dFCR| {statistics.mean(sure) if sure else float('nan'):.3f} known, "
-        f"{statistics.mean(errs):.3f} all, max {max(sure) if sure else float('nan'):.3f} "
-        f"({len(sure)}/{len(errs)} known to +-{SURE_HALF_WIDTH}), {sum(e > MAX_BAR for e in sure)} known over {MAX_BAR}, "
-        f"violations {sum(r.get('violation', 0) for r in rows)}"
+        f"[{mode}] mean |dFCR| {statistics.mean(known) if known else nan:.3f}, max {max(known) if known else nan:.3f} "
+        f"over {len(known)} known rows of {len(fcr)}; {sum(e > MAX_BAR for e in known)} known over {MAX_BAR}; "
+        f"{len(fcr) - len(known)} unknown"
+        + (f" (a plain pool alone: {sum(not r['known_before'] for r in before)})" if before else "")
         + (
-            f", the 95% interval holds the truth in {statistics.mean(held):.1%} of known rows "
-            f"({sum(held_over)} of the {len(held_over)} over {MAX_BAR})"
-            if held
+            f" ({sum(max(r['near'], r['far']) > UNSEEN for r in fcr if r['sure'])} known rows whose bound on unseen "
+            f"member mass exceeds {UNSEEN})"
+            if "near" in fcr[0]
             else ""
         )
+        + f"; printed shares: the 95% interval holds the truth in {statistics.mean(held) if held else nan:.1%} of "
+        f"{len(held)} known ({len(printed) - len(held)} unknown; FCR rows {statistics.mean(held_fcr) if held_fcr else nan:.1%}); "
+        f"false shared {sum(r.get('violation', 0) for r in rows)}"
         + (f", recall median {statistics.median(rec):.1%}" if rec else "")
         + f", {statistics.mean(r['time'] for r in rows if 'time' in r):.2f} s per query batched"
         + (f", {statistics.median(times):.2f} s per reading (median of {len(times)})" if times else "")
@@ -319,7 +510,7 @@ def by_starts(rows: list[dict]) -> str:
     """The known rows' errors by the number of distinct starts their chains began at (a share's groups)."""
     out = []
     for lo, hi in ((1, 1), (2, 4), (5, 15), (16, math.inf)):
-        e = [r["err"] for r in rows if r.get("sure") and lo <= r["groups"] <= hi]
+        e = [r["err"] for r in rows if r.get("sure") and r.get("fcr") and lo <= r["groups"] <= hi]
         if e:
             name = f"{lo}+" if hi == math.inf else f"{lo}" if lo == hi else f"{lo}-{hi}"
             out.append(f"{name}: {len(e)} rows, mean {statistics.mean(e):.3f}, max {max(e):.3f}")
@@ -334,8 +525,17 @@ def main():
     ap.add_argument("--chains", type=int, default=CHAINS)
     ap.add_argument("--samples", type=int, default=1024, help="decoder candidates per query (the default reading's)")
     ap.add_argument("--timed", type=int, default=4, help="queries per site also read one at a time (time, recall)")
-    ap.add_argument("--stratum", type=int, default=20_000)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stratum", type=int, default=20_000, help="counting: plain draws per length, for every query")
+    ap.add_argument(
+        "--truth-budget", type=int, default=60_000, help="counting: most draws conditioned on one query's cells"
+    )
+    ap.add_argument("--truth-round", type=int, default=6_000, help="counting: conditioned draws per query per round")
+    ap.add_argument(
+        "--truth-target", type=float, default=0.035, help="counting: stop drawing for a query at this half-width"
+    )
+    ap.add_argument("--validate", action="store_true", help="check the counting truth (at the first of --sites)")
+    ap.add_argument("--validate-plain", type=int, default=200_000, help="--validate: plain draws per length near")
+    ap.add_argument("--seed", type=int, required=True, help="draws the queries (and the truth's draws); name it")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", action="store_true")
     ap.add_argument("--dump", default=None, help="write every compared (query, feature) row to this JSON file")
@@ -356,11 +556,16 @@ def main():
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}"
     )
+    if args.validate:
+        validate(args)
+        return
     dump = {}
     for name in ["counting", "addition"] if args.task == "both" else [args.task]:
         dump[name] = run_task(name, args)
     if args.dump:
-        Path(args.dump).write_text(json.dumps(dump, indent=1))
+        Path(args.dump).write_text(
+            json.dumps(dump, indent=1, default=lambda o: o.item() if hasattr(o, "item") else str(o))
+        )
 
 
 if __name__ == "__main__":
