@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from ._version import __version__ as __version__
 from .errors import UserError
 from .sites import Site, parse_site
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
     from .run import InversionView
 
 __all__ = ["InversionView", "Preimage", "ProbedModel", "Sample", "Site", "UserError", "parse_site"]
-__version__ = "0.1.0"
 
 LAZY = {"InversionView": ".run", "Preimage": ".preimage", "Sample": ".preimage", "ProbedModel": ".probed"}
 """Public names imported from their module (which imports torch) on first access."""

@@ -37,7 +37,7 @@ def check_version(found, current: int, path) -> int:
     if isinstance(found, bool) or not isinstance(found, int) or found < 0:
         raise UserError(f"{path} is corrupt: its format_version is {found!r}, expected a whole number")
     if found > current:
-        from . import __version__
+        from ._version import __version__
 
         raise UserError(
             f"{path} has format_version {found}, newer than this inversionview ({__version__}) reads "

@@ -301,7 +301,7 @@ def _propose_all(
 ) -> tuple[list[list[int]], list[int]]:
     """``samples`` decoder candidates (the Auto mix) for each query activation of ``zq`` (N, d), generated in chunks
     of ``chunk``, with the query each belongs to."""
-    from .preimage import AUTO_MIX
+    from .propose import AUTO_MIX
     from .verify import as_inputs
 
     probed, tok = iv.probed, iv.probed.tokenizer

@@ -22,11 +22,10 @@ from .dataset import find_members
 from .explore import CHAINS, can_explore, counterfactuals, credit, walk
 from .features import builtin_features, resolve_features
 from .probed import ProbedModel
+from .propose import AUTO_MIX, propose
 from .settings import ReadSettings
 from .verify import activations as activations, as_inputs, length_batches as length_batches, verify  # re-exported
 
-# The paper's Auto mix: (temperature, noise) pairs, 64 candidates each, repeated 4 times -> 1024.
-AUTO_MIX = ((0.5, 0.0), (1.0, 0.0), (2.0, 0.0), (2.0, 0.1))
 CHAIN_SAMPLES = 32  # members met by the chains that a reading shows beside the decoder's samples
 CHECKS = 40  # members changed in each counterfactual check
 
@@ -301,7 +300,6 @@ def _distinct(probed: ProbedModel, seqs: list[list[int]]) -> tuple[Counter, int]
     eos = probed.tokenizer.eos_id
     special = set(probed.non_input_ids)
     kept = [x for x in seqs if not special.intersection(x[1:-1] if x[-1] == eos else x[1:])]
-    kept = [x for x in kept if probed.tokenizer.round_trips(x)]  # its text re-encodes to it (no BOS inside, ...)
     return Counter(tuple(x) for x in kept), len(seqs) - len(kept)
 
 
@@ -358,22 +356,6 @@ def _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chai
         raise UserError("the query text is empty: give the input to read (without BOS/EOS)")
     mix = AUTO_MIX if s.temperature is None else ((float(s.temperature), float(s.noise)),)
     return iv.spec.epsilon if s.epsilon is None else float(s.epsilon), s.metric or iv.spec.metric, mix
-
-
-def propose(iv, zq: torch.Tensor, si: int, mix, samples: int, g: torch.Generator) -> list[list[int]]:
-    """``samples`` decoder candidates for ``zq``, spread over the (temperature, noise) pairs of ``mix``."""
-    probed, tok = iv.probed, iv.probed.tokenizer
-    per = [samples // len(mix) + (k < samples % len(mix)) for k in range(len(mix))]
-    z = torch.cat(
-        [
-            zq.expand(n, -1) + torch.randn(n, zq.shape[0], generator=g).to(zq.device) * zq.std() * eta
-            for n, (_, eta) in zip(per, mix)
-        ]
-    )
-    tau = torch.cat([torch.full((n,), t) for n, (t, _) in zip(per, mix)])
-    return as_inputs(
-        iv.decoder.generate(z, torch.full((samples,), si), tok.bos_id, tok.eos_id, tau, probed.max_len, g), tok
-    )
 
 
 def _with_members(probed, s, zq, metric, w, uniq, texts, checked, seed):

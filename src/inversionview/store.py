@@ -275,7 +275,7 @@ class ReadingStore:
 
     def _check_version(self, meta: dict) -> None:
         """Refuse a DB of another schema version (saying to upgrade for a newer one) or with unknown meta keys."""
-        from . import __version__
+        from ._version import __version__
 
         found = meta.get("schema_version")
         if found != str(SCHEMA_VERSION):

@@ -718,7 +718,7 @@ def provenance(device: torch.device, world: int, bf16: bool, why: str) -> dict:
     """How this training session runs: versions, git commit (of a source checkout), device and precision."""
     import transformers
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "inversionview": __version__,

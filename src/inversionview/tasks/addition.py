@@ -11,7 +11,7 @@ import functools
 import random
 
 from ..tokenizer import CharVocab
-from . import Task
+from .base import Task
 
 DIGITS = "0123456789"
 

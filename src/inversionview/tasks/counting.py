@@ -13,7 +13,7 @@ import random
 import string
 
 from ..tokenizer import CharVocab
-from . import Task
+from .base import Task
 
 LETTERS = string.ascii_lowercase
 DIGITS = "123456789"

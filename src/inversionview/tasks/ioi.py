@@ -24,7 +24,7 @@ import random
 import re
 
 from ..errors import UserError
-from . import Task
+from .base import Task
 
 # Wang et al.'s IOI templates, in BABA order ([B] = S is named first); the ABBA versions swap the first
 # clause's two names. [A] is the indirect object, [B] the subject.

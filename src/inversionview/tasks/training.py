@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..progress import Progress
 from ..probed import ProbedModel
-from . import Task
+from .base import Task
 
 log = logging.getLogger(__name__)
 
