@@ -32,7 +32,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections import defaultdict
 from itertools import product
 
 import torch
@@ -123,6 +122,7 @@ def fidelity(task: str, args) -> list[dict]:
             f"  {task} {site}: cache built in {build:.1f} s, reading median {statistics.median(times):.2f} s",
             flush=True,
         )
+        report([r for r in rows if r["site"] == site], f"{task} {site}")
     return rows
 
 
@@ -138,7 +138,7 @@ def report(rows: list[dict], label: str) -> None:
         abs(r["share"] - r["truth"]) <= math.hypot((r["high"] - r["low"]) / 2, Z * r["truth_se"]) + 1e-9 for r in scored
     ]
     print(
-        f"{label:>14}: rows {len(rows)}, known {len(known)} (unknown {len(rows) - len(known)}), scored {len(scored)}; "
+        f"{label:>16}: rows {len(rows)}, known {len(known)} (unknown {len(rows) - len(known)}), scored {len(scored)}; "
         + (
             f"mean |error| {statistics.mean(errs):.3f}, max {max(errs):.3f}, over {OVER} {sum(e > OVER for e in errs)}; "
             if errs
@@ -146,7 +146,8 @@ def report(rows: list[dict], label: str) -> None:
         )
         + f"false shared {len(viol)}; interval holds {sum(held) / max(1, len(held)):.1%} "
         f"({sum(both) / max(1, len(both)):.1%} with the truth's own noise); "
-        f"reported at >= {REPORT_AT} data members {sum(r['share'] is not None for r in big) / max(1, len(big)):.1%}"
+        f"reported at >= {REPORT_AT} data members {sum(r['share'] is not None for r in big) / max(1, len(big)):.1%}",
+        flush=True,
     )
 
 
@@ -159,11 +160,6 @@ def cmd_fidelity(args) -> None:
             f"{task}: seed {args.seed}, {args.queries} queries per site, {args.samples} decoder candidates", flush=True
         )
         rows = fidelity(task, args)
-        by = defaultdict(list)
-        for r in rows:
-            by[r["site"]].append(r)
-        for site, rs in by.items():
-            report(rs, f"{task} {site}")
         report(rows, f"{task} all")
         every += rows
     report(every, f"all (seed {args.seed})")
