@@ -11,11 +11,12 @@ import re
 import threading
 
 import pytest
-from _payloads import injected, shown_as_text, text_fields, with_all_payloads, with_payload
+from _payloads import injected, shown_as_text, text_fields, with_payload
 from playwright.sync_api import sync_playwright
 
 from inversionview import InversionView
 from inversionview.preimage import Preimage
+from inversionview.schema import NotAReading, check_reading
 from inversionview.store import ReadingStore
 from inversionview.tasks.counting import Counting
 from inversionview.viewer.server import MAX_SAMPLES, make_server
@@ -158,6 +159,45 @@ def test_type_click_pick_and_read(page):
     assert any(c.startswith("rgba(42, 111, 219") or c.startswith("rgba(220, 40, 40") for c in colours)
     assert re.search(r"count=\d", first.inner_text())  # the task's annotation
     assert "read in" in page.inner_text("#status")
+
+
+def test_the_chart_draws_every_share_with_its_interval(page):
+    """Each summary item's values as bars: the bar's length is the share and the line its 95% interval, as in the
+    reading's JSON; the query's own value is outlined, and a checked feature carries its check."""
+    type_query(page)
+    read(page, site="a1.0", position=19)
+    reading = page.evaluate("state.current.reading")
+    chart = reading["chart"]
+    assert chart and {c["item"] for c in chart} >= {"count", "target", "number of tokens"}
+    drawn = page.eval_on_selector_all(
+        "#current table.chart tr.item",
+        """rows => rows.map(r => ({item: r.querySelector('th').firstChild.textContent,
+            check: r.querySelector('.check').textContent,
+            vals: [...r.querySelectorAll('.val')].map(v => {
+              const t = v.querySelector('.track').getBoundingClientRect(), f = v.querySelector('.fill')
+                .getBoundingClientRect(), c = v.querySelector('.ci').getBoundingClientRect();
+              return {value: v.querySelector('.lab').textContent, mine: v.classList.contains('mine'),
+                      fill: f.width / t.width,
+                      low: (c.left - t.left) / t.width, high: (c.right - t.left) / t.width};
+            })}))""",
+    )
+    assert [d["item"] for d in drawn] == [c["item"] for c in chart]
+    for d, c in zip(drawn, chart):
+        assert [v["value"] for v in d["vals"]] == [v["value"] for v in c["values"]]
+        for v, want in zip(d["vals"], c["values"]):
+            assert v["fill"] == pytest.approx(want["share"], abs=0.01)
+            assert v["low"] == pytest.approx(want["low"], abs=0.01) and v["high"] == pytest.approx(
+                want["high"], abs=0.01
+            )
+            assert v["mine"] == (v["value"] == c["query"])
+    # the chart's shares are the reading's: the feature's share of the query's value, as pre.shares has it
+    for sh in reading["shares"]:
+        row = next(c for c in chart if c["item"] == sh["feature"])
+        mine = [v for v in row["values"] if v["value"] == str(sh["value"])]
+        if mine:
+            assert mine[0]["share"] == pytest.approx(sh["share"]) and mine[0]["low"] == pytest.approx(sh["low"])
+    checked = {c["feature"] for c in reading["checks"]}
+    assert checked and all(("stay inside epsilon" in d["check"]) == (d["item"] in checked) for d in drawn)
 
 
 def test_a_viewer_under_a_data_set_names_it_and_marks_its_members(browser, tmp_path, monkeypatch):
@@ -382,6 +422,17 @@ SANITIZE = (
     '<a href="javascript:void(0)">l</a><b id="i" class="">c</b><style>*{}</style><svg onload="window.xss=1"/>'
     '<table><tr><td style="width:3px" onmouseover="x">w</td></tr></table>'
 )
+
+
+def _admitted(reading: dict) -> bool:
+    """Whether the reading's schema (inversionview.schema) admits ``reading``."""
+    try:
+        check_reading(reading)
+    except NotAReading:
+        return False
+    return True
+
+
 SHOWN_IN_PAGE = {"tokens", "site", "site_short", "metric", "mode", "annotation", "samples.tokens", "samples.annotation"}
 
 
@@ -397,9 +448,15 @@ def test_payloads_in_every_field_never_become_markup(iv, browser, tmp_path):
     run, show or break out of an attribute; sent to /api/epsilon, pinned, downloaded as a report, or stored in a
     readings DB and opened in the panel, it stays text. The page's content policy is on (no bypass)."""
     good = iv.query(TEXT, site="a1.0", position=19, samples=16)
+    # the fields whose text the reading's schema admits (a choice such as the metric is refused before any view)
+    admitted = [p for p, _ in text_fields() if _admitted(with_payload(good.to_dict(), p))]
+    assert {"summary", "tokens", "site_short", "samples.annotation"} <= set(admitted) and "metric" not in admitted
     db = tmp_path / "readings.sqlite"
+    stored_reading = good.to_dict()
+    for path in admitted:
+        stored_reading = with_payload(stored_reading, path)
     with ReadingStore(db, create=True) as store:  # every payload at once, summary included (kept as stored)
-        stored_id = store.put(Preimage.from_dict(with_all_payloads(good.to_dict())), iv.fingerprint)
+        stored_id = store.put(Preimage.from_dict(stored_reading), iv.fingerprint)
     server = _start(iv, db=str(db))
     context = browser.new_context(accept_downloads=True)
     try:
@@ -416,7 +473,7 @@ def test_payloads_in_every_field_never_become_markup(iv, browser, tmp_path):
             '<span class="tok" title="t">a</span>l<b class="">c</b>'
             '<table><tbody><tr><td style="width:3px">w</td></tr></tbody></table>'
         )
-        for path, _ in text_fields():
+        for path in admitted:
             page.evaluate(
                 "async (reading) => { show(await api('/api/epsilon', {reading, epsilon: 0.3})); pin(); }",
                 with_payload(good.to_dict(), path),
@@ -426,7 +483,7 @@ def test_payloads_in_every_field_never_become_markup(iv, browser, tmp_path):
             if path in SHOWN_IN_PAGE:
                 assert shown_as_text(html, path), path
         pinned = _in_page(page, "#pins")
-        assert injected(pinned) == [] and pinned.count('class="reading"') == len(text_fields())
+        assert injected(pinned) == [] and pinned.count('class="reading"') == len(admitted)
         with page.expect_download() as d:
             page.click("#download")
         d.value.save_as(tmp_path / "report.html")
@@ -441,7 +498,7 @@ def test_payloads_in_every_field_never_become_markup(iv, browser, tmp_path):
         page.click(f'#stored tr[data-id="{stored_id}"]')
         page.wait_for_selector("#status:has-text('stored reading')")  # (wait_for_function would need eval)
         html = _in_page(page, "#current")
-        assert injected(html) == [] and shown_as_text(html, "summary") and shown_as_text(html, "metric")
+        assert injected(html) == [] and shown_as_text(html, "summary") and shown_as_text(html, "site_short")
     finally:
         context.close()
         server.shutdown()

@@ -455,7 +455,8 @@ def test_nested_json_huge_numbers_and_non_finite_readings_are_400(url):
         assert "<section" in pre.to_html()
 
 
-SCHEMA_NO_TEXT = ("metric", "samples.source", "chains", "sources")  # a choice, or numbers keyed by texts
+SCHEMA_NO_TEXT = ("metric", "samples.source", "chains", "sources", "chart")  # a choice, numbers keyed by texts, or
+# the summary's chart (a list of its items)
 
 
 def test_payloads_in_every_field_are_escaped_in_reports_and_fragments(url, iv):

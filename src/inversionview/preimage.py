@@ -104,6 +104,7 @@ class Preimage:
     annotation: str | None = None
     decoder: str | None = None  # run directory
     summary: list[str] | None = None  # what the preimage's members share and what varies (inversionview.summary)
+    chart: list[dict] | None = None  # the summary's items with their values' shares and intervals: the views' bars
     shares: list[dict] | None = None  # per feature: the query's value and its estimated share with a 95% interval
     checks: list[dict] | None = None  # per shared feature: members changed in it, and how many stay inside
     chains: dict | None = None  # the chains' states and their members (inversionview.explore), or None
@@ -131,10 +132,10 @@ class Preimage:
         n_in = sum(s.count for s in self.samples if s.distance <= epsilon)
         pre = Preimage(**{**self.__dict__, "epsilon": epsilon, "fraction_inside": n_in / max(1, self.n_candidates)})
         if self.summary is not None:
-            from .summary import feature_shares, summarize
+            from .summary import feature_shares, summary
 
             pre.shares = feature_shares(pre)
-            pre.summary = summarize(pre)
+            pre.summary, pre.chart = summary(pre)
         return pre
 
     def show(self, limit: int = 20, file=None) -> None:
@@ -300,6 +301,7 @@ def _distinct(probed: ProbedModel, seqs: list[list[int]]) -> tuple[Counter, int]
     eos = probed.tokenizer.eos_id
     special = set(probed.non_input_ids)
     kept = [x for x in seqs if not special.intersection(x[1:-1] if x[-1] == eos else x[1:])]
+    kept = [x for x in kept if probed.tokenizer.round_trips(x)]  # its text re-encodes to it (no BOS inside, ...)
     return Counter(tuple(x) for x in kept), len(seqs) - len(kept)
 
 
@@ -339,11 +341,11 @@ def _explain(iv, s, zq: torch.Tensor, pre: Preimage, w, seed: int, feats: dict) 
     probed = iv.probed
     if w is not None:
         pre.chains = chains_record(w, pre.epsilon, lambda x: probed.tokenizer.tokens_of(probed.encode(x)))
-    from .summary import feature_shares, summarize
+    from .summary import feature_shares, summary
 
     pre.shares = feature_shares(pre, iv.task, feats)
     pre.checks = _checks(iv, s, zq, pre, w, pre.metric, seed, feats)
-    pre.summary = summarize(pre, iv.task, feats)
+    pre.summary, pre.chart = summary(pre, iv.task, feats)
 
 
 def _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chains):

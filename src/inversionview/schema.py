@@ -463,6 +463,26 @@ RULES: dict[str, dict[str, Spec]] = {
             )
         ),
         "sources": Opt(Map(Int(0))),
+        "chart": Opt(
+            List(
+                Obj(
+                    {
+                        "item": Str(),
+                        "verdict": Str(choices=("shared", "unsure", "varies", "few")),
+                        "query": Opt(Str()),
+                        "values": List(
+                            Obj(
+                                {"value": Str(), "share": Num(0, 1), "low": Num(0, 1), "high": Num(0, 1)},
+                                ("value", "share", "low", "high"),
+                            )
+                        ),
+                        "distinct": Int(0),
+                        "check": Opt(Str()),
+                    },
+                    ("item", "verdict", "values"),
+                )
+            )
+        ),
     },
 }
 """Per dataclass (by name), the fields narrowed beyond their type hints."""

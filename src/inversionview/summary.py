@@ -174,11 +174,12 @@ def items(pop: Population, task, features: dict | None = None) -> list[tuple[str
     out = []
     for name, g in getters.items():
         if pop.weights is not None:  # a data set's members: one pass, each value's weight
-            tally: Counter = Counter()
+            tally: dict[object, float] = {}
             for c, w in zip(pop.chains, pop.weights):
-                tally[g(c[0])] += w
+                v = g(c[0])
+                tally[v] = tally.get(v, 0.0) + w
             total = sum(tally.values())
-            top = [(v, w / total) for v, w in tally.most_common(EXAMPLES)]
+            top = [(v, w / total) for v, w in sorted(tally.items(), key=lambda vw: -vw[1])[:EXAMPLES]]
             out.append((name, [(v, Share(p, *wilson(p, pop.n_eff), pop.n_eff)) for v, p in top], len(tally)))
             continue
         values = Counter(g(m) for c in pop.chains for m in c) + Counter(g(m) for m in met)
@@ -192,10 +193,18 @@ def summarize(pre, task=None, features: dict | None = None) -> list[str]:
     """What the members of the reading ``pre``'s preimage share, with an estimated share and interval for each
     item, what varies, and the counterfactual checks (``pre.checks``). ``task`` (a Task or its name; default: the
     one in ``pre.settings``) supplies the features, or ``features`` (by name: callables) where given."""
+    return summary(pre, task, features)[0]
+
+
+def summary(pre, task=None, features: dict | None = None) -> tuple[list[str], list[dict]]:
+    """:func:`summarize`'s lines and the same items as a chart (what the views draw as bars): per item, its name,
+    its verdict (``shared``, ``unsure``, ``varies``, or ``few`` members), the query's own value, and its most common
+    values, each with its estimated share and 95% interval; a feature that a counterfactual check changed carries
+    the check (how many of the changed members stay inside epsilon)."""
     task = task if task is not None else pre.settings.get("task")
     pop = population(pre)
     if not pop.distinct:
-        return [f"no member found inside epsilon {pre.epsilon:g}: nothing to summarise"]
+        return [f"no member found inside epsilon {pre.epsilon:g}: nothing to summarise"], []
     n_states, n_members = sum(map(len, pop.chains)), pop.members()
     dist = getattr(pre, "distribution", None) or {}
     if pop.weights is not None:
@@ -224,37 +233,70 @@ def summarize(pre, task=None, features: dict | None = None) -> list[str]:
             f"shares among {pop.distinct} distinct decoder samples inside epsilon, with 95% intervals: they "
             "describe the decoder's proposals, not the preimage (no input distribution to estimate it under)"
         )
-    lines, varies, shared, unsure = [head], [], [], []
+    lines, varies, shared, unsure, chart = [head], [], [], [], []
     few = n_members < FEW
     if few:
         lines.append(f"too few members ({n_members} distinct) to say what the preimage shares")
-    for name, shares, n_values in items(pop, task, _features(pre, task, features)):
+    feats = _features(pre, task, features)
+    mine = _query_values(pre, feats)
+    checks = {c["feature"]: c for c in pre.checks or []}
+    for name, shares, n_values in items(pop, task, feats):
         if not shares:
             continue
         top, s = shares[0]
         if not few and top is not None and is_shared(s):
+            verdict = "shared"
             shared.append(f"shared by {_pct(s)}: {name} = {_fmt(top)}")
         elif not few and top is not None and s is not None and s.share >= SHARED:  # high, but on too few starts
+            verdict = "unsure"
             unsure.append(f"unsure: {name} = {_fmt(top)} in {_pct(s)}: too few independent members to call it shared")
         else:
+            verdict = "few" if few else "varies"
             tops = ", ".join(f"{_short(v)} {x.share:.0%}" for v, x in shares)
             more = f", ... {n_values} values" if n_values > EXAMPLES else ""
             varies.append(f"varies: {name} ({tops}{more})")
+        chart.append(
+            {
+                "item": name,
+                "verdict": verdict,
+                "query": _fmt(mine[name]) if name in mine else None,
+                "values": [
+                    {"value": _fmt(v), "share": x.share, "low": x.low, "high": x.high}
+                    for v, x in (shares[:1] if verdict in ("shared", "unsure") else shares)
+                ],
+                "distinct": n_values,
+                "check": _check_text(checks[name], pre.epsilon) if name in checks else None,
+            }
+        )
     lines += shared + unsure
     if not few:
         lines += [x for x in (_aligned(pre, pop, matched=True), _aligned(pre, pop, matched=False)) if x]
     lines += varies
     for c in pre.checks or []:
-        d = c["distances"]
-        if "edit" in c and c["edit"] is None:
-            lines.append(f"check: {c['feature']} cannot be changed in members: the data set has no edits for it")
-            continue
-        inside = sum(x <= pre.epsilon for x in d)
-        lines.append(
-            f"check: {c['feature']} changed in {len(d)} members: {inside} stay inside epsilon"
-            + (f" ({inside / len(d):.0%})" if d else "")
-        )
-    return lines
+        lines.append(f"check: {c['feature']} {_check_text(c, pre.epsilon)}")
+    return lines, chart
+
+
+def _check_text(c: dict, epsilon: float) -> str:
+    """A counterfactual check in words: how many of the members changed in its feature stay inside epsilon."""
+    d = c["distances"]
+    if "edit" in c and c["edit"] is None:
+        return "cannot be changed in members: the data set has no edits for it"
+    inside = sum(x <= epsilon for x in d)
+    return f"changed in {len(d)} members: {inside} stay inside epsilon" + (f" ({inside / len(d):.0%})" if d else "")
+
+
+def _query_values(pre, feats: dict) -> dict:
+    """The query's own value of each summary item (a user feature recorded by name: as the reading measured it)."""
+    before = {x.get("feature"): x.get("value") for x in pre.shares or [] if isinstance(x, dict)}
+    q = Member(pre.text, pre.tokens[1:], pre.position, pre.tokens)
+    out: dict = {}
+    for name, f in feats.items():
+        v = before.get(name) if f is None else _safe(f, pre.text)
+        out[name] = tuple(v) if isinstance(v, list) else v
+    out["multiset of tokens"] = _multiset(q.tokens)
+    out["number of tokens"] = len(q.tokens)
+    return out
 
 
 def is_shared(s: dict | Share) -> bool:
@@ -348,4 +390,6 @@ def sources_line(pre) -> str | None:
     src = getattr(pre, "sources", None)
     if not src:
         return None
-    return "members found by source: " + ", ".join(f"{k} {v:,}" for k, v in src.items())
+    return "members found by source: " + ", ".join(
+        f"{k} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"{k} {v}" for k, v in src.items()
+    )

@@ -50,6 +50,7 @@ SHOWN = {
     "chains",
     "distribution",
     "sources",
+    "chart",
 }  # the estimate: shown through the summary's lines, whole in the JSON
 SAMPLE_SHOWN = {"tokens", "text", "distance", "position", "distances", "delta", "count", "annotation", "source"}
 
@@ -114,6 +115,38 @@ def sample_row(s, epsilon: float, top: float) -> dict:
     }
 
 
+VERDICTS = ("shared", "unsure", "varies", "few")
+
+
+def chart_rows(chart) -> list[dict]:
+    """The summary's chart (:func:`inversionview.summary.summary`) as the template draws it: the rows and values that
+    are well formed (a verdict among :data:`VERDICTS`, shares and interval ends finite within 0..1), every text as a
+    string; anything else is left out (the library draws readings that no schema checked)."""
+
+    def unit(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0.0 <= x <= 1.0
+
+    rows = []
+    for it in chart if isinstance(chart, list) else []:
+        if not isinstance(it, dict) or it.get("verdict") not in VERDICTS or not isinstance(it.get("values"), list):
+            continue
+        vals = [
+            {"value": str(v.get("value")), "share": float(v["share"]), "low": float(v["low"]), "high": float(v["high"])}
+            for v in it["values"]
+            if isinstance(v, dict) and all(unit(v.get(k)) for k in ("share", "low", "high"))
+        ]
+        query = it.get("query")
+        rows.append(
+            {
+                "item": str(it.get("item")),
+                "verdict": it["verdict"],
+                "values": [{**v, "mine": query is not None and v["value"] == str(query)} for v in vals],
+                "check": None if it.get("check") is None else str(it["check"]),
+            }
+        )
+    return rows
+
+
 def render_reading(p, limit: int = 100) -> str:
     """One reading as a ``<section class="reading">``: the query (position outlined, the head's attention
     shaded for head sites), the automatic summary, and up to ``limit`` samples sorted by distance (inside
@@ -127,6 +160,7 @@ def render_reading(p, limit: int = 100) -> str:
     return ENV.get_template("reading.html").render(
         p=p,
         distribution=distribution_line(p),
+        chart=chart_rows(p.chart),
         sources=sources_line(p),
         rows=[sample_row(s, p.epsilon, top) for s in shown],
         hidden=len(p.samples) - len(shown),

@@ -27,11 +27,13 @@ function say(text, isError) {
 // A reading's HTML as DOM nodes, keeping only the elements and attributes the reading templates write (no
 // scripts, no event handlers, no links, no styles beyond colours and widths): parsed inert, then rebuilt. Another
 // element leaves only its text, and scripts, styles and embedded documents leave nothing.
-const TAGS = new Set(["SECTION", "H2", "SPAN", "DIV", "UL", "LI", "P", "B", "TABLE", "TBODY", "TR", "TD", "DETAILS",
-  "SUMMARY", "CODE"]);
+const TAGS = new Set(["SECTION", "H2", "SPAN", "DIV", "UL", "LI", "P", "B", "BR", "TABLE", "TBODY", "TR", "TH", "TD",
+  "DETAILS", "SUMMARY", "CODE"]);
 const DROP = new Set(["SCRIPT", "STYLE", "TEMPLATE", "NOSCRIPT", "IFRAME", "OBJECT", "EMBED", "SVG", "MATH", "TEXTAREA"]);
-const ATTRS = new Set(["class", "title", "colspan", "data-site", "data-position", "data-i", "data-distance"]);
-const STYLE = /^(background:rgba\([\d.,]+\)|width:\d+px)$/;
+const ATTRS = new Set(["class", "title", "colspan", "data-site", "data-position", "data-i", "data-distance",
+  "data-share", "data-low", "data-high"]);
+// colours, the distance bars' widths, and the chart's bars and intervals (percentages of their track)
+const STYLE = /^(background:rgba\([\d.,]+\)|width:\d+px|width:[\d.]+%|left:[\d.]+%;width:[\d.]+%)$/;
 
 function safeFragment(html) {
   const doc = new DOMParser().parseFromString(`<body>${html}</body>`, "text/html");  // inert: nothing loads or runs
