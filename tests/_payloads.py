@@ -77,13 +77,6 @@ def with_payload(reading: dict, path: str, cls=Preimage) -> dict:
     return out
 
 
-def with_all_payloads(reading: dict) -> dict:
-    out = reading
-    for path, _ in text_fields():
-        out = with_payload(out, path)
-    return out
-
-
 class Markup(HTMLParser):
     """What an HTML document holds: its tags, attributes and text (entities decoded)."""
 

@@ -361,13 +361,11 @@ def scan(
     seed: int = 0,
     inputs: list[str] | None = None,
 ) -> Completeness:
-    """Scan every input of the task's set (:func:`input_set`, or ``inputs``) for the query ``text`` at ``site`` and
-    ``position``; ``samples`` decoder samples (Auto mix) are checked against the true preimage."""
+    """Scan every input of the set (the run's data set, the task's :func:`input_set`, or ``inputs``) for the query
+    ``text`` at ``site`` and ``position``; ``samples`` decoder samples (Auto mix) are checked against the true
+    preimage."""
     t_start = time.perf_counter()
-    ds = iv.dataset() if inputs is None else None
-    texts, described = _inputs(iv.task, list(ds.texts) if ds is not None else inputs)
-    if ds is not None:  # a data run, or --data: its inputs are the set, and the reading's members are the data's
-        described = f"the data set {ds.name} ({len(ds.texts):,} distinct of {ds.inputs:,} inputs)"
+    texts, described = _inputs(iv.task, inputs, ds := iv.dataset() if inputs is None else None)
     if not isinstance(iv.probed.tokenizer, CharVocab):
         raise UserError("completeness scans inputs of a character vocabulary (the built-in toy tasks)")
     s, si = iv.site_index(site)
@@ -379,11 +377,8 @@ def scan(
     t0 = time.perf_counter()
     pre = iv.query(text, site=s, position=pos, samples=samples, epsilon=eps, metric=metric, seed=seed, deltas=0)
     sec["samples"] = time.perf_counter() - t0
-    sampled = _sampled(texts, pre)
-    inside = dist <= eps
-    n_in = int(inside.sum())
-    hit = int((sampled & inside).sum())
-
+    sampled, inside = _sampled(texts, pre), dist <= eps
+    n_in, hit = int(inside.sum()), int((sampled & inside).sum())
     frec = _feature_recall(iv.task, [texts[i] for i in np.nonzero(inside)[0]], pre)
     reading = (pre.distribution or {}).get("found") if ds is not None else None
     min_in, above = _least_likely_inside(logp, inside)
@@ -415,8 +410,11 @@ def scan(
     )
 
 
-def _inputs(task, inputs: list[str] | None) -> tuple[list[str], str]:
-    """The inputs to scan (the task's :func:`input_set`, or the distinct ``inputs`` given) and their description."""
+def _inputs(task, inputs: list[str] | None, ds=None) -> tuple[list[str], str]:
+    """The inputs to scan (a data set's: a data run, or --data; the task's :func:`input_set`; or the distinct
+    ``inputs`` given) and their description."""
+    if ds is not None:
+        return list(ds.texts), f"the data set {ds.name} ({len(ds.texts):,} distinct of {ds.inputs:,} inputs)"
     if inputs is None:
         return input_set(task)
     return list(dict.fromkeys(inputs)), f"{len(set(inputs)):,} given inputs"

@@ -225,29 +225,34 @@ def read(
     texts = [tok.text(u) for u in uniq]
     feats = resolve_features(iv.task, features) if features is not None else builtin_features(iv.task)
     ds = iv.dataset(data)
-    w, found, n_decoder = None, None, len(uniq)
-    if ds is not None:
-        found = find_members(probed, s, q.zq, ds, iv.data_index(s, ds), eps, metric, feats, seed)
-        uniq, texts, checked = _with_texts(probed, s, q.zq, metric, found.listed, uniq, texts, checked)
-    elif chains and can_explore(iv.task):
-        inside = [t for t, d in zip(texts, checked[0]) if d <= eps]
-        w = walk(probed, iv.task, s, q.zq[None], [inside + [text]], eps, metric, chains=chains, seed=seed)[0]
-        uniq, texts, checked = _with_members(probed, s, q.zq, metric, w, uniq, texts, checked, seed)
-    settings = {
-        "mix": [list(m) for m in mix],
-        "samples": samples,
-        "seed": seed,
-        "chains": chains if ds is None else 0,
-        "dropped": dropped,
-        "task": iv.task.name if iv.task else None,
-        "features": list(feats),
-    }
+    n_decoder = len(uniq)
+    w, found, (uniq, texts, checked) = _members(
+        iv, s, q, text, ds, eps, metric, chains, feats, seed, uniq, texts, checked
+    )
+    settings = {"mix": [list(m) for m in mix], "samples": samples, "seed": seed, "chains": chains if ds is None else 0}
+    settings |= {"dropped": dropped, "task": iv.task.name if iv.task else None, "features": list(feats)}
     rows = _rows(iv, si, q.zq, q.zbos, uniq, texts, checked, counts, deltas, "data" if ds is not None else "chain")
     pre = _preimage(iv, text, q, s, eps, metric, rows, n_in, settings)
     pre.distribution = _distribution(iv, ds, found)
     pre.sources = _sources(texts[:n_decoder], checked[0][:n_decoder], eps, ds, found, w)
     _explain(iv, s, q.zq, pre, w, seed, feats)
     return pre
+
+
+def _members(iv, s, q, text: str, ds, eps: float, metric: str, chains: int, feats: dict, seed: int, *rows):
+    """The preimage's members beyond the decoder's samples: under a data set, the data's (exact: a scan); else, where
+    the task has moves, the chains' from the decoder's members and the query. Returns the chains' walk (or None),
+    the data's members (or None), and the samples ``rows`` (``uniq, texts, checked``) with the listed members added."""
+    probed = iv.probed
+    uniq, texts, checked = rows
+    if ds is not None:
+        found = find_members(probed, s, q.zq, ds, iv.data_index(s, ds), eps, metric, feats, seed)
+        return None, found, _with_texts(probed, s, q.zq, metric, found.listed, uniq, texts, checked)
+    if chains and can_explore(iv.task):
+        inside = [t for t, d in zip(texts, checked[0]) if d <= eps]
+        w = walk(probed, iv.task, s, q.zq[None], [inside + [text]], eps, metric, chains=chains, seed=seed)[0]
+        return w, None, _with_members(probed, s, q.zq, metric, w, uniq, texts, checked, seed)
+    return None, None, rows
 
 
 def _distribution(iv, ds, found) -> dict:

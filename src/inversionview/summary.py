@@ -205,7 +205,56 @@ def summary(pre, task=None, features: dict | None = None) -> tuple[list[str], li
     pop = population(pre)
     if not pop.distinct:
         return [f"no member found inside epsilon {pre.epsilon:g}: nothing to summarise"], []
-    n_states, n_members = sum(map(len, pop.chains)), pop.members()
+    n_members = pop.members()
+    lines, varies, shared, unsure, chart = [_head(pre, pop, n_members)], [], [], [], []
+    few = n_members < FEW
+    if few:
+        lines.append(f"too few members ({n_members} distinct) to say what the preimage shares")
+    feats = _features(pre, task, features)
+    mine = _query_values(pre, feats)
+    checks = {c["feature"]: c for c in pre.checks or []}
+    for name, shares, n_values in items(pop, task, feats):
+        if not shares:
+            continue
+        top, s = shares[0]
+        if not few and top is not None and is_shared(s):
+            verdict = "shared"
+            shared.append(f"shared by {_pct(s)}: {name} = {_fmt(top)}")
+        elif not few and top is not None and s is not None and s.share >= SHARED:  # high, but on too few starts
+            verdict = "unsure"
+            unsure.append(f"unsure: {name} = {_fmt(top)} in {_pct(s)}: too few independent members to call it shared")
+        else:
+            verdict = "few" if few else "varies"
+            tops = ", ".join(f"{_short(v)} {x.share:.0%}" for v, x in shares)
+            more = f", ... {n_values} values" if n_values > EXAMPLES else ""
+            varies.append(f"varies: {name} ({tops}{more})")
+        check = _check_text(checks[name], pre.epsilon) if name in checks else None
+        chart.append(_chart_row(name, verdict, mine.get(name), shares, n_values, check))
+    lines += shared + unsure
+    if not few:
+        lines += [x for x in (_aligned(pre, pop, matched=True), _aligned(pre, pop, matched=False)) if x]
+    lines += varies
+    for c in pre.checks or []:
+        lines.append(f"check: {c['feature']} {_check_text(c, pre.epsilon)}")
+    return lines, chart
+
+
+def _chart_row(name: str, verdict: str, query, shares, n_values: int, check: str | None) -> dict:
+    """One item of the chart: its most common values (the top one alone where it is shared or unsure)."""
+    shown = shares[:1] if verdict in ("shared", "unsure") else shares
+    return {
+        "item": name,
+        "verdict": verdict,
+        "query": None if query is None else _fmt(query),
+        "values": [{"value": _fmt(v), "share": x.share, "low": x.low, "high": x.high} for v, x in shown],
+        "distinct": n_values,
+        "check": check,
+    }
+
+
+def _head(pre, pop: Population, n_members: int) -> str:
+    """The summary's first line: what its shares are taken over."""
+    n_states = sum(map(len, pop.chains))
     dist = getattr(pre, "distribution", None) or {}
     if pop.weights is not None:
         head = (
@@ -233,48 +282,7 @@ def summary(pre, task=None, features: dict | None = None) -> tuple[list[str], li
             f"shares among {pop.distinct} distinct decoder samples inside epsilon, with 95% intervals: they "
             "describe the decoder's proposals, not the preimage (no input distribution to estimate it under)"
         )
-    lines, varies, shared, unsure, chart = [head], [], [], [], []
-    few = n_members < FEW
-    if few:
-        lines.append(f"too few members ({n_members} distinct) to say what the preimage shares")
-    feats = _features(pre, task, features)
-    mine = _query_values(pre, feats)
-    checks = {c["feature"]: c for c in pre.checks or []}
-    for name, shares, n_values in items(pop, task, feats):
-        if not shares:
-            continue
-        top, s = shares[0]
-        if not few and top is not None and is_shared(s):
-            verdict = "shared"
-            shared.append(f"shared by {_pct(s)}: {name} = {_fmt(top)}")
-        elif not few and top is not None and s is not None and s.share >= SHARED:  # high, but on too few starts
-            verdict = "unsure"
-            unsure.append(f"unsure: {name} = {_fmt(top)} in {_pct(s)}: too few independent members to call it shared")
-        else:
-            verdict = "few" if few else "varies"
-            tops = ", ".join(f"{_short(v)} {x.share:.0%}" for v, x in shares)
-            more = f", ... {n_values} values" if n_values > EXAMPLES else ""
-            varies.append(f"varies: {name} ({tops}{more})")
-        chart.append(
-            {
-                "item": name,
-                "verdict": verdict,
-                "query": _fmt(mine[name]) if name in mine else None,
-                "values": [
-                    {"value": _fmt(v), "share": x.share, "low": x.low, "high": x.high}
-                    for v, x in (shares[:1] if verdict in ("shared", "unsure") else shares)
-                ],
-                "distinct": n_values,
-                "check": _check_text(checks[name], pre.epsilon) if name in checks else None,
-            }
-        )
-    lines += shared + unsure
-    if not few:
-        lines += [x for x in (_aligned(pre, pop, matched=True), _aligned(pre, pop, matched=False)) if x]
-    lines += varies
-    for c in pre.checks or []:
-        lines.append(f"check: {c['feature']} {_check_text(c, pre.epsilon)}")
-    return lines, chart
+    return head
 
 
 def _check_text(c: dict, epsilon: float) -> str:
