@@ -244,6 +244,18 @@ def cmd_explain(args) -> int:
     iv = _load(args)
     sites = [x.strip() for x in args.site.split(",") if x.strip()] if args.site else None
     res = explain(iv, sites=sites, queries=args.queries, samples=args.samples, features=args.features, seed=args.seed)
+    if args.html or args.png:
+        from .viewer.heatmap import plot_explain, render_explain
+
+        if args.html:
+            try:
+                Path(args.html).write_text(render_explain(res))
+            except OSError as e:
+                raise UserError(f"cannot write the heat map {args.html}: {e.strerror}") from None
+            log.info("wrote %s", args.html)
+        if args.png:
+            plot_explain(res, args.png)
+            log.info("wrote %s", args.png)
     print(json.dumps(res.to_dict(), indent=1) if args.json else res.table())
     return 0
 
@@ -481,6 +493,8 @@ def add_explain(sub) -> None:
     )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--json", action="store_true", help="print every FCR as JSON")
+    s.add_argument("--html", metavar="FILE", help="also write the sites x features heat map as an HTML page")
+    s.add_argument("--png", metavar="FILE", help="also write the heat map as a figure (.png or .svg)")
     s.set_defaults(fn=cmd_explain)
 
 
