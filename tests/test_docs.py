@@ -252,3 +252,17 @@ def test_runnable_examples(page, tmp_path):
             f"{b.page}:{b.line}: the example failed (exit {r.returncode}):\n{b.code}\n"
             f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
         )
+
+
+@pytest.mark.slow
+def test_the_screenshot_script_remakes_the_viewer_picture(tmp_path):
+    """docs/viewer.png is made by scripts/screenshot.py from the current viewer: the script runs, and the picture in
+    the docs has its size (re-make it with `python scripts/screenshot.py` when the viewer changes)."""
+    import runpy
+
+    from matplotlib.image import imread
+
+    out = tmp_path / "viewer.png"
+    runpy.run_path(str(ROOT / "scripts" / "screenshot.py"), run_name="screenshot")["main"](str(out))
+    made, shipped = imread(out), imread(ROOT / "docs" / "viewer.png")
+    assert made.shape == shipped.shape == (1250, 1400, made.shape[2])
