@@ -115,9 +115,14 @@ def counting_truth(iv, site, qs: list[str], poss: list[int], zq, feats, args, se
         return all(m >= MIN_MEMBERS and hw <= args.truth_target for m, hw in st.values())
 
     before = [status(q) for q in range(len(qs))]
-    pilot = {q: tr.pilot(q) for q in range(len(qs)) if not done(before[q])}
+    pilot = {q: tr.pilot(q) for q in range(len(qs)) if args.truth_budget > 0 and not done(before[q])}
     tr.targeted(pilot)
     spent = {q: sum(pilot.get(q, {}).values()) for q in range(len(qs))}
+    for _ in range(2):  # no member met yet: pilot again, three times as many (else the rounds have nowhere to go)
+        again = {q: {h: 3 * n for h, n in p.items()} for q, p in pilot.items() if not tr.member_cells[q]}
+        tr.targeted(again)
+        for q, p in again.items():
+            spent[q] += sum(p.values())
     while True:
         active = [q for q in range(len(qs)) if spent[q] < args.truth_budget and not done(status(q))]
         plan = {q: tr.plan(q, min(args.truth_round, args.truth_budget - spent[q])) for q in active}
@@ -220,7 +225,26 @@ def run_task(name: str, args) -> dict:
                     shown = printed({v: ests[v] for v in top})
                     for v, est in ests.items():
                         tr_, se, members = true_share(q, k, v)
-                        if tr_ is None or est is None:
+                        if est is None:  # the reading has no member to estimate it on
+                            if v == vq:
+                                rows[(mode, site)].append(dict(fcr=True, noread=True, query=text, feature=k))
+                            continue
+                        if tr_ is None:  # the truth met no member: an unknown row
+                            rows[(mode, site)].append(
+                                dict(
+                                    fcr=v == vq,
+                                    printed=v in shown,
+                                    sure=False,
+                                    members=0,
+                                    se=math.inf,
+                                    query=text,
+                                    position=poss[q],
+                                    feature=k,
+                                    site=site,
+                                    read=est.share,
+                                    **({} if before is None or v != vq else {"known_before": False}),
+                                )
+                            )
                             continue
                         known = members >= (1 if name == "addition" else MIN_MEMBERS) and Z * se <= SURE_HALF_WIDTH
                         row = dict(
@@ -296,7 +320,7 @@ def run_task(name: str, args) -> dict:
         print(f"  {site} [{tag}]: truth in {t_scan:.1f} s{extra}", flush=True)
         for m in modes:
             print(f"    {report(rows[(m, site)], m)}", flush=True)
-        unknown = [r for r in rows[("chains", site)] if r.get("fcr") and not r["sure"]]
+        unknown = [r for r in rows[("chains", site)] if r.get("fcr") and not r.get("noread") and not r["sure"]]
         if unknown and name == "counting":
             print(
                 f"    unknown [{tag}]: "
@@ -473,7 +497,8 @@ def report(rows: list[dict], mode: str) -> str:
     """Over the rows of the query's own values (FCR): the mean and max error over known rows, the rows over MAX_BAR,
     the unknown rows (and how many a plain pool alone left unknown); over every share a summary prints (its top
     values of each feature): how often the 95% interval holds a known truth, and false "shared" claims."""
-    fcr = [r for r in rows if r.get("fcr")]
+    noread = sum(1 for r in rows if r.get("noread"))
+    fcr = [r for r in rows if r.get("fcr") and not r.get("noread")]
     if not fcr:
         return f"[{mode}] no rows"
     known = [r["err"] for r in fcr if r["sure"]]
@@ -490,10 +515,11 @@ def report(rows: list[dict], mode: str) -> str:
         f"over {len(known)} known rows of {len(fcr)}; {sum(e > MAX_BAR for e in known)} known over {MAX_BAR}; "
         f"{len(fcr) - len(known)} unknown"
         + (f" (a plain pool alone: {sum(not r['known_before'] for r in before)})" if before else "")
+        + (f", {noread} the reading could not estimate (no member)" if noread else "")
         + (
             f" ({sum(max(r['near'], r['far']) > UNSEEN for r in fcr if r['sure'])} known rows whose bound on unseen "
             f"member mass exceeds {UNSEEN})"
-            if "near" in fcr[0]
+            if any("near" in r for r in fcr)
             else ""
         )
         + f"; printed shares: the 95% interval holds the truth in {statistics.mean(held) if held else nan:.1%} of "
