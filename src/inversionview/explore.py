@@ -1,52 +1,9 @@
-"""Faithful readings (METHOD.md §7): estimate the epsilon-preimage under the input distribution, not the decoder's.
+"""Faithful readings (METHOD.md §7): explore a query's epsilon-preimage under the task's input distribution.
 
-The decoder proposes; where it is well trained it proposes mostly look-alikes of the query, so shares counted
-over its samples describe the decoder, not the preimage. Here the decoder's members only start the search:
-Metropolis-Hastings chains walk the preimage with target
-
-    pi(x)  proportional to  p(x) [D(x) <= epsilon]
-
-where p is the task's input distribution (its generator). Every move is reversible with respect to p: the
-task's :meth:`~inversionview.tasks.Task.propose` (re-draw one part of the input given the rest, or swap parts of
-equal probability) or a fresh draw from the generator. So the Hastings ratio is 1 and a move is accepted exactly
-when the probed model puts the proposal inside epsilon: every state of every chain is a verified member. A share
-of the moves are Gibbs blocks (:meth:`~inversionview.tasks.Task.block`): every alternative of one part of the
-input (the target letter's name, one digit) is verified at once, and the chain moves to one of those inside,
-drawn uniformly; a part the activation barely keeps then mixes in one step instead of waiting for a rare accepted
-local move.
-
-Where the task has *strata* (:meth:`~inversionview.tasks.Task.stratum`: counting's inputs of one length), the
-reading also draws apart in the strata of the members and near misses it knows (:func:`_draw_strata`), with the
-generator conditioned on the stratum, a round in each stratum in turn; each stratum's draws inside are exact draws
-from its part of the preimage, and the chains split between the strata in proportion to their estimated mass
-there, the stratum's probability times the share of its draws inside (:func:`_allocate`). A share that varies
-between strata (counting's length) then rests on every stratum's draws, not on the few plain draws inside; a near
-misses' stratum is drawn as deep as the strata with members, so that a stratum the reading knew no member in is
-not left out for too few draws. Where few draws land inside all the same, the chains walk the relaxed preimage (within
-RELAX * epsilon), which is larger and better connected, and keep only their states inside epsilon: those are
-distributed as the target restricted to the preimage, exactly the target. Shares are pooled over the chains'
-states after burn-in (:func:`share`), with a 95% interval whose effective size comes from the spread between
-chains.
-
-A few starts whose chains mix slowly make the pooled share noisy, while the members the reading met (the decoder's,
-the draws', every proposal verified inside) often cover most of a small preimage. So the chains also measure their
-*coverage*: over the members their proposals found inside epsilon after burn-in (other than the chain's own
-state), counted with multiplicity, the share not found only once (Good and Turing's estimate of the mass already
-seen, 1 - f1 / N). Above SATURATED the members met weigh in (:func:`credit`): the share is c times the share among
-them, each weighted by its probability under the input distribution (:meth:`~inversionview.tasks.Task.weight`),
-plus 1 - c times the pooled share of the states (:class:`Chains`, :func:`share`). A preimage that keeps only what
-a symmetry of the generator keeps (addition's head a0.2: the unordered pairs of digits in some columns) falls apart
-into pieces no chain's move connects, and its coverage cannot see the pieces not reached; so where the reading met
-few members, it closes them (:func:`_close`): the neighbours of every member met
-(:meth:`~inversionview.tasks.Task.neighbours`, each one part away, the relatives under the task's symmetries among
-them) are verified, then those of the new members, until none turns up; a closed preimage's members met are every
-member of its pieces reached, and weigh in fully. Pieces no member met reaches often lie one part away from the
-near misses the reading verified (within RELAX * epsilon): the neighbours of the nearest are verified first, and
-the members among them are closed as well; where few members are known, so is their kin
-(:meth:`~inversionview.tasks.Task.kin`: addition's inputs whose sum keeps all its digits but the last). The generator draws inside that no chain starts at are
-independent members: they join the states' share, each estimate weighed by its effective size (:func:`share`).
-Counterfactual checks
-(:func:`counterfactuals`) change one feature of members with the same moves and count how many stay inside.
+Generator draws (plain, and conditioned on the task's strata), Metropolis-Hastings chains whose every move is
+reversible with respect to the generator (so every state is a verified member), the chains' coverage, the closure
+of small preimages through their members' neighbours and kin, the share estimator (:func:`share`) and the
+counterfactual checks (:func:`counterfactuals`). docs/estimator.md describes these stages and why each is there.
 """
 
 from __future__ import annotations
