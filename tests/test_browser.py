@@ -196,6 +196,10 @@ def test_the_chart_draws_every_share_with_its_interval(page):
         mine = [v for v in row["values"] if v["value"] == str(sh["value"])]
         if mine:
             assert mine[0]["share"] == pytest.approx(sh["share"]) and mine[0]["low"] == pytest.approx(sh["low"])
+    # every share with an interval that the summary prints is drawn (shared, unsure, the aligned tokens)
+    drawn_pct = {f"{v['share']:.0%} [{v['low']:.0%}-{v['high']:.0%}]" for c in chart for v in c["values"]}
+    printed = [m for line in reading["summary"][1:] for m in re.findall(r"\d+% \[\d+%-\d+%\]", line)]
+    assert printed and set(printed) <= drawn_pct
     checked = {c["feature"] for c in reading["checks"]}
     assert checked and all(("stay inside epsilon" in d["check"]) == (d["item"] in checked) for d in drawn)
 

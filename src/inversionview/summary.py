@@ -127,11 +127,12 @@ def _data_population(pre, dist: dict) -> Population:
     return Population(members, len(members), True, weights, n_eff)
 
 
-def _aligned(pre, pop: Population, matched: bool) -> str | None:
-    """Tokens held at fixed positions, aligned from the start or at the matched position; None if none is shared."""
+def _aligned(pre, pop: Population, matched: bool) -> tuple[str | None, list[dict]]:
+    """Tokens held at fixed positions, aligned from the start or at the matched position: the summary's line (None
+    if none is shared) and a chart row for each shared position."""
     q = len(pre.tokens)
     offsets = range(1 - pre.position, q - pre.position) if matched else range(1, q)
-    items = []
+    items, rows = [], []
     for o in offsets:
 
         def at(m, o=o):
@@ -141,11 +142,15 @@ def _aligned(pre, pop: Population, matched: bool) -> str | None:
         top = Counter(at(m) for c in pop.chains for m in c).most_common(1)[0][0]
         s = pop.share(lambda m: at(m, o) == top)  # called at once: no need to bind o and top
         if top is not None and s and is_shared(s):
-            items.append((f"{o:+d}" if matched else f"{o}") + f"={top!r} {_pct(s)}")
+            where = f"{o:+d}" if matched else f"{o}"
+            items.append(f"{where}={top!r} {_pct(s)}")
+            name = f"token at {where} from the matched position" if matched else f"token at index {where}"
+            i = pre.position + o if matched else o
+            rows.append(_chart_row(name, "shared", pre.tokens[i] if 0 <= i < q else None, [(top, s)], 1, None))
     if not items:
-        return None
+        return None, []
     where = "at the matched position (offset from it)" if matched else "from the start (index, BOS = 0)"
-    return f"tokens aligned {where}: " + ", ".join(items)
+    return f"tokens aligned {where}: " + ", ".join(items), rows
 
 
 def _features(pre, task, features: dict | None) -> dict:
@@ -232,7 +237,10 @@ def summary(pre, task=None, features: dict | None = None) -> tuple[list[str], li
         chart.append(_chart_row(name, verdict, mine.get(name), shares, n_values, check))
     lines += shared + unsure
     if not few:
-        lines += [x for x in (_aligned(pre, pop, matched=True), _aligned(pre, pop, matched=False)) if x]
+        for matched in (True, False):
+            line, rows = _aligned(pre, pop, matched)
+            lines += [line] if line else []
+            chart += rows
     lines += varies
     for c in pre.checks or []:
         lines.append(f"check: {c['feature']} {_check_text(c, pre.epsilon)}")
