@@ -22,6 +22,10 @@ def first_letter(text):
     return text[0]
 
 
+def always(text):
+    return "same"
+
+
 class MyCounting(Counting):
     features = {"first": first_letter}
 """
@@ -54,6 +58,11 @@ def test_a_generator_function_is_read_under_its_draws(user_dir, probed_dir, caps
     dist = out["distribution"]
     assert dist["kind"] == "data" and dist["name"] == "20,000 draws of the generator mytask:gen"
     assert dist["inputs"] == 20_000 and out["sources"]["data"] == dist["found"]
+    # a feature every member shares, which nothing can change (the generator has no moves): the check says so
+    out = query(user_dir, capsys, "--features", "mytask:always", "--epsilon", "0.5")
+    assert out["distribution"]["found"] >= 5
+    assert any(x.startswith("shared by 100%") and "mytask:always = same" in x for x in out["summary"])
+    assert "check: mytask:always cannot be changed in members: the data set has no edits for it" in out["summary"]
 
 
 def test_a_task_class_gets_chains_and_its_own_features(user_dir, probed_dir, capsys):
