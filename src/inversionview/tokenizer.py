@@ -37,6 +37,7 @@ class CharVocab:
     eos: str
     pad: str
     _index: dict[str, int] = field(init=False, repr=False, compare=False)  # token -> id, set by __post_init__
+    _chars: dict[str, int] = field(init=False, repr=False, compare=False)  # an input's characters -> id (no special)
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(self.tokens))
@@ -49,6 +50,8 @@ class CharVocab:
         if bad:
             raise UserError(f"character vocabulary tokens must be single characters, got {bad[:3]}")
         object.__setattr__(self, "_index", {t: i for i, t in enumerate(self.tokens)})
+        special = (self.bos, self.eos, self.pad)
+        object.__setattr__(self, "_chars", {t: i for t, i in self._index.items() if t not in special})
 
     @classmethod
     def from_dict(cls, d: dict) -> "CharVocab":
@@ -81,16 +84,15 @@ class CharVocab:
         return self._index[self.pad]
 
     def encode(self, text: str) -> list[int]:
-        ids = [self.bos_id]
-        for i, ch in enumerate(text):
-            if ch not in self._index or ch in (self.bos, self.eos, self.pad):
-                allowed = "".join(t for t in self.tokens if t not in (self.bos, self.eos, self.pad))
-                raise UserError(
-                    f"character {ch!r} at index {i} of {text!r} is not in the vocabulary "
-                    f"(expected characters from {allowed!r})"
-                )
-            ids.append(self._index[ch])
-        return ids + [self.eos_id]
+        chars = self._chars
+        try:
+            return [self._index[self.bos], *(chars[ch] for ch in text), self._index[self.eos]]
+        except KeyError:  # the first character outside the vocabulary (or a special token's), in one line
+            i, ch = next((i, ch) for i, ch in enumerate(text) if ch not in chars)
+            raise UserError(
+                f"character {ch!r} at index {i} of {text!r} is not in the vocabulary "
+                f"(expected characters from {''.join(chars)!r})"
+            ) from None
 
     def tokens_of(self, ids) -> list[str]:
         return [self.tokens[int(i)] for i in ids]
