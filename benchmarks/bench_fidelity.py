@@ -54,7 +54,8 @@ import _truth  # noqa: E402
 from _truth import MIN_MEMBERS, Z  # noqa: E402
 from inversionview import InversionView, explore
 from inversionview.explore import CHAINS, share
-from inversionview.features import builtin_features, preimages
+from inversionview.fcr import preimages
+from inversionview.features import builtin_features
 from inversionview.summary import EXAMPLES, SHARED, is_shared
 from inversionview.tasks.addition import Addition
 from inversionview.tasks.counting import Counting

@@ -252,7 +252,7 @@ def test_members_at_the_edge_of_epsilon_are_verified_exactly(counting):
 
 def test_explain_and_completeness_under_a_data_set(counting, tmp_path, capsys):
     """FCRs over the data's members and the completeness scan of a data set, against the scan written here."""
-    from inversionview.features import explain, query_texts
+    from inversionview.fcr import explain, query_texts
 
     texts = counting_texts(1500, seed=5)
     path = data_file(tmp_path / "data.txt", texts)

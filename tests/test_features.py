@@ -11,22 +11,19 @@ import torch
 
 from conftest import user_error
 from inversionview.errors import UserError
-from inversionview.features import (
+from inversionview.fcr import (
     BASELINE_INPUTS,
     CARRIES,
     MARGIN,
     Consistency,
-    builtin_features,
     consistency,
     explain,
-    load_feature,
     measure,
     preimages,
     query_texts,
     random_values,
-    resolve_features,
-    value,
 )
+from inversionview.features import builtin_features, load_feature, resolve_features, value
 from inversionview.tasks import get_task
 
 

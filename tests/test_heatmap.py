@@ -9,7 +9,7 @@ from playwright.sync_api import sync_playwright
 
 from inversionview import InversionView
 from inversionview.cli import main
-from inversionview.features import explain
+from inversionview.fcr import explain
 from inversionview.tasks.counting import Counting
 from inversionview.viewer.heatmap import render_explain
 from test_browser import CHROMIUM

@@ -110,3 +110,16 @@ def test_the_cycle_check_finds_one(tmp_path):
     graph = import_graph(tmp_path, "pkg")
     assert graph["pkg.c"] == {"pkg.a"} and graph["pkg.d"] == {"pkg.a"}
     assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_the_features_are_a_leaf_of_the_reading():
+    """features.py holds the feature functions alone: nothing it imports, directly or not, is part of a reading."""
+    graph = import_graph(SRC)
+    seen, todo = set(), ["inversionview.features"]
+    while todo:
+        m = todo.pop()
+        for t in graph[m] - seen:
+            seen.add(t)
+            todo.append(t)
+    reading = {f"inversionview.{m}" for m in ("propose", "verify", "explore", "dataset", "summary", "preimage", "fcr")}
+    assert not seen & reading, sorted(seen & reading)

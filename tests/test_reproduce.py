@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import user_error
-from inversionview.features import CARRIES, MARGIN, PARTLY
+from inversionview.fcr import CARRIES, MARGIN, PARTLY
 from inversionview.reproduce import CLAIMS, Check, Claim, reproduce
 
 

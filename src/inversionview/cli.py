@@ -239,7 +239,7 @@ def cmd_index(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    from .features import explain
+    from .fcr import explain
 
     iv = _load(args)
     sites = [x.strip() for x in args.site.split(",") if x.strip()] if args.site else None

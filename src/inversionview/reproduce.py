@@ -1,5 +1,5 @@
 """``inversionview reproduce counting|addition``: the paper's claims C1-C3 and A1-A3 (METHOD.md §6) checked on the
-shipped models with feature consistency rates (:mod:`inversionview.features`) and, for C3, activation patching
+shipped models with feature consistency rates (:mod:`inversionview.fcr`) and, for C3, activation patching
 (:mod:`inversionview.patching`).
 
 Each claim is a list of checks (site, position of the task's rule, feature, expectation). Rules:
@@ -22,7 +22,8 @@ import textwrap
 from dataclasses import asdict, dataclass
 
 from .errors import UserError
-from .features import CARRIES, MARGIN, PARTLY, random_values, resolve_features
+from .fcr import CARRIES, MARGIN, PARTLY, random_values
+from .features import resolve_features
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,7 @@ def reproduce(
     """Check the paper's claims for ``task`` ("counting" or "addition") on the shipped model and decoder."""
     from tqdm import tqdm
 
-    from .features import measure
+    from .fcr import measure
     from .run import InversionView
 
     if task not in CLAIMS:
