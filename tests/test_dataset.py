@@ -180,49 +180,14 @@ def test_a_run_trained_on_a_data_file_reads_under_it_by_default(tmp_path, probed
     assert main(["train", str(cfg), "--no-progress"]) == 0
     capsys.readouterr()
     q = lines[0].split("|")[0] + "|" + lines[0].split("|")[1]
-    assert (
-        main(
-            [
-                "query",
-                str(tmp_path / "run"),
-                "--text",
-                q,
-                "--site",
-                "x1.post",
-                "--position",
-                "-1",
-                "--json",
-                "--samples",
-                "16",
-            ]
-        )
-        == 0
-    )
+    argv = ["query", str(tmp_path / "run"), "--text", q, "--site", "x1.post", "--position", "-1", "--json"]
+    assert main([*argv, "--samples", "16"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["distribution"]["kind"] == "data" and out["distribution"]["inputs"] == 300 + 30
     assert out["distribution"]["found"] >= 1  # the query is an input of the data: a member at distance 0
     # --data reads under another data set
     data_file(tmp_path / "other.txt", lines[:50])
-    assert (
-        main(
-            [
-                "query",
-                str(tmp_path / "run"),
-                "--text",
-                q,
-                "--site",
-                "x1.post",
-                "--position",
-                "-1",
-                "--json",
-                "--samples",
-                "16",
-                "--data",
-                str(tmp_path / "other.txt"),
-            ]
-        )
-        == 0
-    )
+    assert main([*argv, "--samples", "16", "--data", str(tmp_path / "other.txt")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["distribution"]["inputs"] == 50
 
