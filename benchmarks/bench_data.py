@@ -39,7 +39,7 @@ from _common import peak_rss_mib
 
 from inversionview import InversionView
 from inversionview.dataset import ActivationIndex, DataSet
-from inversionview.explore import Z, wilson
+from inversionview.estimate import Z, wilson
 from inversionview.features import builtin_features
 from inversionview.summary import FEW, is_shared
 from inversionview.verify import activations, length_batches

@@ -52,8 +52,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import _truth  # noqa: E402
 from _truth import MIN_MEMBERS, Z  # noqa: E402
-from inversionview import InversionView, explore
-from inversionview.explore import CHAINS, share
+from inversionview import InversionView, estimate, explore
+from inversionview.estimate import share
+from inversionview.explore import CHAINS
 from inversionview.fcr import preimages
 from inversionview.features import builtin_features
 from inversionview.summary import EXAMPLES, SHARED, is_shared
@@ -573,9 +574,12 @@ def main():
     for kv in args.set:  # a lever to measure: e.g. --set STEPS=48 --set GLOBAL=0.05 --set addition.draws=8192
         k, _, v = kv.partition("=")
         owner, _, k = k.rpartition(".")
-        where = TASKS.get(owner, explore) if owner else explore
-        if owner not in ("", *TASKS) or not hasattr(where, k):
-            raise SystemExit(f"--set {kv}: expected an explore constant (STEPS) or a task's (addition.draws)")
+        where = {"": explore, "explore": explore, "estimate": estimate, **TASKS}.get(owner)
+        if where is None or not hasattr(where, k):
+            raise SystemExit(
+                f"--set {kv}: expected an explore or estimate constant (STEPS, estimate.PER_START) or a task's "
+                "(addition.draws)"
+            )
         setattr(where, k, type(getattr(where, k))(v))
         print(f"{owner or 'explore'}.{k} = {getattr(where, k)}")
     torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ import torch
 
 from _common import best_of, peak_rss_mib
 from inversionview import InversionView
-from inversionview.preimage import AUTO_MIX
+from inversionview.propose import AUTO_MIX
 
 TEXT, SITE, POS = "vvzccvczvvvzvcvc|v:8", "a1.0", ":"
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import user_error, write_config
 from inversionview.cli import build_parser, examples, main
-from inversionview.preimage import AUTO_MIX
+from inversionview.propose import AUTO_MIX
 from inversionview.run import SHIPPED, InversionView
 from inversionview.train import TrainConfig
 

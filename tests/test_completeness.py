@@ -18,7 +18,7 @@ from inversionview.cli import main
 from inversionview import completeness
 from inversionview.completeness import input_set, scan, scan_logprobs
 from inversionview.decoder import Decoder
-from inversionview.preimage import verify
+from inversionview.verify import verify
 from inversionview.run import InversionView
 
 TEXT = "vvzccvczvvvzvcvc|v:8"

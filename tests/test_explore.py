@@ -10,9 +10,10 @@ from itertools import product
 import pytest
 import torch
 
-from inversionview.explore import Chains, can_explore, coverage, credit, share, walk, wilson
+from inversionview.estimate import Chains, coverage, credit, share, wilson
+from inversionview.explore import can_explore, walk
 from inversionview.features import builtin_features
-from inversionview.preimage import verify
+from inversionview.verify import verify
 from inversionview.tasks import get_task
 
 

@@ -128,7 +128,7 @@ def test_consistency_counts_shares_and_empty_queries():
 
 
 def test_preimages_are_inside_epsilon(counting_iv):
-    from inversionview.preimage import verify
+    from inversionview.verify import verify
 
     iv = counting_iv
     texts = query_texts(iv.task, 3)

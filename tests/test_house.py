@@ -123,3 +123,15 @@ def test_the_features_are_a_leaf_of_the_reading():
             todo.append(t)
     reading = {f"inversionview.{m}" for m in ("propose", "verify", "explore", "dataset", "summary", "preimage", "fcr")}
     assert not seen & reading, sorted(seen & reading)
+
+
+def test_the_reading_s_stages_only_call_downwards():
+    """docs/estimator.md's stages, lowest first: each imports only stages below it, and estimate (the statistics)
+    imports nothing of the package. A wrong cut (explore reaching up to the summary, or the shares reaching into
+    the chains) fails here."""
+    graph = import_graph(SRC)
+    stages = ["estimate", "verify", "propose", "explore", "dataset", "summary", "preimage", "fcr"]
+    assert graph["inversionview.estimate"] == set()
+    for i, m in enumerate(stages):
+        above = {f"inversionview.{s}" for s in stages[i + 1 :]}
+        assert not graph[f"inversionview.{m}"] & above, (m, sorted(graph[f"inversionview.{m}"] & above))

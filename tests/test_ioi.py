@@ -20,7 +20,8 @@ from conftest import write_config
 from inversionview.cli import main
 from inversionview.data import FileSource, PositionRule, open_source
 from inversionview.errors import UserError
-from inversionview.preimage import Preimage, as_inputs
+from inversionview.preimage import Preimage
+from inversionview.verify import as_inputs
 from inversionview.probed import ProbedModel, distances
 from inversionview.run import InversionView, RunSpec
 from inversionview.sites import parse_site

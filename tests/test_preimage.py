@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from inversionview.errors import UserError
-from inversionview.preimage import Preimage, Sample, activations, length_batches, resolve_position, verify
+from inversionview.preimage import Preimage, Sample, resolve_position
+from inversionview.verify import activations, length_batches, verify
 from inversionview.probed import ProbedModel, distances
 from inversionview.sites import Site
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from inversionview.decoder import Decoder, DecoderConfig
-from inversionview.preimage import verify
+from inversionview.verify import verify
 from inversionview.probed import ProbedModel, distances
 from inversionview.run import SHIPPED, InversionView
 
@@ -223,7 +223,8 @@ def test_auto_mix_temperatures_and_noise(run_dir):
 def test_hit_rate_samples_at_temperature_one(run_dir):
     """Per site: one sample per held-out query, drawn at temperature 1 from the query's activation without noise;
     the hit rate is the fraction of those samples whose distance is below epsilon."""
-    from inversionview.preimage import as_inputs, hit_rates, make_queries
+    from inversionview.verify import as_inputs
+    from inversionview.propose import hit_rates, make_queries
 
     iv = InversionView.load(run_dir)
     calls = _record_generate(iv.decoder)

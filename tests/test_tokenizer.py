@@ -106,7 +106,7 @@ def test_generation_stops_at_eos_even_when_it_is_bos():
     """The decoder starts from BOS and looks for EOS from index 1 on, so a BOS-equal EOS ends a sample; the
     reading then drops that EOS, which is a stop signal and not part of a GPT-2 input."""
     from inversionview.decoder import Decoder, DecoderConfig
-    from inversionview.preimage import as_inputs
+    from inversionview.verify import as_inputs
 
     torch.manual_seed(0)
     dec = Decoder(

@@ -200,7 +200,7 @@ def consistency(
     """FCR and baseline of each feature over ``queries`` with their members ``inside``: per query, chains of states
     (:func:`preimages`) or a plain list of distinct samples (each a chain of one). The FCR's interval combines the
     queries' own 95% intervals."""
-    from .explore import Z, Chains, share
+    from .estimate import Z, Chains, share
 
     out = []
     inside = [c if isinstance(c, Chains) else [[x] if isinstance(x, str) else x for x in c] for c in inside]

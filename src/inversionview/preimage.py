@@ -19,55 +19,16 @@ import torch
 
 from .errors import UserError
 from .dataset import find_members
-from .explore import CHAINS, can_explore, counterfactuals, credit, walk
+from .estimate import credit
+from .explore import CHAINS, can_explore, walk
 from .features import builtin_features, resolve_features
 from .probed import ProbedModel
 from .propose import AUTO_MIX, propose
 from .settings import ReadSettings
-from .verify import activations as activations, as_inputs, length_batches as length_batches, verify  # re-exported
+from .verify import counterfactuals, verify
 
 CHAIN_SAMPLES = 32  # members met by the chains that a reading shows beside the decoder's samples
 CHECKS = 40  # members changed in each counterfactual check
-
-
-# ---------------------------------------------------------------------------------------------- hit rate
-@dataclass
-class Queries:
-    """Held-out query activations: ``z`` (N, d) with the decoder's site index of each row."""
-
-    z: torch.Tensor
-    site_idx: torch.Tensor
-    sites: list
-
-
-def make_queries(probed: ProbedModel, task, sites, per_site: int, seed: int) -> Queries:
-    """``per_site`` held-out activations for each site, at positions drawn from the task's rule."""
-    rng = random.Random(seed)
-    zs, idx = [], []
-    for i, s in enumerate(sites):
-        texts = [task.sample(rng, "test") for _ in range(per_site)]
-        b = probed.batch([probed.encode(t) for t in texts])
-        pos = torch.tensor([rng.choice(task.positions(t)) for t in texts])
-        zs.append(probed.run(b.ids, [s])[s][torch.arange(per_site), pos].float())
-        idx += [i] * per_site
-    return Queries(torch.cat(zs), torch.tensor(idx), list(sites))
-
-
-@torch.no_grad()
-def hit_rates(decoder, probed: ProbedModel, q: Queries, epsilon: float, metric: str, seed: int = 0) -> list[float]:
-    """Per site: the fraction of queries whose one sample at temperature 1 lies within ``epsilon``."""
-    decoder.eval()
-    g = torch.Generator().manual_seed(seed)
-    tok = probed.tokenizer
-    hits = []
-    for i, s in enumerate(q.sites):
-        rows = (q.site_idx == i).nonzero()[:, 0]
-        seqs = as_inputs(
-            decoder.generate(q.z[rows], q.site_idx[rows], tok.bos_id, tok.eos_id, 1.0, probed.max_len, g), tok
-        )
-        dmin, _, _ = verify(probed, s, seqs, q.z[rows], metric)
-        hits.append((dmin < epsilon).float().mean().item())
-    return hits
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -424,8 +385,8 @@ def _rows(iv, si, zq, zbos, uniq, texts, checked, counts, deltas: int, other: st
 
 def chains_record(w, epsilon: float, tokens_of) -> dict:
     """A walk as a reading keeps it (JSON): its states; the distance, arg-min position, tokens and weight under the
-    input distribution of every member met (:class:`inversionview.explore.Chains`), or of the states' alone where
-    the chains' coverage gives the others no weight in a share (:func:`inversionview.explore.credit`: a large
+    input distribution of every member met (:class:`inversionview.estimate.Chains`), or of the states' alone where
+    the chains' coverage gives the others no weight in a share (:func:`inversionview.estimate.credit`: a large
     preimage, whose members met can run to thousands); and the chains' coverage."""
     weight = dict(w.states.members)
     kept = (

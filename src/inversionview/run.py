@@ -351,7 +351,7 @@ class InversionView:
         self, queries_per_site: int = 256, epsilon: float | None = None, metric: str | None = None, seed: int = 0
     ) -> dict:
         """Hit rate per site (one sample at temperature 1 per held-out query) and the mean."""
-        from .preimage import hit_rates, make_queries
+        from .propose import hit_rates, make_queries
 
         if queries_per_site < 1:
             raise UserError(f"queries per site must be at least 1, got {queries_per_site}")

@@ -35,7 +35,7 @@ SOURCES = ("decoder", "chain", "data")
 """Where a sample came from: proposed by the decoder, met by the chains on the preimage, or drawn from data."""
 MAX_DEPTH = 32
 """Deepest nesting of a JSON value in a field the schema does not describe further (a ``dict`` field)."""
-SATURATED = 0.5  # inversionview.explore.SATURATED: above this coverage the members met weigh in (their weights)
+SATURATED = 0.5  # inversionview.estimate.SATURATED: above this coverage the members met weigh in (their weights)
 
 
 class NotAReading(UserError):

@@ -43,7 +43,8 @@ from typing import NamedTuple
 
 from .artifacts import check_fields
 from .errors import UserError
-from .preimage import AUTO_MIX, Preimage
+from .preimage import Preimage
+from .propose import AUTO_MIX
 from .schema import NotAReading, reading_from_dict
 from .settings import SamplingSettings, build
 

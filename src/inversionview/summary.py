@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .explore import Chains, Share, credit, share, wilson
+from .estimate import Chains, Share, credit, share, wilson
 from .features import builtin_features
 
 SHARED = 0.9

@@ -47,7 +47,7 @@ from .artifacts import CHECKPOINT_FORMAT, atomic_write_text, check_fields, check
 from .decoder import Decoder, DecoderConfig
 from .distributed import Dist
 from .errors import UserError
-from .preimage import hit_rates, make_queries
+from .propose import hit_rates, make_queries
 from .progress import Progress
 from .probed import ProbedModel
 from .run import InversionView, RunSpec, resolve_model

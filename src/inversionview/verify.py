@@ -2,10 +2,14 @@
 
 The lowest layer of a reading: it knows the probed model and the distance, nothing of decoders, chains or
 summaries. :func:`verify` takes the minimum distance over an input's positions (PAD and EOS excluded, BOS included)
-with its arg-min; :func:`activations` yields a site's activations batch by batch, in batches of similar lengths.
+with its arg-min; :func:`activations` yields a site's activations batch by batch, in batches of similar lengths;
+:func:`counterfactuals` verifies members edited by the task's moves (a reading's checks).
 """
 
 from __future__ import annotations
+
+import random
+from collections.abc import Callable
 
 import torch
 
@@ -59,3 +63,23 @@ def as_inputs(seqs: list[list[int]], tok) -> list[list[int]]:
     if getattr(tok, "appends_eos", True) or tok.eos_id is None:
         return seqs
     return [s[:-1] if len(s) > 1 and s[-1] == tok.eos_id else s for s in seqs]
+
+
+def counterfactuals(
+    probed, task, site, zq: torch.Tensor, members: list[str], f: Callable, metric: str, tries: int = 30, seed: int = 0
+) -> list[float]:
+    """Change the feature ``f`` in each of ``members`` with the task's moves (the first move that changes its value,
+    at most ``tries``) and return the changed inputs' distances: how many of them stay inside epsilon shows whether
+    the activation keeps the feature."""
+    rng = random.Random(seed)
+    edits = []
+    for x in members:
+        v = f(x)
+        for _ in range(tries):
+            y = task.propose(x, rng)
+            if y is not None and f(y) != v:
+                edits.append(y)
+                break
+    if not edits:
+        return []
+    return verify(probed, site, [probed.encode(y) for y in edits], zq, metric)[0].tolist()
