@@ -137,6 +137,15 @@ def counting_truth(iv, site, qs: list[str], poss: list[int], zq, feats, args, se
     return tr, before
 
 
+def unknown_why(row: dict) -> str:
+    """Why a counting row's truth is not known: no member found, fewer than MIN_MEMBERS, or too wide."""
+    if not row["members"]:
+        return "no member found"
+    if row["members"] < MIN_MEMBERS:
+        return f"fewer than {MIN_MEMBERS} members"
+    return f"half-width over {SURE_HALF_WIDTH}"
+
+
 def printed_values(states, f) -> list:
     """The values of feature ``f`` whose shares a summary estimates for a reading's states: its top EXAMPLES values,
     counted over the states and the members met (as summary.items)."""
@@ -321,13 +330,15 @@ def run_task(name: str, args) -> dict:
             )
         print(f"  {site} [{tag}]: truth in {t_scan:.1f} s{extra}", flush=True)
         for m in modes:
-            print(f"    {report(rows[(m, site)], m)}", flush=True)
+            print(f"    [{tag}] {report(rows[(m, site)], m)}", flush=True)
         unknown = [r for r in rows[("chains", site)] if r.get("fcr") and not r.get("noread") and not r["sure"]]
         if unknown and name == "counting":
+            why = Counter(unknown_why(r) for r in unknown)
             print(
-                f"    unknown [{tag}]: "
+                f"    unknown [{tag}]: {len(unknown)} rows ({', '.join(f'{n} {w}' for w, n in why.most_common())}): "
                 + "; ".join(
-                    f"{r['query']} @{r['position']} {r['feature']} ({r['members']} members, +-{Z * r['se']:.3f})"
+                    f"{r['query']} @{r['position']} {r['feature']} ({unknown_why(r)}: {r['members']} members, "
+                    f"+-{Z * r['se']:.3f})"
                     for r in unknown
                 )
             )
@@ -400,79 +411,195 @@ def validate(args) -> None:
     print(
         f"cells: {int(_truth.FEASIBLE.sum())} of exact probability, summing to {_truth.MASS.sum():.12f}; (L, c) as enumerated"
     )
-    # 3. every cell's draws are in the cell, by a string-level reading of their letters, target and counts
     iv = InversionView.load("shipped:counting")
-    task, feats = iv.task, builtin_features(iv.task)
+    task = iv.task
+    # 2b. the cells' probabilities against the real generator's frequencies: --validate-generator draws of
+    # task.generate, each placed in its cell relative to the example query by a string-level reading
+    t0 = time.perf_counter()
+    gen = random.Random(f"{args.seed}:generator")
+    freq = Counter(text_cell(task.generate(gen), EXAMPLE) for _ in range(args.validate_generator))
+    ng = args.validate_generator
+    exp = {_truth.split(int(h)): _truth.MASS[h] * ng for h in np.flatnonzero(_truth.FEASIBLE)}
+    assert set(freq) <= set(exp), set(freq) - set(exp)
+    big = [k for k in exp if exp[k] >= 10]
+    chi2 = sum((freq[k] - exp[k]) ** 2 / exp[k] for k in big)
+    rest_o, rest_e = ng - sum(freq[k] for k in big), ng - sum(exp[k] for k in big)
+    chi2 += (rest_o - rest_e) ** 2 / rest_e
+    df = len(big)
+    margins = []
+    for name_, key in (("length", lambda k: k[0]), ("count", lambda k: k[1]), ("relation", lambda k: k[2])):
+        o, e = Counter(), Counter()
+        for k, v in freq.items():
+            o[key(k)] += v
+        for k, v in exp.items():
+            e[key(k)] += v
+        zs_ = [(o[v] - e[v]) / math.sqrt(e[v] * (1 - e[v] / ng)) for v in e if e[v] > 0]
+        margins.append(f"{name_} max |z| {max(map(abs, zs_)):.2f} over {len(zs_)}")
+    print(
+        f"generator: {ng:,} draws of task.generate in cells relative to {EXAMPLE} [{tag}]: chi2 {chi2:.0f} on {df} "
+        f"df (z {(chi2 - df) / math.sqrt(2 * df):+.2f}, {len(big)} cells with >= 10 expected, the rest lumped); "
+        f"{'; '.join(margins)} ({time.perf_counter() - t0:.0f} s)"
+    )
+    assert abs(chi2 - df) / math.sqrt(2 * df) < 5, "the cells' probabilities do not match the generator"
+    # 3. every cell's draws are in the cell, by a string-level reading of their letters, target and counts; and the
+    # truth's distances of those draws (min over positions) agree with this file's scan to float precision
     rq = random.Random(f"{args.seed}:validate")
     qs = [task.sample(rq, "test") for _ in range(4)]
-    site = args.sites.split(",")[0] if args.sites else "a0.0"
+    site = args.sites.split(",")[0] if args.sites else "x1.post"
     s = iv.probed.site(site)
     poss = [task.positions(t)[i % 2] for i, t in enumerate(qs)]
     b_ = iv.probed.batch([iv.probed.encode(t) for t in qs])
     zq = iv.probed.run(b_.ids, [s])[s].float()[torch.arange(len(poss)), torch.tensor(poss)]
     tr = _truth.Counting(iv, site, qs, poss, zq, iv.spec.epsilon, seed=args.seed)
+    rows_, owner = [], []
     for q in range(len(qs)):
-        S, a, _ = tr.queries[q]
-        X = {chr(97 + x) for x in S} - {chr(97 + a)}
-        A = chr(97 + a)
         for h in np.flatnonzero(_truth.FEASIBLE):
             L, c, rel = _truth.split(int(h))
             for row in tr.draw_cell(q, L, c, rel, 3):
                 x = tr._text(row)
-                head, t = task.parse(x)
-                letters = set(head)
-                code = 8 * (0 if t == A else 1 if t in X else 2) + 4 * (A in letters) + len(letters & X)
-                assert (len(head), head.count(A), code) == (L, c, rel), (x, L, c, rel)
-    print(f"draws: 3 in each cell of 4 queries, all in their cell (length, key count, rel read off the text) [{tag}]")
-    # 4. post-stratified shares against a much larger plain scan
+                assert text_cell(x, qs[q]) == (L, c, rel), (x, L, c, rel)
+                rows_.append(row)
+                owner.append(q)
+    by_len = defaultdict(list)
+    for row, q in zip(rows_, owner):
+        by_len[len(row)].append((row, q))
+    worst = 0.0
+    for parts in by_len.values():
+        ids = torch.stack([r for r, _ in parts])
+        own = torch.tensor([q for _, q in parts])
+        d_truth = tr._distances(ids, own)
+        d_scan = scan_distances(iv, s, zq, [tr._text(r) for r in ids])[torch.arange(len(own)), own]
+        worst = max(worst, float((d_truth - d_scan).abs().max()))
+    assert worst < 1e-4, worst
+    print(
+        f"draws: 3 in each cell of 4 queries, all in their cell (length, key count, rel read off the text); their "
+        f"distances as the truth takes them and as this file's scan does differ by at most {worst:.1e} [{tag}]"
+    )
+    # 4. the truth's shares against an independent plain scan (validate_scan)
+    validate_scan(iv, args)
+
+
+EXAMPLE = "xxddnxnxnndnxdnnxxnx|x:8"  # issue 28's example (at x1.post): a plain scan met 6 members, all count 8
+VALIDATE_SITES = "a0.0:0,x0.post:0,a1.0:1,m1:1,x1.post:1,x1.post:0"  # site:position (0 the target letter, 1 ':')
+
+
+def text_cell(text: str, query: str) -> tuple[int, int, int]:
+    """The truth's cell of a counting input relative to a query's, read off the strings: (the number of letters, the
+    count of the query's target where present else 0, the relation code of _truth)."""
+    head, _, tail = text.partition("|")
+    qhead, _, qtail = query.partition("|")
+    a, t, letters = qtail[0], tail[0], set(head)
+    X = set(qhead) - {a}
+    code = 8 * (0 if t == a else 1 if t in X else 2) + 4 * (a in letters) + len(letters & X)
+    return len(head), head.count(a), code
+
+
+@torch.inference_mode()
+def scan_distances(iv, site, zq: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """(N, Q): each text's distance to each query activation, min over its positions but PAD and EOS."""
+    ids, valid = encode(iv.probed.tokenizer, texts)
+    z = iv.probed.run(ids, [site])[site].float()
+    d = torch.cdist(z.reshape(-1, z.shape[-1]), zq).reshape(z.shape[0], z.shape[1], -1) / zq.norm(dim=-1)
+    return d.masked_fill(~valid[..., None], math.inf).amin(1)
+
+
+def validate_scan(iv, args) -> None:
+    """The truth's shares against an independent plain scan, at each of --validate-sites (site:position, 0 the
+    target letter, 1 the ':'), for EXAMPLE and --validate-queries - 1 test queries of 16 to 22 letters: plain draws
+    of the task's own generator given the length (--validate-plain per length within 3 of a query's, an eighth of
+    that elsewhere), scanned once through the probed model at every site (distance: min over positions but PAD and
+    EOS), each share weighted by its length's probability. Compared per query and feature: the query's value and
+    the top 3 values among either side's members; z = (truth - plain) / sqrt(se_truth^2 + se_plain^2)."""
+    tag = f"seed {args.seed}"
+    task, feats, p, eps = iv.task, builtin_features(iv.task), iv.probed, iv.spec.epsilon
+    rq = random.Random(f"{args.seed}:validate-queries")
+    qs = [EXAMPLE]
+    while len(qs) < args.validate_queries:
+        x = task.sample(rq, "test")
+        if 16 <= len(x.partition("|")[0]) <= 22 and x not in qs:
+            qs.append(x)
+    groups = defaultdict(list)  # site -> [(query index, position)]
+    for sp in args.validate_sites.split(","):
+        site, _, i = sp.partition(":")
+        groups[site] += [(q, task.positions(x)[int(i)]) for q, x in enumerate(qs)]
+    sites = {name: p.site(name) for name in groups}
+    b_ = p.batch([p.encode(t) for t in qs])
+    acts = p.run(b_.ids, list(sites.values()))
+    zq = {
+        name: acts[s].float()[torch.tensor([q for q, _ in groups[name]]), torch.tensor([i for _, i in groups[name]])]
+        for name, s in sites.items()
+    }
+    # the plain scan: every site in one forward pass per chunk
+    near = {L + d for x in qs for L in [len(x.partition("|")[0])] for d in range(-3, 4)}
+    n_len = {L: args.validate_plain if L in near else args.validate_plain // 8 for L in range(3, 28)}
+    gen = random.Random(f"{args.seed}:plain")
+    found = {name: defaultdict(list) for name in sites}  # site -> zq index -> member texts
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for L, n in n_len.items():
+            for i in range(0, n, 8192):
+                xs = [task.generate_in(L, gen) for _ in range(min(8192, n - i))]
+                ids, valid = encode(p.tokenizer, xs)
+                out = p.run(ids, list(sites.values()))
+                for name, s in sites.items():
+                    z = out[s].float()
+                    d = torch.cdist(z.reshape(-1, z.shape[-1]), zq[name]).reshape(z.shape[0], z.shape[1], -1)
+                    d = (d / zq[name].norm(dim=-1)).masked_fill(~valid[..., None], math.inf).amin(1)
+                    for r, j in (d <= eps).nonzero().tolist():
+                        found[name][j].append(xs[r])
+    plain_n = np.array([0.0] * 3 + [n_len[L] for L in range(3, 28)])
+    plain_mass = np.array([0.0] * 3 + [_truth.PAIRS_L[L] for L in range(3, 28)])
+    print(
+        f"plain scan [{tag}]: {sum(n_len.values()):,} draws of the generator given the length "
+        f"({args.validate_plain:,} per length in {min(near)}..{max(near)}), {time.perf_counter() - t0:.0f} s"
+    )
     targs = argparse.Namespace(
         stratum=args.stratum,
         truth_budget=args.truth_budget,
         truth_round=args.truth_round,
         truth_target=args.truth_target,
     )
-    tr, _ = counting_truth(iv, site, qs, poss, zq, feats, targs, f"{args.seed}:validate:{site}")
-    near = {L for *_, L in tr.queries}
-    near = {L + d for L in near for d in (-2, -1, 0, 1, 2)}
-    gen = random.Random(f"{args.seed}:plain")
-    k_near, k_far = args.validate_plain, args.validate_plain // 10
-    t0 = time.perf_counter()
-    inside, texts, weights = [], [], []
-    for L in range(3, 28):
-        n = k_near if L in near else k_far
-        xs = [task.generate_in(L, gen) for _ in range(n)]
-        ins = scan(iv, s, zq, xs, iv.spec.epsilon)  # (Q, n)
-        keep = ins.any(0).nonzero().flatten().tolist()
-        inside.append(ins[:, keep])
-        texts += [xs[i] for i in keep]
-        weights += [_truth.PAIRS_L[L] / n] * len(keep)
-    inside = torch.cat(inside, 1)
-    weights = np.array(weights)
-    plain_n = np.array([0.0] * 3 + [k_near if L in near else k_far for L in range(3, 28)])
-    plain_mass = np.array([0.0] * 3 + [_truth.PAIRS_L[L] for L in range(3, 28)])
-    n_plain = sum(k_near if L in near else k_far for L in range(3, 28))
-    print(f"plain scan: {n_plain:,} generator draws given the length ({time.perf_counter() - t0:.0f} s) [{tag}]")
-    zs = []
-    for q, text in enumerate(qs):
-        m = inside[q].numpy()
-        for k, f in feats.items():
-            vq = f(text)
-            r, se, km = tr.share(q, k, f, vq)
-            match = np.array([f(texts[i]) == vq for i in np.flatnonzero(m)], dtype=float)
-            w = weights[m]
-            if len(w) < 2 or r is None:
-                print(f"  {text} (position {poss[q]}) {k}: stratified {r}, plain scan {len(w)} members")
-                continue
-            lens = np.array([len(texts[i].partition("|")[0]) for i in np.flatnonzero(m)])
-            rp, sp, _ = _truth.stratified(lens, match, plain_n, plain_mass)  # cells: the lengths
-            z = (r - rp) / math.sqrt(se**2 + sp**2)
-            zs.append(z)
-            print(
-                f"  {text} (position {poss[q]}) {k}: stratified {r:.3f} +- {Z * se:.3f} ({km} members), plain "
-                f"{rp:.3f} +- {Z * sp:.3f} ({len(w)} members): z = {z:+.2f}"
-            )
+    every = []
+    for name in sites:
+        t0 = time.perf_counter()
+        sq = [qs[q] for q, _ in groups[name]]
+        poss = [i for _, i in groups[name]]
+        tr, _ = counting_truth(iv, name, sq, poss, zq[name], feats, targs, f"{args.seed}:validate:{name}")
+        t_truth = time.perf_counter() - t0
+        zs, diffs, lines = [], [], []
+        for j, text in enumerate(sq):
+            plain = found[name][j]
+            lens = np.array([len(x.partition("|")[0]) for x in plain], dtype=np.int64)
+            for k, f in feats.items():
+                top_t = Counter(safe(f, x) for x in tr.member_texts[j]).most_common(3)
+                top_p = Counter(safe(f, x) for x in plain).most_common(3)
+                for v in dict.fromkeys([f(text), *(v for v, _ in top_t), *(v for v, _ in top_p)]):
+                    r, se, km = tr.share(j, k, f, v)
+                    match = np.array([safe(f, x) == v for x in plain], dtype=float)
+                    rp, sp, kp = _truth.stratified(lens, match, plain_n, plain_mass)
+                    if r is None or rp is None or kp < 10:
+                        lines.append(f"{text} @{poss[j]} {k}={v}: truth {r} ({km}), plain {kp} members: not compared")
+                        continue
+                    z = (r - rp) / max(math.sqrt(se**2 + sp**2), 1e-9)
+                    zs.append(z)
+                    diffs.append(abs(r - rp))
+                    lines.append(
+                        f"{text} @{poss[j]} {k}={v}: truth {r:.3f} +- {Z * se:.3f} ({km}), plain {rp:.3f} +- "
+                        f"{Z * sp:.3f} ({kp}): z {z:+.2f}"
+                    )
+        every += zs
+        print(
+            f"  {name} [{tag}]: {len(sq)} queries, truth {t_truth:.0f} s; {len(zs)} shares compared: mean "
+            f"|truth - plain| {statistics.mean(diffs) if diffs else float('nan'):.3f}, max "
+            f"{max(diffs, default=float('nan')):.3f}; |z| > 1.96 in {sum(abs(z) > Z for z in zs)}, max |z| "
+            f"{max(map(abs, zs), default=float('nan')):.2f}"
+        )
+        for line in lines:
+            print(f"      {line}")
     print(
-        f"validation [{tag}]: {len(zs)} shares, |z| > 1.96 in {sum(abs(z) > Z for z in zs)}, max |z| {max(map(abs, zs)):.2f}"
+        f"validation [{tag}]: {len(every)} shares, |z| > 1.96 in {sum(abs(z) > Z for z in every)} "
+        f"({sum(abs(z) > Z for z in every) / max(len(every), 1):.1%}; 5% expected), max |z| "
+        f"{max(map(abs, every), default=float('nan')):.2f}"
     )
 
 
@@ -561,8 +688,13 @@ def main():
     ap.add_argument(
         "--truth-target", type=float, default=0.035, help="counting: stop drawing for a query at this half-width"
     )
-    ap.add_argument("--validate", action="store_true", help="check the counting truth (at the first of --sites)")
-    ap.add_argument("--validate-plain", type=int, default=200_000, help="--validate: plain draws per length near")
+    ap.add_argument("--validate", action="store_true", help="check the counting truth against a plain scan")
+    ap.add_argument("--validate-plain", type=int, default=120_000, help="--validate: plain draws per length near")
+    ap.add_argument("--validate-queries", type=int, default=4, help="--validate: queries (the first issue 28's)")
+    ap.add_argument("--validate-sites", default=VALIDATE_SITES, help="--validate: site:position, 0 target, 1 ':'")
+    ap.add_argument(
+        "--validate-generator", type=int, default=200_000, help="--validate: task.generate draws for the cells"
+    )
     ap.add_argument("--seed", type=int, required=True, help="draws the queries (and the truth's draws); name it")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", action="store_true")
