@@ -135,3 +135,25 @@ def test_the_reading_s_stages_only_call_downwards():
     for i, m in enumerate(stages):
         above = {f"inversionview.{s}" for s in stages[i + 1 :]}
         assert not graph[f"inversionview.{m}"] & above, (m, sorted(graph[f"inversionview.{m}"] & above))
+
+
+def api_calls(path: Path) -> list[str]:
+    """The calls ``iv.name(...)`` in a module: a stage calling back up into the API object it was handed."""
+    tree = ast.parse(path.read_text())
+    return [
+        f"{path.name}:{n.lineno} iv.{n.func.attr}()"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Call)
+        and isinstance(n.func, ast.Attribute)
+        and isinstance(n.func.value, ast.Name)
+        and n.func.value.id == "iv"
+    ]
+
+
+def test_a_reading_never_calls_back_up_into_the_api(tmp_path):
+    """InversionView.query resolves the site, the data set and its index; the stages below only read the models off
+    ``iv``. The check itself finds a call back up."""
+    stages = ["estimate", "verify", "propose", "explore", "dataset", "summary", "preimage"]
+    assert [c for m in stages for c in api_calls(SRC / f"{m}.py")] == []
+    (tmp_path / "x.py").write_text("def read(iv):\n    return iv.decoder.generate(iv.site_index('a'))\n")
+    assert api_calls(tmp_path / "x.py") == ["x.py:2 iv.site_index()"]

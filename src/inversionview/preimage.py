@@ -157,8 +157,14 @@ def read(
     chains: int = CHAINS,
     data=None,
     features=None,
+    *,
+    site_index: int,
+    index=None,
 ) -> Preimage:
-    """Read the activation of ``text`` at ``site`` and ``position``.
+    """Read the activation of ``text`` at ``site`` and ``position``. The caller resolves what a reading reads under
+    (:meth:`inversionview.run.InversionView.query`): ``site`` is a :class:`~inversionview.sites.Site` the decoder
+    knows as ``site_index``, ``data`` a :class:`~inversionview.dataset.DataSet` or None, and ``index`` its cached
+    activations at the site; the reading itself only calls downwards (docs/estimator.md).
 
     ``temperature=None`` uses the Auto mix (``samples`` candidates spread over :data:`AUTO_MIX`); otherwise
     all candidates use ``temperature`` and activation noise ``noise`` (z + N(0, I) std(z) noise). Delta
@@ -169,13 +175,12 @@ def read(
     under the task's input distribution, and up to :data:`CHAIN_SAMPLES` members they met join the samples
     (``source="chain"``). ``chains=0`` reads the decoder's samples alone.
 
-    Under a data set (``data``: a path or a :class:`~inversionview.dataset.DataSet`; by default the data file of a run
-    trained on one) the input distribution is the data's: the members of the preimage within the data are found
+    Under a data set (``data``; the API's default is the data file of a run trained on one) the input distribution is the data's: the members of the preimage within the data are found
     exactly by a scan of the site's cached activations (:mod:`inversionview.dataset`), the shares are taken over
     them, and the nearest and some random members join the samples (``source="data"``). ``features``: names or
     ``module:function`` specs of the features to measure (default: the task's built-ins)."""
     probed, tok = iv.probed, iv.probed.tokenizer
-    s, si = iv.site_index(site)
+    s, si, ds = site, site_index, data
     eps, metric, mix = _settings(iv, text, samples, temperature, noise, epsilon, metric, seed, chains)
     q = _query(probed, s, text, position)
     seqs = propose(iv, q.zq, si, mix, samples, torch.Generator().manual_seed(seed))
@@ -185,10 +190,9 @@ def read(
     n_in = sum(counts[tuple(u)] for u, d in zip(uniq, checked[0]) if d <= eps)
     texts = [tok.text(u) for u in uniq]
     feats = resolve_features(iv.task, features) if features is not None else builtin_features(iv.task)
-    ds = iv.dataset(data)
     n_decoder = len(uniq)
     w, found, (uniq, texts, checked) = _members(
-        iv, s, q, text, ds, eps, metric, chains, feats, seed, uniq, texts, checked
+        iv, s, q, text, ds, index, eps, metric, chains, feats, seed, uniq, texts, checked
     )
     settings = {"mix": [list(m) for m in mix], "samples": samples, "seed": seed, "chains": chains if ds is None else 0}
     settings |= {"dropped": dropped, "task": iv.task.name if iv.task else None, "features": list(feats)}
@@ -200,14 +204,14 @@ def read(
     return pre
 
 
-def _members(iv, s, q, text: str, ds, eps: float, metric: str, chains: int, feats: dict, seed: int, *rows):
+def _members(iv, s, q, text: str, ds, index, eps: float, metric: str, chains: int, feats: dict, seed: int, *rows):
     """The preimage's members beyond the decoder's samples: under a data set, the data's (exact: a scan); else, where
     the task has moves, the chains' from the decoder's members and the query. Returns the chains' walk (or None),
     the data's members (or None), and the samples ``rows`` (``uniq, texts, checked``) with the listed members added."""
     probed = iv.probed
     uniq, texts, checked = rows
     if ds is not None:
-        found = find_members(probed, s, q.zq, ds, iv.data_index(s, ds), eps, metric, feats, seed)
+        found = find_members(probed, s, q.zq, ds, index, eps, metric, feats, seed)
         return None, found, _with_texts(probed, s, q.zq, metric, found.listed, uniq, texts, checked)
     if chains and can_explore(iv.task):
         inside = [t for t, d in zip(texts, checked[0]) if d <= eps]

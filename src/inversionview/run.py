@@ -275,7 +275,10 @@ class InversionView:
         """Read the activation at ``site`` and ``position`` of ``text``: see :func:`inversionview.preimage.read`."""
         from .preimage import read
 
-        return read(self, text, site, position, **kw)
+        s, si = self.site_index(site)
+        ds = self.dataset(kw.pop("data", None))
+        index = self.data_index(s, ds) if ds is not None else None
+        return read(self, text, s, position, **kw, data=ds, site_index=si, index=index)
 
     def _own_inputs(self, n: int) -> list[str]:
         """Up to ``n`` inputs of the run's own data file, or of its task."""
