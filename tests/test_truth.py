@@ -162,3 +162,28 @@ def test_conditioned_draws_follow_the_generator_in_their_cell(L, c, rel):
         at = np.array([[ch == a for ch in x.partition("|")[0]] for x in texts], dtype=float).sum(0)
         p = c / L
         assert np.all(np.abs(at - n * p) <= 5 * math.sqrt(n * p * (1 - p)) + 1), at
+
+
+def test_plan_floors_every_support_cell_before_neyman():
+    """With members found in one cell, the next draws first fill FLOOR in every cell of the support (every rel that
+    holds members or shares two letters with the query's, every count, the members' lengths +- SPAN), largest
+    cells first when the budget runs short; only then Neyman. Without the floor, two truths of issue 28's example
+    at x1.post (target letter) disagreed by 4.5 of their standard errors."""
+    tr = truth_for(QUERIES[0])
+    h = _truth.cell(20, 8, 6)
+    tr.member_cells[0] = [h] * 5
+    tr.n[0][h] = 40
+    sup = tr.support(0)
+    L = np.arange(_truth.NCELLS) // _truth.NREL // 10
+    rel = np.arange(_truth.NCELLS) % _truth.NREL
+    assert sup[h] and set(rel[sup]) == set(_truth.PILOT) and set(L[sup]) == set(range(18, 23))
+    assert sup.sum() > 200  # every count of the rels holding t_q
+    need = tr.floor_left(0)
+    assert need == _truth.FLOOR * sup.sum() - 40
+    plan = tr.plan(0, need + 1000)
+    got = np.zeros(_truth.NCELLS)
+    for c, k in plan.items():
+        got[c] = k
+    assert np.all(tr.n[0][sup] + got[sup] >= _truth.FLOOR)
+    short = tr.plan(0, 500)  # a short budget: the largest cells' floors first
+    assert sum(short.values()) <= 500 and all(_truth.MASS[c] >= np.median(_truth.MASS[sup]) for c in short)
