@@ -36,6 +36,8 @@ KIN_AT = 32  # members met up to which a closure first verifies the members' kin
 KIN = 8192  # kin verifications per query at most
 IID = 256  # generator draws inside epsilon a query draws for, at most IID_DRAWS draws (_more)
 IID_DRAWS = 8192
+REFINE = 4  # finer strata a query with too few exact starts draws in first, at most (_draw_fine; 0: none)
+FINE_IN = 32  # draws inside a finer stratum holding members draws for (doubling), within the task's draws
 
 
 @dataclass
@@ -92,8 +94,13 @@ def walk(
     relaxed = RELAX * epsilon
     near, fresh = _draw_inside(probed, task, site, zq, seen, epsilon, relaxed, metric, rng, draws, chains)
     _draw_strata(probed, task, site, zq, seen, near, fresh, epsilon, relaxed, metric, seed, draws, chains)
+    _draw_fine(probed, task, site, zq, seen, near, epsilon, relaxed, metric, seed, draws, chains)
     # per query: the chains' start states, the distance they walk within, their burn-in
-    began = [_start(task, near[q], g, seen[q], epsilon, relaxed, chains, steps, rng) for q, g in enumerate(starts)]
+    keys: dict[str, tuple] = {}  # text -> its stratum and finer stratum keys, for every query (_cell)
+    began = [
+        _start(task, near[q], fresh, g, seen[q], epsilon, relaxed, chains, steps, rng, keys)
+        for q, g in enumerate(starts)
+    ]
     state = [list(st) for st, _, _ in began]  # the chains' current states
     walks = [Walk(states=Chains([] for _ in st), level=lv) for st, lv, _ in began]
     found: list[dict[str, int]] = [{} for _ in starts]  # per query: member -> times a proposal found it inside
@@ -208,7 +215,7 @@ def _finish(
 
 
 def _start(
-    task, near: _Near, given, seen, epsilon, relaxed, chains: int, steps: int, rng
+    task, near: _Near, fresh: list[str], given, seen, epsilon, relaxed, chains: int, steps: int, rng, keys: dict
 ) -> tuple[list[str], float, int]:
     """A query's chains' start states, the distance they walk within (:func:`_level`) and their burn-in: none from
     exact draws; from the members among ``given`` (the decoder's) where no draw landed inside, half the moves.
@@ -216,8 +223,8 @@ def _start(
     apart, in proportion to each stratum's mass (:func:`_allocate`)."""
     lv, pick = _level(near.texts, seen, epsilon, relaxed, chains)
     burn = 0 if pick else steps // 2
-    if pick and near.strata:
-        return _allocate(task, near, pick, chains, rng), lv, burn
+    if pick and (near.strata or near.fine):
+        return _allocate(task, near, fresh, pick, chains, rng, keys), lv, burn
     # exact draws alone where there are any: the decoder's members are look-alikes of the query, and chains
     # started there stay near them (a few exact starts give a wide interval, not a biased share)
     pick = pick or [x for x in given if seen[x][0] <= epsilon]
@@ -244,11 +251,12 @@ def _enough(chains: int) -> int:
 class _Near:
     """A query's generator draws inside the relaxed level (``texts``), and how they were drawn: ``plain`` draws
     from the generator, and per stratum drawn apart (:func:`_draw_strata`) its probability and its draws, the
-    plain ones in it included."""
+    plain ones in it included; and the same for the finer strata drawn apart (:func:`_draw_fine`)."""
 
     texts: list[str]
     plain: int = 0
-    strata: dict = field(default_factory=dict)  # stratum -> (probability, draws)
+    strata: dict = field(default_factory=dict)  # stratum -> (probability, its draws (shared), how many this query met)
+    fine: dict = field(default_factory=dict)  # finer stratum (Task.refine) -> the same
 
 
 def _draw_inside(
@@ -320,20 +328,20 @@ def _draw_strata(
             need.setdefault(st, set()).add(q)
     if not need:
         return
-    plain = {n: Counter(task.stratum(x) for x in fresh[:n]) for n in {m.plain for m in near}}
     rounds, spent = _DRAWN.get(probed, site), dict.fromkeys(range(len(seen)), 0)
-    drawn = {st: 0 for st in need}
+    pools: dict = {st: [] for st in need}  # stratum -> its draws so far
     gen = {st: random.Random(f"{seed}:{st[0]}") for st in need}
     while need:  # a round in each stratum in turn: a stratum whose draws rarely land inside does not starve the rest
         for (key, prob), qs in list(need.items()):
-            new = [task.generate_in(key, gen[key, prob]) for _ in range(max(draws, drawn[key, prob]))]
-            acts = _DRAWN.activations(probed, site, rounds, (key, drawn[key, prob]), new)
-            drawn[key, prob] += len(new)
+            pool = pools[key, prob]
+            new = [task.generate_in(key, gen[key, prob]) for _ in range(max(draws, len(pool)))]
+            acts = _DRAWN.activations(probed, site, rounds, (key, len(pool)), new)
+            pool += new
             for q in qs:
                 _record(seen[q], new, acts, zq[q], metric)
                 n = near[q]
                 n.texts = list(dict.fromkeys(n.texts + [x for x in new if seen[q][x][0] <= relaxed]))
-                n.strata[key] = (prob, drawn[key, prob] + plain[n.plain][key, prob])
+                n.strata[key] = (prob, pool, len(pool))
                 spent[q] += len(new)
         inside = {
             (st, q): sum(seen[q][x][0] <= epsilon and task.stratum(x) == st for x in near[q].texts)
@@ -351,26 +359,103 @@ def _draw_strata(
         need = {st: qs for st, qs in need.items() if qs}
 
 
-def _allocate(task, near: _Near, pick: list[str], chains: int, rng: random.Random) -> list[str]:
-    """The chains' starts among the draws ``pick`` where strata were drawn apart: the chains split between the strata
-    in proportion to their estimated mass in the preimage (:func:`_apportion`; a stratum drawn apart: its
-    probability times the share of its draws in ``pick``; the rest: the share of the plain draws in ``pick`` that
-    are in no such stratum), each chain's start among its stratum's draws, distinct until they run out (then
-    repeated: such chains count as one start)."""
-    groups: dict = {}
+def _draw_fine(
+    probed, task, site, zq, seen, near: list[_Near], epsilon, relaxed, metric: str, seed: int, draws: int, chains: int
+) -> None:
+    """Where the strata drawn so far left a query fewer exact draws inside than STARTS of its chains (a preimage that
+    keeps what the generator rarely draws: counting's letters and target at the target character), draw apart in
+    finer strata (:meth:`~inversionview.tasks.Task.refine`): those of its members and nearest misses (REFINE at
+    most, the nearest first), then those around (:meth:`~inversionview.tasks.Task.around`) each finer stratum whose
+    draws hold members, until none is left or the query has spent the task's draws: a preimage that spreads over
+    neighbouring lengths is then drawn in each of them, where the chains alone stay near the decoder's members.
+    ``draws`` a finer stratum, shared by the queries that need it and seeded by the reading's seed and the stratum."""
+    from .tasks import Task
+
+    if draws <= 0 or not REFINE or type(task).refine is Task.refine:
+        return
+    todo: list[dict] = []  # per query: finer stratum -> its probability, still to draw
+    for q, sq in enumerate(seen):
+        inside = sum(sq[x][0] <= epsilon for x in near[q].texts)
+        near_ones = sorted((d, x) for x, (d, _) in sq.items() if d <= relaxed) if inside < _enough(chains) else []
+        fine = dict(f for f in (task.refine(x) for _, x in near_ones) if f is not None)
+        todo.append(dict(list(fine.items())[:REFINE]))
+    rounds, spent = _DRAWN.get(probed, site), [0] * len(seen)
+    pools: dict = {}
+    while any(todo):
+        need: dict = {}
+        for q, t in enumerate(todo):
+            for key, prob in t.items():
+                need.setdefault((key, prob), []).append(q)
+            todo[q] = {}
+        for (key, prob), qs in need.items():
+            gen, pool = pools.setdefault(key, (random.Random(f"{seed}:fine:{key}"), []))
+            start = min(near[q].fine.get(key, (0, 0, 0))[2] for q in qs)
+            if start == len(pool):  # a round more: as many as drawn so far (doubling)
+                pool += [task.generate_in(key, gen) for _ in range(max(draws, len(pool)))]
+            new = pool[start:]
+            acts = _DRAWN.activations(probed, site, rounds, ("fine", key, start), new)
+            for q in qs:
+                _record(seen[q], new, acts, zq[q], metric)
+                n = near[q]
+                n.texts = list(dict.fromkeys(n.texts + [x for x in new if seen[q][x][0] <= relaxed]))
+                n.fine[key] = (prob, pool, len(pool))
+                spent[q] += len(new)
+                k = sum(seen[q][x][0] <= epsilon for x in pool)
+                if k and spent[q] < task.draws:  # members: draw around, and here again until FINE_IN inside
+                    todo[q].update((f, p) for f, p in task.around(key) if f not in n.fine)
+                    todo[q].update([(key, prob)] if k < FINE_IN else [])
+
+
+def _allocate(
+    task, near: _Near, fresh: list[str], pick: list[str], chains: int, rng: random.Random, keys: dict
+) -> list[str]:
+    """The chains' starts among the draws ``pick`` where strata were drawn apart: the chains split between the cells
+    in proportion to their estimated mass in the preimage (:func:`_apportion`), each chain's start among its cell's
+    draws, distinct until they run out (then repeated: such chains count as one start). The cells part the input
+    space: each finer stratum drawn apart, each stratum drawn apart less its finer ones, and the rest. A cell's mass
+    is its probability times the share of the draws that fell in it (plain, a stratum's or a finer one's: each is a
+    draw from the generator given the cell) that are in ``pick``, counted with their multiplicity (a finer stratum
+    holds few inputs, and its draws repeat them)."""
+    prob: dict[object, float] = {("fine", k): v[0] for k, v in near.fine.items()}
+    coarse = {k: _keys(task, v[1][0], keys)[0] for k, v in near.fine.items()}  # a finer stratum's stratum
+    for k, v in near.strata.items():
+        prob["stratum", k] = v[0] - sum(near.fine[f][0] for f in near.fine if coarse[f] == k)
+    prob[None] = 1 - sum(prob.values())
+    inside, n, k_in, groups = set(pick), Counter[object](), Counter[object](), dict[object, list[str]]()
+    pools = [fresh[: near.plain]] + [v[1][: v[2]] for v in (*near.strata.values(), *near.fine.values())]
+    for xs in pools:
+        for x in xs:
+            c = _cell(task, near, x, keys)
+            n[c] += 1
+            k_in[c] += x in inside
     for x in pick:
-        key = task.stratum(x)[0]
-        groups.setdefault(key if key in near.strata else None, []).append(x)
-    keys = list(groups)
-    mass = [
-        near.strata[k][0] * len(groups[k]) / near.strata[k][1] if k is not None else len(groups[k]) / near.plain
-        for k in keys
-    ]
+        groups.setdefault(_cell(task, near, x, keys), []).append(x)
+    cells = list(groups)
+    mass = [max(prob[c], 0.0) * k_in[c] / n[c] for c in cells]
+    if not sum(mass):
+        mass = [len(groups[c]) for c in cells]
     starts = []
-    for k, n in zip(keys, _apportion(mass, chains)):
-        xs = rng.sample(groups[k], min(n, len(groups[k])))
-        starts += (xs * n)[:n]
+    for c, m in zip(cells, _apportion(mass, chains)):
+        xs = rng.sample(groups[c], min(m, len(groups[c])))
+        starts += (xs * m)[:m]
     return starts
+
+
+def _keys(task, x: str, keys: dict) -> tuple:
+    """``x``'s stratum key and finer stratum key (None where it has none), computed once per text (``keys``)."""
+    if x not in keys:
+        s, f = task.stratum(x), task.refine(x)
+        keys[x] = (s[0] if s else None, f[0] if f else None)
+    return keys[x]
+
+
+def _cell(task, near: _Near, x: str, keys: dict):
+    """The cell ``x`` falls in (:func:`_allocate`): its finer stratum if drawn apart, else its stratum if drawn
+    apart, else None (the rest)."""
+    s, f = _keys(task, x, keys)
+    if f is not None and f in near.fine:
+        return "fine", f
+    return ("stratum", s) if s is not None and s in near.strata else None
 
 
 def _apportion(mass: list[float], seats: int) -> list[int]:

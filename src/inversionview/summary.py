@@ -218,11 +218,18 @@ def summary(pre, task=None, features: dict | None = None) -> tuple[list[str], li
     feats = _features(pre, task, features)
     mine = _query_values(pre, feats)
     checks = {c["feature"]: c for c in pre.checks or []}
+    # chains that all began at the decoder's members rest on look-alikes of the query: no share of theirs is sure
+    loose = pop.estimate and pop.weights is None and not (pre.chains or {}).get("exact", True)
     for name, shares, n_values in items(pop, task, feats):
         if not shares:
             continue
         top, s = shares[0]
-        if not few and top is not None and is_shared(s):
+        tops = ", ".join(f"{_short(v)} {x.share:.0%}" for v, x in shares)
+        more = f", ... {n_values} values" if n_values > EXAMPLES else ""
+        if loose and not few:
+            verdict = "unsure"
+            unsure.append(f"unsure: {name} ({tops}{more}): the chains all began at the decoder's members")
+        elif not few and top is not None and is_shared(s):
             verdict = "shared"
             shared.append(f"shared by {_pct(s)}: {name} = {_fmt(top)}")
         elif not few and top is not None and s is not None and s.share >= SHARED:  # high, but on too few starts
@@ -230,13 +237,12 @@ def summary(pre, task=None, features: dict | None = None) -> tuple[list[str], li
             unsure.append(f"unsure: {name} = {_fmt(top)} in {_pct(s)}: too few independent members to call it shared")
         else:
             verdict = "few" if few else "varies"
-            tops = ", ".join(f"{_short(v)} {x.share:.0%}" for v, x in shares)
-            more = f", ... {n_values} values" if n_values > EXAMPLES else ""
             varies.append(f"varies: {name} ({tops}{more})")
         check = _check_text(checks[name], pre.epsilon) if name in checks else None
-        chart.append(_chart_row(name, verdict, mine.get(name), shares, n_values, check))
+        shown = shares if verdict in ("varies", "few") or loose else shares[:1]
+        chart.append(_chart_row(name, verdict, mine.get(name), shown, n_values, check))
     lines += shared + unsure
-    if not few:
+    if not few and not loose:
         for matched in (True, False):
             line, rows = _aligned(pre, pop, matched)
             lines += [line] if line else []
@@ -247,9 +253,9 @@ def summary(pre, task=None, features: dict | None = None) -> tuple[list[str], li
     return lines, chart
 
 
-def _chart_row(name: str, verdict: str, query, shares, n_values: int, check: str | None) -> dict:
-    """One item of the chart: its most common values (the top one alone where it is shared or unsure)."""
-    shown = shares[:1] if verdict in ("shared", "unsure") else shares
+def _chart_row(name: str, verdict: str, query, shown, n_values: int, check: str | None) -> dict:
+    """One item of the chart: the values ``shown`` (its most common, or the top one alone where it is shared or,
+    on chains from exact starts, unsure)."""
     return {
         "item": name,
         "verdict": verdict,

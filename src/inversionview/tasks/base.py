@@ -95,8 +95,21 @@ class Task:
         each stratum's draws. None where the task defines no strata."""
         return None
 
+    def refine(self, text: str) -> tuple[Hashable, float] | None:
+        """A finer stratum of a valid input, inside its :meth:`stratum` (counting: its length, letters and target),
+        and its probability; :meth:`generate_in` draws in it too. Where few draws of the coarse strata land inside
+        (a preimage that keeps what the generator rarely draws), a reading draws in the finer strata of its members
+        and near misses and in those :meth:`around` them that hold members, and weighs each by its probability
+        (:mod:`inversionview.explore`). None where the task defines none."""
+        return None
+
+    def around(self, key: Hashable) -> list[tuple[Hashable, float]]:
+        """The finer strata next to the finer stratum ``key`` (:meth:`refine`; counting: one letter more or fewer),
+        with their probabilities."""
+        return []
+
     def generate_in(self, key: Hashable, rng: random.Random) -> str:
-        """A draw from the generator conditioned on the stratum ``key`` (:meth:`stratum`)."""
+        """A draw from the generator conditioned on the stratum ``key`` (:meth:`stratum` or :meth:`refine`)."""
         raise NotImplementedError
 
     def neighbours(self, text: str) -> list[str]:

@@ -11,6 +11,7 @@ import itertools
 import math
 import random
 import string
+from collections.abc import Hashable
 
 from ..tokenizer import CharVocab
 from .base import Task
@@ -51,8 +52,32 @@ class Counting(Task):
         p = self.parse(text)
         return None if p is None else (len(p[0]), len(_TRIPLES[len(p[0])]) / 729)
 
+    def refine(self, text: str) -> tuple[tuple[int, str, str], float] | None:
+        """The number of letters, the letters and the target: (n, letters sorted, target), with probability
+        P(n) / 7,800 (the letters are a uniform 3-subset of 26 with the target uniform among them, independent of
+        the counts). At the target character a layer-0 preimage keeps the letters and the target, and spreads over
+        neighbouring lengths: 1 in 7,800 draws of a length is of the query's letters."""
+        p = self.parse(text)
+        if p is None:
+            return None
+        n = len(p[0])
+        return (n, "".join(sorted(set(p[0]))), p[1]), len(_TRIPLES[n]) / 729 / 7800
+
+    def around(self, key) -> list[tuple[Hashable, float]]:
+        """The same letters and target with one letter more or fewer."""
+        n, letters, target = key
+        return [((m, letters, target), len(_TRIPLES[m]) / 729 / 7800) for m in (n - 1, n + 1) if m in _TRIPLES]
+
     def generate_in(self, key, rng: random.Random) -> str:
-        """A generator draw with ``key`` letters: the count triple uniform among those summing to ``key``."""
+        """A generator draw in the stratum ``key``: with ``key`` letters (:meth:`stratum`), the count triple uniform
+        among those summing to ``key``; or in a finer stratum (n, letters, target) (:meth:`refine`), the count
+        triple uniform among those summing to n, given to the letters in order, shuffled, with that target."""
+        if isinstance(key, tuple):
+            n, letters, target = key
+            counts = rng.choice(_TRIPLES[n])
+            seq = [c for c, k in zip(letters, counts) for _ in range(k)]
+            rng.shuffle(seq)
+            return f"{''.join(seq)}|{target}:{counts[letters.index(target)]}"
         return _arrange(rng.sample(LETTERS, 3), list(rng.choice(_TRIPLES[key])), rng)
 
     def positions(self, text: str) -> list[int]:
