@@ -88,16 +88,14 @@ def walk(
     queries' proposals are verified together, in batches. ``steps`` and ``draws`` default to STEPS and DRAWS."""
     steps, draws = STEPS if steps is None else steps, DRAWS if draws is None else draws
     rng = random.Random(seed)
-    # per query: every text verified -> (distance, arg-min position)
-    seen: list[dict[str, tuple[float, int]]] = [{} for _ in starts]
+    seen: list[dict[str, tuple[float, int]]] = [{} for _ in starts]  # per query: text -> (distance, arg-min)
     starts = [[x for x in dict.fromkeys(st) if task.propose(x, random.Random(0))] for st in starts]  # valid inputs
     _check(probed, site, zq, seen, [(q, x) for q, st in enumerate(starts) for x in st], metric)
     relaxed = RELAX * epsilon
     near, fresh = _draw_inside(probed, task, site, zq, seen, epsilon, relaxed, metric, rng, draws, chains)
     _draw_strata(probed, task, site, zq, seen, near, fresh, epsilon, relaxed, metric, seed, draws, chains)
     _draw_fine(probed, task, site, zq, seen, near, epsilon, relaxed, metric, seed, draws, chains)
-    # per query: the chains' start states, the distance they walk within, their burn-in
-    keys: dict[str, tuple] = {}  # text -> its stratum and finer stratum keys, for every query (_cell)
+    keys: dict[str, tuple] = {}  # text -> its stratum keys (_cell); began: per query the starts, level and burn-in
     began = [
         _start(task, near[q], fresh, g, seen[q], epsilon, relaxed, chains, steps, rng, keys)
         for q, g in enumerate(starts)
