@@ -10,7 +10,7 @@ from itertools import product
 import pytest
 import torch
 
-from inversionview.estimate import Chains, coverage, credit, share, wilson
+from inversionview.estimate import Chains, coverage, credit, poisson_low, share, wilson
 from inversionview.explore import can_explore, walk
 from inversionview.features import builtin_features
 from inversionview.verify import verify
@@ -281,6 +281,24 @@ def test_wilson_interval_matches_hand_values():
     assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
     lo, hi = wilson(1.0, 32)
     assert hi == 1.0 and lo == pytest.approx(0.8928, abs=1e-4)
+
+
+def test_interval_ends_at_small_counts_are_poisson_limits():
+    # Brown, Cai and DasGupta's modified Wilson interval: the end next to a count of at most 3 is the Poisson 97.5 %
+    # lower limit of that count over n. By hand: count 1: -ln(0.975) = 0.025318; count 2: chi-square(4 df)'s 2.5 %
+    # quantile / 2 = 0.48442 / 2; count 3: chi-square(6 df)'s / 2 = 1.23734 / 2 (tables)
+    assert poisson_low(1) == pytest.approx(0.025318, abs=1e-6)
+    assert poisson_low(2) == pytest.approx(0.48442 / 2, abs=1e-5)
+    assert poisson_low(3) == pytest.approx(1.23734 / 2, abs=1e-5)
+    lo, hi = wilson(1 / 64, 64)  # one member in 64 has the value: Wilson's own low end, 0.0028, is replaced
+    assert lo == pytest.approx(0.025318 / 64, rel=1e-4) and hi == pytest.approx(0.0833, abs=1e-4)
+    lo, hi = wilson(63 / 64, 64)  # and mirrored: one member in 64 has not
+    assert hi == pytest.approx(1 - 0.025318 / 64, rel=1e-6) and lo == pytest.approx(1 - 0.0833, abs=1e-4)
+    lo, _ = wilson(2 / 50, 50)
+    assert lo == pytest.approx(0.48442 / 2 / 50, rel=1e-4)
+    # a count above 3 keeps Wilson's end (p = 4/64: 0.0245), and so does the larger side of a small n (p = 0.5, n = 4)
+    assert wilson(4 / 64, 64)[0] == pytest.approx(0.0245, abs=1e-4)
+    assert wilson(0.5, 4) == pytest.approx((0.1500, 0.8500), abs=1e-4)
 
 
 def test_share_pools_states_and_widens_with_disagreement():

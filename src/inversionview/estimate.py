@@ -22,6 +22,7 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 # fmt: on
 SATURATED = 0.5  # the chains' coverage up to which the members met count for nothing in a share (credit())
+FEW = 3  # counts up to which an interval's end is the Poisson limit (wilson())
 PER_START = 4  # a share rests on at most this many effective members per distinct start of the chains (share())
 
 
@@ -69,13 +70,47 @@ def coverage(counts) -> float:
 
 
 def wilson(p: float, n: float) -> tuple[float, float]:
-    """The 95% Wilson score interval of a share ``p`` measured on ``n`` independent draws."""
+    """The 95% interval of a share ``p`` measured on ``n`` independent draws: Wilson's score interval, with the
+    end next to a small count (``p n`` members that have the value, or ``(1 - p) n`` that have not, at most FEW and
+    the lesser of the two) taken out to the Poisson limit of that count (Brown, Cai and DasGupta's modified Wilson interval, Stat. Sci. 2001).
+    Wilson's end there is too close: a value met by one member in 64 reads [0.3 %, 8.3 %], and a value of true
+    share 0.2 % is then outside it 1 time in 6 (counting's rare letter sets, bench_fidelity: the intervals held the
+    truth in 84 % of the printed shares); the Poisson end is 0.04 %."""
     if n <= 0:
         return 0.0, 1.0
     den = 1 + Z * Z / n
     mid = (p + Z * Z / (2 * n)) / den
     half = Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+    low, high = max(0.0, mid - half), min(1.0, mid + half)
+    if 0 < p * n <= FEW and p < 0.5:
+        low = min(low, poisson_low(p * n) / n)
+    if 0 < (1 - p) * n <= FEW and p > 0.5:
+        high = max(high, 1 - poisson_low((1 - p) * n) / n)
+    return low, high
+
+
+def poisson_low(k: float) -> float:
+    """The 97.5% lower confidence limit of a Poisson mean from a count ``k`` > 0 (real counts too): the mean mu at
+    which a count of at least k has probability 2.5%, P(k, mu) = 0.025 with P the regularized lower incomplete
+    gamma function (for k = 1: -ln 0.975 = 0.0253)."""
+    lo, hi = 0.0, k + 1.0
+    for _ in range(50):  # bisection; P(k, mu) rises with mu
+        mu = (lo + hi) / 2
+        lo, hi = (mu, hi) if _gamma_p(k, mu) < (1 - 0.95) / 2 else (lo, mu)
+    return lo
+
+
+def _gamma_p(s: float, x: float) -> float:
+    """The regularized lower incomplete gamma function P(s, x), by its series (s > 0, x >= 0; x small here)."""
+    if x <= 0:
+        return 0.0
+    term = tot = 1.0 / s
+    k = 0
+    while term > tot * 1e-14 and k < 10_000:
+        k += 1
+        term *= x / (s + k)
+        tot += term
+    return math.exp(s * math.log(x) - x - math.lgamma(s)) * tot
 
 
 def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int | None = None) -> Share | None:
