@@ -3,7 +3,9 @@ shares over the preimage (not over the decoder's proposals), intervals and count
 
 from __future__ import annotations
 
+import math
 import random
+import string
 from collections import Counter
 from itertools import product
 
@@ -926,3 +928,73 @@ def test_a_rare_preimage_spread_over_lengths_is_read_by_its_finer_strata(monkeyp
     html, text = pre.to_html(), render(pre, colour=False)
     assert 'class="item shared"' not in html and html.count('class="item unsure"') == len(pre.chart)
     assert "shared by" not in text and "unsure: length" in text
+
+
+def test_counting_finer_strata_levels_are_nested_with_the_generators_probabilities():
+    # level 0: (length, letters, target), P(n) / 7,800; level 1: (length, the two letters that are not the target),
+    # P(n) / 325 (24 third letters of C(26, 3) = 2,600 sets, times 1/3 for the target); none past level 1
+    task = get_task("counting")
+    x = "xxfxnxfnxfxxffnn|x:7"
+    p16 = sum(sum(c) == 16 for c in product(range(1, 10), repeat=3)) / 729
+    assert task.refine(x) == ((16, "fnx", "x"), pytest.approx(p16 / 7800))
+    assert task.refine(x, 1) == ((16, "fn"), pytest.approx(p16 / 325)) and task.refine(x, 2) is None
+    assert task.around((16, "fn")) == [
+        ((15, "fn"), pytest.approx(61 / 729 / 325)),
+        ((17, "fn"), pytest.approx(57 / 729 / 325)),
+    ]
+    # a level-1 draw is the generator's given the stratum: the two letters, a third (the target) uniform among the
+    # other 24, the counts uniform over the triples summing to n; so its level-0 stratum lies inside it
+    rng = random.Random(3)
+    draws = [task.generate_in((16, "fn"), rng) for _ in range(4800)]
+    assert all(task.refine(y, 1)[0] == (16, "fn") and len(task.parse(y)[0]) == 16 for y in draws)
+    targets = Counter(task.parse(y)[1] for y in draws)
+    assert set(targets) == set(string.ascii_lowercase) - {"f", "n"}
+    chi2 = sum((k - 200) ** 2 / 200 for k in targets.values())
+    assert chi2 < 49.7  # chi-square, 23 degrees of freedom, 0.1 % point
+    # and the level-1 probability against the generator itself: of 325,000 draws, 1,000 expected with others "fn"
+    g = random.Random(4)
+    hits = sum(task.refine(task.generate(g), 1)[0][1] == "fn" for _ in range(325_000))
+    assert abs(hits - 1000) < 4 * math.sqrt(1000), hits
+
+
+@pytest.mark.slow
+def test_a_preimage_that_frees_the_targets_name_is_read_by_coarser_strata(monkeypatch):
+    # head 0.0 at the target of `xxfxnxfnxfxxffnn|x:7` keeps the other two letters (f, n) and leaves the target's
+    # name free: the finest strata (letters and target) leak (renaming x keeps an input inside), and without a
+    # coarser level the reading starts at the one or two plain draws that land inside (lengths read 17: 0.74). The
+    # truth is scanned here: per length, draws with letters f, n and a third letter (the target) uniform among the
+    # other 24, built apart from the task, weighed by the length's probability; inputs without f and n hold no
+    # member (checked at lengths 14-18)
+    from inversionview.run import InversionView
+    from inversionview.tasks.counting import Counting
+
+    iv = InversionView.load("shipped:counting")
+    q, position, s = "xxfxnxfnxfxxffnn|x:7", 18, iv.probed.site("a0.0")
+    zq = iv.probed.run(torch.tensor([iv.probed.encode(q)]), [s])[s][0, position].float()
+    rng, mass = random.Random(12), {}
+    others = [c for c in string.ascii_lowercase if c not in "fn"]
+    for n in range(3, 28):
+        xs = [y for _ in range(30) for t in [rng.choice(others)] for y in _letters_inputs(rng, "fn" + t, t, n, 20)]
+        rate = (verify(iv.probed, s, [iv.probed.encode(x) for x in xs], zq, "euclidean")[0] <= 0.1).float().mean()
+        mass[str(n)] = sum(sum(c) == n for c in product(range(1, 10), repeat=3)) / 729 * float(rate)
+    truth = {n: m / sum(mass.values()) for n, m in mass.items()}
+    assert max(truth.values()) < 0.4  # spread over lengths
+    other = [
+        y
+        for n in range(14, 19)
+        for _ in range(40)
+        for a, b, t in [rng.sample([c for c in others if c != "x"], 3)]
+        for y in _letters_inputs(rng, a + b + t, t, n, 5) + _letters_inputs(rng, "f" + b + t, t, n, 5)
+    ]
+    assert verify(iv.probed, s, [iv.probed.encode(x) for x in other], zq, "euclidean")[0].min() > 0.1
+
+    def lengths() -> dict:  # every length's share over the chains (the summary prints the top three)
+        w = walk(iv.probed, iv.task, s, zq[None], [[q]], 0.1, "euclidean", seed=0)[0]
+        return {n: share(w.states, lambda x, n=n: len(x.partition("|")[0]) == int(n)).share for n in truth}
+
+    read = lengths()
+    assert max(abs(read[n] - truth[n]) for n in truth) <= 0.1, (read, truth)
+    finest = Counting.refine  # only the finest level: its strata leak, and the reading falls back on few starts
+    monkeypatch.setattr(Counting, "refine", lambda self, x, level=0: finest(self, x) if level == 0 else None)
+    off = lengths()
+    assert max(abs(off[n] - truth[n]) for n in truth) > 0.15, (off, truth)

@@ -256,6 +256,7 @@ class _Near:
     plain: int = 0
     strata: dict = field(default_factory=dict)  # stratum -> (probability, its draws (shared), how many this query met)
     fine: dict = field(default_factory=dict)  # finer stratum (Task.refine) -> the same
+    level: int = 0  # the level of its finer strata (Task.refine)
 
 
 def _draw_inside(
@@ -362,38 +363,56 @@ def _draw_fine(
     probed, task, site, zq, seen, near: list[_Near], epsilon, relaxed, metric: str, seed: int, draws: int, chains: int
 ) -> None:
     """Where the strata drawn so far left a query fewer exact draws inside than STARTS of its chains (a preimage that
-    keeps what the generator rarely draws: counting's letters and target at the target character), draw apart in
-    finer strata (:meth:`~inversionview.tasks.Task.refine`): those of its members and nearest misses (REFINE at
-    most, the nearest first), then those around (:meth:`~inversionview.tasks.Task.around`) each finer stratum whose
-    draws hold members, until none is left or the query has spent the task's draws: a preimage that spreads over
-    neighbouring lengths is then drawn in each of them, where the chains alone stay near the decoder's members.
-    ``draws`` a finer stratum, shared by the queries that need it and seeded by the reading's seed and the stratum."""
+    keeps what the generator rarely draws: counting's letters at the target character), draw apart in finer strata
+    (:meth:`~inversionview.tasks.Task.refine`), the finest level first (:func:`_draw_level`). Where the preimage
+    leaks out of a level's strata (:func:`_leaks`), the query's finer strata are dropped and it draws a level
+    coarser (counting: head 0.0 at the target keeps the other two letters, not the target's name), until a level
+    holds it or the task has no coarser one."""
     from .tasks import Task
 
     if draws <= 0 or not REFINE or type(task).refine is Task.refine:
         return
-    todo: list[dict] = []  # per query: finer stratum -> its probability, still to draw
-    for q, sq in enumerate(seen):
-        inside = sum(sq[x][0] <= epsilon for x in near[q].texts)
-        near_ones = sorted((d, x) for x, (d, _) in sq.items() if d <= relaxed) if inside < _enough(chains) else []
-        fine = dict(f for f in (task.refine(x) for _, x in near_ones) if f is not None)
-        todo.append(dict(list(fine.items())[:REFINE]))
-    rounds, spent = _DRAWN.get(probed, site), [0] * len(seen)
+    qs = [q for q, sq in enumerate(seen) if sum(sq[x][0] <= epsilon for x in near[q].texts) < _enough(chains)]
+    level = 0
+    while qs:
+        for q in qs:
+            near[q].level = level
+        _draw_level(probed, task, site, zq, seen, near, qs, epsilon, relaxed, metric, seed, draws)
+        qs = _leaks(probed, task, site, zq, seen, near, qs, epsilon, metric, seed)
+        level += 1
+
+
+def _draw_level(
+    probed, task, site, zq, seen, near: list[_Near], qs: list[int], epsilon, relaxed, metric: str, seed, draws: int
+) -> None:
+    """Draw the queries ``qs`` apart in finer strata of their level: those of their members and nearest misses
+    (REFINE at most, the nearest first), then those around (:meth:`~inversionview.tasks.Task.around`) each finer
+    stratum whose draws hold members, until none is left or the query has spent the task's draws: a preimage that
+    spreads over neighbouring lengths is then drawn in each of them, where the chains alone stay near the decoder's
+    members. ``draws`` a finer stratum, shared by the queries that need it and seeded by the reading's seed, the
+    level and the stratum."""
+    todo: dict[int, dict] = {}  # per query: finer stratum -> its probability, still to draw
+    for q in qs:
+        level = near[q].level
+        near_ones = sorted((d, x) for x, (d, _) in seen[q].items() if d <= relaxed)
+        fine = dict(f for f in (task.refine(x, level) for _, x in near_ones) if f is not None)
+        todo[q] = dict(list(fine.items())[:REFINE])
+    rounds, spent = _DRAWN.get(probed, site), dict.fromkeys(qs, 0)
     pools: dict = {}
-    while any(todo):
+    while any(todo.values()):
         need: dict = {}
-        for q, t in enumerate(todo):
+        for q, t in todo.items():
             for key, prob in t.items():
-                need.setdefault((key, prob), []).append(q)
+                need.setdefault((near[q].level, key, prob), []).append(q)
             todo[q] = {}
-        for (key, prob), qs in need.items():
-            gen, pool = pools.setdefault(key, (random.Random(f"{seed}:fine:{key}"), []))
-            start = min(near[q].fine.get(key, (0, 0, 0))[2] for q in qs)
+        for (level, key, prob), qs_ in need.items():
+            gen, pool = pools.setdefault((level, key), (random.Random(f"{seed}:fine:{level}:{key}"), []))
+            start = min(near[q].fine.get(key, (0, 0, 0))[2] for q in qs_)
             if start == len(pool):  # a round more: as many as drawn so far (doubling)
                 pool += [task.generate_in(key, gen) for _ in range(max(draws, len(pool)))]
             new = pool[start:]
-            acts = _DRAWN.activations(probed, site, rounds, ("fine", key, start), new)
-            for q in qs:
+            acts = _DRAWN.activations(probed, site, rounds, ("fine", level, key, start), new)
+            for q in qs_:
                 _record(seen[q], new, acts, zq[q], metric)
                 n = near[q]
                 n.texts = list(dict.fromkeys(n.texts + [x for x in new if seen[q][x][0] <= relaxed]))
@@ -403,32 +422,36 @@ def _draw_fine(
                 if k and spent[q] < task.draws:  # members: draw around, and here again until FINE_IN inside
                     todo[q].update((f, p) for f, p in task.around(key) if f not in n.fine)
                     todo[q].update([(key, prob)] if k < FINE_IN else [])
-    _leaks(probed, task, site, zq, seen, near, epsilon, metric, seed)
 
 
-def _leaks(probed, task, site, zq, seen, near: list[_Near], epsilon: float, metric: str, seed: int) -> None:
-    """Drop the finer strata of a query whose preimage leaks out of them: of LEAK members in its finer strata, verify
-    the alternatives of LEAK_BLOCKS Gibbs blocks each (:meth:`~inversionview.tasks.Task.block`; counting: the target
-    among the letters, a letter under each other name) that fall in no finer stratum drawn; where one is inside
-    epsilon, the preimage reaches strata the finer draws did not weigh (counting's head 0.0 at the target: the
-    target's name is free), and a share resting on the finer strata would take them for the whole preimage (0.70
-    against a true 0.14). Its chains then start as without finer strata."""
+def _leaks(probed, task, site, zq, seen, near: list[_Near], qs: list[int], epsilon: float, metric: str, seed) -> list:
+    """The queries of ``qs`` whose preimage leaks out of their finer strata, their finer strata dropped: of LEAK
+    members in a query's finer strata, verify the alternatives of LEAK_BLOCKS Gibbs blocks each
+    (:meth:`~inversionview.tasks.Task.block`; counting: the target among the letters, a letter under each other
+    name) that fall in no finer stratum drawn; where one is inside epsilon, the preimage reaches strata the finer
+    draws did not weigh (counting's head 0.0 at the target: the target's name is free), and a share resting on the
+    finer strata would take them for the whole preimage (0.70 against a true 0.14). Its chains then start as
+    without finer strata, unless a coarser level holds it (:func:`_draw_fine`)."""
     rng = random.Random(f"{seed}:leaks")
     todo = []
-    for q, n in enumerate(near):
+    for q in qs:
+        n = near[q]
         drawn = {x for _, pool, m in n.fine.values() for x in pool[:m]}
         members = sorted({x for x in drawn if seen[q][x][0] <= epsilon})
         for x in rng.sample(members, min(LEAK, len(members))):
             for _ in range(LEAK_BLOCKS):
                 alt = task.block(x, rng) or []
-                todo += [(q, y) for y in alt if (task.refine(y) or (None,))[0] not in n.fine and y not in seen[q]]
+                todo += [(q, y) for y in alt if _keys(task, y, {}, n.level)[1] not in n.fine and y not in seen[q]]
     _check(probed, site, zq, seen, todo, metric)
+    leaked = []
     for q, y in dict.fromkeys(todo):
         n = near[q]
         if n.fine and seen[q][y][0] <= epsilon:
-            log.debug("the preimage leaks out of its finer strata at %s: they are not drawn apart", y)
+            log.debug("the preimage leaks out of its finer strata (level %d) at %s: not drawn apart", n.level, y)
             drawn = {x for _, pool, m in n.fine.values() for x in pool[:m]}
             n.texts, n.fine = [x for x in n.texts if x not in drawn], {}
+            leaked.append(q)
+    return leaked
 
 
 def _allocate(
@@ -442,7 +465,7 @@ def _allocate(
     draw from the generator given the cell) that are in ``pick``, counted with their multiplicity (a finer stratum
     holds few inputs, and its draws repeat them)."""
     prob: dict[object, float] = {("fine", k): v[0] for k, v in near.fine.items()}
-    coarse = {k: _keys(task, v[1][0], keys)[0] for k, v in near.fine.items()}  # a finer stratum's stratum
+    coarse = {k: _keys(task, v[1][0], keys, near.level)[0] for k, v in near.fine.items()}  # its stratum
     for k, v in near.strata.items():
         prob["stratum", k] = v[0] - sum(near.fine[f][0] for f in near.fine if coarse[f] == k)
     prob[None] = 1 - sum(prob.values())
@@ -466,18 +489,19 @@ def _allocate(
     return starts
 
 
-def _keys(task, x: str, keys: dict) -> tuple:
-    """``x``'s stratum key and finer stratum key (None where it has none), computed once per text (``keys``)."""
-    if x not in keys:
-        s, f = task.stratum(x), task.refine(x)
-        keys[x] = (s[0] if s else None, f[0] if f else None)
-    return keys[x]
+def _keys(task, x: str, keys: dict, level: int) -> tuple:
+    """``x``'s stratum key and finer stratum key at ``level`` (None where it has none), computed once per text and
+    level (``keys``)."""
+    if (x, level) not in keys:
+        s, f = task.stratum(x), task.refine(x, level)
+        keys[x, level] = (s[0] if s else None, f[0] if f else None)
+    return keys[x, level]
 
 
 def _cell(task, near: _Near, x: str, keys: dict):
     """The cell ``x`` falls in (:func:`_allocate`): its finer stratum if drawn apart, else its stratum if drawn
     apart, else None (the rest)."""
-    s, f = _keys(task, x, keys)
+    s, f = _keys(task, x, keys, near.level)
     if f is not None and f in near.fine:
         return "fine", f
     return ("stratum", s) if s is not None and s in near.strata else None

@@ -95,12 +95,14 @@ class Task:
         each stratum's draws. None where the task defines no strata."""
         return None
 
-    def refine(self, text: str) -> tuple[Hashable, float] | None:
-        """A finer stratum of a valid input, inside its :meth:`stratum` (counting: its length, letters and target),
-        and its probability; :meth:`generate_in` draws in it too. Where few draws of the coarse strata land inside
-        (a preimage that keeps what the generator rarely draws), a reading draws in the finer strata of its members
-        and near misses and in those :meth:`around` them that hold members, and weighs each by its probability
-        (:mod:`inversionview.explore`). None where the task defines none."""
+    def refine(self, text: str, level: int = 0) -> tuple[Hashable, float] | None:
+        """A finer stratum of a valid input, inside its :meth:`stratum`, and its probability; :meth:`generate_in`
+        draws in it too. ``level`` 0 is the finest (counting: its length, letters and target); each level's stratum
+        lies inside the next one's (counting's level 1: its length and the two letters that are not the target), and
+        past the coarsest it is None. Where few draws of the coarse strata land inside (a preimage that keeps what
+        the generator rarely draws), a reading draws in the finest strata of its members and near misses and in those
+        :meth:`around` them that hold members, and weighs each by its probability; where the preimage leaks out of
+        them, it draws a level coarser (:mod:`inversionview.explore`). None where the task defines none."""
         return None
 
     def around(self, key: Hashable) -> list[tuple[Hashable, float]]:

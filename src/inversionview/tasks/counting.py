@@ -52,28 +52,40 @@ class Counting(Task):
         p = self.parse(text)
         return None if p is None else (len(p[0]), len(_TRIPLES[len(p[0])]) / 729)
 
-    def refine(self, text: str) -> tuple[tuple[int, str, str], float] | None:
-        """The number of letters, the letters and the target: (n, letters sorted, target), with probability
-        P(n) / 7,800 (the letters are a uniform 3-subset of 26 with the target uniform among them, independent of
-        the counts). At the target character a layer-0 preimage keeps the letters and the target, and spreads over
-        neighbouring lengths: 1 in 7,800 draws of a length is of the query's letters."""
+    def refine(self, text: str, level: int = 0) -> tuple[tuple, float] | None:
+        """Finer strata inside the length, finest first. Level 0: the number of letters, the letters and the target,
+        (n, letters sorted, target), with probability P(n) / 7,800 (the letters are a uniform 3-subset of 26 with
+        the target uniform among them, independent of the counts): at the target character a layer-0 preimage after
+        the MLP keeps the letters and the target, and spreads over neighbouring lengths; 1 in 7,800 draws of a
+        length is of the query's letters. Level 1: the number of letters and the two letters that are not the
+        target, (n, the two sorted), with probability P(n) / 325 (24 third letters of 2,600 sets, times 1/3 for the
+        target): head 0.0's output at the target character keeps the other two letters and leaves the target's
+        name free (its members have 20 targets; 1 in 325 draws of a length is of the query's two)."""
         p = self.parse(text)
-        if p is None:
+        if p is None or level > 1:
             return None
-        n = len(p[0])
+        n, others = len(p[0]), "".join(sorted(set(p[0]) - {p[1]}))
+        if level == 1:
+            return (n, others), len(_TRIPLES[n]) / 729 / 325
         return (n, "".join(sorted(set(p[0]))), p[1]), len(_TRIPLES[n]) / 729 / 7800
 
     def around(self, key) -> list[tuple[Hashable, float]]:
-        """The same letters and target with one letter more or fewer."""
-        n, letters, target = key
-        return [((m, letters, target), len(_TRIPLES[m]) / 729 / 7800) for m in (n - 1, n + 1) if m in _TRIPLES]
+        """The same finer stratum with one letter more or fewer."""
+        share = 7800 if len(key) == 3 else 325
+        return [((m, *key[1:]), len(_TRIPLES[m]) / 729 / share) for m in (key[0] - 1, key[0] + 1) if m in _TRIPLES]
 
     def generate_in(self, key, rng: random.Random) -> str:
         """A generator draw in the stratum ``key``: with ``key`` letters (:meth:`stratum`), the count triple uniform
-        among those summing to ``key``; or in a finer stratum (n, letters, target) (:meth:`refine`), the count
-        triple uniform among those summing to n, given to the letters in order, shuffled, with that target."""
+        among those summing to ``key``; or in a finer stratum (:meth:`refine`), the count triple uniform among those
+        summing to n, given to the letters in order, shuffled, with the stratum's target, or (level 1) with the
+        target uniform among the 24 letters that are not the stratum's two."""
         if isinstance(key, tuple):
-            n, letters, target = key
+            if len(key) == 2:
+                n, others = key
+                target = rng.choice([c for c in LETTERS if c not in others])
+                letters = others + target
+            else:
+                n, letters, target = key
             counts = rng.choice(_TRIPLES[n])
             seq = [c for c, k in zip(letters, counts) for _ in range(k)]
             rng.shuffle(seq)
