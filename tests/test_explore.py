@@ -794,6 +794,7 @@ def test_a_rare_lengths_preimage_starts_its_chains_at_draws_of_that_length(monke
     # members, too few independent starts for the count, which each chain keeps (the count share varies 0-0.9
     # between starts). Drawn apart at length 24 the reading starts 16+ chains there and reads the count's share
     # within 0.1 of the truth, scanned here over 20,000 inputs of length 24 built independently of the task's code
+    from inversionview import explore
     from inversionview.explore import _enough
     from inversionview.run import InversionView
     from inversionview.settings import CHAINS
@@ -816,6 +817,7 @@ def test_a_rare_lengths_preimage_starts_its_chains_at_draws_of_that_length(monke
     starts, count = read()
     assert starts >= _enough(CHAINS) and abs(count - truth) < 0.1, (starts, count, truth)
     monkeypatch.setattr(Counting, "stratum", lambda self, text: None)  # no strata: the plain draws alone
+    monkeypatch.setattr(explore, "REFINE", 0)  # (nor finer ones, which would give the starts on their own)
     starts, _ = read()
     assert starts < _enough(CHAINS)
 
@@ -937,7 +939,14 @@ def test_counting_finer_strata_levels_are_nested_with_the_generators_probabiliti
     x = "xxfxnxfnxfxxffnn|x:7"
     p16 = sum(sum(c) == 16 for c in product(range(1, 10), repeat=3)) / 729
     assert task.refine(x) == ((16, "fnx", "x"), pytest.approx(p16 / 7800))
-    assert task.refine(x, 1) == ((16, "fn"), pytest.approx(p16 / 325)) and task.refine(x, 2) is None
+    assert task.refine(x, 1) == ((16, "fn"), pytest.approx(p16 / 325))
+    # level 2: (length, target, its count), P(n, count) / 26: the target's count 7 and two others summing to 9 (8
+    # triples of 729), the target x (1 in 26); none past level 2
+    assert task.refine(x, 2) == ((16, "x", 7), pytest.approx(8 / 729 / 26)) and task.refine(x, 3) is None
+    assert task.around((16, "x", 9)) == [
+        ((15, "x", 9), pytest.approx(5 / 729 / 26)),
+        ((17, "x", 9), pytest.approx(7 / 729 / 26)),
+    ]
     assert task.around((16, "fn")) == [
         ((15, "fn"), pytest.approx(61 / 729 / 325)),
         ((17, "fn"), pytest.approx(57 / 729 / 325)),

@@ -38,7 +38,10 @@ IID = 256  # generator draws inside epsilon a query draws for, at most IID_DRAWS
 IID_DRAWS = 8192
 REFINE = 4  # finer strata a query with too few exact starts draws in first, at most (_draw_fine; 0: none)
 FINE_IN = 32  # draws inside a finer stratum holding members draws for (doubling), within the task's draws
-LEAK, LEAK_BLOCKS = 16, 8  # members of the finer strata whose Gibbs blocks test that the preimage stays in them (_leaks)
+LEAK, LEAK_BLOCKS = (
+    16,
+    8,
+)  # members of the finer strata whose Gibbs blocks test that the preimage stays in them (_leaks)
 
 
 @dataclass
@@ -385,8 +388,8 @@ def _draw_fine(
 def _draw_level(
     probed, task, site, zq, seen, near: list[_Near], qs: list[int], epsilon, relaxed, metric: str, seed, draws: int
 ) -> None:
-    """Draw the queries ``qs`` apart in finer strata of their level: those of their members and nearest misses
-    (REFINE at most, the nearest first), then those around (:meth:`~inversionview.tasks.Task.around`) each finer
+    """Draw the queries ``qs`` apart in finer strata of their level: those of their members and of their nearest
+    misses (REFINE at most, the nearest first), then those around (:meth:`~inversionview.tasks.Task.around`) each finer
     stratum whose draws hold members, until none is left or the query has spent the task's draws: a preimage that
     spreads over neighbouring lengths is then drawn in each of them, where the chains alone stay near the decoder's
     members. ``draws`` a finer stratum, shared by the queries that need it and seeded by the reading's seed, the
@@ -395,8 +398,9 @@ def _draw_level(
     for q in qs:
         level = near[q].level
         near_ones = sorted((d, x) for x, (d, _) in seen[q].items() if d <= relaxed)
-        fine = dict(f for f in (task.refine(x, level) for _, x in near_ones) if f is not None)
-        todo[q] = dict(list(fine.items())[:REFINE])
+        fine = [(d, f) for d, f in ((d, task.refine(x, level)) for d, x in near_ones) if f is not None]
+        todo[q] = dict(list(dict(f for _, f in fine).items())[:REFINE])  # the nearest, and every member's: a
+        todo[q].update(f for d, f in fine if d <= epsilon)  # member in no cell drawn apart would weigh its cell
     rounds, spent = _DRAWN.get(probed, site), dict.fromkeys(qs, 0)
     pools: dict = {}
     while any(todo.values()):

@@ -25,6 +25,13 @@ _TRIPLES = {
 }  # count triples by length
 
 
+def _p_count(n: int, count: int) -> float:
+    """The probability that an input has n letters and its target ``count`` of them: the three counts are uniform
+    over 1..9 and the target one of the three, so the count triples summing to n whose first is ``count``, over
+    729 (the target's count is distributed as the first of the triple)."""
+    return sum(t[0] == count for t in _TRIPLES[n]) / 729
+
+
 def _arrange(letters: list[str], counts: list[int], rng: random.Random) -> str:
     """The generator's input with these letters and counts: the letters shuffled, the target drawn among them."""
     seq = [c for c, n in zip(letters, counts) for _ in range(n)]
@@ -53,44 +60,63 @@ class Counting(Task):
         return None if p is None else (len(p[0]), len(_TRIPLES[len(p[0])]) / 729)
 
     def refine(self, text: str, level: int = 0) -> tuple[tuple, float] | None:
-        """Finer strata inside the length, finest first. Level 0: the number of letters, the letters and the target,
-        (n, letters sorted, target), with probability P(n) / 7,800 (the letters are a uniform 3-subset of 26 with
-        the target uniform among them, independent of the counts): at the target character a layer-0 preimage after
-        the MLP keeps the letters and the target, and spreads over neighbouring lengths; 1 in 7,800 draws of a
-        length is of the query's letters. Level 1: the number of letters and the two letters that are not the
-        target, (n, the two sorted), with probability P(n) / 325 (24 third letters of 2,600 sets, times 1/3 for the
-        target): head 0.0's output at the target character keeps the other two letters and leaves the target's
-        name free (its members have 20 targets; 1 in 325 draws of a length is of the query's two)."""
+        """Finer strata inside the length, finest first (a reading draws a level coarser where the preimage leaks
+        out of a level's strata). Level 0: the number of letters, the letters and the target, (n, letters sorted,
+        target), probability P(n) / 7,800 (the letters are a uniform 3-subset of 26 with the target uniform among
+        them, independent of the counts): a layer-0 preimage at the target character after the MLP keeps them.
+        Level 1: the number of letters and the two letters that are not the target, (n, the two sorted),
+        probability P(n) / 325 (24 third letters of 2,600 sets, times 1/3): head 0.0 there leaves the target's
+        name free. Level 2: the number of letters, the target and its count, (n, target, count), probability
+        P(n, count) / 26 (:func:`_p_count`): layer 1 there keeps the count and the target and renames the others."""
         p = self.parse(text)
-        if p is None or level > 1:
+        if p is None or level > 2:
             return None
-        n, others = len(p[0]), "".join(sorted(set(p[0]) - {p[1]}))
+        head, target = p
+        n = len(head)
+        if level == 2:
+            return (n, target, head.count(target)), _p_count(n, head.count(target)) / 26
         if level == 1:
-            return (n, others), len(_TRIPLES[n]) / 729 / 325
-        return (n, "".join(sorted(set(p[0]))), p[1]), len(_TRIPLES[n]) / 729 / 7800
+            return (n, "".join(sorted(set(head) - {target}))), len(_TRIPLES[n]) / 729 / 325
+        return (n, "".join(sorted(set(head))), target), len(_TRIPLES[n]) / 729 / 7800
 
     def around(self, key) -> list[tuple[Hashable, float]]:
         """The same finer stratum with one letter more or fewer."""
-        share = 7800 if len(key) == 3 else 325
-        return [((m, *key[1:]), len(_TRIPLES[m]) / 729 / share) for m in (key[0] - 1, key[0] + 1) if m in _TRIPLES]
+        out = []
+        for m in (key[0] - 1, key[0] + 1):
+            if m in _TRIPLES:
+                k = (m, *key[1:])
+                out += [(k, p)] if (p := self._prob(k)) > 0 else []
+        return out
+
+    @staticmethod
+    def _prob(key: tuple) -> float:
+        """A finer stratum's probability (:meth:`refine`)."""
+        if len(key) == 3 and isinstance(key[2], int):
+            return _p_count(key[0], key[2]) / 26
+        return len(_TRIPLES[key[0]]) / 729 / (7800 if len(key) == 3 else 325)
 
     def generate_in(self, key, rng: random.Random) -> str:
         """A generator draw in the stratum ``key``: with ``key`` letters (:meth:`stratum`), the count triple uniform
-        among those summing to ``key``; or in a finer stratum (:meth:`refine`), the count triple uniform among those
-        summing to n, given to the letters in order, shuffled, with the stratum's target, or (level 1) with the
-        target uniform among the 24 letters that are not the stratum's two."""
-        if isinstance(key, tuple):
-            if len(key) == 2:
-                n, others = key
-                target = rng.choice([c for c in LETTERS if c not in others])
-                letters = others + target
-            else:
-                n, letters, target = key
+        among those summing to ``key``; or in a finer stratum (:meth:`refine`), the letters uniform given the
+        stratum's (level 1: a third letter, the target, among the other 24; level 2: two other letters than the
+        target), the count triple uniform among those summing to n (level 2: with the target's count), given to the
+        letters in order, shuffled."""
+        if not isinstance(key, tuple):
+            return _arrange(rng.sample(LETTERS, 3), list(rng.choice(_TRIPLES[key])), rng)
+        if len(key) == 2:
+            n, others = key
+            target = rng.choice([c for c in LETTERS if c not in others])
+            letters, counts = others + target, rng.choice(_TRIPLES[n])
+        elif isinstance(key[2], int):
+            n, target, c = key
+            letters = target + "".join(rng.sample([x for x in LETTERS if x != target], 2))
+            counts = rng.choice([t for t in _TRIPLES[n] if t[0] == c])
+        else:
+            n, letters, target = key
             counts = rng.choice(_TRIPLES[n])
-            seq = [c for c, k in zip(letters, counts) for _ in range(k)]
-            rng.shuffle(seq)
-            return f"{''.join(seq)}|{target}:{counts[letters.index(target)]}"
-        return _arrange(rng.sample(LETTERS, 3), list(rng.choice(_TRIPLES[key])), rng)
+        seq = [x for x, k in zip(letters, counts) for _ in range(k)]
+        rng.shuffle(seq)
+        return f"{''.join(seq)}|{target}:{counts[letters.index(target)]}"
 
     def positions(self, text: str) -> list[int]:
         """The target character (after ``|``) and the ``:``; +1 for BOS."""
