@@ -81,7 +81,7 @@ class Counting(Task):
 
     def around(self, key) -> list[tuple[Hashable, float]]:
         """The same finer stratum with one letter more or fewer."""
-        out = []
+        out: list[tuple[Hashable, float]] = []
         for m in (key[0] - 1, key[0] + 1):
             if m in _TRIPLES:
                 k = (m, *key[1:])
