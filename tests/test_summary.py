@@ -179,7 +179,10 @@ def test_a_high_share_on_few_starts_is_unsure_not_shared(counting_iv, monkeypatc
     # off here, to reach the few-starts case)
     from inversionview.tasks.counting import Counting
 
+    from inversionview import explore
+
     monkeypatch.setattr(Counting, "stratum", lambda self, text: None)
+    monkeypatch.setattr(explore, "REFINE", 0)  # nor finer strata, which would give the starts on their own
     monkeypatch.setattr(counting_iv.task, "draws", 2048)
     pre = counting_iv.query("oohkokkhkhhhokokohkkoook|k:9", site="x0.post", position=27)
     got = {x["feature"]: x for x in pre.shares}["length"]
