@@ -74,10 +74,12 @@ class Counting(Task):
         head, target = p
         n = len(head)
         if level == 2:
-            return (n, target, head.count(target)), _p_count(n, head.count(target)) / 26
-        if level == 1:
-            return (n, "".join(sorted(set(head) - {target}))), len(_TRIPLES[n]) / 729 / 325
-        return (n, "".join(sorted(set(head))), target), len(_TRIPLES[n]) / 729 / 7800
+            key: tuple = (n, target, head.count(target))
+        elif level == 1:
+            key = (n, "".join(sorted(set(head) - {target})))
+        else:
+            key = (n, "".join(sorted(set(head))), target)
+        return key, self._prob(key)
 
     def around(self, key) -> list[tuple[Hashable, float]]:
         """The same finer stratum with one letter more or fewer."""
