@@ -38,10 +38,7 @@ IID = 256  # generator draws inside epsilon a query draws for, at most IID_DRAWS
 IID_DRAWS = 8192
 REFINE = 4  # finer strata a query with too few exact starts draws in first, at most (_draw_fine; 0: none)
 FINE_IN = 32  # draws inside a finer stratum holding members draws for (doubling), within the task's draws
-LEAK, LEAK_BLOCKS = (
-    16,
-    8,
-)  # members of the finer strata whose Gibbs blocks test that the preimage stays in them (_leaks)
+LEAK, LEAK_BLOCKS = 16, 8  # finer strata's members whose Gibbs blocks test that the preimage stays in (_leaks)
 
 
 @dataclass
