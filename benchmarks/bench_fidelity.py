@@ -715,7 +715,7 @@ def main():
     ap.add_argument("--timed", type=int, default=4, help="queries per site also read one at a time (time, recall)")
     ap.add_argument("--stratum", type=int, default=20_000, help="counting: plain draws per length, for every query")
     ap.add_argument(
-        "--truth-budget", type=int, default=60_000, help="counting: most draws conditioned on one query's cells"
+        "--truth-budget", type=int, default=240_000, help="counting: most draws conditioned on one query's cells"
     )
     ap.add_argument("--truth-round", type=int, default=6_000, help="counting: conditioned draws per query per round")
     ap.add_argument(

@@ -941,8 +941,10 @@ def test_counting_finer_strata_levels_are_nested_with_the_generators_probabiliti
     assert task.refine(x) == ((16, "fnx", "x"), pytest.approx(p16 / 7800))
     assert task.refine(x, 1) == ((16, "fn"), pytest.approx(p16 / 325))
     # level 2: (length, target, its count), P(n, count) / 26: the target's count 7 and two others summing to 9 (8
-    # triples of 729), the target x (1 in 26); none past level 2
-    assert task.refine(x, 2) == ((16, "x", 7), pytest.approx(8 / 729 / 26)) and task.refine(x, 3) is None
+    # triples of 729), the target x (1 in 26); level 3: (length, the target's count), P(n, count); none past it
+    assert task.refine(x, 2) == ((16, "x", 7), pytest.approx(8 / 729 / 26))
+    assert task.refine(x, 3) == ((16, 7), pytest.approx(8 / 729)) and task.refine(x, 4) is None
+    assert task.around((16, 9)) == [((15, 9), pytest.approx(5 / 729)), ((17, 9), pytest.approx(7 / 729))]
     assert task.around((16, "x", 9)) == [
         ((15, "x", 9), pytest.approx(5 / 729 / 26)),
         ((17, "x", 9), pytest.approx(7 / 729 / 26)),
@@ -960,10 +962,19 @@ def test_counting_finer_strata_levels_are_nested_with_the_generators_probabiliti
     assert set(targets) == set(string.ascii_lowercase) - {"f", "n"}
     chi2 = sum((k - 200) ** 2 / 200 for k in targets.values())
     assert chi2 < 49.7  # chi-square, 23 degrees of freedom, 0.1 % point
+    # a level-3 draw: the length and the target's count kept, the target uniform over the 26 letters
+    draws = [task.generate_in((16, 7), rng) for _ in range(2600)]
+    assert all(task.refine(y, 3)[0] == (16, 7) for y in draws)
+    targets = Counter(task.parse(y)[1] for y in draws)
+    assert len(targets) == 26 and sum((k - 100) ** 2 / 100 for k in targets.values()) < 52.6  # 25 df, 0.1 %
     # and the level-1 probability against the generator itself: of 325,000 draws, 1,000 expected with others "fn"
     g = random.Random(4)
-    hits = sum(task.refine(task.generate(g), 1)[0][1] == "fn" for _ in range(325_000))
+    xs = [task.generate(g) for _ in range(325_000)]
+    hits = sum(task.refine(y, 1)[0][1] == "fn" for y in xs)
     assert abs(hits - 1000) < 4 * math.sqrt(1000), hits
+    # and level 3's: (16, 7) holds 8 / 729 of the generator's draws (3,567 expected)
+    hits = sum(task.refine(y, 3)[0] == (16, 7) for y in xs)
+    assert abs(hits - 325_000 * 8 / 729) < 4 * math.sqrt(325_000 * 8 / 729), hits
 
 
 @pytest.mark.slow

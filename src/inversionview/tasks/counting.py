@@ -67,14 +67,18 @@ class Counting(Task):
         Level 1: the number of letters and the two letters that are not the target, (n, the two sorted),
         probability P(n) / 325 (24 third letters of 2,600 sets, times 1/3): head 0.0 there leaves the target's
         name free. Level 2: the number of letters, the target and its count, (n, target, count), probability
-        P(n, count) / 26 (:func:`_p_count`): layer 1 there keeps the count and the target and renames the others."""
+        P(n, count) / 26 (:func:`_p_count`): layer 1 there keeps the count and the target and renames the others.
+        Level 3: the number of letters and the target's count, (n, count), probability P(n, count): where layer 1
+        also lets the target's name go."""
         p = self.parse(text)
-        if p is None or level > 2:
+        if p is None or level > 3:
             return None
         head, target = p
         n = len(head)
-        if level == 2:
-            key: tuple = (n, target, head.count(target))
+        if level == 3:
+            key: tuple = (n, head.count(target))
+        elif level == 2:
+            key = (n, target, head.count(target))
         elif level == 1:
             key = (n, "".join(sorted(set(head) - {target})))
         else:
@@ -93,26 +97,27 @@ class Counting(Task):
     @staticmethod
     def _prob(key: tuple) -> float:
         """A finer stratum's probability (:meth:`refine`)."""
-        if len(key) == 3 and isinstance(key[2], int):
-            return _p_count(key[0], key[2]) / 26
+        if isinstance(key[-1], int):
+            return _p_count(key[0], key[-1]) / (26 if len(key) == 3 else 1)
         return len(_TRIPLES[key[0]]) / 729 / (7800 if len(key) == 3 else 325)
 
     def generate_in(self, key, rng: random.Random) -> str:
         """A generator draw in the stratum ``key``: with ``key`` letters (:meth:`stratum`), the count triple uniform
         among those summing to ``key``; or in a finer stratum (:meth:`refine`), the letters uniform given the
         stratum's (level 1: a third letter, the target, among the other 24; level 2: two other letters than the
-        target), the count triple uniform among those summing to n (level 2: with the target's count), given to the
-        letters in order, shuffled."""
+        target; level 3: the target uniform, then two others), the count triple uniform among those summing to n
+        (levels 2 and 3: with the target's count), given to the letters in order, shuffled."""
         if not isinstance(key, tuple):
             return _arrange(rng.sample(LETTERS, 3), list(rng.choice(_TRIPLES[key])), rng)
-        if len(key) == 2:
+        if isinstance(key[-1], int):
+            n, c = key[0], key[-1]
+            target = key[1] if len(key) == 3 else rng.choice(LETTERS)
+            letters = target + "".join(rng.sample([x for x in LETTERS if x != target], 2))
+            counts = rng.choice([t for t in _TRIPLES[n] if t[0] == c])
+        elif len(key) == 2:
             n, others = key
             target = rng.choice([c for c in LETTERS if c not in others])
             letters, counts = others + target, rng.choice(_TRIPLES[n])
-        elif isinstance(key[2], int):
-            n, target, c = key
-            letters = target + "".join(rng.sample([x for x in LETTERS if x != target], 2))
-            counts = rng.choice([t for t in _TRIPLES[n] if t[0] == c])
         else:
             n, letters, target = key
             counts = rng.choice(_TRIPLES[n])
