@@ -369,10 +369,11 @@ def _draw_fine(
     keeps what the generator rarely draws: counting's letters at the target character), draw apart in finer strata
     (:meth:`~inversionview.tasks.Task.refine`), the finest level first (:func:`_draw_level`), its first round in
     FINE_FIRST strata at most. Where the preimage leaks out of a level's strata (:func:`_leaks`), the strata it
-    leaks into are drawn too and the level tested again, LEAK_ROUNDS rounds at most (a preimage over
-    a few strata more than its members showed: head 0.0 at the target of `ppgsspspspspp|p:7` read length 13 at 0.81
-    against a true 0.29 when a leak into one stratum more dropped its level). Where it still leaks, the query's finer strata are dropped and it draws a level coarser (counting: head 0.0 at the target keeps
-    the other two letters, not the target's name), until a level holds it or the task has no coarser one."""
+    leaks into are drawn too and the level tested again, LEAK_ROUNDS rounds at most (head 0.0 at the target of
+    `ppgsspspspspp|p:7` read length 13 at 0.81 against a true 0.29 when a leak into one stratum more dropped its
+    level). Where it still leaks, the query's finer strata are dropped and it draws a level coarser (counting: head
+    0.0 at the target keeps the other two letters, not the target's name), until a level holds it or the task has
+    no coarser one."""
     from .tasks import Task
 
     if draws <= 0 or not REFINE or type(task).refine is Task.refine:
@@ -383,7 +384,7 @@ def _draw_fine(
         for q in qs:
             near[q].level = level
         out, todo, r = [], qs, 0
-        while todo:  # the first round in the FINE_FIRST nearest strata: a level they leak out of widely is left early
+        while todo:  # the first round in the FINE_FIRST nearest strata only
             cap = FINE_FIRST if r == 0 else None
             _draw_level(probed, task, site, zq, seen, near, todo, epsilon, relaxed, metric, seed, draws, cap)
             leaked = _leaks(probed, task, site, zq, seen, near, todo, epsilon, metric, f"{seed}:{r}")
@@ -415,7 +416,7 @@ def _draw_level(
         todo[q].update(f for d, f in fine if d <= epsilon)  # member in no cell drawn apart would weigh its cell
         todo[q] = dict([(k, p) for k, p in todo[q].items() if k not in near[q].fine][:cap])  # (not drawn before)
     rounds = _DRAWN.get(probed, site)
-    spent = {q: sum(v[2] for v in near[q].fine.values()) for q in qs}
+    spent, budget = {q: sum(v[2] for v in near[q].fine.values()) for q in qs}, FINE_DRAWS * task.draws
     pools: dict = {}
     while any(todo.values()):
         need: dict = {}
@@ -424,7 +425,7 @@ def _draw_level(
                 need.setdefault((near[q].level, key, prob), []).append(q)
             todo[q] = {}
         for (level, key, prob), qs_ in need.items():
-            qs_ = [q for q in qs_ if spent[q] < FINE_DRAWS * task.draws]  # per level, at most (and a round)
+            qs_ = [q for q in qs_ if spent[q] < budget]  # per level, at most (and a round)
             if not qs_:
                 continue
             gen, pool = pools.setdefault((level, key), (random.Random(f"{seed}:fine:{level}:{key}"), []))
@@ -440,16 +441,14 @@ def _draw_level(
                 n.fine[key] = (prob, pool, len(pool))
                 spent[q] += len(new)
                 k = sum(seen[q][x][0] <= epsilon for x in pool)
-                if (
-                    k and spent[q] < FINE_DRAWS * task.draws
-                ):  # members: draw around, and here again until FINE_IN inside
+                if k and spent[q] < budget:  # members: draw around, and here again until FINE_IN inside
                     todo[q].update((f, p) for f, p in task.around(key) if f not in n.fine)
                     todo[q].update([(key, prob)] if k < FINE_IN else [])
 
 
 def _leaks(probed, task, site, zq, seen, near: list[_Near], qs: list[int], epsilon: float, metric: str, seed) -> dict:
-    """The queries of ``qs`` whose preimage leaks out of their finer strata, each with the strata it leaks into: of LEAK
-    members in a query's finer strata, verify the alternatives of LEAK_BLOCKS Gibbs blocks each
+    """The queries of ``qs`` whose preimage leaks out of their finer strata, each with the strata it leaks into: of
+    LEAK members in a query's finer strata, verify the alternatives of LEAK_BLOCKS Gibbs blocks each
     (:meth:`~inversionview.tasks.Task.block`; counting: the target among the letters, a letter under each other
     name) that fall in no finer stratum drawn; where one is inside epsilon, the preimage reaches strata the finer
     draws did not weigh (counting's head 0.0 at the target: the target's name is free), and a share resting on the
