@@ -1018,3 +1018,37 @@ def test_a_preimage_that_frees_the_targets_name_is_read_by_coarser_strata(monkey
     monkeypatch.setattr(Counting, "refine", lambda self, x, level=0: finest(self, x) if level == 0 else None)
     off = lengths()
     assert max(abs(off[n] - truth[n]) for n in truth) > 0.15, (off, truth)
+
+
+def test_a_rare_readings_finer_draws_are_kept_and_read_the_same(monkeypatch):
+    # a rare reading (x0.post at the target of `dwbbbbw|w:2`: no plain draw lands inside) draws thousands of inputs
+    # in its finer strata. The draws are kept (_Drawn.pool): a second reading with the same seed, its activations
+    # not cached, generates none again and reads exactly what the first read; a kept pool's i-th text is the i-th
+    # draw of the generator its name seeds; another seed draws afresh
+    from inversionview import explore
+    from inversionview.run import InversionView
+    from inversionview.tasks.counting import Counting
+
+    iv = InversionView.load("shipped:counting")
+    made: list[int] = []
+    real = Counting.generate_in
+    fine = lambda key: isinstance(key, tuple)  # noqa: E731  (a length's draws, _draw_strata, are not kept)
+    monkeypatch.setattr(Counting, "generate_in", lambda self, k, rng: made.extend([1] * fine(k)) or real(self, k, rng))
+
+    def read(seed=0):
+        explore._DRAWN.entries.clear()  # no activations cached: every draw runs through the probed model
+        pre = iv.query("dwbbbbw|w:2", "x0.post", 9, seed=seed)
+        return pre.shares, pre.chains["states"]
+
+    explore._DRAWN.pools.clear()
+    first, n = read(), len(made)
+    assert n > 1000 and explore._DRAWN.pools  # the finer strata were drawn, and kept
+    assert read() == first and len(made) == n  # none generated again, the same reading
+    (kind, name), (_, pool) = next(iter(explore._DRAWN.pools.items()))
+    level, key = name.split(":fine:")[1].split(":", 1)
+    rng = random.Random(name)
+    assert kind == "Counting" and pool[:50] == [real(iv.task, eval(key), rng) for _ in range(50)]
+    read(seed=1)
+    assert len(made) > n  # another seed: other draws
+    explore._DRAWN.pools.clear()
+    assert read() == first  # from scratch again: the same reading

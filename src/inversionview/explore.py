@@ -27,6 +27,7 @@ GLOBAL = 0.15  # share of moves that are fresh draws from the generator
 DRAWS = 256  # inputs drawn from the generator per query and round before the chains start
 BATCH = 1024  # generator draws per forward pass of the probed model
 CACHE_MB = 256  # the draws' activations kept for the next readings, at most (_Drawn)
+POOLS = 2**20  # the finer strata's draws (texts) kept for the next readings, at most (_Drawn.pool)
 STARTS = 0.25  # the share of chains that must start at distinct exact draws before the draws stop
 RELAX = 2.0  # where few draws land inside, the chains walk the preimage at RELAX * epsilon and keep their states inside
 CLOSE_AT = 512  # members met up to which a reading closes its preimage (_close)
@@ -261,6 +262,22 @@ class _Near:
     fine: dict = field(default_factory=dict)  # finer stratum (Task.refine) -> the same
     level: int = 0  # the level of its finer strata (Task.refine)
 
+    def __post_init__(self):
+        self._have = set(self.texts)
+
+    def add(self, texts: list[str]) -> None:
+        """Add the ``texts`` not yet among :attr:`texts` (in time linear in ``texts``, not in :attr:`texts`: a rare
+        reading adds its finer strata's draws a few hundred at a time to tens of thousands)."""
+        for x in texts:
+            if x not in self._have:
+                self._have.add(x)
+                self.texts.append(x)
+
+    def drop(self, texts: set[str]) -> None:
+        """Remove ``texts`` from :attr:`texts`."""
+        self.texts = [x for x in self.texts if x not in texts]
+        self._have -= texts
+
 
 def _draw_inside(
     probed,
@@ -343,7 +360,7 @@ def _draw_strata(
             for q in qs:
                 _record(seen[q], new, acts, zq[q], metric)
                 n = near[q]
-                n.texts = list(dict.fromkeys(n.texts + [x for x in new if seen[q][x][0] <= relaxed]))
+                n.add([x for x in new if seen[q][x][0] <= relaxed])
                 n.strata[key] = (prob, pool, len(pool))
                 spent[q] += len(new)
         inside = {
@@ -379,27 +396,28 @@ def _draw_fine(
     if draws <= 0 or not REFINE or type(task).refine is Task.refine:
         return
     qs = [q for q, sq in enumerate(seen) if sum(sq[x][0] <= epsilon for x in near[q].texts) < _enough(chains)]
-    level = 0
+    level, memo = 0, {}  # memo: (text, level) -> its finer stratum (Task.refine), asked once per reading
     while qs:
         for q in qs:
             near[q].level = level
         out, todo, r = [], qs, 0
         while todo:  # the first round in the FINE_FIRST nearest strata only
             cap = FINE_FIRST if r == 0 else None
-            _draw_level(probed, task, site, zq, seen, near, todo, epsilon, relaxed, metric, seed, draws, cap)
+            _draw_level(probed, task, site, zq, seen, near, todo, epsilon, relaxed, metric, seed, draws, memo, cap)
             leaked = _leaks(probed, task, site, zq, seen, near, todo, epsilon, metric, f"{seed}:{r}")
             out += [q for q in leaked if r == LEAK_ROUNDS - 1]
             todo, r = [q for q in leaked if q not in out], r + 1  # the strata it leaks into are drawn too
         held = [q for q in qs if q not in out]  # and every member's stratum the first round left out
-        _draw_level(probed, task, site, zq, seen, near, held, epsilon, relaxed, metric, seed, draws)
+        _draw_level(probed, task, site, zq, seen, near, held, epsilon, relaxed, metric, seed, draws, memo)
         for q in out:  # still leaking: the level's strata do not hold the preimage
             drawn = {x for _, pool, m in near[q].fine.values() for x in pool[:m]}
-            near[q].texts, near[q].fine = [x for x in near[q].texts if x not in drawn], {}
+            near[q].drop(drawn)
+            near[q].fine = {}
         qs, level = out, level + 1
 
 
 def _draw_level(
-    probed, task, site, zq, seen, near: list[_Near], qs, epsilon, relaxed, metric: str, seed, draws: int, cap=None
+    probed, task, site, zq, seen, near: list[_Near], qs, epsilon, relaxed, metric: str, seed, draws: int, memo, cap=None
 ) -> None:
     """Draw the queries ``qs`` apart in finer strata of their level: those of their members and of their nearest
     misses (REFINE at most, the nearest first), then those around (:meth:`~inversionview.tasks.Task.around`) each finer
@@ -411,13 +429,13 @@ def _draw_level(
     for q in qs:
         level = near[q].level
         near_ones = sorted((d, x) for x, (d, _) in seen[q].items() if d <= relaxed)
-        fine = [(d, f) for d, f in ((d, task.refine(x, level)) for d, x in near_ones) if f is not None]
+        fine = [(d, f) for d, f in ((d, _refined(task, x, level, memo)) for d, x in near_ones) if f is not None]
         todo[q] = dict(list(dict(f for _, f in fine).items())[:REFINE])  # the nearest, and every member's: a
         todo[q].update(f for d, f in fine if d <= epsilon)  # member in no cell drawn apart would weigh its cell
         todo[q] = dict([(k, p) for k, p in todo[q].items() if k not in near[q].fine][:cap])  # (not drawn before)
     rounds = _DRAWN.get(probed, site)
     spent, budget = {q: sum(v[2] for v in near[q].fine.values()) for q in qs}, FINE_DRAWS * task.draws
-    pools: dict = {}
+    pools: dict = {}  # (level, finer stratum) -> its draws in this call
     while any(todo.values()):
         need: dict = {}
         for q, t in todo.items():
@@ -428,16 +446,19 @@ def _draw_level(
             qs_ = [q for q in qs_ if spent[q] < budget]  # per level, at most (and a round)
             if not qs_:
                 continue
-            gen, pool = pools.setdefault((level, key), (random.Random(f"{seed}:fine:{level}:{key}"), []))
+            pool = pools.setdefault((level, key), [])
             start = min(near[q].fine.get(key, (0, 0, 0))[2] for q in qs_)
             if start == len(pool):  # a round more: as many as drawn so far (doubling)
-                pool += [task.generate_in(key, gen) for _ in range(max(draws, len(pool)))]
+                gen, made = _DRAWN.pool(task, f"{seed}:fine:{level}:{key}")
+                end = len(pool) + max(draws, len(pool))
+                made += [task.generate_in(key, gen) for _ in range(end - len(made))]
+                pool += made[len(pool) : end]
             new = pool[start:]
             acts = _DRAWN.activations(probed, site, rounds, ("fine", level, key, start), new)
             for q in qs_:
                 _record(seen[q], new, acts, zq[q], metric)
                 n = near[q]
-                n.texts = list(dict.fromkeys(n.texts + [x for x in new if seen[q][x][0] <= relaxed]))
+                n.add([x for x in new if seen[q][x][0] <= relaxed])
                 n.fine[key] = (prob, pool, len(pool))
                 spent[q] += len(new)
                 k = sum(seen[q][x][0] <= epsilon for x in pool)
@@ -513,6 +534,13 @@ def _allocate(
     return starts
 
 
+def _refined(task, x: str, level: int, memo: dict):
+    """``task.refine(x, level)``, asked once per text and level (``memo``)."""
+    if (x, level) not in memo:
+        memo[x, level] = task.refine(x, level)
+    return memo[x, level]
+
+
 def _keys(task, x: str, keys: dict, level: int) -> tuple:
     """``x``'s stratum key and finer stratum key at ``level`` (None where it has none), computed once per text and
     level (``keys``)."""
@@ -552,6 +580,7 @@ class _Drawn:
 
     def __init__(self):
         self.entries: OrderedDict[tuple[int, str], tuple[weakref.ref, dict]] = OrderedDict()
+        self.pools: OrderedDict[tuple[str, str], tuple[random.Random, list[str]]] = OrderedDict()  # (pool())
 
     def get(self, probed, site) -> dict:
         key = (id(probed), site.name)
@@ -569,6 +598,19 @@ class _Drawn:
         acts = _activations(probed, site, texts)
         self.keep(rounds, start, texts, acts)
         return acts
+
+    def pool(self, task, name: str) -> tuple[random.Random, list[str]]:
+        """The generator seeded by ``name`` (a reading's seed, a level and a finer stratum) and the texts it drew
+        so far for ``task``: a pool's i-th text is always the generator's i-th draw, so a later reading with the
+        same seed extends the pool rather than drawing it again (a rare reading draws 100,000 texts in its finer
+        strata). POOLS texts at most are kept, the pools used least recently dropped first."""
+        key = (type(task).__name__, name)
+        if key not in self.pools:
+            while self.pools and sum(len(p) for _, p in self.pools.values()) > POOLS:
+                self.pools.popitem(last=False)
+            self.pools[key] = (random.Random(name), [])
+        self.pools.move_to_end(key)
+        return self.pools[key]
 
     def keep(self, rounds: dict, start, texts: list[str], acts: list) -> None:
         """Keep a round of the current site (``rounds`` from :meth:`get`) if it fits within CACHE_MB, making room

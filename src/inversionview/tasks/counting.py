@@ -7,6 +7,7 @@ An input is ``B`` + a shuffle of 3 distinct letters with counts 1..9 + ``|`` + o
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -28,8 +29,12 @@ _TRIPLES = {
 def _p_count(n: int, count: int) -> float:
     """The probability that an input has n letters and its target ``count`` of them: the three counts are uniform
     over 1..9 and the target one of the three, so the count triples summing to n whose first is ``count``, over
-    729 (the target's count is distributed as the first of the triple)."""
-    return sum(t[0] == count for t in _TRIPLES[n]) / 729
+    729 (the target's count is distributed as the first of the triple). From a table: a reading asks it for
+    every draw of its finer strata."""
+    return _P_COUNT.get((n, count), 0.0)
+
+
+_P_COUNT = {(n, c): sum(t[0] == c for t in ts) / 729 for n, ts in _TRIPLES.items() for c in range(1, 10)}
 
 
 def _arrange(letters: list[str], counts: list[int], rng: random.Random) -> str:
@@ -38,6 +43,25 @@ def _arrange(letters: list[str], counts: list[int], rng: random.Random) -> str:
     rng.shuffle(seq)
     k = rng.randrange(3)
     return f"{''.join(seq)}|{letters[k]}:{counts[k]}"
+
+
+@functools.lru_cache(maxsize=2**18)
+def _parse(text: str) -> tuple[str, str] | None:
+    """:meth:`Counting.parse`."""
+    head, sep, tail = text.partition("|")
+    counts = {c: head.count(c) for c in set(head)}
+    if (
+        not sep
+        or len(tail) < 3
+        or tail[1] != ":"
+        or len(counts) != 3
+        or not set(head) <= set(LETTERS)
+        or not all(1 <= n <= 9 for n in counts.values())
+        or tail[0] not in counts
+        or tail[2:] != str(counts[tail[0]])
+    ):
+        return None
+    return head, tail[0]
 
 
 class Counting(Task):
@@ -135,21 +159,9 @@ class Counting(Task):
 
     @staticmethod
     def parse(text: str) -> tuple[str, str] | None:
-        """``(letters, target)`` of an input the generator can produce; None otherwise."""
-        head, sep, tail = text.partition("|")
-        counts = {c: head.count(c) for c in set(head)}
-        if (
-            not sep
-            or len(tail) < 3
-            or tail[1] != ":"
-            or len(counts) != 3
-            or not set(head) <= set(LETTERS)
-            or not all(1 <= n <= 9 for n in counts.values())
-            or tail[0] not in counts
-            or tail[2:] != str(counts[tail[0]])
-        ):
-            return None
-        return head, tail[0]
+        """``(letters, target)`` of an input the generator can produce; None otherwise. Remembered for the last
+        2**18 texts: a rare reading asks it of its hundred thousand draws several times over."""
+        return _parse(text)
 
     def propose(self, text: str, rng: random.Random) -> str | None:
         """One of five moves, each reversible with respect to the generator (which draws the counts uniformly and
