@@ -114,16 +114,19 @@ def _gamma_p(s: float, x: float) -> float:
 
 
 def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int | None = None) -> Share | None:
-    """The share of states for which ``hit`` holds, over all groups' states pooled (None without states): a
-    relaxed chain keeps only its states inside epsilon, so a group's number of states is part of the estimate (a
-    ratio estimator). The interval's effective size n is p(1-p) over the ratio's variance between groups, between
-    the number of groups and the number of states; where every state agrees, or there is one group, there is no
-    variance between groups to measure, and n is the number of ``distinct`` states (counted here when the states
-    are hashable), at least the number of groups. Either way a group counts for one member plus one for each time
-    its states change ``hit``, at most PER_START: only chains seen to cross between the two sides have mixed over
-    them. A few starts whose chains stay on one side are a few independent members, however closely they agree
-    (5 exact starts that all agree say little against a share of 0.4: 0.4^5 = 1 %), so a unanimous share rests
-    on its groups alone. Where ``states`` is a :class:`Chains`, the members met join in (:func:`_with_members`)."""
+    """The share of states for which ``hit`` holds, over all groups' states pooled (None without states): a relaxed
+    chain keeps only its states inside epsilon, so a group's number of states is part of the estimate (a ratio
+    estimator). The interval's effective size n is p(1-p) over the ratio's variance between groups, between the
+    groups' effective number (Kish's, (sum of sizes)^2 / sum of squared sizes: a group that kept half the states
+    weighs half the share, so it is not worth one member among many; bench_fidelity, counting a1.0, tuning seed 555:
+    the printed intervals held the truth in 84.3 % of shares, 82.7 % with the number of groups) and the number of
+    states; where every state agrees, or there is one group, there is no variance between groups to measure, and n
+    is the number of ``distinct`` states (counted here when the states are hashable), at least the number of groups.
+    Either way a group counts for one member plus one for each time its states change ``hit``, at most PER_START:
+    only chains seen to cross between the two sides have mixed over them. A few starts whose chains stay on one side
+    are a few independent members, however closely they agree (5 exact starts that all agree say little against a
+    share of 0.4: 0.4^5 = 1 %), so a unanimous share rests on its groups alone. Where ``states`` is a
+    :class:`Chains`, the members met join in (:func:`_with_members`)."""
     memo: dict[int, bool] = {}
     hits = [_hits(s, hit, memo) for s in states if s]
     if not hits:
@@ -144,7 +147,8 @@ def share(states: Sequence[Sequence[T]], hit: Callable[[T], bool], distinct: int
         n = max(c, min(distinct, total, cap))
     else:  # the variance has c - 1 degrees of freedom: scaled by (z / t)^2, Wilson's interval is as wide as t's
         t = T975[c - 2] if c - 1 <= len(T975) else Z + (Z**3 + Z) / (4 * (c - 1))
-        n = total if var == 0 else min(max(p * (1 - p) / var * (Z / t) ** 2, c), total)
+        kish = total**2 / sum(m * m for _, m in groups)  # the groups' effective number, by their sizes
+        n = total if var == 0 else min(max(p * (1 - p) / var * (Z / t) ** 2, kish), total)
         n = min(n, cap)
     return _with_members(states, hit, _with_draws(states, hit, Share(p, *wilson(p, n), n), memo))
 

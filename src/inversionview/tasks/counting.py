@@ -110,12 +110,15 @@ class Counting(Task):
         return key, self._prob(key)
 
     def around(self, key) -> list[tuple[Hashable, float]]:
-        """The same finer stratum with one letter more or fewer."""
+        """The finer strata one letter more or fewer away: the length one more or one fewer, and where the stratum
+        keeps the target's count (levels 2 and 3), the letter added or taken away may be the target's, so that
+        count goes with it (a layer-1 preimage at the target letter spreads over its neighbouring counts too)."""
         out: list[tuple[Hashable, float]] = []
+        counted = isinstance(key[-1], int)
         for m in (key[0] - 1, key[0] + 1):
-            if m in _TRIPLES:
-                k = (m, *key[1:])
-                out += [(k, p)] if (p := self._prob(k)) > 0 else []
+            for c in (key[-1], key[-1] + m - key[0]) if counted else (None,):
+                k = (m, *key[1:-1], c) if counted else (m, *key[1:])
+                out += [(k, p)] if m in _TRIPLES and (p := self._prob(k)) > 0 else []
         return out
 
     @staticmethod
