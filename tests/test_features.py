@@ -165,14 +165,18 @@ def test_fcr_on_shipped_counting(counting_iv):
 
 
 def test_explain_table_and_json(counting_iv):
-    res = explain(counting_iv, sites=["x0.pre", "a1.0"], queries=4, samples=48, features="count,target", progress=False)
-    assert res.positions == ("target", ":") and res.sites == ("x0.pre", "a1.0")
+    # (layer-0 sites, whose readings are quick: the table and its JSON are what is checked here; a layer-1 site's
+    # rare readings at the target letter take seconds each, and test_fcr_on_shipped_counting reads a1.0)
+    res = explain(
+        counting_iv, sites=["x0.pre", "x0.mid"], queries=4, samples=48, features="count,target", progress=False
+    )
+    assert res.positions == ("target", ":") and res.sites == ("x0.pre", "x0.mid")
     assert len(res.rows) == 2 * 2 * 2
-    row = [r for r in res.rows if r.site == "a1.0" and r.position == ":" and r.feature == "count"][0]
+    row = [r for r in res.rows if r.site == "x0.mid" and r.position == ":" and r.feature == "target"][0]
     table = res.table()
     assert res.rule in table.replace("\n", " ") or "carries a feature when FCR >= 0.9" in table
-    if row.verdict == "carries":
-        assert f"count {row.fcr:.2f}±{(row.high - row.low) / 2:.2f} ({row.baseline:.2f})" in table
+    assert row.verdict == "carries"  # the residual stream after head 0.0 at ':' holds the target letter
+    assert f"target {row.fcr:.2f}±{(row.high - row.low) / 2:.2f} ({row.baseline:.2f})" in table
     d = json.loads(json.dumps(res.to_dict()))
     assert {r["verdict"] for r in d["rows"]} <= {"carries", "partly", ""}
 
