@@ -400,7 +400,8 @@ def _draw_fine(
         return
     qs = [q for q, sq in enumerate(seen) if sum(sq[x][0] <= epsilon for x in near[q].texts) < _enough(chains)]
     _around_members(probed, task, site, zq, seen, qs, epsilon, metric, seed)
-    level, memo = 0, {}  # memo: (text, level) -> its finer stratum (Task.refine), asked once per reading
+    level = 0
+    memo: dict[tuple[str, int], object] = {}  # (text, level) -> its finer stratum (Task.refine), once per reading
     wide = {q: _wide(task, seen[q], epsilon, memo) for q in qs}  # the levels each query passes
     while qs:
         for q in qs:
@@ -429,11 +430,20 @@ def _around_members(probed, task, site, zq, seen, qs: list[int], epsilon: float,
     rng = random.Random(f"{seed}:around")
     todo = []
     for q in qs:
-        members = sorted(x for x, (d, _) in seen[q].items() if d <= epsilon)
-        for x in rng.sample(members, min(LEAK, len(members))):
-            for _ in range(LEAK_BLOCKS):
-                todo += [(q, y) for y in task.block(x, rng) or [] if y not in seen[q]]
+        alts = _alternatives(task, sorted(x for x, (d, _) in seen[q].items() if d <= epsilon), rng)
+        todo += [(q, y) for y in alts if y not in seen[q]]
     _check(probed, site, zq, seen, todo, metric)
+
+
+def _alternatives(task, members: list[str], rng: random.Random) -> list[str]:
+    """The alternatives of LEAK_BLOCKS Gibbs blocks (:meth:`~inversionview.tasks.Task.block`) of each of LEAK
+    ``members`` drawn at random (:func:`_around_members`, :func:`_leaks`)."""
+    return [
+        y
+        for x in rng.sample(members, min(LEAK, len(members)))
+        for _ in range(LEAK_BLOCKS)
+        for y in task.block(x, rng) or []
+    ]
 
 
 def _wide(task, seen: dict, epsilon: float, memo: dict) -> set[int]:
@@ -517,11 +527,8 @@ def _leaks(probed, task, site, zq, seen, near: list[_Near], qs: list[int], epsil
     for q in qs:
         n = near[q]
         drawn = {x for _, pool, m in n.fine.values() for x in pool[:m]}
-        members = sorted({x for x in drawn if seen[q][x][0] <= epsilon})
-        for x in rng.sample(members, min(LEAK, len(members))):
-            for _ in range(LEAK_BLOCKS):
-                alt = task.block(x, rng) or []
-                todo += [(q, y) for y in alt if _keys(task, y, {}, n.level)[1] not in n.fine and y not in seen[q]]
+        alts = _alternatives(task, sorted({x for x in drawn if seen[q][x][0] <= epsilon}), rng)
+        todo += [(q, y) for y in alts if _keys(task, y, {}, n.level)[1] not in n.fine and y not in seen[q]]
     _check(probed, site, zq, seen, todo, metric)
     leaked: dict[int, set] = {}
     for q, y in dict.fromkeys(todo):
