@@ -24,6 +24,7 @@ DIGITS = "123456789"
 _TRIPLES = {
     n: [c for c in itertools.product(range(1, 10), repeat=3) if sum(c) == n] for n in range(3, 28)
 }  # count triples by length
+_P_COUNT = {(n, c): sum(t[0] == c for t in ts) / 729 for n, ts in _TRIPLES.items() for c in range(1, 10)}  # _p_count
 
 
 def _p_count(n: int, count: int) -> float:
@@ -32,9 +33,6 @@ def _p_count(n: int, count: int) -> float:
     729 (the target's count is distributed as the first of the triple). From a table: a reading asks it for
     every draw of its finer strata."""
     return _P_COUNT.get((n, count), 0.0)
-
-
-_P_COUNT = {(n, c): sum(t[0] == c for t in ts) / 729 for n, ts in _TRIPLES.items() for c in range(1, 10)}
 
 
 def _arrange(letters: list[str], counts: list[int], rng: random.Random) -> str:
