@@ -1027,6 +1027,43 @@ def test_a_preimage_that_frees_the_targets_name_is_read_by_coarser_strata(monkey
     assert max(abs(off[n] - truth[n]) for n in truth) > 0.15, (off, truth)
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 28: a level held after its draws ran out within the leak rounds")
+def test_a_level_whose_draws_ran_out_within_its_leak_rounds_reads_the_true_share():
+    # head 0.0 at the target of `aggraaaaaaggagrrr|a:8` keeps the other two letters (g, r) and leaves the target's
+    # name free. With seed 2 its finest level (letters x target) spends its 32,768 draws within two leak rounds; the
+    # third finds no leak among the same strata, the level is held, and the reading says target `a` is shared by
+    # 0.96 (seeds 0 and 1 drop the level and read 0.20-0.22). A known failure, pinned here until a reading fixes
+    # it: dropping such a level fixes this query but drops level 1 of `ppgsspspspspp|p:7` (tuning seed 555: a0.0
+    # max 0.14 -> 0.34), and drawing the strata a level leaks into past its budget still holds it (0.80). The truth
+    # is scanned here: per target letter t, draws with letters g, r, t and target t (built apart from the task),
+    # weighed by the length's probability (the generator draws every letter set and target alike); with target g
+    # or r, or without g or r, no input is inside (checked at lengths 12-21)
+    from inversionview.run import InversionView
+
+    iv = InversionView.load("shipped:counting")
+    q, position, s = "aggraaaaaaggagrrr|a:8", 19, iv.probed.site("a0.0")
+    zq = iv.probed.run(torch.tensor([iv.probed.encode(q)]), [s])[s][0, position].float()
+    rng, mass = random.Random(13), {}
+    p = {n: sum(sum(c) == n for c in product(range(1, 10), repeat=3)) / 729 for n in range(10, 27)}
+    for t in [c for c in string.ascii_lowercase if c not in "gr"]:
+        xs = [x for n in range(10, 27) for x in _letters_inputs(rng, "gr" + t, t, n, 400)]
+        d = verify(iv.probed, s, [iv.probed.encode(x) for x in xs], zq, "euclidean")[0].tolist()
+        mass[t] = sum(p[len(x.partition("|")[0])] for x, dx in zip(xs, d) if dx <= 0.1)
+    truth = mass["a"] / sum(mass.values())
+    assert 0.1 < truth < 0.4  # the target's name is free: a holds a share, not all
+    other = [
+        x
+        for n in range(12, 22)
+        for let, t in (("agr", "g"), ("agr", "r"), ("agx", "a"), ("arx", "a"))
+        for x in _letters_inputs(rng, let, t, n, 60)
+    ]
+    assert verify(iv.probed, s, [iv.probed.encode(x) for x in other], zq, "euclidean")[0].min() > 0.1
+    pre = iv.query(q, "a0.0", position, seed=2)
+    read = {x["feature"]: x["share"] for x in pre.shares}["target"]
+    assert abs(read - truth) <= 0.15, (read, truth)
+
+
 def test_a_rare_readings_finer_draws_are_kept_and_read_the_same(monkeypatch):
     # a rare reading (x0.post at the target of `dwbbbbw|w:2`: no plain draw lands inside) draws thousands of inputs
     # in its finer strata. The draws are kept (_Drawn.pool): a second reading with the same seed, its activations
